@@ -1,0 +1,7 @@
+//! moat-cni: the Moat CNI plugin.
+//!
+//! The `protocol` module is the CNI 1.1 wire protocol (environment, config, results, errors,
+//! dispatch) kept free of netlink so it can be unit-tested without root; the binary wires it to
+//! the datapath.
+
+pub mod protocol;

@@ -1,0 +1,23 @@
+//! The CNI 1.1 protocol as a pure library: environment, configuration, results, errors and the
+//! command dispatcher.
+//!
+//! Nothing here touches netlink or the filesystem, so every rule of the spec that the protocol
+//! alone decides is unit-tested without root.
+
+pub mod args;
+pub mod dispatch;
+pub mod env;
+pub mod error;
+pub mod types;
+pub mod version;
+
+pub use args::CniArgs;
+pub use dispatch::{
+    AttachmentRequest, DispatchOutcome, NetworkRequest, Plugin, dispatch, run_as_process,
+};
+pub use env::{CniEnvironment, Command};
+pub use error::{CniError, ErrorCode};
+pub use types::{
+    Attachment, Dns, Interface, IpConfig, IpamSection, NetworkConfig, Route, SuccessResult,
+};
+pub use version::{CniVersion, SUPPORTED_VERSIONS, VersionInfo};

@@ -1,0 +1,118 @@
+//! Attaching an endpoint: the two pinned programs go onto the pod's host-side veth by TCX
+//! (kernel >= 6.6), and each link is pinned so it outlives the process that made it. The CNI
+//! plugin calls this on ADD with the programs moatd already loaded and verified, so a pod
+//! start costs two link creations and no program load.
+
+use std::{fs, io, path::Path};
+
+use anyhow::Context;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
+use moat_common::program_name;
+
+use crate::{PinDir, Result};
+
+pub const HOOK_FROM_CONTAINER: &str = "from";
+pub const HOOK_TO_CONTAINER: &str = "to";
+
+/// (link pin suffix, program, TCX direction) for both hooks of an endpoint.
+const HOOKS: [(&str, &str, TcAttachType); 2] = [
+    (
+        HOOK_FROM_CONTAINER,
+        program_name::FROM_CONTAINER,
+        TcAttachType::Ingress,
+    ),
+    (
+        HOOK_TO_CONTAINER,
+        program_name::TO_CONTAINER,
+        TcAttachType::Egress,
+    ),
+];
+
+/// Attaches both programs to `ifname` (a host-side veth in the caller's network namespace).
+/// Idempotent: links left over from an earlier attach of the same name are replaced.
+pub fn attach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
+    fs::create_dir_all(pins.links()).context("creating link pin directory")?;
+    let mut attached: Vec<String> = Vec::new();
+    for (hook, name, attach_type) in HOOKS {
+        let result = attach_one(pins, ifname, hook, name, attach_type);
+        if let Err(e) = result {
+            // Undo the half that succeeded: never leave an endpoint with one hook.
+            for done in &attached {
+                let _ = remove_pin(Path::new(done));
+            }
+            return Err(e);
+        }
+        attached.push(pins.link(ifname, hook).display().to_string());
+    }
+    Ok(())
+}
+
+fn attach_one(
+    pins: &PinDir,
+    ifname: &str,
+    hook: &str,
+    name: &str,
+    attach_type: TcAttachType,
+) -> Result<()> {
+    let pin_path = pins.link(ifname, hook);
+    // A stale pin (the veth was re-created under the same name) would keep a dead link.
+    remove_pin(&pin_path)?;
+    let mut program = SchedClassifier::from_pin(pins.program(name))
+        .with_context(|| format!("opening pinned program {name}; is moatd running?"))?;
+    let id = program
+        .attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching {name} to {ifname}"))?;
+    let link = program.take_link(id).context("taking link")?;
+    let fd_link = FdLink::try_from(link).context("TCX link expected")?;
+    fd_link
+        .pin(&pin_path)
+        .with_context(|| format!("pinning link at {}", pin_path.display()))?;
+    Ok(())
+}
+
+/// Detaches both hooks. Idempotent: a missing pin or a vanished veth is not an error.
+pub fn detach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
+    for (hook, _, _) in HOOKS {
+        remove_pin(&pins.link(ifname, hook))?;
+    }
+    Ok(())
+}
+
+/// Both link pins exist for this interface name.
+pub fn is_attached(pins: &PinDir, ifname: &str) -> bool {
+    HOOKS
+        .iter()
+        .all(|(hook, _, _)| pins.link(ifname, hook).exists())
+}
+
+/// Names of all interfaces with pinned links (for reconcile and GC).
+pub fn attached_interfaces(pins: &PinDir) -> Result<Vec<String>> {
+    let mut names = std::collections::BTreeSet::new();
+    let entries = match fs::read_dir(pins.links()) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::Error::from(e).context("reading link pins").into()),
+    };
+    for entry in entries {
+        let entry = entry.context("reading link pins")?;
+        if let Some((_, ifname)) = entry.file_name().to_str().and_then(PinDir::parse_link_name) {
+            names.insert(ifname.to_string());
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// Removing the last reference to a TCX link (its pin) detaches it.
+fn remove_pin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::Error::from(e)
+            .context(format!("removing link pin {}", path.display()))
+            .into()),
+    }
+}

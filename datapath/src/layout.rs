@@ -1,0 +1,185 @@
+//! The expected shape of every pinned map. aya reuses whatever map sits at a pin path without
+//! comparing it to the object, so before loading we check each existing pin ourselves and
+//! refuse, naming the path, anything that does not match.
+
+use std::{mem::size_of, path::Path};
+
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{MapInfo, MapType};
+use moat_common::*;
+
+use crate::{Error, PinDir, Result};
+
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn spec(
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+) -> MapSpec {
+    MapSpec {
+        name,
+        map_type,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    }
+}
+
+pub fn specs() -> [MapSpec; 14] {
+    [
+        spec(
+            map_name::ENDPOINTS,
+            MapType::Hash,
+            4,
+            size_of::<EndpointInfo>(),
+            map_size::ENDPOINTS,
+        ),
+        spec(
+            map_name::IPCACHE_V4,
+            MapType::LpmTrie,
+            size_of::<LpmKey<IpcacheKeyV4>>(),
+            size_of::<IpcacheValue>(),
+            map_size::IPCACHE,
+        ),
+        spec(
+            map_name::IPCACHE_V6,
+            MapType::LpmTrie,
+            size_of::<LpmKey<IpcacheKeyV6>>(),
+            size_of::<IpcacheValue>(),
+            map_size::IPCACHE,
+        ),
+        spec(
+            map_name::POLICY,
+            MapType::Hash,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+            map_size::POLICY,
+        ),
+        spec(
+            map_name::PORT_RANGES,
+            MapType::Hash,
+            size_of::<PortRangeKey>(),
+            size_of::<PortRuleSet>(),
+            map_size::PORT_RANGES,
+        ),
+        spec(
+            map_name::CIDR_V4,
+            MapType::LpmTrie,
+            size_of::<LpmKey<CidrKeyV4>>(),
+            size_of::<PortRuleSet>(),
+            map_size::CIDR,
+        ),
+        spec(
+            map_name::CIDR_V6,
+            MapType::LpmTrie,
+            size_of::<LpmKey<CidrKeyV6>>(),
+            size_of::<PortRuleSet>(),
+            map_size::CIDR,
+        ),
+        spec(
+            map_name::CONNTRACK,
+            MapType::LruHash,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            map_size::CONNTRACK,
+        ),
+        spec(
+            map_name::FRAGMENTS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            map_size::FRAGMENTS,
+        ),
+        spec(map_name::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
+        spec(
+            map_name::RATE_LIMIT,
+            MapType::PerCpuArray,
+            4,
+            size_of::<RateLimitState>(),
+            1,
+        ),
+        spec(
+            map_name::METRICS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<MetricValue>(),
+            METRIC_SLOTS,
+        ),
+        spec(
+            map_name::EVENTS,
+            MapType::RingBuf,
+            0,
+            0,
+            map_size::EVENTS_BYTES,
+        ),
+        spec(map_name::META, MapType::Array, 4, size_of::<Meta>(), 1),
+    ]
+}
+
+/// Checks one pinned map against its spec. `Ok(false)` when nothing is pinned there yet.
+pub fn check_pinned(path: &Path, spec: &MapSpec) -> Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let info = MapInfo::from_pin(path).map_err(|e| Error::IncompatibleLayout {
+        path: path.display().to_string(),
+        detail: format!("cannot read map info: {e}"),
+    })?;
+    let map_type = info.map_type().map_err(|e| Error::IncompatibleLayout {
+        path: path.display().to_string(),
+        detail: format!("unknown map type: {e}"),
+    })?;
+    let mut problems = Vec::new();
+    if map_type != spec.map_type {
+        problems.push(format!("type {map_type:?}, expected {:?}", spec.map_type));
+    }
+    if info.key_size() != spec.key_size {
+        problems.push(format!(
+            "key size {}, expected {}",
+            info.key_size(),
+            spec.key_size
+        ));
+    }
+    if info.value_size() != spec.value_size {
+        problems.push(format!(
+            "value size {}, expected {}",
+            info.value_size(),
+            spec.value_size
+        ));
+    }
+    if info.max_entries() != spec.max_entries {
+        problems.push(format!(
+            "max entries {}, expected {}",
+            info.max_entries(),
+            spec.max_entries
+        ));
+    }
+    if problems.is_empty() {
+        Ok(true)
+    } else {
+        Err(Error::IncompatibleLayout {
+            path: path.display().to_string(),
+            detail: problems.join(", "),
+        })
+    }
+}
+
+/// Checks every pinned map; returns how many already exist.
+pub fn check_all(pins: &PinDir) -> Result<usize> {
+    let mut existing = 0;
+    for spec in specs() {
+        if check_pinned(&pins.map(spec.name), &spec)? {
+            existing += 1;
+        }
+    }
+    Ok(existing)
+}

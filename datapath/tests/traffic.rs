@@ -1,0 +1,491 @@
+//! Real traffic between pods (network namespaces behind host veths) through the real kernel,
+//! with Moat's programs attached by TCX: TCP, UDP and ICMP over IPv4 and IPv6, allowed and
+//! denied by policy entries; replies; spoofing; audit and learn; and enforcement that
+//! survives the loading process being killed and restarted.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use ipnetwork::IpNetwork;
+use moat_common::*;
+use moat_datapath::{
+    EventReader, Maps, attach_endpoint, detach_endpoint, is_attached,
+    lab::{Lab, LabPod, probe},
+};
+use support::{LoadedDatapath, endpoint};
+
+const CLIENT: u32 = 1000;
+const SERVER: u32 = 2000;
+const SHORT: Duration = Duration::from_millis(700);
+const LONG: Duration = Duration::from_secs(3);
+
+struct Pods {
+    lab: Lab,
+    client: LabPod,
+    server: LabPod,
+}
+
+fn register(maps: &mut Maps, pod: &LabPod, identity: u32) {
+    maps.upsert_endpoint(pod.ifindex, &endpoint(identity, &pod.addrs()))
+        .unwrap();
+    for addr in pod.addrs() {
+        let value = IpcacheValue {
+            identity,
+            ifindex: pod.ifindex,
+            ..Default::default()
+        };
+        maps.upsert_ipcache(IpNetwork::from(addr), &value).unwrap();
+    }
+}
+
+fn allow(
+    maps: &mut Maps,
+    policy_id: u32,
+    remote: u32,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+    rule_id: u32,
+) {
+    let key = PolicyKey {
+        policy_id,
+        remote_identity: remote,
+        dport,
+        proto,
+        direction: dir,
+    };
+    let value = PolicyValue {
+        rule_id,
+        action: ACTION_ALLOW,
+        _pad: [0; 3],
+    };
+    maps.upsert_policy(&key, &value).unwrap();
+}
+
+/// client (CLIENT) may send anything; server (SERVER) admits TCP and UDP 8080 and ICMP from
+/// the client; nobody admits anything else.
+fn setup(dp: &LoadedDatapath, tag: &str) -> Pods {
+    let mut lab = Lab::new(tag).unwrap();
+    let client = lab.add_pod("client").unwrap();
+    let server = lab.add_pod("server").unwrap();
+    let mut maps = dp.maps();
+    register(&mut maps, &client, CLIENT);
+    register(&mut maps, &server, SERVER);
+    allow(
+        &mut maps,
+        CLIENT,
+        IDENTITY_ANY,
+        0,
+        0,
+        DIRECTION_EGRESS,
+        rule::NOT_ISOLATED,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        IDENTITY_ANY,
+        0,
+        0,
+        DIRECTION_EGRESS,
+        rule::NOT_ISOLATED,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        CLIENT,
+        8080,
+        PROTO_TCP,
+        DIRECTION_INGRESS,
+        501,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        CLIENT,
+        8080,
+        PROTO_UDP,
+        DIRECTION_INGRESS,
+        502,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        CLIENT,
+        0,
+        PROTO_ICMP,
+        DIRECTION_INGRESS,
+        503,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        CLIENT,
+        0,
+        PROTO_ICMPV6,
+        DIRECTION_INGRESS,
+        504,
+    );
+    attach_endpoint(&dp.pins, &client.host_if).unwrap();
+    attach_endpoint(&dp.pins, &server.host_if).unwrap();
+    Pods {
+        lab,
+        client,
+        server,
+    }
+}
+
+#[test]
+fn tcp_udp_icmp_on_both_families_are_allowed_and_denied_by_policy() {
+    let dp = LoadedDatapath::new("traffic");
+    let pods = setup(&dp, "tr");
+    let _s8080 = probe::EchoServer::start(&pods.server, 8080).unwrap();
+    let _s8081 = probe::EchoServer::start(&pods.server, 8081).unwrap();
+    let _c8080 = probe::EchoServer::start(&pods.client, 8080).unwrap();
+    for to in pods.server.addrs() {
+        assert!(probe::tcp(&pods.client, to, 8080, LONG), "tcp 8080 to {to}");
+        assert!(probe::udp(&pods.client, to, 8080, LONG), "udp 8080 to {to}");
+        assert!(probe::ping(&pods.client, to), "ping {to}");
+        assert!(
+            !probe::tcp(&pods.client, to, 8081, SHORT),
+            "tcp 8081 to {to}"
+        );
+        assert!(
+            !probe::udp(&pods.client, to, 8081, SHORT),
+            "udp 8081 to {to}"
+        );
+    }
+    // The client is isolated for ingress (no rule admits anything): the server cannot open
+    // a connection to it, though its replies above passed on conntrack state.
+    for to in pods.client.addrs() {
+        assert!(
+            !probe::tcp(&pods.server, to, 8080, SHORT),
+            "reverse tcp to {to}"
+        );
+        assert!(!probe::ping(&pods.server, to), "reverse ping to {to}");
+    }
+    let maps = dp.maps();
+    assert!(
+        maps.count(VERDICT_ALLOW, reason::REPLY, DIRECTION_INGRESS)
+            .unwrap()
+            > 0
+    );
+    assert!(
+        maps.count(VERDICT_DROP, reason::DEFAULT_DENY, DIRECTION_INGRESS)
+            .unwrap()
+            >= 6
+    );
+    drop(pods.lab);
+}
+
+#[test]
+fn drop_events_carry_reason_rule_and_tuple() {
+    let dp = LoadedDatapath::new("events");
+    let pods = setup(&dp, "ev");
+    let mut maps = dp.maps();
+    let deny = PolicyKey {
+        policy_id: SERVER,
+        remote_identity: CLIENT,
+        dport: 9090,
+        proto: PROTO_TCP,
+        direction: DIRECTION_INGRESS,
+    };
+    maps.upsert_policy(
+        &deny,
+        &PolicyValue {
+            rule_id: 777,
+            action: ACTION_DENY,
+            _pad: [0; 3],
+        },
+    )
+    .unwrap();
+    let mut events = EventReader::open(&dp.pins).unwrap();
+    let _srv = probe::EchoServer::start(&pods.server, 9090).unwrap();
+    assert!(!probe::tcp(
+        &pods.client,
+        IpAddr::V4(pods.server.v4),
+        9090,
+        SHORT
+    ));
+    let seen = events.collect_for(Duration::from_millis(100)).unwrap();
+    let e = seen
+        .iter()
+        .find(|e| e.dport == 9090)
+        .unwrap_or_else(|| panic!("no event for the denied connection: {seen:?}"));
+    assert_eq!(e.verdict, VERDICT_DROP);
+    assert_eq!(e.reason, reason::POLICY_DENY);
+    assert_eq!(e.rule_id, 777);
+    assert_eq!(e.local_identity, SERVER);
+    assert_eq!(e.remote_identity, CLIENT);
+    assert_eq!(e.direction, DIRECTION_INGRESS);
+    assert_eq!(e.proto, PROTO_TCP);
+    assert_eq!(v4_from_raw(e.saddr[0]), pods.client.v4);
+    assert_eq!(v4_from_raw(e.daddr[0]), pods.server.v4);
+    assert_eq!(e.ifindex, pods.server.ifindex);
+}
+
+#[test]
+fn a_pod_cannot_send_with_an_address_that_is_not_its_own() {
+    let dp = LoadedDatapath::new("spoof");
+    let pods = setup(&dp, "sp");
+    let _srv = probe::EchoServer::start(&pods.server, 8080).unwrap();
+    let mut events = EventReader::open(&dp.pins).unwrap();
+    // The pod gives itself a second address Moat does not know and sends from it.
+    let borrowed = format!("10.77.{}.99", pods.lab.id);
+    pods.client
+        .exec(&format!("ip addr add {borrowed}/32 dev eth0"))
+        .unwrap();
+    let server = SocketAddr::new(IpAddr::V4(pods.server.v4), 8080);
+    let source: SocketAddr = format!("{borrowed}:0").parse().unwrap();
+    let connected = pods
+        .client
+        .run(move || {
+            let sock = socket2_connect(source, server);
+            sock.is_ok()
+        })
+        .unwrap();
+    assert!(!connected, "a spoofed source reached the server");
+    assert!(probe::tcp(
+        &pods.client,
+        IpAddr::V4(pods.server.v4),
+        8080,
+        LONG
+    ));
+    let seen = events.collect_for(Duration::from_millis(100)).unwrap();
+    assert!(
+        seen.iter()
+            .any(|e| e.reason == reason::SPOOFED_SOURCE && e.local_identity == CLIENT)
+    );
+}
+
+/// A TCP connect from a chosen source address (std cannot bind before connect).
+fn socket2_connect(source: SocketAddr, to: SocketAddr) -> std::io::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (source, to) else {
+        unreachable!("v4 only");
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src))?;
+    // Bounded by SO_SNDTIMEO so a dropped SYN fails within a second.
+    let timeout = nix::sys::time::TimeVal::new(1, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SendTimeout, &timeout)?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst))?;
+    Ok(())
+}
+
+#[test]
+fn audit_and_learn_modes_allow_and_report() {
+    let dp = LoadedDatapath::new("modes");
+    let pods = setup(&dp, "md");
+    let _srv = probe::EchoServer::start(&pods.server, 8081).unwrap();
+    let mut maps = dp.maps();
+    let mut events = EventReader::open(&dp.pins).unwrap();
+    let to = IpAddr::V4(pods.server.v4);
+    assert!(
+        !probe::tcp(&pods.client, to, 8081, SHORT),
+        "enforce drops 8081"
+    );
+
+    for (mode, verdict, why) in [
+        (MODE_AUDIT, VERDICT_AUDIT, reason::DEFAULT_DENY),
+        (MODE_LEARN, VERDICT_ALLOW, reason::LEARN),
+    ] {
+        let mut ep = endpoint(SERVER, &pods.server.addrs());
+        ep.mode = mode;
+        maps.upsert_endpoint(pods.server.ifindex, &ep).unwrap();
+        events.drain();
+        assert!(
+            probe::tcp(&pods.client, to, 8081, LONG),
+            "mode {mode} lets 8081 through"
+        );
+        let seen = events.collect_for(Duration::from_millis(100)).unwrap();
+        assert!(
+            seen.iter().any(|e| e.dport == 8081
+                && e.verdict == verdict
+                && e.reason == why
+                && e.mode == mode),
+            "mode {mode}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn detaching_an_endpoint_removes_its_hooks() {
+    let dp = LoadedDatapath::new("detach");
+    let pods = setup(&dp, "dt");
+    let _srv = probe::EchoServer::start(&pods.server, 8081).unwrap();
+    let to = IpAddr::V4(pods.server.v4);
+    assert!(!probe::tcp(&pods.client, to, 8081, SHORT));
+    detach_endpoint(&dp.pins, &pods.server.host_if).unwrap();
+    assert!(!is_attached(&dp.pins, &pods.server.host_if));
+    assert!(
+        probe::tcp(&pods.client, to, 8081, LONG),
+        "no program left on the server's veth"
+    );
+    // Detach is idempotent.
+    detach_endpoint(&dp.pins, &pods.server.host_if).unwrap();
+}
+
+// --- the loading process dies; enforcement does not ----------------------------------------
+
+fn loader(root: &std::path::Path, attach: &[&str], hold: bool) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat-loader"));
+    cmd.arg("--pin-root").arg(root);
+    for ifname in attach {
+        cmd.args(["--attach", ifname]);
+    }
+    if hold {
+        cmd.arg("--hold");
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn loader_report(child: &mut Child) -> String {
+    let mut line = String::new();
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0] as char);
+    }
+    line
+}
+
+#[test]
+fn enforcement_survives_a_killed_loader_and_a_restart_adopts_without_a_gap() {
+    support::require_root();
+    support::ensure_bpffs();
+    let root = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/moat-test/{}",
+        support::unique_tag("kill")
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    let pins = moat_datapath::PinDir::new(&root);
+    let mut lab = Lab::new("kl").unwrap();
+    let client = lab.add_pod("client").unwrap();
+    let server = lab.add_pod("server").unwrap();
+    let _s8080 = probe::EchoServer::start(&server, 8080).unwrap();
+    let _s8081 = probe::EchoServer::start(&server, 8081).unwrap();
+
+    // First loader: loads, attaches both pods, holds; then it is SIGKILLed.
+    let mut first = loader(&root, &[&client.host_if, &server.host_if], true);
+    let report = loader_report(&mut first);
+    assert!(report.contains("\"adopted\":false"), "{report}");
+    let mut maps = Maps::open(&pins).unwrap();
+    register(&mut maps, &client, CLIENT);
+    register(&mut maps, &server, SERVER);
+    allow(
+        &mut maps,
+        CLIENT,
+        IDENTITY_ANY,
+        0,
+        0,
+        DIRECTION_EGRESS,
+        rule::NOT_ISOLATED,
+    );
+    allow(
+        &mut maps,
+        SERVER,
+        CLIENT,
+        8080,
+        PROTO_TCP,
+        DIRECTION_INGRESS,
+        601,
+    );
+    let to = IpAddr::V4(server.v4);
+
+    // An allowed connection, established before the kill and kept open across it.
+    let mut conn = client
+        .run(move || TcpStream::connect_timeout(&SocketAddr::new(to, 8080), LONG).unwrap())
+        .unwrap();
+    conn.set_read_timeout(Some(LONG)).unwrap();
+    let mut echo = |conn: &mut TcpStream, msg: &[u8; 4]| {
+        conn.write_all(msg).unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf)
+            .map(|_| buf == *msg)
+            .unwrap_or(false)
+    };
+    assert!(echo(&mut conn, b"pre1"));
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    assert!(
+        echo(&mut conn, b"dead"),
+        "established flow broke when the loader died"
+    );
+    assert!(
+        !probe::tcp(&client, to, 8081, SHORT),
+        "denied flow allowed after the loader died"
+    );
+    assert!(
+        probe::tcp(&client, to, 8080, LONG),
+        "new allowed flow failed after the loader died"
+    );
+
+    // A restarted loader re-adopts the pinned maps and moves both pods' links onto its
+    // programs; nothing is flushed, the open connection keeps working throughout.
+    let entries_before = Maps::open(&pins).unwrap().policy.keys().count();
+    let mut second = loader(&root, &[], false);
+    let report = loader_report(&mut second);
+    assert!(second.wait().unwrap().success());
+    assert!(report.contains("\"adopted\":true"), "{report}");
+    assert!(report.contains("\"links_updated\":4"), "{report}");
+    assert_eq!(
+        Maps::open(&pins).unwrap().policy.keys().count(),
+        entries_before
+    );
+    assert!(
+        echo(&mut conn, b"post"),
+        "established flow broke across the restart"
+    );
+    assert!(!probe::tcp(&client, to, 8081, SHORT));
+    assert!(probe::tcp(&client, to, 8080, LONG));
+
+    drop(conn);
+    for pod in [&client, &server] {
+        detach_endpoint(&pins, &pod.host_if).unwrap();
+    }
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn loading_over_an_incompatible_pinned_map_is_refused_naming_the_pin() {
+    support::require_root();
+    support::ensure_bpffs();
+    let root = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/moat-test/{}",
+        support::unique_tag("layout")
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    let pins = moat_datapath::PinDir::new(&root);
+    std::fs::create_dir_all(pins.maps()).unwrap();
+    // An "old layout" policy map: same name, other value size.
+    let path = pins.map(map_name::POLICY);
+    support::sh(&format!(
+        "bpftool map create {} type hash key 12 value 4 entries 16 name MOAT_POLICY",
+        path.display()
+    ));
+    let err = match moat_datapath::Datapath::load(&pins) {
+        Ok(_) => panic!("loaded over an incompatible map"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("value size 4, expected 8"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1,0 +1,577 @@
+//! Every map key, map value, event and constant that Moat's eBPF programs and its userspace
+//! share. Both sides compile these exact definitions, so they cannot drift; the size
+//! assertions at the bottom catch an accidental layout change at compile time, and
+//! `LAYOUT_VERSION` (part of the bpffs pin path) must be bumped whenever one changes.
+#![no_std]
+
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+/// Bumped on any change to a type below. Pinned state of another layout is never reused.
+pub const LAYOUT_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------------------------
+
+/// Wildcard: in a policy key, matches any remote identity.
+pub const IDENTITY_ANY: u32 = 0;
+/// The local node's own addresses (kubelet probes, host-network pods).
+pub const IDENTITY_HOST: u32 = 1;
+/// Anything outside the cluster that no ipBlock names more precisely.
+pub const IDENTITY_WORLD: u32 = 2;
+/// A cluster address with no known endpoint (for example a pod Moat does not manage).
+pub const IDENTITY_UNMANAGED: u32 = 3;
+/// Another node of the cluster.
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
+/// First identity that can be derived from labels; everything below is reserved.
+pub const IDENTITY_FIRST_DERIVED: u32 = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Enumerations stored as integers in maps and events
+// ---------------------------------------------------------------------------------------------
+
+/// Traffic entering the pod (TCX egress of the host-side veth).
+pub const DIRECTION_INGRESS: u8 = 0;
+/// Traffic leaving the pod (TCX ingress of the host-side veth).
+pub const DIRECTION_EGRESS: u8 = 1;
+
+pub const MODE_ENFORCE: u8 = 0;
+/// Evaluate, allow, and report what would have been dropped.
+pub const MODE_AUDIT: u8 = 1;
+/// Allow and report every new flow, so that policy can be suggested from it.
+pub const MODE_LEARN: u8 = 2;
+
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DROP: u8 = 1;
+/// Allowed only because the endpoint is in audit mode; enforce would have dropped it.
+pub const VERDICT_AUDIT: u8 = 2;
+
+pub const ACTION_ALLOW: u8 = 1;
+pub const ACTION_DENY: u8 = 2;
+
+/// Why a packet got its verdict. Values below `REASON_FIRST_DROP` allow.
+pub mod reason {
+    pub const UNKNOWN: u8 = 0;
+    /// A new flow matched an allow rule.
+    pub const POLICY_ALLOW: u8 = 1;
+    /// Part of a tracked flow, same direction as its first packet.
+    pub const ESTABLISHED: u8 = 2;
+    /// Part of a tracked flow, opposite direction (a reply).
+    pub const REPLY: u8 = 3;
+    /// An ICMP error about a tracked flow.
+    pub const RELATED: u8 = 4;
+    /// From the node itself: a pod may never block its own node.
+    pub const HOST: u8 = 5;
+    /// ARP or IPv6 neighbour discovery.
+    pub const NEIGHBOR: u8 = 6;
+    /// Egress to a Service address: judged after the host's DNAT, where the backend is known.
+    pub const SERVICE_DEFERRED: u8 = 7;
+    /// Allowed because the endpoint is in learn mode.
+    pub const LEARN: u8 = 8;
+
+    pub const FIRST_DROP: u8 = 16;
+    /// A new flow matched a deny rule.
+    pub const POLICY_DENY: u8 = 16;
+    /// A new flow matched no rule of an isolated endpoint.
+    pub const DEFAULT_DENY: u8 = 17;
+    /// Leaving the pod with a source address that is not the pod's.
+    pub const SPOOFED_SOURCE: u8 = 18;
+    /// Truncated or malformed headers.
+    pub const MALFORMED: u8 = 19;
+    /// An ethertype other than IPv4, IPv6 and ARP.
+    pub const UNSUPPORTED_L3: u8 = 20;
+    /// A non-first IP fragment whose first fragment was never seen.
+    pub const FRAGMENT_UNKNOWN: u8 = 21;
+    /// The conntrack or fragment map refused a new entry: fail closed.
+    pub const STATE_MAP_FULL: u8 = 22;
+    /// The interface has programs but no endpoint entry (not registered, or being torn down).
+    pub const UNKNOWN_ENDPOINT: u8 = 23;
+
+    pub const COUNT: usize = 32;
+
+    pub const fn is_drop(reason: u8) -> bool {
+        reason >= FIRST_DROP
+    }
+
+    pub const fn name(reason: u8) -> &'static str {
+        match reason {
+            POLICY_ALLOW => "policy-allow",
+            ESTABLISHED => "established",
+            REPLY => "reply",
+            RELATED => "related",
+            HOST => "host",
+            NEIGHBOR => "neighbor-discovery",
+            SERVICE_DEFERRED => "service-deferred",
+            LEARN => "learn",
+            POLICY_DENY => "policy-deny",
+            DEFAULT_DENY => "default-deny",
+            SPOOFED_SOURCE => "spoofed-source",
+            MALFORMED => "malformed",
+            UNSUPPORTED_L3 => "unsupported-l3",
+            FRAGMENT_UNKNOWN => "fragment-unknown",
+            STATE_MAP_FULL => "state-map-full",
+            UNKNOWN_ENDPOINT => "unknown-endpoint",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Compact rule ids with a fixed meaning; the daemon numbers real rules from `RULE_FIRST_USER`.
+pub mod rule {
+    /// No rule decided (default deny, or a verdict that is not a policy decision).
+    pub const NONE: u32 = 0;
+    /// Allow-all written for an endpoint that no policy isolates in that direction.
+    pub const NOT_ISOLATED: u32 = 1;
+    /// The node's own traffic.
+    pub const HOST: u32 = 2;
+    pub const FIRST_USER: u32 = 16;
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+// ---------------------------------------------------------------------------------------------
+// Map names and sizes (one place, used by the programs and by the pinning code)
+// ---------------------------------------------------------------------------------------------
+
+pub mod map_name {
+    pub const ENDPOINTS: &str = "MOAT_ENDPOINTS";
+    pub const IPCACHE_V4: &str = "MOAT_IPCACHE4";
+    pub const IPCACHE_V6: &str = "MOAT_IPCACHE6";
+    pub const POLICY: &str = "MOAT_POLICY";
+    pub const PORT_RANGES: &str = "MOAT_PORTRANGES";
+    pub const CIDR_V4: &str = "MOAT_CIDR4";
+    pub const CIDR_V6: &str = "MOAT_CIDR6";
+    pub const CONNTRACK: &str = "MOAT_CT";
+    pub const FRAGMENTS: &str = "MOAT_FRAGS";
+    pub const CONFIG: &str = "MOAT_CONFIG";
+    pub const RATE_LIMIT: &str = "MOAT_RATELIM";
+    pub const METRICS: &str = "MOAT_METRICS";
+    pub const EVENTS: &str = "MOAT_EVENTS";
+    pub const META: &str = "MOAT_META";
+}
+
+pub mod map_size {
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const IPCACHE: u32 = 262_144;
+    pub const POLICY: u32 = 262_144;
+    pub const PORT_RANGES: u32 = 65_536;
+    pub const CIDR: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8_192;
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Program names (the `#[classifier]` function names) and their pin file names.
+pub mod program_name {
+    /// Attached at TCX ingress of the host-side veth: packets the pod sends.
+    pub const FROM_CONTAINER: &str = "moat_from_container";
+    /// Attached at TCX egress of the host-side veth: packets delivered to the pod.
+    pub const TO_CONTAINER: &str = "moat_to_container";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: MOAT_METRICS is a per-CPU array indexed by `metric_index(verdict, reason,
+// direction)`, followed by a few counters about the event path itself.
+// ---------------------------------------------------------------------------------------------
+
+pub const VERDICT_COUNT: u32 = 3;
+
+pub const fn metric_index(verdict: u8, reason: u8, direction: u8) -> u32 {
+    ((verdict as u32 % VERDICT_COUNT) * (reason::COUNT as u32)
+        + (reason as u32 % reason::COUNT as u32))
+        * 2
+        + (direction as u32 & 1)
+}
+/// Events not emitted because the per-CPU rate limit was exhausted.
+pub const METRIC_EVENTS_RATE_LIMITED: u32 = VERDICT_COUNT * (reason::COUNT as u32) * 2;
+/// Events lost because the ring buffer was full (the daemon fell behind).
+pub const METRIC_EVENTS_RING_FULL: u32 = METRIC_EVENTS_RATE_LIMITED + 1;
+pub const METRIC_SLOTS: u32 = METRIC_EVENTS_RING_FULL + 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints: host-side veth ifindex -> the pod behind it
+// ---------------------------------------------------------------------------------------------
+
+pub const MAX_ENDPOINT_V4: usize = 2;
+pub const MAX_ENDPOINT_V6: usize = 2;
+/// Report allowed new flows of this endpoint too (drops are always reported).
+pub const ENDPOINT_FLAG_LOG_ALLOWS: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub identity: u32,
+    /// Key into the policy maps. Equal to `identity` unless the endpoint needs entries of its
+    /// own (named ports that resolve differently from its identity's other pods).
+    pub policy_id: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub v4_count: u8,
+    pub v6_count: u8,
+    pub _reserved: u32,
+    /// Addresses as raw network-order words (see `raw_v4`/`raw_v6`).
+    pub v4: [u32; MAX_ENDPOINT_V4],
+    pub v6: [[u32; 4]; MAX_ENDPOINT_V6],
+}
+
+// ---------------------------------------------------------------------------------------------
+// ipcache: longest-prefix match from an address to its identity
+// ---------------------------------------------------------------------------------------------
+
+/// The address is a Service (ClusterIP) address: egress towards it is judged after DNAT.
+pub const IPCACHE_FLAG_SERVICE: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheKeyV4 {
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheKeyV6 {
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Host-side veth of the endpoint when it lives on this node, else 0.
+    pub ifindex: u32,
+    pub flags: u32,
+    /// Node address to tunnel to for a remote endpoint (raw v4), 0 when local or unknown.
+    pub tunnel_endpoint: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy. Three lookups make up a verdict for a new flow (see policy.rs in moat-ebpf):
+//   MOAT_POLICY      hash: exact (policy_id, remote identity, direction, protocol, port),
+//                    with 0 as the wildcard for identity, protocol and port;
+//   MOAT_PORTRANGES  hash: port ranges (endPort) per (policy_id, remote identity, direction,
+//                    protocol);
+//   MOAT_CIDR4/6     LPM: ipBlocks per (policy_id, direction) on the remote address, because
+//                    a CIDR can cover only some of the pods that share an identity.
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub policy_id: u32,
+    pub remote_identity: u32,
+    /// Destination port in host byte order; 0 = any port.
+    pub dport: u16,
+    /// IP protocol; 0 = any protocol.
+    pub proto: u8,
+    pub direction: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule_id: u32,
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRangeKey {
+    pub policy_id: u32,
+    pub remote_identity: u32,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// One port rule inside a `PortRuleSet`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    pub rule_id: u32,
+    /// Inclusive range in host byte order; 0..=65535 covers every port.
+    pub port_start: u16,
+    pub port_end: u16,
+    /// 0 = any protocol.
+    pub proto: u8,
+    pub action: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const MAX_PORT_RULES: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRuleSet {
+    pub count: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+impl Default for PortRuleSet {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            rules: [PortRule::default(); MAX_PORT_RULES],
+        }
+    }
+}
+
+/// Bits of a CIDR key before the address: policy_id (32) + direction and padding (32).
+pub const CIDR_KEY_FIXED_BITS: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKeyV4 {
+    pub policy_id: [u8; 4],
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKeyV6 {
+    pub policy_id: [u8; 4],
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection tracking. Each endpoint tracks its own connections (ifindex is in the key), so a
+// flow between two local pods is judged by both perimeters independently.
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub ifindex: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const CT_STATE_SYN_SENT: u8 = 1;
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+pub const CT_STATE_CLOSING: u8 = 3;
+
+/// The flow went to a Service address and was let through for judgement after DNAT.
+pub const CT_FLAG_SERVICE: u8 = 1;
+pub const CT_FLAG_FIN_FORWARD: u8 = 2;
+pub const CT_FLAG_FIN_REPLY: u8 = 4;
+/// Allowed only because of audit or learn mode.
+pub const CT_FLAG_NOT_ENFORCED: u8 = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) after which the entry is dead.
+    pub expires_ns: u64,
+    pub rule_id: u32,
+    pub remote_identity: u32,
+    pub state: u8,
+    pub flags: u8,
+    /// Direction of the flow's first packet, as seen by this endpoint.
+    pub direction: u8,
+    pub _pad: u8,
+    pub packets: u32,
+}
+
+/// Timeouts, in seconds, from the first and every later packet of a flow.
+pub mod ct_timeout {
+    pub const TCP_SYN: u64 = 60;
+    pub const TCP_ESTABLISHED: u64 = 21_600;
+    pub const TCP_CLOSING: u64 = 10;
+    pub const UDP: u64 = 60;
+    pub const ICMP: u64 = 30;
+    pub const OTHER: u64 = 60;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IP fragments: ports of a datagram, remembered from its first fragment
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global configuration, rate limiting, layout guard
+// ---------------------------------------------------------------------------------------------
+
+/// Report every allowed new flow on every endpoint.
+pub const CONFIG_FLAG_LOG_ALL_ALLOWS: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// Events each CPU may emit per second; 0 means the built-in default.
+    pub events_per_second: u32,
+    /// Burst of events above the rate; 0 means the built-in default.
+    pub events_burst: u32,
+    pub _pad: u32,
+}
+
+pub const DEFAULT_EVENTS_PER_SECOND: u32 = 5_000;
+pub const DEFAULT_EVENTS_BURST: u32 = 1_000;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitState {
+    /// Tokens, scaled by `RATE_LIMIT_SCALE` to avoid division in the kernel.
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// Written by the loader into MOAT_META[0]; checked before pinned maps are reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub layout_version: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub rule_id: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub mode: u8,
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    pub bytes: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address helpers: maps store addresses as the raw network-order words read from packets
+// ---------------------------------------------------------------------------------------------
+
+pub const fn raw_v4(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub const fn raw_v6(addr: Ipv6Addr) -> [u32; 4] {
+    let o = addr.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+pub const fn v4_from_raw(raw: u32) -> Ipv4Addr {
+    let o = raw.to_ne_bytes();
+    Ipv4Addr::new(o[0], o[1], o[2], o[3])
+}
+
+pub fn v6_from_raw(raw: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in raw.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout checks: a size change here must be deliberate (and bump LAYOUT_VERSION).
+// ---------------------------------------------------------------------------------------------
+
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<MetricValue>() == 16);
+    assert!(size_of::<EndpointInfo>() == 56);
+    assert!(size_of::<IpcacheKeyV4>() == 4);
+    assert!(size_of::<IpcacheKeyV6>() == 16);
+    assert!(size_of::<IpcacheValue>() == 16);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(size_of::<PolicyValue>() == 8);
+    assert!(size_of::<PortRangeKey>() == 12);
+    assert!(size_of::<PortRule>() == 12);
+    assert!(size_of::<PortRuleSet>() == 196);
+    assert!(size_of::<CidrKeyV4>() == 12);
+    assert!(size_of::<CidrKeyV6>() == 24);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(size_of::<CtValue>() == 24);
+    assert!(size_of::<FragKey>() == 40);
+    assert!(size_of::<FragValue>() == 4);
+    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<RateLimitState>() == 16);
+    assert!(size_of::<Meta>() == 8);
+    assert!(size_of::<FlowEvent>() == 72);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made only of integers and arrays of integers, with
+    // explicit padding fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for MetricValue {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IpcacheKeyV4 {}
+    unsafe impl aya::Pod for IpcacheKeyV6 {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PortRangeKey {}
+    unsafe impl aya::Pod for PortRuleSet {}
+    unsafe impl aya::Pod for CidrKeyV4 {}
+    unsafe impl aya::Pod for CidrKeyV6 {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for RateLimitState {}
+    unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for FlowEvent {}
+}

@@ -1,0 +1,347 @@
+//! Moat's datapath entry points. Both attach to a pod's host-side veth:
+//! `moat_from_container` at TCX ingress (what the pod sends, its egress) and
+//! `moat_to_container` at TCX egress (what is delivered to it, its ingress).
+//! The modules hold the concerns; this file only composes them into a verdict.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod endpoint;
+mod events;
+mod maps;
+mod metrics;
+mod parse;
+mod policy;
+mod scratch;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use moat_common::{
+    CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, ENDPOINT_FLAG_LOG_ALLOWS, EndpointInfo, IDENTITY_HOST, IPCACHE_FLAG_SERVICE,
+    MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, reason, rule,
+};
+
+use crate::{
+    conntrack::Lookup,
+    events::EventFields,
+    parse::{Packet, Parsed},
+};
+
+#[classifier]
+pub fn moat_from_container(ctx: TcContext) -> i32 {
+    judge(&ctx, DIRECTION_EGRESS)
+}
+
+#[classifier]
+pub fn moat_to_container(ctx: TcContext) -> i32 {
+    judge(&ctx, DIRECTION_INGRESS)
+}
+
+/// Returned by the first stage when the packet starts a flow and policy must decide.
+const NEEDS_POLICY: i32 = -1;
+
+/// Two stages, called one after the other rather than nested, so that their stack frames
+/// never add up (the verifier allows 512 bytes for the whole call chain).
+#[inline(always)]
+fn judge(ctx: &TcContext, direction: u8) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let verdict = track(ctx, ifindex, direction);
+    if verdict == NEEDS_POLICY {
+        new_flow(ifindex, direction)
+    } else {
+        verdict
+    }
+}
+
+/// Parsing, anti-spoofing and conntrack: everything decided without policy.
+#[inline(never)]
+fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
+    let pkt = match parse::parse(ctx) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::Arp => return pass(reason::NEIGHBOR, direction, ctx.len()),
+        Parsed::Unsupported => return drop_unjudged(reason::UNSUPPORTED_L3, direction, ctx.len()),
+        Parsed::Malformed => return drop_unjudged(reason::MALFORMED, direction, ctx.len()),
+        Parsed::FragmentUnknown => {
+            return drop_unjudged(reason::FRAGMENT_UNKNOWN, direction, ctx.len());
+        }
+        Parsed::FragmentStateFull => {
+            return drop_unjudged(reason::STATE_MAP_FULL, direction, ctx.len());
+        }
+    };
+    if parse::is_neighbor_discovery(&pkt) {
+        return pass(reason::NEIGHBOR, direction, pkt.len);
+    }
+    let now = conntrack::now_ns();
+    let Some(ep) = endpoint::endpoint(ifindex) else {
+        // Programs without an endpoint entry: registration has not finished, or teardown
+        // has begun. Never fail open.
+        let cfg = events::config();
+        return drop_judged(&cfg, &pkt, &unknown_endpoint(ifindex, direction), now);
+    };
+    if direction == DIRECTION_EGRESS && !endpoint::owns_address(&ep, pkt.family, &pkt.saddr) {
+        let cfg = events::config();
+        let j = Judgement {
+            ifindex,
+            local_identity: ep.identity,
+            remote_identity: 0,
+            mode: MODE_ENFORCE,
+            direction,
+            allowed: false,
+            reason: reason::SPOOFED_SOURCE,
+            rule_id: rule::NONE,
+        };
+        return drop_judged(&cfg, &pkt, &j, now);
+    }
+
+    let key = conntrack::forward_key(ifindex, &pkt);
+    match conntrack::lookup_and_update(&key, &pkt, now) {
+        Lookup::Established => return pass(reason::ESTABLISHED, direction, pkt.len),
+        Lookup::Reply => return pass(reason::REPLY, direction, pkt.len),
+        Lookup::Miss => {}
+    }
+    if pkt.icmp_error && conntrack::is_related(ifindex, &pkt, now) {
+        return pass(reason::RELATED, direction, pkt.len);
+    }
+    // Hand the packet over through scratch memory: see scratch.rs for why.
+    let Some(slot) = scratch::SCRATCH_PACKET.get_ptr_mut(0) else {
+        return drop_unjudged(reason::STATE_MAP_FULL, direction, pkt.len);
+    };
+    scratch::put(slot, pkt);
+    NEEDS_POLICY
+}
+
+/// One perimeter's decision about a new flow, with what an event needs to explain it.
+struct Judgement {
+    ifindex: u32,
+    local_identity: u32,
+    remote_identity: u32,
+    mode: u8,
+    direction: u8,
+    allowed: bool,
+    reason: u8,
+    rule_id: u32,
+}
+
+impl Judgement {
+    /// Enforce mode turns a refusal into a drop; audit and learn let it through.
+    #[inline(always)]
+    fn enforced_drop(&self) -> bool {
+        !self.allowed && self.mode != MODE_AUDIT && self.mode != MODE_LEARN
+    }
+}
+
+#[inline(always)]
+fn unknown_endpoint(ifindex: u32, direction: u8) -> Judgement {
+    Judgement {
+        ifindex,
+        local_identity: 0,
+        remote_identity: 0,
+        mode: MODE_ENFORCE,
+        direction,
+        allowed: false,
+        reason: reason::UNKNOWN_ENDPOINT,
+        rule_id: rule::NONE,
+    }
+}
+
+/// Judges the first packet of a flow (left in SCRATCH_PACKET) against policy.
+#[inline(never)]
+fn new_flow(ifindex: u32, direction: u8) -> i32 {
+    let Some(slot) = scratch::SCRATCH_PACKET.get_ptr(0) else {
+        return TC_ACT_SHOT;
+    };
+    let packet: Packet = scratch::get(slot);
+    let pkt = &packet;
+    let now = conntrack::now_ns();
+    let Some(endpoint_info) = endpoint::endpoint(ifindex) else {
+        return TC_ACT_SHOT;
+    };
+    let ep = &endpoint_info;
+    let flow_key = conntrack::forward_key(ifindex, pkt);
+    let key = &flow_key;
+    let cfg = events::config();
+    let remote_addr = if direction == DIRECTION_EGRESS {
+        pkt.daddr
+    } else {
+        pkt.saddr
+    };
+    let remote = endpoint::remote(pkt.family, &remote_addr);
+
+    // A Service address has no identity of its own: the host's DNAT picks the backend after
+    // this hook. Record the tuple (so the un-NATed reply is recognised) and let the backend's
+    // own hook, or the node's way out, judge the real destination.
+    if direction == DIRECTION_EGRESS && remote.flags & IPCACHE_FLAG_SERVICE != 0 {
+        if conntrack::create(
+            key,
+            pkt,
+            now,
+            direction,
+            remote.identity,
+            rule::NONE,
+            CT_FLAG_SERVICE,
+        )
+        .is_err()
+        {
+            return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
+        }
+        return pass(reason::SERVICE_DEFERRED, direction, pkt.len);
+    }
+
+    // A pod can never block its own node (kubelet probes).
+    if direction == DIRECTION_INGRESS && remote.identity == IDENTITY_HOST {
+        if conntrack::create(key, pkt, now, direction, remote.identity, rule::HOST, 0).is_err() {
+            return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
+        }
+        return pass(reason::HOST, direction, pkt.len);
+    }
+
+    let own = policy::decide(
+        ep.policy_id,
+        remote.identity,
+        pkt.family,
+        &remote_addr,
+        policy::proto_port(direction, pkt.proto, pkt.dport),
+    );
+    let mut verdict = Judgement {
+        ifindex,
+        local_identity: ep.identity,
+        remote_identity: remote.identity,
+        mode: ep.mode,
+        direction,
+        allowed: own.allowed,
+        reason: own.reason,
+        rule_id: own.rule_id,
+    };
+
+    // A local sender's egress policy is judged here too: when it connected through a
+    // Service, its own hook saw only the ClusterIP.
+    if !verdict.enforced_drop() && direction == DIRECTION_INGRESS && remote.ifindex != 0 {
+        if let Some(sender) = endpoint::endpoint(remote.ifindex) {
+            let theirs = policy::decide(
+                sender.policy_id,
+                ep.identity,
+                pkt.family,
+                &pkt.daddr,
+                policy::proto_port(DIRECTION_EGRESS, pkt.proto, pkt.dport),
+            );
+            let sender_verdict = Judgement {
+                ifindex: remote.ifindex,
+                local_identity: sender.identity,
+                remote_identity: ep.identity,
+                mode: sender.mode,
+                direction: DIRECTION_EGRESS,
+                allowed: theirs.allowed,
+                reason: theirs.reason,
+                rule_id: theirs.rule_id,
+            };
+            // Report the more severe of the two: an enforced drop, else a would-be drop.
+            if sender_verdict.enforced_drop() || (verdict.allowed && !sender_verdict.allowed) {
+                verdict = sender_verdict;
+            }
+        }
+    }
+
+    if verdict.enforced_drop() {
+        return drop_judged(&cfg, pkt, &verdict, now);
+    }
+
+    let ct_flags = if verdict.allowed {
+        0
+    } else {
+        CT_FLAG_NOT_ENFORCED
+    };
+    if conntrack::create(
+        key,
+        pkt,
+        now,
+        direction,
+        remote.identity,
+        verdict.rule_id,
+        ct_flags,
+    )
+    .is_err()
+    {
+        return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
+    }
+
+    let (event_verdict, event_reason) = if verdict.allowed {
+        (VERDICT_ALLOW, verdict.reason)
+    } else if verdict.mode == MODE_LEARN {
+        (VERDICT_ALLOW, reason::LEARN)
+    } else {
+        (VERDICT_AUDIT, verdict.reason)
+    };
+    let report = !verdict.allowed
+        || verdict.mode == MODE_LEARN
+        || ep.flags & ENDPOINT_FLAG_LOG_ALLOWS != 0
+        || cfg.flags & CONFIG_FLAG_LOG_ALL_ALLOWS != 0;
+    if report {
+        let fields = EventFields {
+            ifindex: verdict.ifindex,
+            local_identity: verdict.local_identity,
+            remote_identity: verdict.remote_identity,
+            rule_id: verdict.rule_id,
+            direction: verdict.direction,
+            verdict: event_verdict,
+            reason: event_reason,
+            mode: verdict.mode,
+        };
+        events::emit(&cfg, pkt, &fields, now);
+    }
+    metrics::count(event_verdict, event_reason, direction, pkt.len);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn state_full(ifindex: u32, ep: &EndpointInfo, direction: u8) -> Judgement {
+    Judgement {
+        ifindex,
+        local_identity: ep.identity,
+        remote_identity: 0,
+        mode: MODE_ENFORCE,
+        direction,
+        allowed: false,
+        reason: reason::STATE_MAP_FULL,
+        rule_id: rule::NONE,
+    }
+}
+
+#[inline(always)]
+fn pass(why: u8, direction: u8, bytes: u32) -> i32 {
+    metrics::count(VERDICT_ALLOW, why, direction, bytes);
+    TC_ACT_OK
+}
+
+/// Drops that happen before a tuple exists (non-IP, malformed): counted, not reported.
+#[inline(always)]
+fn drop_unjudged(why: u8, direction: u8, bytes: u32) -> i32 {
+    metrics::count(VERDICT_DROP, why, direction, bytes);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn drop_judged(cfg: &moat_common::Config, pkt: &Packet, j: &Judgement, now: u64) -> i32 {
+    let fields = EventFields {
+        ifindex: j.ifindex,
+        local_identity: j.local_identity,
+        remote_identity: j.remote_identity,
+        rule_id: j.rule_id,
+        direction: j.direction,
+        verdict: VERDICT_DROP,
+        reason: j.reason,
+        mode: j.mode,
+    };
+    events::emit(cfg, pkt, &fields, now);
+    metrics::count(VERDICT_DROP, j.reason, j.direction, pkt.len);
+    TC_ACT_SHOT
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,200 @@
+//! The verdict for a new flow: which rule, if any, admits it.
+//!
+//! Lookup order (most specific first), for local policy id P, remote identity R, direction D,
+//! protocol p, destination port d; 0 is the wildcard:
+//!   1. MOAT_POLICY (P, R, d, p, D)     identity + protocol + port
+//!   2. MOAT_POLICY (P, R, 0, p, D)     identity + protocol
+//!   3. MOAT_POLICY (P, R, 0, 0, D)     identity only
+//!   4. MOAT_POLICY (P, *, d, p, D)     any identity + protocol + port
+//!   5. MOAT_POLICY (P, *, 0, p, D)     any identity + protocol
+//!   6. MOAT_POLICY (P, *, 0, 0, D)     allow-all (also: endpoint not isolated)
+//!   7. MOAT_PORTRANGES (P, R, p, D) then (P, *, p, D): endPort ranges
+//!   8. MOAT_CIDR4/6 longest prefix of the remote address under (P, D): ipBlocks
+//! Precedence: a DENY found at any step wins over every ALLOW (an explicit deny is absolute);
+//! otherwise the first ALLOW in this order names the rule; otherwise default deny.
+//! Every step is a constant-time hash or a bounded LPM walk, so the cost of a verdict does
+//! not grow with the number of rules.
+
+use moat_common::{
+    ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, FAMILY_V4, IDENTITY_ANY,
+    MAX_PORT_RULES, PolicyKey, PortRangeKey, PortRuleSet, reason, rule,
+};
+
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+
+use crate::{
+    maps::{CIDR_V4, CIDR_V6, POLICY, PORT_RANGES},
+    scratch::{self, LOOKUP_SLOTS, SCRATCH_LOOKUPS},
+};
+
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: u8,
+    pub rule_id: u32,
+}
+
+#[inline(always)]
+fn pack(action: u8, rule_id: u32) -> u64 {
+    ((action as u64) << 32) | rule_id as u64
+}
+
+#[inline(always)]
+fn exact(policy_id: u32, remote: u32, dport: u16, proto: u8, direction: u8) -> u64 {
+    let key = PolicyKey {
+        policy_id,
+        remote_identity: remote,
+        dport,
+        proto,
+        direction,
+    };
+    match unsafe { POLICY.get(&key) } {
+        Some(value) => pack(value.action, value.rule_id),
+        None => 0,
+    }
+}
+
+/// Scans a rule set for rules covering (proto, dport) into `slot`: the first deny, else the
+/// first allow. `match_proto` is false for the range map, whose key already fixes the
+/// protocol. The running result lives in scratch memory so that loop iterations that differ
+/// only in it are merged by the verifier.
+#[inline(always)]
+fn scan(slot: *mut u64, set: &PortRuleSet, proto: u8, dport: u16, match_proto: bool) {
+    scratch::put(slot, 0);
+    let count = set.count as usize;
+    for i in 0..MAX_PORT_RULES {
+        if i >= count {
+            break;
+        }
+        let r = &set.rules[i];
+        let proto_ok = !match_proto || r.proto == 0 || r.proto == proto;
+        if proto_ok && r.port_start <= dport && dport <= r.port_end {
+            let current = (scratch::get(slot) >> 32) as u8;
+            if (r.action == ACTION_DENY && current != ACTION_DENY)
+                || (r.action == ACTION_ALLOW && current == 0)
+            {
+                scratch::put(slot, pack(r.action, r.rule_id));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn ranges(slot: *mut u64, policy_id: u32, remote: u32, dport: u16, proto: u8, direction: u8) {
+    let key = PortRangeKey {
+        policy_id,
+        remote_identity: remote,
+        proto,
+        direction,
+        _pad: [0; 2],
+    };
+    match unsafe { PORT_RANGES.get(&key) } {
+        Some(set) => scan(slot, set, proto, dport, false),
+        None => scratch::put(slot, 0),
+    }
+}
+
+#[inline(always)]
+fn cidr(
+    slot: *mut u64,
+    policy_id: u32,
+    family: u8,
+    remote_addr: &[u32; 4],
+    dport: u16,
+    proto: u8,
+    direction: u8,
+) {
+    let set = if family == FAMILY_V4 {
+        let key = LpmKey::new(
+            CIDR_KEY_FIXED_BITS + 32,
+            CidrKeyV4 {
+                policy_id: policy_id.to_be_bytes(),
+                direction,
+                _pad: [0; 3],
+                addr: remote_addr[0].to_ne_bytes(),
+            },
+        );
+        CIDR_V4.get(&key)
+    } else {
+        let key = LpmKey::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            CidrKeyV6 {
+                policy_id: policy_id.to_be_bytes(),
+                direction,
+                _pad: [0; 3],
+                addr: crate::endpoint::v6_bytes(remote_addr),
+            },
+        );
+        CIDR_V6.get(&key)
+    };
+    match set {
+        Some(set) => scan(slot, set, proto, dport, true),
+        None => scratch::put(slot, 0),
+    }
+}
+
+/// Judges a new flow of the endpoint with `policy_id` against the remote peer.
+#[inline(never)]
+pub fn decide(
+    policy_id: u32,
+    remote_identity: u32,
+    family: u8,
+    remote_addr: &[u32; 4],
+    proto_port: u32,
+) -> Decision {
+    // Packed to stay within five arguments: direction << 24 | proto << 16 | dport.
+    let direction = (proto_port >> 24) as u8;
+    let proto = (proto_port >> 16) as u8;
+    let dport = proto_port as u16;
+    let Some(lookups) = SCRATCH_LOOKUPS.get_ptr_mut(0) else {
+        return Decision {
+            allowed: false,
+            reason: reason::DEFAULT_DENY,
+            rule_id: rule::NONE,
+        };
+    };
+    let slots = unsafe { &mut (*lookups).slots };
+    let p = policy_id;
+    let d = direction;
+    let r = remote_identity;
+    scratch::put(&mut slots[0], exact(p, r, dport, proto, d));
+    scratch::put(&mut slots[1], exact(p, r, 0, proto, d));
+    scratch::put(&mut slots[2], exact(p, r, 0, 0, d));
+    scratch::put(&mut slots[3], exact(p, IDENTITY_ANY, dport, proto, d));
+    scratch::put(&mut slots[4], exact(p, IDENTITY_ANY, 0, proto, d));
+    scratch::put(&mut slots[5], exact(p, IDENTITY_ANY, 0, 0, d));
+    ranges(&mut slots[6], p, r, dport, proto, d);
+    ranges(&mut slots[7], p, IDENTITY_ANY, dport, proto, d);
+    cidr(&mut slots[8], p, family, remote_addr, dport, proto, d);
+
+    // Deny anywhere wins; else the first allow in lookup order names the rule.
+    let decision = unsafe { &mut (*lookups).decision };
+    scratch::put(decision, (reason::DEFAULT_DENY as u64) << 32);
+    for i in 0..LOOKUP_SLOTS {
+        let found = scratch::get(&slots[i]);
+        let action = (found >> 32) as u8;
+        let current = scratch::get(decision);
+        if action == ACTION_DENY && (current >> 32) as u8 != reason::POLICY_DENY {
+            scratch::put(
+                decision,
+                ((reason::POLICY_DENY as u64) << 32) | (found & 0xffff_ffff),
+            );
+        } else if action == ACTION_ALLOW && (current >> 32) as u8 == reason::DEFAULT_DENY {
+            scratch::put(
+                decision,
+                (1u64 << 40) | ((reason::POLICY_ALLOW as u64) << 32) | (found & 0xffff_ffff),
+            );
+        }
+    }
+    let packed = scratch::get(decision);
+    Decision {
+        allowed: (packed >> 40) & 1 == 1,
+        reason: (packed >> 32) as u8,
+        rule_id: packed as u32,
+    }
+}
+
+/// Packs direction, protocol and port into `decide`'s last argument.
+#[inline(always)]
+pub fn proto_port(direction: u8, proto: u8, dport: u16) -> u32 {
+    ((direction as u32) << 24) | ((proto as u32) << 16) | dport as u32
+}

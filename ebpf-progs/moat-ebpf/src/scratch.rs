@@ -1,0 +1,38 @@
+//! Per-CPU scratch space used to hand values between the stages of a verdict.
+//!
+//! Why: the verifier walks every path through a program and tracks constants exactly. Parsing
+//! alone yields dozens of paths (family x protocol x fragment x ICMP kind), each carrying
+//! different constants, and each would re-walk the policy lookups: the product exceeds the
+//! verifier's budget. A value stored to map memory and read back is just "some scalar" to the
+//! verifier, so paths that differ only in such values merge again. Reads and writes are
+//! volatile so the compiler cannot short-circuit the round trip.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+
+use crate::parse::Packet;
+
+/// Lookup results of one verdict: 0 = no match, else (action << 32) | rule_id.
+pub const LOOKUP_SLOTS: usize = 9;
+
+#[repr(C)]
+pub struct Lookups {
+    pub slots: [u64; LOOKUP_SLOTS],
+    /// The combined decision: (allowed << 40) | (reason << 32) | rule_id.
+    pub decision: u64,
+}
+
+#[map]
+pub static SCRATCH_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static SCRATCH_LOOKUPS: PerCpuArray<Lookups> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn put<T>(slot: *mut T, value: T) {
+    unsafe { core::ptr::write_volatile(slot, value) }
+}
+
+#[inline(always)]
+pub fn get<T>(slot: *const T) -> T {
+    unsafe { core::ptr::read_volatile(slot) }
+}

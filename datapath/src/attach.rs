@@ -106,13 +106,56 @@ pub fn attached_interfaces(pins: &PinDir) -> Result<Vec<String>> {
     Ok(names.into_iter().collect())
 }
 
-/// Removing the last reference to a TCX link (its pin) detaches it.
+/// Detaches the link pinned at `path` at once, then removes the pin. Unpinning alone is not
+/// enough: bpffs drops its reference after an RCU grace period, and until then the program
+/// still sits on the hook (attaching it again would fail with EEXIST).
 fn remove_pin(path: &Path) -> Result<()> {
+    if path.exists() {
+        detach_now(path);
+    }
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(anyhow::Error::from(e)
             .context(format!("removing link pin {}", path.display()))
             .into()),
+    }
+}
+
+/// BPF_OBJ_GET the pinned link and BPF_LINK_DETACH it. Best effort: a link whose device is
+/// already gone is detached by the kernel anyway.
+fn detach_now(path: &Path) {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // union bpf_attr, obj_get member: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr-sized buffer holding a valid pathname pointer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    let mut detach = [0u64; 16];
+    detach[0] = fd as u64; // link_detach.link_fd (u32, little-endian low half)
+    // SAFETY: as above; the fd is ours and closed right after.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_mut_ptr(),
+            size_of_val(&detach),
+        );
+        libc::close(fd as i32);
     }
 }

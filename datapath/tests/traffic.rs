@@ -412,7 +412,7 @@ fn enforcement_survives_a_killed_loader_and_a_restart_adopts_without_a_gap() {
         .run(move || TcpStream::connect_timeout(&SocketAddr::new(to, 8080), LONG).unwrap())
         .unwrap();
     conn.set_read_timeout(Some(LONG)).unwrap();
-    let mut echo = |conn: &mut TcpStream, msg: &[u8; 4]| {
+    let echo = |conn: &mut TcpStream, msg: &[u8; 4]| {
         conn.write_all(msg).unwrap();
         let mut buf = [0u8; 4];
         conn.read_exact(&mut buf)

@@ -1,1 +1,10 @@
-//! moat-node-daemon
+//! moatd, the node daemon: it loads and owns the datapath, keeps identity and policy entries
+//! current as endpoints and policies change, and serves the local API that moat-cni and
+//! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
+
+pub mod api;
+pub mod daemon;
+pub mod desired;
+pub mod local;
+pub mod server;
+pub mod store;

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `make bench` (after `make build`): the datapath benchmarks. Writes the "datapath" section of
+# bench/results.json and keeps any other section already in that file (the binary merges).
+#
+#   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
+#   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /
+#   iptables_10k, interleaved over rounds, baselines in the same run. About 4 to 5 minutes.
+#
+# Environment: BENCH_OUT (default bench/results.json); BENCH_DATAPATH_ARGS for extra flags,
+# e.g. "--rounds 3 --secs 2" (see `moat-bench` usage).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "bench: must run as root (loads eBPF, creates namespaces, edits iptables)" >&2
+  exit 1
+fi
+for tool in ip ss sockperf iperf3 iptables iptables-restore; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "bench: $tool is missing; run scripts/bootstrap.sh (make bootstrap)" >&2
+    exit 1
+  fi
+done
+
+# The binary undoes everything it creates, also on errors and on SIGINT/SIGTERM. This is the
+# safety net for a hard kill: only names the benchmark itself uses.
+cleanup() {
+  rm -rf /sys/fs/bpf/moat-bench 2>/dev/null || true
+  local rules
+  rules=$(iptables -w -S FORWARD 2>/dev/null | grep -E -- '--comment "?moat-bench' |
+    sed 's/^-A FORWARD /-D FORWARD /' || true)
+  if [[ -n $rules ]]; then
+    printf '*filter\n%s\nCOMMIT\n' "$rules" | iptables-restore -w --noflush || true
+  fi
+  local ns link
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^mbn[0-9]+-(client|server)$' || true); do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
+    grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+)$' || true); do
+    ip link del "$link" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+out=${BENCH_OUT:-bench/results.json}
+# shellcheck disable=SC2086 # BENCH_DATAPATH_ARGS is a list of flags
+cargo run --release -p moat-bench -- datapath --out "$out" ${BENCH_DATAPATH_ARGS:-}

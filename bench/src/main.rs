@@ -1,0 +1,650 @@
+//! `moat-bench datapath`: the datapath part of `make bench`. In one invocation, with the
+//! baselines measured in the same run:
+//!   1. per-packet cost through BPF_PROG_TEST_RUN with 1 and with 100,000 policy + ipcache
+//!      entries, for an established flow and for a new (denied) flow;
+//!   2. real traffic between two lab pods under `none`, `moat_1`, `moat_100k` and
+//!      `iptables_10k`, interleaved over several rounds: sockperf TCP ping-pong latency, new
+//!      TCP connections per second, iperf3 throughput.
+//!
+//! Results go under the "datapath" key of the output JSON (other sections are kept). Every
+//! namespace, link, pin and iptables rule the run creates is removed again, also on failure.
+
+mod fill;
+mod perpacket;
+mod traffic;
+mod util;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use moat_datapath::{Datapath, Maps, PinDir, lab::Lab};
+use serde_json::{Map, Value, json};
+
+use traffic::{CONFIGS, Config};
+use util::{check_interrupted, median, round};
+
+const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
+const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
+                     [--repeat N] [--batches N] [--entries N] [--iptables-rules N]";
+
+struct Args {
+    out: PathBuf,
+    rounds: usize,
+    secs: u64,
+    repeat: u32,
+    batches: usize,
+    entries: usize,
+    iptables_rules: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    match it.next().as_deref() {
+        Some("datapath") => {}
+        _ => bail!("{USAGE}"),
+    }
+    let mut args = Args {
+        out: PathBuf::from("bench/results.json"),
+        rounds: 5,
+        secs: 3,
+        repeat: 200_000,
+        batches: 7,
+        entries: 100_000,
+        iptables_rules: 10_000,
+    };
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--out" => args.out = PathBuf::from(value),
+            "--rounds" => args.rounds = value.parse()?,
+            "--secs" => args.secs = value.parse()?,
+            "--repeat" => args.repeat = value.parse()?,
+            "--batches" => args.batches = value.parse()?,
+            "--entries" => args.entries = value.parse()?,
+            "--iptables-rules" => args.iptables_rules = value.parse()?,
+            _ => bail!("unknown flag {flag}\n{USAGE}"),
+        }
+    }
+    if args.rounds == 0 || args.secs == 0 || args.batches == 0 || args.repeat == 0 {
+        bail!("--rounds, --secs, --batches and --repeat must be positive");
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    util::install_signal_handlers();
+    let started = Instant::now();
+    let mut section = Map::new();
+    let outcome = run(&args, &mut section);
+    section.insert(
+        "wall_time_s".into(),
+        json!(round(started.elapsed().as_secs_f64(), 1)),
+    );
+    if let Err(e) = &outcome {
+        eprintln!("moat-bench: {e:#}");
+        section.insert("fatal_error".into(), json!(format!("{e:#}")));
+    }
+    summarize(&mut section);
+    if let Err(e) = write_merged(&args.out, Value::Object(section.clone())) {
+        eprintln!("moat-bench: writing {}: {e:#}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    print_table(&section);
+    println!("\nwritten: {} (section \"datapath\")", args.out.display());
+    if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn preflight() -> Result<Value> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("moat-bench must run as root (it loads eBPF, creates namespaces, edits iptables)");
+    }
+    let tools = [
+        "ip",
+        "ss",
+        "sysctl",
+        "sockperf",
+        "iperf3",
+        "iptables",
+        "iptables-restore",
+    ];
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !util::which(t)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {} (scripts/bootstrap.sh installs them)",
+            missing.join(", ")
+        );
+    }
+    if util::sh("mountpoint -q /sys/fs/bpf").is_err() {
+        util::sh("mount -t bpf bpf /sys/fs/bpf")?;
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let stale = util::remove_tagged_iptables_rules()?;
+    Ok(json!({
+        "kernel": kernel,
+        "cpus": cpus,
+        "stale_iptables_rules_removed": stale,
+        "sockperf": util::sh("sockperf --version 2>&1 | head -1").unwrap_or_default().trim(),
+        "iperf3": util::sh("iperf3 --version 2>&1 | head -1").unwrap_or_default().trim(),
+    }))
+}
+
+fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    section.insert("generated_at_unix".into(), json!(unix));
+    section.insert("host".into(), preflight()?);
+
+    // Two datapaths side by side, each in its own pin directory: "small" (about one entry)
+    // and "large" (100k entries). A configuration attaches one or the other.
+    let _pins_guard = util::PinRootGuard::new(PIN_ROOT);
+    let small = PinDir::new(format!("{PIN_ROOT}/small"));
+    let large = PinDir::new(format!("{PIN_ROOT}/large"));
+    let _dp_small = Datapath::load(&small).context("loading the small datapath")?;
+    let _dp_large = Datapath::load(&large).context("loading the large datapath")?;
+
+    // --- 1. per-packet cost ---------------------------------------------------------------
+    eprintln!("moat-bench: per-packet cost (BPF_PROG_TEST_RUN)");
+    let per_packet = per_packet(args, &small, &large);
+    section.insert(
+        "per_packet".into(),
+        per_packet.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+    );
+    check_interrupted()?;
+
+    // --- 2. real traffic ------------------------------------------------------------------
+    eprintln!("moat-bench: pod-to-pod traffic");
+    let traffic = traffic(args, &small, &large)?;
+    section.insert("traffic".into(), traffic);
+    Ok(())
+}
+
+fn per_packet(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
+    let link = util::VethGuard::new(&format!("mbtr{}", std::process::id() % 10_000))?;
+    let mut maps_small = Maps::open(small)?;
+    let mut maps_large = Maps::open(large)?;
+    perpacket::install(&mut maps_small, link.ifindex)?;
+    perpacket::install(&mut maps_large, link.ifindex)?;
+    let fill_started = Instant::now();
+    fill::fill(&mut maps_large, args.entries, args.entries)?;
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    let result = (|| {
+        let subjects = [
+            perpacket::Subject::open("1", small)?,
+            perpacket::Subject::open("100k", large)?,
+        ];
+        perpacket::measure(
+            &subjects,
+            link.ifindex,
+            &perpacket::Params {
+                repeat: args.repeat,
+                batches: args.batches,
+            },
+        )
+    })();
+    // The traffic phase's moat_1 keeps only its own entries; the large map keeps its filler.
+    perpacket::uninstall(&mut maps_small, link.ifindex, true)?;
+    perpacket::uninstall(&mut maps_large, link.ifindex, false)?;
+    let mut v = result?;
+    v["fill_time_s"] = json!(round(fill_s, 2));
+    Ok(v)
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    latency_usec: Option<f64>,
+    latency_p50_usec: Option<f64>,
+    connrate_per_s: Option<f64>,
+    conn_errors: Option<u64>,
+    throughput_gbit_s: Option<f64>,
+    iptables_load_ms: Option<f64>,
+}
+
+fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
+    let mut lab = Lab::new("mbn")?;
+    let client = lab.add_pod("client")?;
+    let server = lab.add_pod("server")?;
+    traffic::tune_pod(&client)?;
+    traffic::tune_pod(&server)?;
+    let mut entries = Map::new();
+    for (label, pins) in [("moat_1", small), ("moat_100k", large)] {
+        let mut maps = Maps::open(pins)?;
+        traffic::register(&mut maps, &client, traffic::CLIENT)?;
+        traffic::register(&mut maps, &server, traffic::SERVER)?;
+        traffic::install_policy(&mut maps)?;
+        let (policy, ipcache) = fill::counts(&maps)?;
+        entries.insert(
+            label.into(),
+            json!({"policy": policy, "ipcache_v4": ipcache, "ipcache_v6": maps.ipcache_v6.keys().count()}),
+        );
+    }
+    let mut servers = traffic::Servers::start(&server)?;
+    let setup = traffic::Setup {
+        client: &client,
+        server: &server,
+        small,
+        large,
+        iptables_rules: args.iptables_rules,
+    };
+
+    let mut rounds: Vec<BTreeMap<&'static str, Sample>> = Vec::new();
+    let mut errors: Vec<Value> = Vec::new();
+    let mut orders = Vec::new();
+    for r in 0..args.rounds {
+        let mut order = CONFIGS;
+        order.rotate_left(r % CONFIGS.len());
+        orders.push(order.iter().map(|c| c.name()).collect::<Vec<_>>());
+        let mut row = BTreeMap::new();
+        for config in order {
+            check_interrupted()?;
+            servers.check_alive()?;
+            eprintln!(
+                "moat-bench: round {}/{} {}",
+                r + 1,
+                args.rounds,
+                config.name()
+            );
+            let sample = measure_config(config, &setup, args.secs, r, &mut errors);
+            row.insert(config.name(), sample);
+        }
+        rounds.push(row);
+    }
+    drop(servers);
+    drop(lab);
+
+    let mut medians = Map::new();
+    let mut samples = Map::new();
+    for config in CONFIGS {
+        let col = |f: fn(&Sample) -> Option<f64>| -> Vec<f64> {
+            rounds
+                .iter()
+                .filter_map(|row| row.get(config.name()).and_then(f))
+                .collect()
+        };
+        let lat = col(|s| s.latency_usec);
+        let p50 = col(|s| s.latency_p50_usec);
+        let cr = col(|s| s.connrate_per_s);
+        let tp = col(|s| s.throughput_gbit_s);
+        medians.insert(
+            config.name().into(),
+            json!({
+                "latency_usec": median(&lat).map(|v| round(v, 3)),
+                "latency_p50_usec": median(&p50).map(|v| round(v, 3)),
+                "connrate_per_s": median(&cr).map(|v| round(v, 1)),
+                "throughput_gbit_s": median(&tp).map(|v| round(v, 3)),
+            }),
+        );
+        let conn_errors: Vec<Option<u64>> = rounds
+            .iter()
+            .map(|row| row.get(config.name()).and_then(|s| s.conn_errors))
+            .collect();
+        let mut s = json!({
+            "latency_usec": lat,
+            "latency_p50_usec": p50,
+            "connrate_per_s": cr.iter().map(|v| round(*v, 1)).collect::<Vec<_>>(),
+            "connrate_errors": conn_errors,
+            "throughput_gbit_s": tp.iter().map(|v| round(*v, 3)).collect::<Vec<_>>(),
+        });
+        if config == Config::Iptables10k {
+            s["iptables_load_ms"] = json!(col(|s| s.iptables_load_ms));
+        }
+        samples.insert(config.name().into(), s);
+    }
+
+    // The same overheads within each round (paired with that round's `none`), to show
+    // whether a difference between medians is consistent or noise.
+    let pct = |base: Option<f64>, x: Option<f64>, slower_is_higher: bool| match (base, x) {
+        (Some(b), Some(x)) if b > 0.0 => {
+            let d = if slower_is_higher { x - b } else { b - x };
+            Some(round(d / b * 100.0, 2))
+        }
+        _ => None,
+    };
+    let per_round: Vec<Value> = rounds
+        .iter()
+        .map(|row| {
+            let none = row.get("none").cloned().unwrap_or_default();
+            let mut m = Map::new();
+            for config in &CONFIGS[1..] {
+                let s = row.get(config.name()).cloned().unwrap_or_default();
+                m.insert(
+                    config.name().into(),
+                    json!({
+                        "latency_pct": pct(none.latency_usec, s.latency_usec, true),
+                        "connrate_pct": pct(none.connrate_per_s, s.connrate_per_s, false),
+                        "throughput_pct": pct(none.throughput_gbit_s, s.throughput_gbit_s, false),
+                    }),
+                );
+            }
+            Value::Object(m)
+        })
+        .collect();
+
+    let sockperf_client = traffic::sockperf_client_args(&client, &server, args.secs);
+    let iperf_client = traffic::iperf_client_args(&client, &server, args.secs);
+    Ok(json!({
+        "rounds": args.rounds,
+        "round_orders": orders,
+        "durations_s": {
+            "latency": args.secs,
+            "connrate": args.secs,
+            "connrate_warmup": 0.3,
+            "throughput": args.secs,
+        },
+        "entries": entries,
+        "medians": medians,
+        "samples": samples,
+        "per_round_overheads_vs_none_pct": per_round,
+        "errors": errors,
+        "commands": {
+            "latency_server": format!(
+                "ip netns exec {} sockperf server --tcp -i {} -p {}",
+                server.netns, server.v4, traffic::SOCKPERF_PORT
+            ),
+            "latency_client": format!("ip {}", sockperf_client.join(" ")),
+            "latency_value": "sockperf 'Summary: Latency is X usec' (avg of half round trips)",
+            "throughput_server": format!(
+                "ip netns exec {} iperf3 -s -B {} -p {}",
+                server.netns, server.v4, traffic::IPERF_PORT
+            ),
+            "throughput_client": format!("ip {}", iperf_client.join(" ")),
+            "throughput_value": "end.sum_received.bits_per_second / 1e9",
+            "connrate": format!(
+                "Rust loop in the client pod's netns, sequential for {} s after a 0.3 s \
+                 warm-up: connect to {}:{}, send 1 byte, read the echo, close; server: one \
+                 thread in the server pod, blocking accept, echo 1 byte, close. Both pods: \
+                 net.ipv4.ip_local_port_range='1024 65535', net.ipv4.tcp_tw_reuse=1",
+                args.secs, server.v4, traffic::CONN_PORT
+            ),
+            "iptables_10k": format!(
+                "iptables-restore -w --noflush with '-A FORWARD -m conntrack --ctstate \
+                 ESTABLISHED,RELATED -m comment --comment {tag} -j ACCEPT' then {n} x '-A \
+                 FORWARD -s 10.255.X.Y/32 -m comment --comment {tag} -j DROP'; removed \
+                 after each measurement with one iptables-restore batch of -D lines",
+                tag = format!("{}-<pid>", util::IPTABLES_TAG),
+                n = args.iptables_rules
+            ),
+            "moat": "moat_to_container/moat_from_container attached by TCX (pinned links) to \
+                     both pods' host-side veths; the other datapath's links are detached",
+        },
+    }))
+}
+
+fn measure_config(
+    config: Config,
+    setup: &traffic::Setup,
+    secs: u64,
+    round_index: usize,
+    errors: &mut Vec<Value>,
+) -> Sample {
+    let mut sample = Sample::default();
+    let mut record = |metric: &str, e: anyhow::Error| {
+        eprintln!(
+            "moat-bench: {} round {} {metric}: {e:#}",
+            config.name(),
+            round_index + 1
+        );
+        errors.push(json!({
+            "round": round_index + 1,
+            "config": config.name(),
+            "metric": metric,
+            "error": format!("{e:#}"),
+        }));
+    };
+    let applied = match traffic::apply(config, setup) {
+        Ok(a) => a,
+        Err(e) => {
+            record("setup", e);
+            return sample;
+        }
+    };
+    if let Some(ipt) = &applied.iptables {
+        sample.iptables_load_ms = Some(round(ipt.load_ms, 1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    if let Err(e) = traffic::probe(setup.client, setup.server) {
+        record("probe", e);
+        return sample;
+    }
+    match traffic::latency(setup.client, setup.server, secs) {
+        Ok(l) => {
+            sample.latency_usec = Some(l.avg_usec);
+            sample.latency_p50_usec = l.p50_usec;
+        }
+        Err(e) => record("latency", e),
+    }
+    match traffic::connrate(setup.client, setup.server, secs) {
+        Ok(c) => {
+            sample.connrate_per_s = Some(c.per_second);
+            sample.conn_errors = Some(c.errors);
+        }
+        Err(e) => record("connrate", e),
+    }
+    match traffic::throughput(setup.client, setup.server, secs) {
+        Ok(t) => sample.throughput_gbit_s = Some(t),
+        Err(e) => record("throughput", e),
+    }
+    drop(applied);
+    sample
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summary, targets, output
+// ---------------------------------------------------------------------------------------------
+
+fn get_f64(v: &Value, path: &str) -> Option<f64> {
+    v.pointer(path).and_then(Value::as_f64)
+}
+
+/// Overhead of `config` vs `none` in percent, positive when worse.
+fn overhead(section: &Map<String, Value>, config: &str, metric: &str) -> Option<f64> {
+    let v = Value::Object(section.clone());
+    let base = get_f64(&v, &format!("/traffic/medians/none/{metric}"))?;
+    let x = get_f64(&v, &format!("/traffic/medians/{config}/{metric}"))?;
+    if base <= 0.0 {
+        return None;
+    }
+    let pct = if metric == "latency_usec" {
+        (x - base) / base * 100.0
+    } else {
+        (base - x) / base * 100.0
+    };
+    Some(round(pct, 2))
+}
+
+fn summarize(section: &mut Map<String, Value>) {
+    let v = Value::Object(section.clone());
+    let cost_new = get_f64(&v, "/per_packet/new_flow/ratio_100k_vs_1");
+    let cost_est = get_f64(&v, "/per_packet/established/ratio_100k_vs_1");
+    let lat = overhead(section, "moat_100k", "latency_usec");
+    let conn = overhead(section, "moat_100k", "connrate_per_s");
+    let tput = overhead(section, "moat_100k", "throughput_gbit_s");
+    let ipt = overhead(section, "iptables_10k", "latency_usec");
+    section.insert("cost_ratio_100k_vs_1".into(), json!(cost_new));
+    section.insert("cost_ratio_established_100k_vs_1".into(), json!(cost_est));
+    section.insert("latency_overhead_pct_100k".into(), json!(lat));
+    section.insert("connrate_overhead_pct_100k".into(), json!(conn));
+    section.insert("throughput_overhead_pct_100k".into(), json!(tput));
+    section.insert("iptables_10k_latency_overhead_pct".into(), json!(ipt));
+
+    let mut all = Map::new();
+    for config in ["moat_1", "moat_100k", "iptables_10k"] {
+        all.insert(
+            config.into(),
+            json!({
+                "latency_pct": overhead(section, config, "latency_usec"),
+                "connrate_pct": overhead(section, config, "connrate_per_s"),
+                "throughput_pct": overhead(section, config, "throughput_gbit_s"),
+            }),
+        );
+    }
+    section.insert(
+        "overheads_vs_none_pct".into(),
+        json!({
+            "definition": "latency: (x - none) / none * 100; connrate and throughput: \
+                           (none - x) / none * 100; medians over rounds of the same run; \
+                           positive = slower",
+            "by_config": all,
+        }),
+    );
+
+    let target = |value: Option<f64>, limit: f64, unit: &str| match value {
+        Some(x) => json!({"value": x, "limit": format!("<= {limit}{unit}"), "pass": x <= limit}),
+        None => json!({"value": null, "limit": format!("<= {limit}{unit}"), "pass": false,
+                       "error": "not measured (see errors)"}),
+    };
+    section.insert(
+        "targets".into(),
+        json!({
+            "cost_ratio_100k_vs_1": target(cost_new, 1.1, ""),
+            "latency_overhead_pct_100k": target(lat, 3.0, "%"),
+            "connrate_overhead_pct_100k": target(conn, 5.0, "%"),
+            "throughput_overhead_pct_100k": target(tput, 3.0, "%"),
+        }),
+    );
+}
+
+fn write_merged(path: &Path, datapath: Value) -> Result<()> {
+    let mut root = match std::fs::read_to_string(path) {
+        Ok(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                eprintln!(
+                    "moat-bench: {} is not a JSON object; starting a new one",
+                    path.display()
+                );
+                Map::new()
+            }
+        },
+        Err(_) => Map::new(),
+    };
+    root.insert("datapath".into(), datapath);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&Value::Object(root))? + "\n",
+    )?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "error".into())
+}
+
+fn print_table(section: &Map<String, Value>) {
+    let v = Value::Object(section.clone());
+    println!();
+    if let Some(pp) = v.get("per_packet") {
+        println!(
+            "Per-packet cost, BPF_PROG_TEST_RUN (ns/packet, median of {} batches x {} runs)",
+            pp.get("batches").and_then(Value::as_u64).unwrap_or(0),
+            pp.get("repeat").and_then(Value::as_u64).unwrap_or(0)
+        );
+        println!(
+            "  {:<12} {:>10} {:>14} {:>8}",
+            "case", "1 entry", "100k entries", "ratio"
+        );
+        for case in ["established", "new_flow"] {
+            println!(
+                "  {:<12} {:>10} {:>14} {:>8}",
+                case,
+                fmt(get_f64(pp, &format!("/{case}/ns_per_packet_1")), 1),
+                fmt(get_f64(pp, &format!("/{case}/ns_per_packet_100k")), 1),
+                fmt(get_f64(pp, &format!("/{case}/ratio_100k_vs_1")), 3),
+            );
+        }
+        if let Some(e) = pp.get("error") {
+            println!("  error: {e}");
+        }
+    }
+    if let Some(t) = v.get("traffic") {
+        println!(
+            "\nPod-to-pod traffic (median of {} interleaved rounds, {} s per measurement)",
+            t.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+            get_f64(t, "/durations_s/latency").unwrap_or(0.0)
+        );
+        println!(
+            "  {:<13} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "config", "latency us", "ovh %", "conn/s", "ovh %", "Gbit/s", "ovh %"
+        );
+        for config in CONFIGS {
+            let name = config.name();
+            let m = |metric: &str| get_f64(t, &format!("/medians/{name}/{metric}"));
+            let o = |metric: &str| {
+                if config == Config::None {
+                    "-".to_string()
+                } else {
+                    fmt(overhead(section, name, metric), 2)
+                }
+            };
+            println!(
+                "  {:<13} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
+                name,
+                fmt(m("latency_usec"), 2),
+                o("latency_usec"),
+                fmt(m("connrate_per_s"), 0),
+                o("connrate_per_s"),
+                fmt(m("throughput_gbit_s"), 2),
+                o("throughput_gbit_s"),
+            );
+        }
+        if let Some(errors) = t.get("errors").and_then(Value::as_array)
+            && !errors.is_empty()
+        {
+            println!(
+                "  {} measurement error(s), see traffic.errors",
+                errors.len()
+            );
+        }
+    }
+    if let Some(targets) = v.get("targets").and_then(Value::as_object) {
+        println!("\nTargets");
+        for (name, t) in targets {
+            println!(
+                "  {:<30} {:>8} {:>8}  {}",
+                name,
+                fmt(t.get("value").and_then(Value::as_f64), 3),
+                t.get("limit").and_then(Value::as_str).unwrap_or(""),
+                if t.get("pass").and_then(Value::as_bool) == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            );
+        }
+    }
+    if let Some(e) = v.get("fatal_error") {
+        println!("\nFATAL: {e}");
+    }
+}

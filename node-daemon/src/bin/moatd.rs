@@ -1,0 +1,76 @@
+//! moatd: Moat's node daemon. See `moatd --help`.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::Parser;
+use ipnetwork::IpNetwork;
+use moatd::{
+    api,
+    daemon::{Daemon, DaemonConfig},
+    server,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Moat node daemon: loads the datapath and keeps identities and policy current"
+)]
+struct Args {
+    /// Where policy and workload objects (YAML) are read from (the local datastore).
+    #[arg(long, default_value = "/etc/moat/policies")]
+    policy_dir: PathBuf,
+    /// Persistent state (endpoint registry).
+    #[arg(long, default_value = "/var/lib/moat")]
+    state_dir: PathBuf,
+    /// The local API socket used by moat-cni and moatctl.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// DEL requests queued by moat-cni while moatd was down.
+    #[arg(long, default_value = api::DEFAULT_PENDING_DIR)]
+    pending_dir: PathBuf,
+    /// bpffs directory of this installation (state lives in <dir>/v<layout>).
+    #[arg(long, default_value = moat_datapath::pins::DEFAULT_ROOT)]
+    pin_root: PathBuf,
+    /// Service ClusterIP ranges (repeatable).
+    #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
+    service_cidrs: Vec<IpNetwork>,
+    /// How often the policy directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    poll_ms: u64,
+    /// Full resync of the maps against the kernel, in seconds.
+    #[arg(long, default_value_t = 60)]
+    resync_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.policy_dir)?;
+    let listener = server::bind(&args.socket)?;
+    let daemon = Daemon::start(DaemonConfig {
+        state_dir: args.state_dir,
+        policy_dir: args.policy_dir,
+        socket: args.socket,
+        pending_dir: args.pending_dir,
+        pin_root: args.pin_root,
+        service_cidrs: args.service_cidrs,
+    })?;
+    let daemon = Arc::new(Mutex::new(daemon));
+    let watcher = daemon.clone();
+    let (poll, resync) = (
+        Duration::from_millis(args.poll_ms),
+        Duration::from_secs(args.resync_secs),
+    );
+    std::thread::spawn(move || server::watch(watcher, poll, resync));
+    server::serve(daemon, listener);
+    Ok(())
+}

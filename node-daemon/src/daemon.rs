@@ -1,0 +1,470 @@
+//! moatd's core: the policy engine, the node's endpoints, and the maps, kept in step. Every
+//! change (an endpoint registered or removed, a policy or label edited) recomputes the
+//! desired map content and writes only the difference (see desired.rs). No I/O happens in
+//! the policy engine; this module is the thin shell that owns the maps, files and links.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use ipnetwork::IpNetwork;
+use moat_datapath::{Datapath, Maps, PinDir, attach::attached_interfaces, detach_endpoint};
+use moat_policy::{Engine, LabelSet, Pod, PodRef};
+use tracing::{info, warn};
+
+use crate::{
+    api::{DaemonStatus, EndpointSpec, EndpointStatus, Registered, Request, Response},
+    desired::{self, DesiredMaps, NodeConfig, WriteStats},
+    local::{self, LocalObjects, PodMeta},
+    store::{EndpointRecord, EndpointStore},
+};
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub socket: PathBuf,
+    pub pending_dir: PathBuf,
+    pub pin_root: PathBuf,
+    pub service_cidrs: Vec<IpNetwork>,
+}
+
+pub struct Daemon {
+    cfg: DaemonConfig,
+    pins: PinDir,
+    _datapath: Datapath,
+    maps: Maps,
+    engine: Engine,
+    node: NodeConfig,
+    endpoints: BTreeMap<String, EndpointRecord>,
+    store: EndpointStore,
+    applied: DesiredMaps,
+    objects: LocalObjects,
+    rejected: Vec<String>,
+    pub fingerprint: Vec<(PathBuf, Vec<u8>)>,
+}
+
+/// Every address of this node except loopback: traffic from them is the node itself.
+pub fn host_addresses() -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(addr) = a.address else { continue };
+            let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            if !ip.is_loopback() && !link_local_v6 {
+                out.insert(ip);
+            }
+        }
+    }
+    out
+}
+
+impl Daemon {
+    pub fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
+        let pins = PinDir::new(&cfg.pin_root);
+        let datapath = Datapath::load(&pins).map_err(anyhow::Error::from)?;
+        let maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
+        let applied = desired::read_actual(&maps);
+        let store = EndpointStore::new(&cfg.state_dir);
+        let endpoints = store.load()?;
+        let mut engine = Engine::new();
+        engine
+            .set_host_ips(host_addresses())
+            .map_err(|e| anyhow::anyhow!("host addresses: {e}"))?;
+        let node = NodeConfig {
+            service_cidrs: cfg.service_cidrs.clone(),
+        };
+        let mut daemon = Self {
+            pins,
+            _datapath: datapath,
+            maps,
+            engine,
+            node,
+            endpoints,
+            store,
+            applied,
+            objects: LocalObjects::default(),
+            rejected: Vec::new(),
+            fingerprint: Vec::new(),
+            cfg,
+        };
+        daemon.drop_vanished_endpoints();
+        daemon.process_pending_deletes();
+        daemon.reload_objects();
+        for key in daemon.endpoints.keys().cloned().collect::<Vec<_>>() {
+            if let Err(e) = daemon.sync_endpoint_pod(&key) {
+                warn!(endpoint = %key, error = %e, "endpoint not compiled");
+            }
+        }
+        let stats = daemon.reconcile()?;
+        daemon.detach_orphan_links();
+        daemon.store.save(&daemon.endpoints)?;
+        info!(
+            endpoints = daemon.endpoints.len(),
+            upserts = stats.upserts,
+            deletes = stats.deletes,
+            "moatd ready"
+        );
+        Ok(daemon)
+    }
+
+    pub fn policy_dir(&self) -> &Path {
+        &self.cfg.policy_dir
+    }
+
+    /// Endpoints whose host veth is gone (pod deleted while moatd was down) are forgotten.
+    fn drop_vanished_endpoints(&mut self) {
+        let gone: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, r)| {
+                let path = format!("/sys/class/net/{}/ifindex", r.spec.host_ifname);
+                std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    != Some(r.spec.host_ifindex)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            info!(endpoint = %key, "host veth gone; forgetting endpoint");
+            if let Some(r) = self.endpoints.remove(&key) {
+                let _ = detach_endpoint(&self.pins, &r.spec.host_ifname);
+            }
+        }
+    }
+
+    /// DELs that moat-cni queued while moatd was down.
+    fn process_pending_deletes(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.pending_dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            if let Ok(bytes) = std::fs::read(&path)
+                && let Ok(Request::Unregister {
+                    container_id,
+                    ifname,
+                }) = serde_json::from_slice(&bytes)
+            {
+                info!(%container_id, %ifname, "processing queued DEL");
+                self.forget(&container_id, &ifname);
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Links pinned for interfaces that no endpoint owns any more.
+    fn detach_orphan_links(&mut self) {
+        let owned: BTreeSet<&str> = self
+            .endpoints
+            .values()
+            .map(|r| r.spec.host_ifname.as_str())
+            .collect();
+        if let Ok(names) = attached_interfaces(&self.pins) {
+            for name in names {
+                if !owned.contains(name.as_str()) {
+                    info!(ifname = %name, "detaching orphan link");
+                    let _ = detach_endpoint(&self.pins, &name);
+                }
+            }
+        }
+    }
+
+    /// Re-reads the local datastore directory and applies what changed. Objects that fail
+    /// are reported and skipped; the engine keeps the last good version of a policy.
+    pub fn reload_objects(&mut self) {
+        self.fingerprint = local::fingerprint(&self.cfg.policy_dir);
+        let objects = local::load(&self.cfg.policy_dir);
+        let mut rejected = objects.rejected.clone();
+
+        for (name, labels) in &objects.namespaces {
+            if self.objects.namespaces.get(name) != Some(labels)
+                && let Err(e) = self.engine.upsert_namespace(name, labels.clone())
+            {
+                rejected.push(format!("Namespace {name}: {e}"));
+            }
+        }
+        for name in self.objects.namespaces.keys() {
+            if !objects.namespaces.contains_key(name) {
+                let _ = self.engine.delete_namespace(name);
+            }
+        }
+        let mut accepted = BTreeMap::new();
+        for (key, policy) in &objects.policies {
+            let unchanged = self.objects.policies.get(key) == Some(policy);
+            if unchanged {
+                accepted.insert(key.clone(), policy.clone());
+                continue;
+            }
+            match self.engine.upsert_policy(policy) {
+                Ok(_) => {
+                    accepted.insert(key.clone(), policy.clone());
+                }
+                Err(e) => {
+                    rejected.push(format!("NetworkPolicy {}: {e}", policy.object()));
+                    // Keep the last good version of this object in force.
+                    if let Some(old) = self.objects.policies.get(key) {
+                        accepted.insert(key.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        for key in self.objects.policies.keys() {
+            if !objects.policies.contains_key(key) {
+                let _ = self.engine.delete_policy(&key.0, &key.1);
+            }
+        }
+        let pods_changed = objects.pods != self.objects.pods;
+        self.objects = LocalObjects {
+            namespaces: objects.namespaces,
+            pods: objects.pods,
+            policies: accepted,
+            rejected: Vec::new(),
+        };
+        if pods_changed {
+            for key in self.endpoints.keys().cloned().collect::<Vec<_>>() {
+                if let Err(e) = self.sync_endpoint_pod(&key) {
+                    rejected.push(format!("endpoint {key}: {e}"));
+                }
+            }
+        }
+        for r in &rejected {
+            warn!(rejected = %r, "object rejected; last good state stays in force");
+        }
+        self.rejected = rejected;
+        if let Err(e) = self.reconcile() {
+            warn!(error = %e, "reconcile after reload failed");
+        }
+    }
+
+    fn pod_meta(&self, namespace: &str, name: &str) -> PodMeta {
+        self.objects
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Puts the endpoint's pod (labels from the datastore, addresses from the CNI) into the
+    /// engine.
+    fn sync_endpoint_pod(&mut self, key: &str) -> anyhow::Result<()> {
+        let record = self.endpoints.get(key).context("unknown endpoint")?.clone();
+        let meta = self.pod_meta(&record.spec.pod_namespace, &record.spec.pod_name);
+        let mode = meta.mode.clone().unwrap_or_else(|| "enforce".into());
+        if let Some(r) = self.endpoints.get_mut(key) {
+            r.mode = mode;
+        }
+        let pod = Pod {
+            namespace: record.spec.pod_namespace.clone(),
+            name: record.spec.pod_name.clone(),
+            labels: meta.labels,
+            ips: record.spec.ips.clone(),
+            ports: meta.ports,
+        };
+        self.engine
+            .upsert_pod(pod)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    pub fn reconcile(&mut self) -> anyhow::Result<WriteStats> {
+        let desired = desired::build(self.engine.state(), &self.endpoints, &self.node);
+        let stats = desired::apply(&mut self.maps, &self.applied, &desired)?;
+        self.applied = desired;
+        Ok(stats)
+    }
+
+    /// A full resync against what the kernel maps really hold (heals any drift).
+    pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
+        self.applied = desired::read_actual(&self.maps);
+        self.reconcile()
+    }
+
+    fn register(&mut self, spec: EndpointSpec) -> anyhow::Result<Registered> {
+        anyhow::ensure!(
+            !spec.ips.is_empty(),
+            "endpoint {} has no address",
+            spec.container_id
+        );
+        let key = EndpointRecord::key(&spec.container_id, &spec.ifname);
+        // The same pod name re-registered under another container (a restarted sandbox)
+        // replaces the old record.
+        let stale: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(k, r)| {
+                **k != key
+                    && r.spec.pod_namespace == spec.pod_namespace
+                    && r.spec.pod_name == spec.pod_name
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.endpoints.remove(&k);
+        }
+        let previous = self.endpoints.insert(
+            key.clone(),
+            EndpointRecord {
+                spec: spec.clone(),
+                mode: "enforce".into(),
+                flags: 0,
+            },
+        );
+        let result = self.sync_endpoint_pod(&key).and_then(|_| self.reconcile());
+        if let Err(e) = result {
+            // Undo: never leave a half-registered endpoint.
+            match previous {
+                Some(p) => {
+                    self.endpoints.insert(key.clone(), p);
+                }
+                None => {
+                    self.endpoints.remove(&key);
+                    let _ = self
+                        .engine
+                        .delete_pod(&PodRef::new(&spec.pod_namespace, &spec.pod_name));
+                }
+            }
+            let _ = self.reconcile();
+            return Err(e);
+        }
+        self.store.save(&self.endpoints)?;
+        let record = &self.endpoints[&key];
+        let compiled = self
+            .engine
+            .state()
+            .endpoints
+            .get(&record.pod_ref())
+            .context("endpoint missing after compile")?;
+        info!(
+            endpoint = %key,
+            pod = %record.pod_ref(),
+            identity = compiled.identity.0,
+            host_if = %spec.host_ifname,
+            "endpoint registered"
+        );
+        Ok(Registered {
+            identity: compiled.identity.0,
+            policy_id: compiled.policy_id,
+            mode: record.mode.clone(),
+        })
+    }
+
+    /// Removes an endpoint and everything it owned (idempotent).
+    fn forget(&mut self, container_id: &str, ifname: &str) -> bool {
+        let key = EndpointRecord::key(container_id, ifname);
+        let Some(record) = self.endpoints.remove(&key) else {
+            return false;
+        };
+        let pod = record.pod_ref();
+        let still_used = self.endpoints.values().any(|r| r.pod_ref() == pod);
+        if !still_used {
+            let _ = self.engine.delete_pod(&pod);
+        }
+        if let Err(e) = self.reconcile() {
+            warn!(error = %e, "reconcile after unregister failed");
+        }
+        let _ = detach_endpoint(&self.pins, &record.spec.host_ifname);
+        if let Err(e) = self.store.save(&self.endpoints) {
+            warn!(error = %e, "saving endpoints");
+        }
+        info!(endpoint = %key, "endpoint removed");
+        true
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            ready: true,
+            datastore: "local".into(),
+            endpoints: self.endpoints.len(),
+            identities: self.engine.state().identities.len(),
+            policies: self.objects.policies.len(),
+            rejected: self.rejected.clone(),
+            pin_dir: self.pins.base().display().to_string(),
+        }
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Register { endpoint } => match self.register(endpoint) {
+                Ok(r) => Response::Registered(r),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
+            Request::Unregister {
+                container_id,
+                ifname,
+            } => Response::Unregistered {
+                found: self.forget(&container_id, &ifname),
+            },
+            Request::Status => Response::Status(self.status()),
+            Request::ListEndpoints => {
+                let state = self.engine.state();
+                let endpoints = self
+                    .endpoints
+                    .values()
+                    .map(|r| {
+                        let compiled = state.endpoints.get(&r.pod_ref());
+                        let identity = compiled.map(|c| c.identity.0).unwrap_or(0);
+                        let labels = state
+                            .identities
+                            .get(&moat_policy::Identity(identity))
+                            .cloned()
+                            .unwrap_or_else(LabelSet::new);
+                        EndpointStatus {
+                            spec: r.spec.clone(),
+                            identity,
+                            policy_id: compiled.map(|c| c.policy_id).unwrap_or(0),
+                            mode: r.mode.clone(),
+                            labels: labels.0,
+                        }
+                    })
+                    .collect();
+                Response::Endpoints { endpoints }
+            }
+            Request::Policy => {
+                let state = self.engine.state();
+                let identities: BTreeMap<String, &LabelSet> = state
+                    .identities
+                    .iter()
+                    .map(|(id, labels)| (id.0.to_string(), labels))
+                    .collect();
+                let rules: BTreeMap<String, String> = state
+                    .rules
+                    .iter()
+                    .map(|(id, r)| (id.to_string(), r.to_string()))
+                    .collect();
+                let document = serde_json::json!({
+                    "identities": identities,
+                    "rules": rules,
+                    "policies": self.objects.policies.keys()
+                        .map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                    "rejected": self.rejected,
+                    "entries": {
+                        "policy": self.applied.policy.len(),
+                        "port_ranges": self.applied.port_ranges.len(),
+                        "cidr_v4": self.applied.cidr_v4.len(),
+                        "cidr_v6": self.applied.cidr_v6.len(),
+                        "ipcache": self.applied.ipcache.len(),
+                        "endpoints": self.applied.endpoints.len(),
+                    },
+                });
+                Response::Policy { document }
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The unix-socket server and the datastore watcher. Requests are served one at a time under
+//! one lock: registrations are short, and serialising them keeps the maps' diff-and-apply
+//! simple and correct.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tracing::{debug, warn};
+
+use crate::{
+    api::{Request, Response},
+    daemon::Daemon,
+    local,
+};
+
+pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a killed daemon would make bind fail.
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let started = Instant::now();
+                let response = daemon.lock().expect("daemon lock").handle(request);
+                debug!(
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "request served"
+                );
+                response
+            }
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        writer.write_all(&out)?;
+    }
+    Ok(())
+}
+
+pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let daemon = daemon.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_connection(&daemon, stream) {
+                        debug!(error = %e, "connection ended");
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "accept failed"),
+        }
+    }
+}
+
+/// Polls the local datastore directory and reloads on change; resyncs the maps against the
+/// kernel every `resync` to heal any drift.
+pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
+    let mut last_resync = Instant::now();
+    loop {
+        std::thread::sleep(poll);
+        let dir = daemon
+            .lock()
+            .expect("daemon lock")
+            .policy_dir()
+            .to_path_buf();
+        let fingerprint = local::fingerprint(&dir);
+        let mut d = daemon.lock().expect("daemon lock");
+        if fingerprint != d.fingerprint {
+            d.reload_objects();
+        }
+        if last_resync.elapsed() >= resync {
+            last_resync = Instant::now();
+            match d.resync() {
+                Ok(stats) if stats.upserts + stats.deletes > 0 => {
+                    warn!(?stats, "resync corrected drift in the maps")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "resync failed"),
+            }
+        }
+    }
+}

@@ -52,6 +52,9 @@ pub enum Request {
     ListEndpoints,
     /// Policy state: identities, rules, rejected objects.
     Policy,
+    /// Re-read the datastore now and answer once the result is in the maps (the watcher
+    /// does the same on its own; this makes a change's application observable).
+    Reload,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +83,8 @@ pub struct DaemonStatus {
     /// Objects the datastore refused, with the reason; the last good state stays in force.
     pub rejected: Vec<String>,
     pub pin_dir: String,
+    /// Incremented by every datastore reload that reached the maps.
+    pub generation: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

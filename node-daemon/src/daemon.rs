@@ -45,6 +45,7 @@ pub struct Daemon {
     objects: LocalObjects,
     rejected: Vec<String>,
     pub fingerprint: Vec<(PathBuf, Vec<u8>)>,
+    generation: u64,
 }
 
 /// Every address of this node except loopback: traffic from them is the node itself.
@@ -96,6 +97,7 @@ impl Daemon {
             objects: LocalObjects::default(),
             rejected: Vec::new(),
             fingerprint: Vec::new(),
+            generation: 0,
             cfg,
         };
         daemon.drop_vanished_endpoints();
@@ -229,6 +231,7 @@ impl Daemon {
             }
         }
         let pods_changed = objects.pods != self.objects.pods;
+        let old_remote = self.remote_pods();
         self.objects = LocalObjects {
             namespaces: objects.namespaces,
             pods: objects.pods,
@@ -241,14 +244,49 @@ impl Daemon {
                     rejected.push(format!("endpoint {key}: {e}"));
                 }
             }
+            // Remote workloads: pods with addresses that are not registered here.
+            let new_remote = self.remote_pods();
+            for pod in old_remote.keys() {
+                if !new_remote.contains_key(pod) {
+                    let _ = self.engine.delete_pod(pod);
+                }
+            }
+            for (pod_ref, meta) in new_remote {
+                if old_remote.get(&pod_ref) == Some(&meta) {
+                    continue;
+                }
+                let pod = Pod {
+                    namespace: pod_ref.namespace.clone(),
+                    name: pod_ref.name.clone(),
+                    labels: meta.labels,
+                    ips: meta.ips,
+                    ports: meta.ports,
+                };
+                if let Err(e) = self.engine.upsert_pod(pod) {
+                    rejected.push(format!("Pod {pod_ref}: {e}"));
+                }
+            }
         }
         for r in &rejected {
             warn!(rejected = %r, "object rejected; last good state stays in force");
         }
         self.rejected = rejected;
-        if let Err(e) = self.reconcile() {
-            warn!(error = %e, "reconcile after reload failed");
+        match self.reconcile() {
+            Ok(_) => self.generation += 1,
+            Err(e) => warn!(error = %e, "reconcile after reload failed"),
         }
+    }
+
+    /// Pods the datastore knows with addresses, that no local endpoint registered.
+    fn remote_pods(&self) -> BTreeMap<PodRef, PodMeta> {
+        let local: BTreeSet<PodRef> = self.endpoints.values().map(|r| r.pod_ref()).collect();
+        self.objects
+            .pods
+            .iter()
+            .filter(|(_, m)| !m.ips.is_empty())
+            .map(|((ns, name), m)| (PodRef::new(ns, name), m.clone()))
+            .filter(|(r, _)| !local.contains(r))
+            .collect()
     }
 
     fn pod_meta(&self, namespace: &str, name: &str) -> PodMeta {
@@ -394,6 +432,7 @@ impl Daemon {
             policies: self.objects.policies.len(),
             rejected: self.rejected.clone(),
             pin_dir: self.pins.base().display().to_string(),
+            generation: self.generation,
         }
     }
 
@@ -412,6 +451,10 @@ impl Daemon {
                 found: self.forget(&container_id, &ifname),
             },
             Request::Status => Response::Status(self.status()),
+            Request::Reload => {
+                self.reload_objects();
+                Response::Status(self.status())
+            }
             Request::ListEndpoints => {
                 let state = self.engine.state();
                 let endpoints = self

@@ -19,6 +19,10 @@ pub struct PodMeta {
     pub labels: LabelSet,
     pub ports: Vec<ContainerPort>,
     pub mode: Option<String>,
+    /// Addresses the datastore reports (status.podIPs). Pods that are not registered on
+    /// this node but have addresses are remote workloads: they get ipcache entries so that
+    /// policy can name them.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -56,6 +60,20 @@ struct PodObject {
     metadata: Meta,
     #[serde(default)]
     spec: Option<PodSpec>,
+    #[serde(default)]
+    status: Option<PodStatus>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus {
+    #[serde(default)]
+    pod_ips: Vec<PodIp>,
+}
+
+#[derive(Deserialize)]
+struct PodIp {
+    ip: std::net::IpAddr,
 }
 
 #[derive(Deserialize, Default)]
@@ -172,6 +190,13 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
                 }
                 meta.mode = Some(mode.clone());
             }
+            meta.ips = pod
+                .status
+                .unwrap_or_default()
+                .pod_ips
+                .into_iter()
+                .map(|p| p.ip)
+                .collect();
             for c in pod.spec.unwrap_or_default().containers {
                 for p in c.ports {
                     if let Some(name) = p.name {

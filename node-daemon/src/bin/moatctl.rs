@@ -21,6 +21,8 @@ enum Command {
     Endpoints,
     /// Identities, rules and map entry counts.
     Policy,
+    /// Re-read the policy directory now; prints the status once applied.
+    Reload,
 }
 
 fn main() {
@@ -29,6 +31,7 @@ fn main() {
         Command::Status => Request::Status,
         Command::Endpoints => Request::ListEndpoints,
         Command::Policy => Request::Policy,
+        Command::Reload => Request::Reload,
     };
     match api::call(&args.socket, &request, Duration::from_secs(10)) {
         Ok(response) => {

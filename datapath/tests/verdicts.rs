@@ -986,3 +986,32 @@ fn event_rate_limit_caps_a_flood_and_counts_what_it_swallowed() {
         200
     );
 }
+
+#[test]
+fn lookup_hints_skip_only_lookups_that_cannot_matter() {
+    let mut f = Fixture::new("hints");
+    f.allow_out(PEER, 80, PROTO_TCP, 240);
+    f.maps
+        .upsert_cidr(
+            POD,
+            DIRECTION_EGRESS,
+            net("10.1.0.0/24"),
+            &any_port(241, 0, ACTION_ALLOW),
+        )
+        .unwrap();
+    let hints = ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
+    set_mode(&mut f, MODE_ENFORCE, hints | ENDPOINT_FLAG_LOG_ALLOWS);
+    // The exact entry still decides, and names its rule.
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_OK);
+    assert_eq!(f.drained()[0].rule_id, 240);
+    // With NO_CIDR the CIDR table is not consulted (moatd sets the hint only when the
+    // policy id has no CIDR entry): port 81 falls to default deny.
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 2, 81)), TC_ACT_SHOT);
+    // Without the hint, the same packet is admitted by the CIDR rule.
+    set_mode(
+        &mut f,
+        MODE_ENFORCE,
+        ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES,
+    );
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 3, 81)), TC_ACT_OK);
+}

@@ -66,13 +66,19 @@ pub fn build(
             },
         );
     }
+    let hints = lookup_hints(state);
     for record in endpoints.values() {
         let Some(compiled) = state.endpoints.get(&record.pod_ref()) else {
             // Registered but not (yet) known to the engine: no entry, so the datapath fails
             // closed with "unknown endpoint" rather than guessing an identity.
             continue;
         };
-        let info = compiled.to_endpoint_info(mode_code(&record.mode), record.flags);
+        let flags = record.flags & !ENDPOINT_HINT_FLAGS
+            | hints
+                .get(&compiled.policy_id)
+                .copied()
+                .unwrap_or(ENDPOINT_HINT_FLAGS);
+        let info = compiled.to_endpoint_info(mode_code(&record.mode), flags);
         d.endpoints.insert(record.spec.host_ifindex, info);
         for ip in &record.spec.ips {
             let net = IpNetwork::from(*ip);
@@ -90,6 +96,55 @@ pub fn build(
     d.cidr_v4 = state.cidr_v4.clone();
     d.cidr_v6 = state.cidr_v6.clone();
     d
+}
+
+/// ENDPOINT_FLAG_NO_* hints per policy id: which lookups can never match for it. A policy id
+/// with no entries at all gets every hint (its verdict is default deny either way).
+fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {
+    let mut lacks: BTreeMap<u32, u8> = BTreeMap::new();
+    let mut clear = |policy_id: u32, bits: u8| {
+        *lacks.entry(policy_id).or_insert(ENDPOINT_HINT_FLAGS) &= !bits;
+    };
+    for (k, v) in &state.policy {
+        clear(
+            k.policy_id,
+            if v.action == ACTION_DENY {
+                ENDPOINT_FLAG_NO_DENY
+            } else {
+                0
+            },
+        );
+    }
+    let has_deny = |set: &PortRuleSet| {
+        set.rules[..(set.count as usize).min(MAX_PORT_RULES)]
+            .iter()
+            .any(|r| r.action == ACTION_DENY)
+    };
+    for (k, set) in &state.port_ranges {
+        let deny = if has_deny(set) {
+            ENDPOINT_FLAG_NO_DENY
+        } else {
+            0
+        };
+        clear(k.policy_id, ENDPOINT_FLAG_NO_RANGES | deny);
+    }
+    for ((policy_id, _, _), set) in &state.cidr_v4 {
+        let deny = if has_deny(set) {
+            ENDPOINT_FLAG_NO_DENY
+        } else {
+            0
+        };
+        clear(*policy_id, ENDPOINT_FLAG_NO_CIDR | deny);
+    }
+    for ((policy_id, _, _), set) in &state.cidr_v6 {
+        let deny = if has_deny(set) {
+            ENDPOINT_FLAG_NO_DENY
+        } else {
+            0
+        };
+        clear(*policy_id, ENDPOINT_FLAG_NO_CIDR | deny);
+    }
+    lacks
 }
 
 /// Counts of what a reconcile wrote, for logs and tests.
@@ -130,6 +185,18 @@ pub fn apply(
     desired: &DesiredMaps,
 ) -> anyhow::Result<WriteStats> {
     let mut stats = WriteStats::default();
+    // Hints first where they shrink: an endpoint about to gain CIDR, range or deny entries
+    // must look them up from the moment they exist.
+    for (ifindex, old) in &applied.endpoints {
+        if let Some(new) = desired.endpoints.get(ifindex) {
+            let widened = old.flags & new.flags;
+            if widened != old.flags {
+                let mut interim = *old;
+                interim.flags = widened;
+                maps.upsert_endpoint(*ifindex, &interim)?;
+            }
+        }
+    }
     let m = std::cell::RefCell::new(maps);
     diff(
         &applied.policy,
@@ -262,4 +329,54 @@ pub fn read_actual(maps: &Maps) -> DesiredMaps {
         }
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(policy_id: u32) -> PolicyKey {
+        PolicyKey {
+            policy_id,
+            remote_identity: 0,
+            dport: 0,
+            proto: 0,
+            direction: DIRECTION_INGRESS,
+        }
+    }
+
+    #[test]
+    fn hints_name_exactly_the_tables_a_policy_id_does_not_use() {
+        let mut state = DatapathState::default();
+        let allow = PolicyValue {
+            rule_id: 20,
+            action: ACTION_ALLOW,
+            _pad: [0; 3],
+        };
+        state.policy.insert(key(1), allow);
+        state.policy.insert(
+            key(2),
+            PolicyValue {
+                action: ACTION_DENY,
+                ..allow
+            },
+        );
+        state.cidr_v4.insert(
+            (3, DIRECTION_EGRESS, "10.0.0.0/8".parse().unwrap()),
+            PortRuleSet::default(),
+        );
+        state.port_ranges.insert(
+            PortRangeKey {
+                policy_id: 4,
+                ..Default::default()
+            },
+            PortRuleSet::default(),
+        );
+        let hints = lookup_hints(&state);
+        assert_eq!(hints[&1], ENDPOINT_HINT_FLAGS);
+        assert_eq!(hints[&2], ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR);
+        assert_eq!(hints[&3], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES);
+        assert_eq!(hints[&4], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_CIDR);
+        assert!(!hints.contains_key(&5));
+    }
 }

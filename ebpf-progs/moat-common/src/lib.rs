@@ -210,6 +210,16 @@ pub const MAX_ENDPOINT_V4: usize = 2;
 pub const MAX_ENDPOINT_V6: usize = 2;
 /// Report allowed new flows of this endpoint too (drops are always reported).
 pub const ENDPOINT_FLAG_LOG_ALLOWS: u8 = 1;
+/// Lookup hints, set by moatd from the entries it wrote for the endpoint's policy id. Each
+/// lets the datapath skip work that cannot change the verdict; 0 (no hints) is always safe.
+/// No deny entry exists for this policy id: the first allow found decides.
+pub const ENDPOINT_FLAG_NO_DENY: u8 = 2;
+/// No port-range entry exists for this policy id.
+pub const ENDPOINT_FLAG_NO_RANGES: u8 = 4;
+/// No CIDR entry exists for this policy id.
+pub const ENDPOINT_FLAG_NO_CIDR: u8 = 8;
+pub const ENDPOINT_HINT_FLAGS: u8 =
+    ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -82,6 +82,16 @@ pub fn lookup_and_update(key: &CtKey, pkt: &Packet, now: u64) -> Lookup {
     Lookup::Miss
 }
 
+/// True when endpoint `ifindex` has a live entry for exactly this packet's tuple.
+#[inline(always)]
+pub fn is_tracked(ifindex: u32, pkt: &Packet, now: u64) -> bool {
+    let key = forward_key(ifindex, pkt);
+    match unsafe { CONNTRACK.get(&key) } {
+        Some(entry) => entry.expires_ns > now,
+        None => false,
+    }
+}
+
 /// True when the tuple quoted by an ICMP error belongs to a flow this endpoint tracks.
 #[inline(always)]
 pub fn is_related(ifindex: u32, pkt: &Packet, now: u64) -> bool {

@@ -14,6 +14,12 @@ pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     unsafe { ENDPOINTS.get(&ifindex) }.copied()
 }
 
+/// The endpoint entry in place (no copy: the policy stage is short of stack).
+#[inline(always)]
+pub fn endpoint_ref(ifindex: u32) -> Option<&'static EndpointInfo> {
+    unsafe { ENDPOINTS.get(&ifindex) }
+}
+
 /// An address that matches nothing, not even a default route entry, is the world.
 #[inline(always)]
 pub fn remote(family: u8, addr: &[u32; 4]) -> IpcacheValue {

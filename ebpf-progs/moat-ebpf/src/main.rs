@@ -154,13 +154,12 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     let Some(slot) = scratch::SCRATCH_PACKET.get_ptr(0) else {
         return TC_ACT_SHOT;
     };
-    let packet: Packet = scratch::get(slot);
-    let pkt = &packet;
+    // Read in place: a copy would cost stack the verifier does not have to give.
+    let pkt: &Packet = unsafe { &*slot };
     let now = conntrack::now_ns();
-    let Some(endpoint_info) = endpoint::endpoint(ifindex) else {
+    let Some(ep) = endpoint::endpoint_ref(ifindex) else {
         return TC_ACT_SHOT;
     };
-    let ep = &endpoint_info;
     let flow_key = conntrack::forward_key(ifindex, pkt);
     let key = &flow_key;
     let cfg = events::config();
@@ -202,7 +201,7 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     let own = policy::decide(
         ep.policy_id,
         remote.identity,
-        pkt.family,
+        policy::family_hints(pkt.family, ep.flags),
         &remote_addr,
         policy::proto_port(direction, pkt.proto, pkt.dport),
     );
@@ -218,13 +217,18 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     };
 
     // A local sender's egress policy is judged here too: when it connected through a
-    // Service, its own hook saw only the ClusterIP.
-    if !verdict.enforced_drop() && direction == DIRECTION_INGRESS && remote.ifindex != 0 {
-        if let Some(sender) = endpoint::endpoint(remote.ifindex) {
+    // Service, its own hook saw only the ClusterIP. When its hook saw this very tuple (a
+    // direct connection), that hook already judged it and recorded the flow.
+    if !verdict.enforced_drop()
+        && direction == DIRECTION_INGRESS
+        && remote.ifindex != 0
+        && !conntrack::is_tracked(remote.ifindex, pkt, now)
+    {
+        if let Some(sender) = endpoint::endpoint_ref(remote.ifindex) {
             let theirs = policy::decide(
                 sender.policy_id,
                 ep.identity,
-                pkt.family,
+                policy::family_hints(pkt.family, sender.flags),
                 &pkt.daddr,
                 policy::proto_port(DIRECTION_EGRESS, pkt.proto, pkt.dport),
             );

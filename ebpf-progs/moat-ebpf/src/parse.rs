@@ -145,7 +145,14 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
     }
     let more_fragments = frag & 0x2000 != 0;
     let fragment_offset = frag & 0x1fff;
-    finish_l4(ctx, pkt, ETH_HLEN + header_len, id, more_fragments, fragment_offset != 0)
+    finish_l4(
+        ctx,
+        pkt,
+        ETH_HLEN + header_len,
+        id,
+        more_fragments,
+        fragment_offset != 0,
+    )
 }
 
 #[inline(always)]

@@ -16,8 +16,9 @@
 //! not grow with the number of rules.
 
 use moat_common::{
-    ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, FAMILY_V4, IDENTITY_ANY,
-    MAX_PORT_RULES, PolicyKey, PortRangeKey, PortRuleSet, reason, rule,
+    ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, ENDPOINT_FLAG_NO_CIDR,
+    ENDPOINT_FLAG_NO_DENY, ENDPOINT_FLAG_NO_RANGES, FAMILY_V4, IDENTITY_ANY, MAX_PORT_RULES,
+    PolicyKey, PortRangeKey, PortRuleSet, reason, rule,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -133,14 +134,18 @@ fn cidr(
 }
 
 /// Judges a new flow of the endpoint with `policy_id` against the remote peer.
+/// `family_hints` is the address family in the low byte and the endpoint's
+/// ENDPOINT_FLAG_NO_* hints in the next (five arguments is the limit for a BPF call).
 #[inline(never)]
 pub fn decide(
     policy_id: u32,
     remote_identity: u32,
-    family: u8,
+    family_hints: u32,
     remote_addr: &[u32; 4],
     proto_port: u32,
 ) -> Decision {
+    let family = family_hints as u8;
+    let hints = (family_hints >> 8) as u8;
     // Packed to stay within five arguments: direction << 24 | proto << 16 | dport.
     let direction = (proto_port >> 24) as u8;
     let proto = (proto_port >> 16) as u8;
@@ -156,15 +161,39 @@ pub fn decide(
     let p = policy_id;
     let d = direction;
     let r = remote_identity;
-    scratch::put(&mut slots[0], exact(p, r, dport, proto, d));
-    scratch::put(&mut slots[1], exact(p, r, 0, proto, d));
-    scratch::put(&mut slots[2], exact(p, r, 0, 0, d));
-    scratch::put(&mut slots[3], exact(p, IDENTITY_ANY, dport, proto, d));
-    scratch::put(&mut slots[4], exact(p, IDENTITY_ANY, 0, proto, d));
-    scratch::put(&mut slots[5], exact(p, IDENTITY_ANY, 0, 0, d));
-    ranges(&mut slots[6], p, r, dport, proto, d);
-    ranges(&mut slots[7], p, IDENTITY_ANY, dport, proto, d);
-    cidr(&mut slots[8], p, family, remote_addr, dport, proto, d);
+    let no_deny = hints & ENDPOINT_FLAG_NO_DENY != 0;
+    // Without deny entries the first allow is the answer: the rest is skipped.
+    macro_rules! step {
+        ($slot:expr, $remote:expr, $port:expr, $protocol:expr) => {
+            let found = exact(p, $remote, $port, $protocol, d);
+            if no_deny && (found >> 32) as u8 == ACTION_ALLOW {
+                return Decision {
+                    allowed: true,
+                    reason: reason::POLICY_ALLOW,
+                    rule_id: found as u32,
+                };
+            }
+            scratch::put(&mut slots[$slot], found);
+        };
+    }
+    step!(0, r, dport, proto);
+    step!(1, r, 0, proto);
+    step!(2, r, 0, 0);
+    step!(3, IDENTITY_ANY, dport, proto);
+    step!(4, IDENTITY_ANY, 0, proto);
+    step!(5, IDENTITY_ANY, 0, 0);
+    if hints & ENDPOINT_FLAG_NO_RANGES == 0 {
+        ranges(&mut slots[6], p, r, dport, proto, d);
+        ranges(&mut slots[7], p, IDENTITY_ANY, dport, proto, d);
+    } else {
+        scratch::put(&mut slots[6], 0);
+        scratch::put(&mut slots[7], 0);
+    }
+    if hints & ENDPOINT_FLAG_NO_CIDR == 0 {
+        cidr(&mut slots[8], p, family, remote_addr, dport, proto, d);
+    } else {
+        scratch::put(&mut slots[8], 0);
+    }
 
     // Deny anywhere wins; else the first allow in lookup order names the rule.
     let decision = unsafe { &mut (*lookups).decision };
@@ -191,6 +220,12 @@ pub fn decide(
         reason: (packed >> 32) as u8,
         rule_id: packed as u32,
     }
+}
+
+/// Packs the family and an endpoint's lookup hints into `decide`'s third argument.
+#[inline(always)]
+pub fn family_hints(family: u8, endpoint_flags: u8) -> u32 {
+    family as u32 | ((endpoint_flags as u32) << 8)
 }
 
 /// Packs direction, protocol and port into `decide`'s last argument.

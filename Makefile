@@ -18,6 +18,7 @@ lint: bootstrap
 
 # The whole suite: pure crates, BPF_PROG_TEST_RUN verdicts, real-kernel namespace traffic.
 test: bootstrap lint
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 demo: build
@@ -29,3 +30,13 @@ bench: build
 clean:
 	$(CARGO) clean
 	rm -rf bench/results.json bench/raw
+
+# The shared NetworkPolicy conformance file (../shared/conformance/netpol-cases.json) on this
+# node: pure engine, then real pods + moatd + datapath through per-pod Services and direct.
+.PHONY: conformance
+conformance: build
+	@rc=0; \
+	./target/release/moat-conformance --offline --report target/conformance-offline.json || rc=1; \
+	./target/release/moat-conformance --report target/conformance-services.json || rc=1; \
+	./target/release/moat-conformance --direct --report target/conformance-direct.json || rc=1; \
+	exit $$rc

@@ -817,7 +817,7 @@ fn req_86_attachment_identity_is_container_id_plus_ifname() {
 }
 
 #[test]
-fn req_48_binary_answers_version_and_placeholder_errors_are_code_7() {
+fn req_48_binary_answers_version_and_chained_add_without_prev_result_is_code_7() {
     let binary = env!("CARGO_BIN_EXE_moat-cni");
     let run_binary = |command: &str, stdin: &Value| {
         let mut child = Process::new(binary)
@@ -850,5 +850,9 @@ fn req_48_binary_answers_version_and_placeholder_errors_are_code_7() {
     assert_eq!(add.status.code(), Some(1));
     let error: Value = serde_json::from_slice(&add.stdout).unwrap();
     assert_eq!(error["code"], 7);
-    assert_eq!(error["msg"], "moat-cni: datapath wiring not built yet");
+    // The real plugin: chained mode (no ipam) without a prevResult cannot work (req 78).
+    assert_eq!(
+        error["msg"],
+        "moat-cni in chained mode requires a prevResult"
+    );
 }

@@ -52,6 +52,8 @@ pub enum Request {
     ListEndpoints,
     /// Policy state: identities, rules, rejected objects.
     Policy,
+    /// Flow history from the journal.
+    Flows { filter: crate::flows::FlowFilter },
     /// Re-read the datastore now and answer once the result is in the maps (the watcher
     /// does the same on its own; this makes a change's application observable).
     Reload,
@@ -91,11 +93,22 @@ pub struct DaemonStatus {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Registered(Registered),
-    Unregistered { found: bool },
+    Unregistered {
+        found: bool,
+    },
     Status(DaemonStatus),
-    Endpoints { endpoints: Vec<EndpointStatus> },
-    Policy { document: serde_json::Value },
-    Error { message: String },
+    Endpoints {
+        endpoints: Vec<EndpointStatus>,
+    },
+    Policy {
+        document: serde_json::Value,
+    },
+    Flows {
+        flows: Vec<crate::flows::FlowRecord>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

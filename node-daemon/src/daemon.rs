@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::{
     api::{DaemonStatus, EndpointSpec, EndpointStatus, Registered, Request, Response},
     desired::{self, DesiredMaps, NodeConfig, WriteStats},
+    flows::{self, FlowRecord, JournalConfig},
     local::{self, LocalObjects, PodMeta},
     store::{EndpointRecord, EndpointStore},
 };
@@ -30,6 +31,7 @@ pub struct DaemonConfig {
     pub pending_dir: PathBuf,
     pub pin_root: PathBuf,
     pub service_cidrs: Vec<IpNetwork>,
+    pub journal: JournalConfig,
 }
 
 pub struct Daemon {
@@ -122,6 +124,138 @@ impl Daemon {
 
     pub fn policy_dir(&self) -> &Path {
         &self.cfg.policy_dir
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    pub fn journal_config(&self) -> &JournalConfig {
+        &self.cfg.journal
+    }
+
+    fn pod_name_of_address(&self, addr: IpAddr) -> Option<String> {
+        self.engine
+            .inputs()
+            .pods
+            .iter()
+            .find(|(_, p)| p.ips.contains(&addr))
+            .map(|(r, _)| r.to_string())
+    }
+
+    /// Policies that select the pod for a direction ("isolate" it in Kubernetes terms).
+    fn selecting_policies(&self, pod: &PodRef, ingress: bool) -> Vec<String> {
+        let Some(p) = self.engine.inputs().pods.get(pod) else {
+            return Vec::new();
+        };
+        self.objects
+            .policies
+            .values()
+            .filter(|np| np.namespace() == pod.namespace)
+            .filter(|np| np.spec.pod_selector.matches(&p.labels))
+            .filter(|np| {
+                let (i, e) = np.effective_policy_types();
+                if ingress { i } else { e }
+            })
+            .map(|np| np.object())
+            .collect()
+    }
+
+    /// Explains a datapath event: which pods, which rule, or why no rule.
+    pub fn describe(
+        &self,
+        e: &moat_common::FlowEvent,
+        mono_now_ns: u64,
+        wall_now_ms: u64,
+    ) -> FlowRecord {
+        use moat_common::*;
+        let (src, dst) = if e.family == FAMILY_V4 {
+            (
+                IpAddr::V4(v4_from_raw(e.saddr[0])),
+                IpAddr::V4(v4_from_raw(e.daddr[0])),
+            )
+        } else {
+            (
+                IpAddr::V6(v6_from_raw(e.saddr)),
+                IpAddr::V6(v6_from_raw(e.daddr)),
+            )
+        };
+        let endpoint = self
+            .endpoints
+            .values()
+            .find(|r| r.spec.host_ifindex == e.ifindex)
+            .map(|r| r.pod_ref());
+        let ingress = e.direction == DIRECTION_INGRESS;
+        let remote_addr = if ingress { src } else { dst };
+        let peer = self.pod_name_of_address(remote_addr).or_else(|| {
+            Some(
+                match e.remote_identity {
+                    IDENTITY_HOST => "host",
+                    IDENTITY_WORLD => "world",
+                    IDENTITY_UNMANAGED => "unmanaged",
+                    IDENTITY_REMOTE_NODE => "remote-node",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        });
+        let rule = if let Some(r) = self.engine.state().rules.get(&e.rule_id) {
+            r.to_string()
+        } else if e.rule_id == rule::NOT_ISOLATED {
+            "no policy selects the endpoint (allow all)".into()
+        } else if e.reason == reason::DEFAULT_DENY {
+            let selected = endpoint
+                .as_ref()
+                .map(|p| self.selecting_policies(p, ingress))
+                .unwrap_or_default();
+            if selected.is_empty() {
+                "default deny: no rule allows".into()
+            } else {
+                format!(
+                    "default deny: selected by {}; no rule allows",
+                    selected.join(", ")
+                )
+            }
+        } else {
+            reason::name(e.reason).to_string()
+        };
+        let age_ms = mono_now_ns.saturating_sub(e.timestamp_ns) / 1_000_000;
+        FlowRecord {
+            time_ms: wall_now_ms.saturating_sub(age_ms),
+            verdict: match e.verdict {
+                VERDICT_DROP => "dropped",
+                VERDICT_AUDIT => "audit",
+                _ => "allowed",
+            }
+            .into(),
+            reason: reason::name(e.reason).into(),
+            direction: if ingress { "ingress" } else { "egress" }.into(),
+            mode: match e.mode {
+                MODE_AUDIT => "audit",
+                MODE_LEARN => "learn",
+                _ => "enforce",
+            }
+            .into(),
+            protocol: match e.proto {
+                PROTO_TCP => "TCP".to_string(),
+                PROTO_UDP => "UDP".to_string(),
+                PROTO_SCTP => "SCTP".to_string(),
+                PROTO_ICMP => "ICMP".to_string(),
+                PROTO_ICMPV6 => "ICMPv6".to_string(),
+                other => other.to_string(),
+            },
+            source: src.to_string(),
+            destination: dst.to_string(),
+            source_port: e.sport,
+            destination_port: e.dport,
+            endpoint: endpoint.map(|p| p.to_string()),
+            peer,
+            local_identity: e.local_identity,
+            remote_identity: e.remote_identity,
+            rule_id: e.rule_id,
+            rule,
+            bytes: e.bytes,
+        }
     }
 
     /// Endpoints whose host veth is gone (pod deleted while moatd was down) are forgotten.
@@ -451,6 +585,9 @@ impl Daemon {
                 found: self.forget(&container_id, &ifname),
             },
             Request::Status => Response::Status(self.status()),
+            Request::Flows { filter } => Response::Flows {
+                flows: flows::read(&self.cfg.journal, &filter),
+            },
             Request::Reload => {
                 self.reload_objects();
                 Response::Status(self.status())

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod daemon;
 pub mod desired;
+pub mod flows;
 pub mod local;
 pub mod server;
 pub mod store;

@@ -108,3 +108,58 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
         }
     }
 }
+
+/// Drains the datapath's event ring into the flow journal, explaining each event.
+pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
+    let (pins, journal_cfg) = {
+        let d = daemon.lock().expect("daemon lock");
+        (d.pins().clone(), d.journal_config().clone())
+    };
+    let mut reader = match moat_datapath::EventReader::open(&pins) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "flow events unavailable");
+            return;
+        }
+    };
+    let mut journal = match crate::flows::Journal::open(journal_cfg) {
+        Ok(j) => j,
+        Err(e) => {
+            warn!(error = %e, "flow journal unavailable");
+            return;
+        }
+    };
+    loop {
+        let events = match reader.wait(Duration::from_millis(200)) {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, "reading events");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if events.is_empty() {
+            continue;
+        }
+        let mono = monotonic_ns();
+        let wall = crate::flows::now_ms();
+        let records: Vec<_> = {
+            let d = daemon.lock().expect("daemon lock");
+            events.iter().map(|e| d.describe(e, mono, wall)).collect()
+        };
+        if let Err(e) = journal.append(&records) {
+            warn!(error = %e, "writing flow journal");
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

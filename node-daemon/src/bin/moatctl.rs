@@ -1,54 +1,612 @@
-//! moatctl: the node-level troubleshooting CLI. See `moatctl --help`.
-use std::{path::PathBuf, time::Duration};
+//! moatctl: the node-level troubleshooting CLI. Talks to moatd's socket (and reads the pinned
+//! maps directly for `bpf` dumps). Output follows kubectl: `-o table|wide|json|yaml`, where
+//! JSON and YAML are the same structs the table is printed from.
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use clap::{Parser, Subcommand};
-use moatd::api::{self, Request, Response};
+use clap::{Parser, Subcommand, ValueEnum};
+use moat_common::*;
+use moat_datapath::{Maps, PinDir};
+use moatd::{
+    api::{self, Request, Response},
+    flows::{FlowFilter, FlowRecord},
+};
+use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Moat node troubleshooting CLI")]
 struct Args {
+    /// moatd's socket.
     #[arg(long, default_value = api::DEFAULT_SOCKET, global = true)]
     socket: PathBuf,
+    /// bpffs root of the installation (for `bpf` dumps).
+    #[arg(long, default_value = moat_datapath::pins::DEFAULT_ROOT, global = true)]
+    pin_root: PathBuf,
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Is moatd ready; what does it hold; what did it reject.
+    /// Daemon readiness, datastore, endpoints, rejected objects.
     Status,
-    /// The node's endpoints with identity, mode and labels.
-    Endpoints,
-    /// Identities, rules and map entry counts.
+    /// Endpoints on this node.
+    Endpoint {
+        #[command(subcommand)]
+        what: EndpointCmd,
+    },
+    /// Identities and their labels.
+    Identity {
+        #[command(subcommand)]
+        what: IdentityCmd,
+    },
+    /// Compiled policy state: identities, rules, entry counts.
     Policy,
     /// Re-read the policy directory now; prints the status once applied.
     Reload,
+    /// Flow history with the reason and rule of every verdict (like hubble observe).
+    Flows {
+        /// Keep printing new flows.
+        #[arg(long)]
+        follow: bool,
+        /// dropped | allowed | audit
+        #[arg(long)]
+        verdict: Option<String>,
+        /// namespace/name (either side).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only the last period, e.g. 30s, 10m, 2h.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Decoded dumps of the datapath maps.
+    Bpf {
+        #[command(subcommand)]
+        what: BpfCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EndpointCmd {
+    List,
+    /// One endpoint by namespace/name or container id.
+    Get {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCmd {
+    List,
+    Get { id: u32 },
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfCmd {
+    Endpoints,
+    Ipcache,
+    Policy,
+    Conntrack,
+    Counters,
+}
+
+fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("moatctl: {message}");
+    std::process::exit(1);
+}
+
+fn call(args: &Args, request: Request) -> Response {
+    match api::call(&args.socket, &request, Duration::from_secs(15)) {
+        Ok(r) => r,
+        Err(api::ClientError::Unreachable { path, source }) => fail(format!(
+            "cannot reach moatd at {} ({source}); start it (moatd --help) or pass --socket",
+            path.display()
+        )),
+        Err(e) => fail(e),
+    }
+}
+
+/// Prints rows as a table (columns chosen by `wide`) or the structs as JSON/YAML.
+fn print<T: Serialize>(
+    output: Output,
+    rows: &[T],
+    columns: &[&str],
+    wide_columns: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_yaml::to_string(rows).unwrap_or_default()),
+        Output::Table | Output::Wide => {
+            let count = if output == Output::Wide {
+                columns.len() + wide_columns.len()
+            } else {
+                columns.len()
+            };
+            let header: Vec<String> = columns
+                .iter()
+                .chain(wide_columns)
+                .take(count)
+                .map(|c| c.to_string())
+                .collect();
+            let body: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| cells(r).into_iter().take(count).collect())
+                .collect();
+            let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+            for row in &body {
+                for (i, c) in row.iter().enumerate() {
+                    widths[i] = widths[i].max(c.len());
+                }
+            }
+            for row in std::iter::once(&header).chain(&body) {
+                let line: Vec<String> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                    .collect();
+                println!("{}", line.join("  ").trim_end());
+            }
+        }
+    }
+}
+
+fn print_value(output: Output, value: &serde_json::Value) {
+    match output {
+        Output::Yaml => print!("{}", serde_yaml::to_string(value).unwrap_or_default()),
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
+    }
+}
+
+fn parse_since(text: &str) -> u64 {
+    let (num, unit) = text.split_at(text.trim_end_matches(|c: char| c.is_alphabetic()).len());
+    let n: u64 = num
+        .parse()
+        .unwrap_or_else(|_| fail(format!("--since {text:?}: expected e.g. 30s, 10m, 2h")));
+    match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => fail(format!("--since {text:?}: unit must be s, m, h or d")),
+    }
+}
+
+fn flow_cells(f: &FlowRecord) -> Vec<String> {
+    let secs = f.time_ms / 1000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        f.time_ms % 1000
+    );
+    let src = format!("{}:{}", f.source, f.source_port);
+    let dst = format!("{}:{}", f.destination, f.destination_port);
+    let (from, to) = match f.direction.as_str() {
+        "ingress" => (f.peer.clone(), f.endpoint.clone()),
+        _ => (f.endpoint.clone(), f.peer.clone()),
+    };
+    vec![
+        time,
+        f.verdict.to_uppercase(),
+        from.unwrap_or_else(|| src.clone()),
+        to.unwrap_or_else(|| dst.clone()),
+        f.protocol.clone(),
+        f.destination_port.to_string(),
+        f.reason.clone(),
+        f.rule.clone(),
+        src,
+        dst,
+        f.direction.clone(),
+        f.mode.clone(),
+        f.rule_id.to_string(),
+    ]
+}
+
+const FLOW_COLUMNS: &[&str] = &[
+    "TIME", "VERDICT", "FROM", "TO", "PROTO", "PORT", "REASON", "RULE",
+];
+const FLOW_WIDE: &[&str] = &["SOURCE", "DESTINATION", "DIRECTION", "MODE", "RULE-ID"];
+
+fn flows(args: &Args, follow: bool, filter: FlowFilter) {
+    let fetch = |filter: &FlowFilter| match call(
+        args,
+        Request::Flows {
+            filter: filter.clone(),
+        },
+    ) {
+        Response::Flows { flows } => flows,
+        other => fail(format!("unexpected answer {other:?}")),
+    };
+    let records = fetch(&filter);
+    print(args.output, &records, FLOW_COLUMNS, FLOW_WIDE, flow_cells);
+    if !follow {
+        return;
+    }
+    let mut last = records.last().map(|r| r.time_ms).unwrap_or(0);
+    let mut seen_at_last: Vec<FlowRecord> = records
+        .iter()
+        .filter(|r| r.time_ms == last)
+        .cloned()
+        .collect();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let started = Instant::now();
+        let mut f = filter.clone();
+        f.limit = None;
+        f.since_secs = Some((moatd::flows::now_ms().saturating_sub(last) / 1000 + 2).max(2));
+        let new: Vec<FlowRecord> = fetch(&f)
+            .into_iter()
+            .filter(|r| r.time_ms > last || (r.time_ms == last && !seen_at_last.contains(r)))
+            .collect();
+        if let Some(newest) = new.last().map(|r| r.time_ms) {
+            for r in &new {
+                let row = flow_cells(r);
+                match args.output {
+                    Output::Json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
+                    Output::Yaml => print!("---\n{}", serde_yaml::to_string(r).unwrap_or_default()),
+                    _ => println!("{}", row.join("  ")),
+                }
+            }
+            if newest > last {
+                seen_at_last.clear();
+            }
+            last = newest;
+            seen_at_last.extend(new.into_iter().filter(|r| r.time_ms == newest));
+        }
+        let _ = started;
+    }
+}
+
+#[derive(Serialize)]
+struct BpfRow {
+    key: String,
+    value: String,
+}
+
+fn bpf(args: &Args, what: &BpfCmd) {
+    let pins = PinDir::new(&args.pin_root);
+    let maps = Maps::open(&pins).unwrap_or_else(|e| {
+        fail(format!(
+            "{e}; is moatd running with --pin-root {}?",
+            args.pin_root.display()
+        ))
+    });
+    let addr = |family: u8, raw: [u32; 4]| -> IpAddr {
+        if family == FAMILY_V4 {
+            IpAddr::V4(v4_from_raw(raw[0]))
+        } else {
+            IpAddr::V6(v6_from_raw(raw))
+        }
+    };
+    let mut rows = Vec::new();
+    match what {
+        BpfCmd::Endpoints => {
+            for (ifindex, e) in maps.endpoints.iter().filter_map(Result::ok) {
+                let mut ips: Vec<String> = e.v4[..e.v4_count as usize]
+                    .iter()
+                    .map(|a| v4_from_raw(*a).to_string())
+                    .collect();
+                ips.extend(
+                    e.v6[..e.v6_count as usize]
+                        .iter()
+                        .map(|a| v6_from_raw(*a).to_string()),
+                );
+                rows.push(BpfRow {
+                    key: format!("ifindex {ifindex}"),
+                    value: format!(
+                        "identity {} policy {} mode {} flags {:#x} {}",
+                        e.identity,
+                        e.policy_id,
+                        ["enforce", "audit", "learn"]
+                            .get(e.mode as usize)
+                            .unwrap_or(&"?"),
+                        e.flags,
+                        ips.join(",")
+                    ),
+                });
+            }
+        }
+        BpfCmd::Ipcache => {
+            for (k, v) in maps.ipcache_v4.iter().filter_map(Result::ok) {
+                rows.push(BpfRow {
+                    key: format!(
+                        "{}/{}",
+                        std::net::Ipv4Addr::from(k.data().addr),
+                        k.prefix_len()
+                    ),
+                    value: format!(
+                        "identity {} ifindex {} flags {:#x}",
+                        v.identity, v.ifindex, v.flags
+                    ),
+                });
+            }
+            for (k, v) in maps.ipcache_v6.iter().filter_map(Result::ok) {
+                rows.push(BpfRow {
+                    key: format!(
+                        "{}/{}",
+                        std::net::Ipv6Addr::from(k.data().addr),
+                        k.prefix_len()
+                    ),
+                    value: format!(
+                        "identity {} ifindex {} flags {:#x}",
+                        v.identity, v.ifindex, v.flags
+                    ),
+                });
+            }
+        }
+        BpfCmd::Policy => {
+            for (k, v) in maps.policy.iter().filter_map(Result::ok) {
+                rows.push(BpfRow {
+                    key: format!(
+                        "policy {} {} remote {} proto {} port {}",
+                        k.policy_id,
+                        if k.direction == DIRECTION_INGRESS {
+                            "ingress"
+                        } else {
+                            "egress"
+                        },
+                        if k.remote_identity == IDENTITY_ANY {
+                            "*".to_string()
+                        } else {
+                            k.remote_identity.to_string()
+                        },
+                        if k.proto == 0 {
+                            "*".to_string()
+                        } else {
+                            k.proto.to_string()
+                        },
+                        if k.dport == 0 {
+                            "*".to_string()
+                        } else {
+                            k.dport.to_string()
+                        },
+                    ),
+                    value: format!(
+                        "{} rule {}",
+                        if v.action == ACTION_DENY {
+                            "deny"
+                        } else {
+                            "allow"
+                        },
+                        v.rule_id
+                    ),
+                });
+            }
+        }
+        BpfCmd::Conntrack => {
+            let now = monotonic_ns();
+            for (k, v) in maps.conntrack_entries(None) {
+                if v.expires_ns <= now {
+                    continue;
+                }
+                rows.push(BpfRow {
+                    key: format!(
+                        "ifindex {} {} {}:{} -> {}:{}",
+                        k.ifindex,
+                        k.proto,
+                        addr(k.family, k.saddr),
+                        k.sport,
+                        addr(k.family, k.daddr),
+                        k.dport
+                    ),
+                    value: format!(
+                        "state {} rule {} remote {} packets {} expires in {}s",
+                        v.state,
+                        v.rule_id,
+                        v.remote_identity,
+                        v.packets,
+                        (v.expires_ns - now) / 1_000_000_000
+                    ),
+                });
+            }
+        }
+        BpfCmd::Counters => {
+            for c in maps.counters().unwrap_or_else(|e| fail(e)) {
+                rows.push(BpfRow {
+                    key: format!(
+                        "{} {} {}",
+                        ["allow", "drop", "audit"]
+                            .get(c.verdict as usize)
+                            .unwrap_or(&"?"),
+                        reason::name(c.reason),
+                        if c.direction == DIRECTION_INGRESS {
+                            "ingress"
+                        } else {
+                            "egress"
+                        }
+                    ),
+                    value: format!("{} packets {} bytes", c.packets, c.bytes),
+                });
+            }
+            for (name, index) in [
+                ("events rate-limited", METRIC_EVENTS_RATE_LIMITED),
+                ("events lost (ring full)", METRIC_EVENTS_RING_FULL),
+            ] {
+                rows.push(BpfRow {
+                    key: name.into(),
+                    value: maps.special_counter(index).unwrap_or(0).to_string(),
+                });
+            }
+        }
+    }
+    print(args.output, &rows, &["KEY", "VALUE"], &[], |r| {
+        vec![r.key.clone(), r.value.clone()]
+    });
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn main() {
     let args = Args::parse();
-    let request = match args.command {
-        Command::Status => Request::Status,
-        Command::Endpoints => Request::ListEndpoints,
-        Command::Policy => Request::Policy,
-        Command::Reload => Request::Reload,
-    };
-    match api::call(&args.socket, &request, Duration::from_secs(10)) {
-        Ok(response) => {
-            let value = match response {
-                Response::Status(s) => serde_json::to_value(s),
-                Response::Endpoints { endpoints } => serde_json::to_value(endpoints),
-                Response::Policy { document } => Ok(document),
-                other => serde_json::to_value(other),
+    match &args.command {
+        Command::Status => match call(&args, Request::Status) {
+            Response::Status(s) => {
+                if matches!(args.output, Output::Json | Output::Yaml) {
+                    print_value(args.output, &serde_json::to_value(&s).unwrap_or_default());
+                } else {
+                    println!("ready:       {}", s.ready);
+                    println!("datastore:   {}", s.datastore);
+                    println!("pin dir:     {}", s.pin_dir);
+                    println!("endpoints:   {}", s.endpoints);
+                    println!("identities:  {}", s.identities);
+                    println!("policies:    {}", s.policies);
+                    println!("generation:  {}", s.generation);
+                    if s.rejected.is_empty() {
+                        println!("rejected:    none");
+                    } else {
+                        println!("rejected:");
+                        for r in &s.rejected {
+                            println!("  {r}");
+                        }
+                    }
+                }
+            }
+            other => fail(format!("unexpected answer {other:?}")),
+        },
+        Command::Endpoint { what } => {
+            let Response::Endpoints { endpoints } = call(&args, Request::ListEndpoints) else {
+                fail("unexpected answer");
             };
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value.unwrap_or_default()).unwrap_or_default()
+            let rows: Vec<_> = match what {
+                EndpointCmd::List => endpoints,
+                EndpointCmd::Get { name } => {
+                    let found: Vec<_> = endpoints
+                        .into_iter()
+                        .filter(|e| {
+                            format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name) == *name
+                                || e.spec.container_id.starts_with(name.as_str())
+                        })
+                        .collect();
+                    if found.is_empty() {
+                        fail(format!(
+                            "no endpoint {name:?} on this node; see `moatctl endpoint list`"
+                        ));
+                    }
+                    found
+                }
+            };
+            print(
+                args.output,
+                &rows,
+                &["ENDPOINT", "IDENTITY", "MODE", "ADDRESSES", "INTERFACE"],
+                &["CONTAINER", "POLICY-ID", "LABELS"],
+                |e| {
+                    vec![
+                        format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name),
+                        e.identity.to_string(),
+                        e.mode.clone(),
+                        e.spec
+                            .ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        e.spec.host_ifname.clone(),
+                        e.spec.container_id.chars().take(12).collect(),
+                        e.policy_id.to_string(),
+                        e.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                },
             );
         }
-        Err(e) => {
-            eprintln!("moatctl: {e}");
-            std::process::exit(1);
+        Command::Identity { what } => {
+            let Response::Policy { document } = call(&args, Request::Policy) else {
+                fail("unexpected answer");
+            };
+            #[derive(Serialize)]
+            struct IdentityRow {
+                identity: u32,
+                labels: serde_json::Value,
+            }
+            let mut rows: Vec<IdentityRow> = document["identities"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| IdentityRow {
+                            identity: k.parse().unwrap_or(0),
+                            labels: v.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let IdentityCmd::Get { id } = what {
+                rows.retain(|r| r.identity == *id);
+                if rows.is_empty() {
+                    fail(format!("no identity {id}; see `moatctl identity list`"));
+                }
+            }
+            print(args.output, &rows, &["IDENTITY", "LABELS"], &[], |r| {
+                let labels = r
+                    .labels
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                vec![r.identity.to_string(), labels]
+            });
         }
+        Command::Policy => match call(&args, Request::Policy) {
+            Response::Policy { document } => print_value(args.output, &document),
+            other => fail(format!("unexpected answer {other:?}")),
+        },
+        Command::Reload => match call(&args, Request::Reload) {
+            Response::Status(s) => {
+                print_value(args.output, &serde_json::to_value(&s).unwrap_or_default())
+            }
+            other => fail(format!("unexpected answer {other:?}")),
+        },
+        Command::Flows {
+            follow,
+            verdict,
+            pod,
+            since,
+            limit,
+        } => {
+            let filter = FlowFilter {
+                verdict: verdict.clone(),
+                pod: pod.clone(),
+                since_secs: since.as_deref().map(parse_since),
+                limit: *limit,
+            };
+            flows(&args, *follow, filter);
+        }
+        Command::Bpf { what } => bpf(&args, what),
     }
 }

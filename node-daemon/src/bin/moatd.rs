@@ -40,6 +40,13 @@ struct Args {
     /// How often the policy directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     poll_ms: u64,
+    /// Flow journal: bytes per file, files kept, and maximum age in seconds.
+    #[arg(long, default_value_t = 16 << 20)]
+    journal_file_bytes: u64,
+    #[arg(long, default_value_t = 4)]
+    journal_files: usize,
+    #[arg(long, default_value_t = 86_400)]
+    journal_max_age_secs: u64,
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
@@ -56,7 +63,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.policy_dir)?;
     let listener = server::bind(&args.socket)?;
+    let journal = moatd::flows::JournalConfig {
+        dir: args.state_dir.join("flows"),
+        max_file_bytes: args.journal_file_bytes,
+        max_files: args.journal_files.max(1),
+        max_age: Duration::from_secs(args.journal_max_age_secs),
+    };
     let daemon = Daemon::start(DaemonConfig {
+        journal,
         state_dir: args.state_dir,
         policy_dir: args.policy_dir,
         socket: args.socket,
@@ -71,6 +85,8 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.resync_secs),
     );
     std::thread::spawn(move || server::watch(watcher, poll, resync));
+    let events = daemon.clone();
+    std::thread::spawn(move || server::journal_events(events));
     server::serve(daemon, listener);
     Ok(())
 }

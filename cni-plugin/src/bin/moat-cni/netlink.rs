@@ -1,0 +1,417 @@
+//! Netlink work for moat-cni. Anything inside a pod's namespace runs on a dedicated std
+//! thread that `setns`es into it, with a current-thread tokio runtime and a fresh netlink
+//! socket created there (a netlink socket belongs to the namespace it was opened in).
+
+use std::{
+    fs::File,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressFlags},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteScope},
+};
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// Link-local next hops the pod routes through (answered by the host veth's MAC, installed
+/// as permanent neighbours, so nothing depends on proxy ARP or a bridge).
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<Vec<u8>>,
+    pub mtu: Option<u32>,
+    /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    pub kind_veth: bool,
+}
+
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs `f` with a netlink handle in `netns` (None: the caller's namespace, still on a fresh
+/// thread so the caller's thread never changes namespace).
+pub fn run_in<T, F, Fut>(netns: Option<&Path>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+{
+    let file = match netns {
+        Some(path) => {
+            Some(File::open(path).with_context(|| format!("opening netns {}", path.display()))?)
+        }
+        None => None,
+    };
+    std::thread::spawn(move || -> Result<T> {
+        if let Some(file) = &file {
+            setns(file, CloneFlags::CLONE_NEWNET).context("entering the pod network namespace")?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the netlink runtime")?;
+        runtime.block_on(async move {
+            let (connection, handle, _) =
+                rtnetlink::new_connection().context("opening a netlink socket")?;
+            tokio::spawn(connection);
+            f(handle).await
+        })
+    })
+    .join()
+    .map_err(|_| anyhow!("netlink thread panicked"))?
+}
+
+fn link_info(message: LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: message.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: None,
+        peer_index: None,
+        kind_veth: false,
+    };
+    for attribute in message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => info.name = name,
+            LinkAttribute::Address(mac) => info.mac = Some(mac),
+            LinkAttribute::Mtu(mtu) => info.mtu = Some(mtu),
+            LinkAttribute::Link(peer) => info.peer_index = Some(peer),
+            LinkAttribute::LinkInfo(infos) => {
+                info.kind_veth = infos.iter().any(|i| {
+                    matches!(
+                        i,
+                        netlink_packet_route::link::LinkInfo::Kind(InfoKind::Veth)
+                    )
+                })
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+fn is_not_found(error: &rtnetlink::Error) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(m)
+        if m.raw_code() == -libc_enodev() || m.raw_code() == -libc_enoent())
+}
+
+const fn libc_enodev() -> i32 {
+    19
+}
+const fn libc_enoent() -> i32 {
+    2
+}
+
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo>> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(message)) => Ok(Some(link_info(message))),
+        Ok(None) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("looking up link {name}"))),
+    }
+}
+
+pub async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkInfo>> {
+    let mut links = handle.link().get().match_index(index).execute();
+    match links.try_next().await {
+        Ok(Some(message)) => Ok(Some(link_info(message))),
+        Ok(None) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("looking up link #{index}"))),
+    }
+}
+
+/// The link `name` in `netns`, if both exist.
+pub fn container_link(netns: &Path, name: &str) -> Result<Option<LinkInfo>> {
+    let name = name.to_string();
+    run_in(Some(netns), move |h| async move {
+        link_by_name(&h, &name).await
+    })
+}
+
+/// The host side of the veth whose container end is `ifname` in `netns`: IFLA_LINK of the
+/// container end is the peer's ifindex in the host namespace.
+pub fn host_peer_of(netns: &Path, ifname: &str) -> Result<LinkInfo> {
+    let inner = container_link(netns, ifname)?
+        .ok_or_else(|| anyhow!("interface {ifname} not found in {}", netns.display()))?;
+    let peer = inner
+        .peer_index
+        .filter(|i| *i != 0 && *i != inner.index)
+        .ok_or_else(|| anyhow!("{ifname} in {} has no peer link", netns.display()))?;
+    let host = run_in(None, move |h| async move { link_by_index(&h, peer).await })?
+        .ok_or_else(|| anyhow!("peer #{peer} of {ifname} not found in the host namespace"))?;
+    Ok(host)
+}
+
+/// Deletes a host link by name; a missing link is fine.
+pub fn delete_host_link(name: &str) -> Result<()> {
+    let name = name.to_string();
+    run_in(None, move |h| async move {
+        if let Some(link) = link_by_name(&h, &name).await? {
+            match h.link().del(link.index).execute().await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(anyhow::Error::from(e).context(format!("deleting {name}"))),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What standalone ADD builds.
+#[derive(Clone, Debug)]
+pub struct VethPlan {
+    pub host_ifname: String,
+    pub container_ifname: String,
+    pub mtu: u32,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VethResult {
+    pub host: LinkInfo,
+    pub container: LinkInfo,
+}
+
+/// Creates the pair with the container end directly inside `netns`, then addresses, routes
+/// and neighbours in the pod, and /32 + /128 routes on the host.
+pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
+    let ns_file =
+        File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    let p = plan.clone();
+    let host = run_in(None, move |h| async move {
+        if link_by_name(&h, &p.host_ifname).await?.is_some() {
+            bail!("host interface {} already exists", p.host_ifname);
+        }
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(p.container_ifname.clone())
+            .mtu(p.mtu)
+            .setns_by_fd(ns_file.as_raw_fd())
+            .build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(p.host_ifname.clone())
+            .mtu(p.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        h.link()
+            .add(message)
+            .execute()
+            .await
+            .with_context(|| format!("creating veth {}", p.host_ifname))?;
+        drop(ns_file);
+        let host = link_by_name(&h, &p.host_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(host.index).up().build())
+            .execute()
+            .await
+            .context("setting the host veth up")?;
+        Ok(host)
+    })?;
+
+    let host_mac = host
+        .mac
+        .clone()
+        .ok_or_else(|| anyhow!("host veth has no MAC"))?;
+    let p = plan.clone();
+    let container = run_in(Some(netns), move |h| async move {
+        let link = link_by_name(&h, &p.container_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("{} not created in the pod", p.container_ifname))?;
+        let index = link.index;
+        for address in &p.addresses {
+            let prefix = if address.is_ipv4() { 32 } else { 128 };
+            let mut request = h.address().add(index, *address, prefix);
+            if address.is_ipv6() {
+                request
+                    .message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            request
+                .execute()
+                .await
+                .with_context(|| format!("adding {address}/{prefix}"))?;
+        }
+        h.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .context("setting the pod interface up")?;
+        if p.addresses.iter().any(IpAddr::is_ipv4) {
+            let gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(GATEWAY_V4, 32)
+                .output_interface(index)
+                .scope(RouteScope::Link)
+                .build();
+            h.route()
+                .add(gateway)
+                .execute()
+                .await
+                .context("adding the 169.254.1.1 link route")?;
+            h.neighbours()
+                .add(index, IpAddr::V4(GATEWAY_V4))
+                .link_layer_address(&host_mac)
+                .execute()
+                .await
+                .context("adding the 169.254.1.1 neighbour")?;
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(GATEWAY_V4)
+                .output_interface(index)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .context("adding the IPv4 default route")?;
+        }
+        if p.addresses.iter().any(IpAddr::is_ipv6) {
+            h.neighbours()
+                .add(index, IpAddr::V6(GATEWAY_V6))
+                .link_layer_address(&host_mac)
+                .execute()
+                .await
+                .context("adding the fe80::1 neighbour")?;
+            let default = RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(GATEWAY_V6)
+                .output_interface(index)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .context("adding the IPv6 default route")?;
+        }
+        link_by_name(&h, &p.container_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("{} vanished", p.container_ifname))
+    })?;
+
+    let p = plan.clone();
+    let host_index = host.index;
+    run_in(None, move |h| async move {
+        for address in &p.addresses {
+            let message = match address {
+                IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*v4, 32)
+                    .output_interface(host_index)
+                    .scope(RouteScope::Link)
+                    .build(),
+                IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(*v6, 128)
+                    .output_interface(host_index)
+                    .build(),
+            };
+            h.route()
+                .add(message)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding the host route to {address}"))?;
+        }
+        Ok(())
+    })?;
+    Ok(VethResult { host, container })
+}
+
+/// Addresses on `ifname` inside `netns`.
+pub fn container_addresses(netns: &Path, ifname: &str) -> Result<Option<Vec<IpNetwork>>> {
+    let ifname = ifname.to_string();
+    run_in(Some(netns), move |h| async move {
+        let Some(link) = link_by_name(&h, &ifname).await? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        let mut stream = h
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute();
+        while let Some(message) = stream.try_next().await? {
+            let prefix = message.header.prefix_len;
+            for attribute in message.attributes {
+                if let AddressAttribute::Address(ip) = attribute
+                    && let Ok(net) = IpNetwork::new(ip, prefix)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(Some(out))
+    })
+}
+
+/// (IPv4 default route present, IPv6 default route present) inside `netns`, via `ifname`.
+pub fn container_default_routes(netns: &Path, ifname: &str) -> Result<(bool, bool)> {
+    let ifname = ifname.to_string();
+    run_in(Some(netns), move |h| async move {
+        let Some(link) = link_by_name(&h, &ifname).await? else {
+            return Ok((false, false));
+        };
+        let mut found = (false, false);
+        for v6 in [false, true] {
+            let query = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().build()
+            };
+            let mut stream = h.route().get(query).execute();
+            while let Some(route) = stream.try_next().await? {
+                if route.header.destination_prefix_length != 0 {
+                    continue;
+                }
+                let via_link = route
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == link.index));
+                let has_gateway = route.attributes.iter().any(|a| {
+                    matches!(
+                        a,
+                        RouteAttribute::Gateway(RouteAddress::Inet(_))
+                            | RouteAttribute::Gateway(RouteAddress::Inet6(_))
+                    )
+                });
+                if via_link && has_gateway {
+                    if v6 {
+                        found.1 = true;
+                    } else {
+                        found.0 = true;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    })
+}
+
+/// Turns on IPv4/IPv6 forwarding when off (standalone mode routes pods through the host).
+pub fn ensure_forwarding() -> Result<()> {
+    for path in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        let current = std::fs::read_to_string(path).unwrap_or_default();
+        if current.trim() != "1" {
+            std::fs::write(path, "1").with_context(|| format!("enabling {path}"))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,631 @@
+//! The Moat plugin: chained (enforcement on an interface an earlier plugin made) and
+//! standalone (Moat builds the veth, IPAM delegated). Enforcement never fails open: ADD
+//! succeeds only once moatd has registered the endpoint and both programs are attached, and
+//! everything done before a failure is undone.
+
+use std::{net::IpAddr, path::Path};
+
+use ipnetwork::IpNetwork;
+use moat_cni::protocol::{
+    AttachmentRequest, CniError, ErrorCode, Interface, IpConfig, NetworkRequest, Plugin, Route,
+    SuccessResult, args::CniArgs,
+};
+use moat_datapath::{PinDir, attach::attached_interfaces, attach_endpoint, detach_endpoint};
+
+use crate::{
+    config::{MoatConfig, Mode},
+    delegate::Delegate,
+    moatd::{self as api, ClientError, EndpointSpec, EndpointStatus, Request, Response},
+    netlink::{self, GATEWAY_V4, GATEWAY_V6, LinkInfo, mac_string},
+};
+
+/// moatd answered but refused the request.
+pub const CODE_MOATD_REFUSED: u32 = 110;
+/// CHECK found the attachment not as ADD left it.
+pub const CODE_CHECK_FAILED: u32 = 111;
+/// Creating or inspecting interfaces failed.
+pub const CODE_NETLINK: u32 = 112;
+/// The programs could not be attached for a reason other than moatd not being ready.
+pub const CODE_ATTACH: u32 = 113;
+
+pub struct MoatPlugin;
+
+fn moatd_error(error: ClientError, code_when_down: ErrorCode) -> CniError {
+    match error {
+        ClientError::Unreachable { .. } | ClientError::Io { .. } => {
+            CniError::new(code_when_down, "moatd is not reachable").with_details(format!(
+                "{error}; enforcement cannot be guaranteed, so the pod is not started"
+            ))
+        }
+        ClientError::Protocol(_) | ClientError::Refused(_) => CniError::new(
+            ErrorCode::Plugin(CODE_MOATD_REFUSED),
+            "moatd refused the request",
+        )
+        .with_details(error.to_string()),
+    }
+}
+
+fn netlink_error(msg: &str, error: anyhow::Error) -> CniError {
+    CniError::new(ErrorCode::Plugin(CODE_NETLINK), msg).with_details(format!("{error:#}"))
+}
+
+fn check_failed(msg: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::Plugin(CODE_CHECK_FAILED), msg)
+}
+
+struct Ctx<'a> {
+    request: &'a AttachmentRequest,
+    config: MoatConfig,
+    pins: PinDir,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(request: &'a AttachmentRequest) -> Result<Ctx<'a>, CniError> {
+        let config = MoatConfig::from_network(&request.config)?;
+        let pins = PinDir::new(&config.pin_root);
+        Ok(Ctx {
+            request,
+            config,
+            pins,
+        })
+    }
+
+    fn netns(&self) -> Result<&Path, CniError> {
+        self.request.netns.as_deref().ok_or_else(|| {
+            CniError::invalid_environment("required env variables [CNI_NETNS] missing")
+        })
+    }
+
+    fn netns_string(&self) -> String {
+        self.request
+            .netns
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        api::call(&self.config.socket, request, self.config.timeout)
+    }
+
+    fn delegate(&self) -> Delegate<'_> {
+        Delegate {
+            plugin_type: self
+                .request
+                .config
+                .ipam
+                .as_ref()
+                .map(|i| i.plugin_type.as_str())
+                .unwrap_or(""),
+            cni_path: &self.request.cni_path,
+            raw_config: &self.request.raw_config,
+            version: self.request.version,
+        }
+    }
+
+    /// Fails fast, before anything is created, when moatd cannot register endpoints.
+    fn require_moatd_ready(&self) -> Result<(), CniError> {
+        match self.call(&Request::Status) {
+            Ok(Response::Status(status)) if status.ready => Ok(()),
+            Ok(Response::Status(_)) => Err(CniError::new(
+                ErrorCode::TryAgainLater,
+                "moatd is not ready to register endpoints",
+            )),
+            Ok(other) => Err(CniError::new(
+                ErrorCode::Plugin(CODE_MOATD_REFUSED),
+                "unexpected answer from moatd",
+            )
+            .with_details(format!("{other:?}"))),
+            Err(e) => Err(moatd_error(e, ErrorCode::TryAgainLater)),
+        }
+    }
+
+    fn endpoint_spec(&self, host: &LinkInfo, ips: Vec<IpAddr>) -> EndpointSpec {
+        let args: &CniArgs = &self.request.args;
+        EndpointSpec {
+            container_id: self.request.container_id.clone(),
+            ifname: self.request.ifname.clone(),
+            netns: self.netns_string(),
+            host_ifname: host.name.clone(),
+            host_ifindex: host.index,
+            ips,
+            pod_namespace: args
+                .pod_namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_string()),
+            pod_name: args
+                .pod_name
+                .clone()
+                .unwrap_or_else(|| self.request.container_id.clone()),
+            pod_uid: args.pod_uid.clone(),
+        }
+    }
+
+    fn register(&self, spec: EndpointSpec) -> Result<(), CniError> {
+        match self.call(&Request::Register { endpoint: spec }) {
+            Ok(Response::Registered {}) => Ok(()),
+            Ok(other) => Err(CniError::new(
+                ErrorCode::Plugin(CODE_MOATD_REFUSED),
+                "unexpected answer from moatd to register",
+            )
+            .with_details(format!("{other:?}"))),
+            Err(e) => Err(moatd_error(e, ErrorCode::TryAgainLater)),
+        }
+    }
+
+    fn unregister_best_effort(&self) {
+        let _ = self.call(&Request::Unregister {
+            container_id: self.request.container_id.clone(),
+            ifname: self.request.ifname.clone(),
+        });
+    }
+
+    fn attach(&self, host_ifname: &str) -> Result<(), CniError> {
+        attach_endpoint(&self.pins, host_ifname).map_err(|e| {
+            let text = format!("{e:#}");
+            let code = if text.contains("is moatd running") {
+                ErrorCode::TryAgainLater
+            } else {
+                ErrorCode::Plugin(CODE_ATTACH)
+            };
+            CniError::new(
+                code,
+                format!("attaching Moat programs to {host_ifname} failed"),
+            )
+            .with_details(text)
+        })
+    }
+
+    /// Register, then attach; on failure undo both. Returns only when enforcement is live.
+    fn enforce(&self, host: &LinkInfo, ips: Vec<IpAddr>) -> Result<(), CniError> {
+        self.register(self.endpoint_spec(host, ips))?;
+        if let Err(e) = self.attach(&host.name) {
+            self.unregister_best_effort();
+            let _ = detach_endpoint(&self.pins, &host.name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
+        match self.call(&Request::ListEndpoints)? {
+            Response::Endpoints { endpoints } => Ok(endpoints),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    fn own_endpoint(endpoints: &[EndpointStatus], cid: &str, ifname: &str) -> Option<EndpointSpec> {
+        endpoints
+            .iter()
+            .find(|e| e.spec.container_id == cid && e.spec.ifname == ifname)
+            .map(|e| e.spec.clone())
+    }
+
+    // ---- ADD ----
+
+    fn add_chained(&self) -> Result<SuccessResult, CniError> {
+        let prev = self.request.config.prev_result()?.ok_or_else(|| {
+            CniError::invalid_network_config("moat-cni in chained mode requires a prevResult")
+                .with_details("put moat-cni after an interface plugin (bridge, ptp, ...) in the conflist, or set \"mode\": \"standalone\"")
+        })?;
+        let netns = self.netns()?;
+        let ips = container_ips(&prev, &self.request.ifname, &self.netns_string());
+        if ips.is_empty() {
+            return Err(CniError::invalid_network_config(
+                "prevResult has no address for the container interface",
+            )
+            .with_details(format!(
+                "no ips for {} in {}",
+                self.request.ifname,
+                netns.display()
+            )));
+        }
+        self.require_moatd_ready()?;
+        let host = netlink::host_peer_of(netns, &self.request.ifname).map_err(|e| {
+            netlink_error("cannot find the host side of the container interface", e)
+        })?;
+        self.enforce(&host, ips)?;
+        Ok(prev)
+    }
+
+    fn add_standalone(&self) -> Result<SuccessResult, CniError> {
+        let netns = self.netns()?;
+        let ifname = self.request.ifname.clone();
+        match netlink::container_link(netns, &ifname) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                return Err(CniError::new(
+                    ErrorCode::Plugin(CODE_NETLINK),
+                    format!("interface {ifname} already exists in the container"),
+                )
+                .with_details(netns.display().to_string()));
+            }
+            Err(e) => return Err(netlink_error("cannot inspect the container namespace", e)),
+        }
+        self.require_moatd_ready()?;
+
+        let delegate = self.delegate();
+        let ipam = match delegate.add() {
+            Ok(result) => result,
+            Err(e) => {
+                let _ = delegate.run("DEL");
+                return Err(e);
+            }
+        };
+        let host_ifname = self
+            .config
+            .host_veth_name(&self.request.container_id, &ifname);
+        let rollback = |error: CniError| -> CniError {
+            self.unregister_best_effort();
+            let _ = detach_endpoint(&self.pins, &host_ifname);
+            let _ = netlink::delete_host_link(&host_ifname);
+            let _ = delegate.run("DEL");
+            error
+        };
+        let addresses: Vec<IpAddr> = ipam.ips.iter().map(|ip| ip.address.ip()).collect();
+        if addresses.is_empty() {
+            return Err(rollback(CniError::new(
+                ErrorCode::Plugin(CODE_NETLINK),
+                "the IPAM plugin returned no address",
+            )));
+        }
+        netlink::ensure_forwarding()
+            .map_err(|e| rollback(netlink_error("cannot enable forwarding", e)))?;
+        let plan = netlink::VethPlan {
+            host_ifname: host_ifname.clone(),
+            container_ifname: ifname.clone(),
+            mtu: self.config.mtu,
+            addresses: addresses.clone(),
+        };
+        let veth = netlink::create_veth(netns, &plan)
+            .map_err(|e| rollback(netlink_error("cannot create the pod veth", e)))?;
+        self.enforce(&veth.host, addresses.clone())
+            .map_err(rollback)?;
+
+        let mut result = SuccessResult::new(self.request.version);
+        result.interfaces.push(Interface {
+            name: veth.host.name.clone(),
+            mac: veth.host.mac.as_deref().map(mac_string),
+            mtu: veth.host.mtu,
+            ..Interface::default()
+        });
+        result.interfaces.push(Interface {
+            name: ifname,
+            mac: veth.container.mac.as_deref().map(mac_string),
+            mtu: veth.container.mtu,
+            sandbox: Some(self.netns_string()),
+            ..Interface::default()
+        });
+        for address in &addresses {
+            let (net, gateway) = match address {
+                IpAddr::V4(_) => (IpNetwork::new(*address, 32), IpAddr::V4(GATEWAY_V4)),
+                IpAddr::V6(_) => (IpNetwork::new(*address, 128), IpAddr::V6(GATEWAY_V6)),
+            };
+            result.ips.push(IpConfig {
+                address: net.expect("host prefix is valid"),
+                gateway: Some(gateway),
+                interface: Some(1),
+            });
+        }
+        if addresses.iter().any(IpAddr::is_ipv4) {
+            result.routes.push(Route::new(
+                "0.0.0.0/0".parse().expect("valid"),
+                Some(IpAddr::V4(GATEWAY_V4)),
+            ));
+        }
+        if addresses.iter().any(IpAddr::is_ipv6) {
+            result.routes.push(Route::new(
+                "::/0".parse().expect("valid"),
+                Some(IpAddr::V6(GATEWAY_V6)),
+            ));
+        }
+        result.dns = ipam.dns;
+        Ok(result)
+    }
+
+    // ---- DEL ----
+
+    fn del(&self) -> Result<(), CniError> {
+        let cid = self.request.container_id.clone();
+        let ifname = self.request.ifname.clone();
+        let endpoints = self.endpoints();
+        let moatd_up = endpoints.is_ok();
+        // Which host veth carries this attachment's programs.
+        let host_ifname = match self.config.mode {
+            Mode::Standalone => Some(self.config.host_veth_name(&cid, &ifname)),
+            Mode::Chained => endpoints
+                .as_ref()
+                .ok()
+                .and_then(|list| Self::own_endpoint(list, &cid, &ifname))
+                .map(|spec| spec.host_ifname)
+                .or_else(|| {
+                    let netns = self.request.netns.as_deref()?;
+                    netlink::host_peer_of(netns, &ifname).ok().map(|l| l.name)
+                }),
+        };
+        let mut errors: Vec<CniError> = Vec::new();
+        if moatd_up {
+            match self.call(&Request::Unregister {
+                container_id: cid.clone(),
+                ifname: ifname.clone(),
+            }) {
+                Ok(_) => {}
+                Err(ClientError::Unreachable { .. } | ClientError::Io { .. }) => {
+                    if let Err(e) = self.queue(&cid, &ifname) {
+                        errors.push(e);
+                    }
+                }
+                Err(e) => errors.push(moatd_error(e, ErrorCode::TryAgainLater)),
+            }
+        } else if let Err(e) = self.queue(&cid, &ifname) {
+            errors.push(e);
+        }
+        if let Some(host) = &host_ifname {
+            if let Err(e) = detach_endpoint(&self.pins, host) {
+                errors.push(
+                    CniError::new(
+                        ErrorCode::Plugin(CODE_ATTACH),
+                        format!("detaching Moat programs from {host} failed"),
+                    )
+                    .with_details(format!("{e:#}")),
+                );
+            }
+            if self.config.mode == Mode::Standalone
+                && let Err(e) = netlink::delete_host_link(host)
+            {
+                errors.push(netlink_error("deleting the host veth failed", e));
+            }
+        }
+        if self.config.mode == Mode::Standalone
+            && let Err(e) = self.delegate().run("DEL")
+        {
+            errors.push(e);
+        }
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn queue(&self, cid: &str, ifname: &str) -> Result<(), CniError> {
+        api::queue_pending_unregister(&self.config.pending_dir, cid, ifname).map_err(|e| {
+            CniError::new(
+                ErrorCode::IoFailure,
+                "moatd is down and the DEL could not be queued",
+            )
+            .with_details(format!("{}: {e}", self.config.pending_dir.display()))
+        })
+    }
+
+    // ---- CHECK ----
+
+    fn check(&self) -> Result<(), CniError> {
+        let prev = self
+            .request
+            .config
+            .prev_result()?
+            .ok_or_else(|| CniError::invalid_network_config("CHECK requires a prevResult"))?;
+        let netns = self.netns()?;
+        let ifname = &self.request.ifname;
+        let present = netlink::container_addresses(netns, ifname)
+            .map_err(|e| netlink_error("cannot inspect the container interface", e))?
+            .ok_or_else(|| {
+                check_failed(format!(
+                    "interface {ifname} not found in {}",
+                    netns.display()
+                ))
+            })?;
+        let expected = container_ips(&prev, ifname, &self.netns_string());
+        for ip in &expected {
+            if !present.iter().any(|net| net.ip() == *ip) {
+                return Err(check_failed(format!("address {ip} missing on {ifname}"))
+                    .with_details(format!("present: {present:?}")));
+            }
+        }
+        let host = netlink::host_peer_of(netns, ifname).map_err(|e| {
+            check_failed("host side of the container interface not found")
+                .with_details(format!("{e:#}"))
+        })?;
+        if self.config.mode == Mode::Standalone {
+            let wanted = self
+                .config
+                .host_veth_name(&self.request.container_id, ifname);
+            if host.name != wanted {
+                return Err(check_failed("host veth is not the one Moat created")
+                    .with_details(format!("found {}, expected {wanted}", host.name)));
+            }
+            let (v4, v6) = netlink::container_default_routes(netns, ifname)
+                .map_err(|e| netlink_error("cannot read container routes", e))?;
+            if expected.iter().any(IpAddr::is_ipv4) && !v4 {
+                return Err(check_failed("IPv4 default route missing in the container"));
+            }
+            if expected.iter().any(IpAddr::is_ipv6) && !v6 {
+                return Err(check_failed("IPv6 default route missing in the container"));
+            }
+        }
+        if !moat_datapath::is_attached(&self.pins, &host.name) {
+            return Err(check_failed(format!(
+                "Moat programs are not attached to {}",
+                host.name
+            )));
+        }
+        let endpoints = self
+            .endpoints()
+            .map_err(|e| moatd_error(e, ErrorCode::TryAgainLater))?;
+        match Self::own_endpoint(&endpoints, &self.request.container_id, ifname) {
+            Some(spec) if spec.host_ifname == host.name => {}
+            Some(spec) => {
+                return Err(
+                    check_failed("moatd knows the endpoint on another interface")
+                        .with_details(format!("{} vs {}", spec.host_ifname, host.name)),
+                );
+            }
+            None => return Err(check_failed("moatd does not know this endpoint")),
+        }
+        if self.config.mode == Mode::Standalone {
+            self.delegate().run("CHECK")?;
+        }
+        Ok(())
+    }
+}
+
+/// Addresses of the container interface in a result: those whose `interface` points at the
+/// entry for (`ifname`, `netns`); when no interface matches, every address.
+fn container_ips(result: &SuccessResult, ifname: &str, netns: &str) -> Vec<IpAddr> {
+    let index = result
+        .interfaces
+        .iter()
+        .position(|i| i.name == ifname && i.sandbox.as_deref() == Some(netns))
+        .or_else(|| {
+            result.interfaces.iter().position(|i| {
+                i.name == ifname && i.sandbox.as_deref().is_some_and(|s| !s.is_empty())
+            })
+        });
+    let matched: Vec<IpAddr> = result
+        .ips
+        .iter()
+        .filter(|ip| index.is_some() && ip.interface == index)
+        .map(|ip| ip.address.ip())
+        .collect();
+    if !matched.is_empty() {
+        return matched;
+    }
+    result
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || index.is_none())
+        .map(|ip| ip.address.ip())
+        .collect()
+}
+
+impl Plugin for MoatPlugin {
+    fn add(&self, request: &AttachmentRequest) -> Result<SuccessResult, CniError> {
+        let ctx = Ctx::new(request)?;
+        match ctx.config.mode {
+            Mode::Chained => ctx.add_chained(),
+            Mode::Standalone => ctx.add_standalone(),
+        }
+    }
+
+    fn del(&self, request: &AttachmentRequest) -> Result<(), CniError> {
+        Ctx::new(request)?.del()
+    }
+
+    fn check(&self, request: &AttachmentRequest) -> Result<(), CniError> {
+        Ctx::new(request)?.check()
+    }
+
+    fn status(&self, request: &NetworkRequest) -> Result<(), CniError> {
+        let config = MoatConfig::from_network(&request.config)?;
+        match api::call(&config.socket, &Request::Status, config.timeout) {
+            Ok(Response::Status(status)) if status.ready => {}
+            Ok(Response::Status(_)) => {
+                return Err(CniError::new(
+                    ErrorCode::PluginNotAvailable,
+                    "moatd is not ready",
+                ));
+            }
+            Ok(other) => {
+                return Err(CniError::new(
+                    ErrorCode::PluginNotAvailable,
+                    "unexpected answer from moatd",
+                )
+                .with_details(format!("{other:?}")));
+            }
+            Err(e) => {
+                return Err(
+                    CniError::new(ErrorCode::PluginNotAvailable, "moatd is not reachable")
+                        .with_details(e.to_string()),
+                );
+            }
+        }
+        if config.mode == Mode::Standalone {
+            network_delegate(request).run("STATUS")?;
+        }
+        Ok(())
+    }
+
+    fn gc(&self, request: &NetworkRequest) -> Result<(), CniError> {
+        let config = MoatConfig::from_network(&request.config)?;
+        let pins = PinDir::new(&config.pin_root);
+        let mut errors: Vec<CniError> = Vec::new();
+        // Without any attachment list the runtime did not say what is live: remove nothing.
+        if let Some(valid) = request.config.valid_attachments() {
+            match api::call(&config.socket, &Request::ListEndpoints, config.timeout) {
+                Ok(Response::Endpoints { endpoints }) => {
+                    for endpoint in &endpoints {
+                        let spec = &endpoint.spec;
+                        let live = valid.iter().any(|a| {
+                            a.container_id == spec.container_id && a.ifname == spec.ifname
+                        });
+                        if live {
+                            continue;
+                        }
+                        if let Err(e) = api::call(
+                            &config.socket,
+                            &Request::Unregister {
+                                container_id: spec.container_id.clone(),
+                                ifname: spec.ifname.clone(),
+                            },
+                            config.timeout,
+                        ) {
+                            errors.push(moatd_error(e, ErrorCode::TryAgainLater));
+                        }
+                        let _ = detach_endpoint(&pins, &spec.host_ifname);
+                        if config.mode == Mode::Standalone
+                            && spec.host_ifname
+                                == config.host_veth_name(&spec.container_id, &spec.ifname)
+                            && let Err(e) = netlink::delete_host_link(&spec.host_ifname)
+                        {
+                            errors.push(netlink_error("deleting a stale host veth failed", e));
+                        }
+                    }
+                    // Pins for interfaces that are gone and that no endpoint owns.
+                    let owned: Vec<&str> = endpoints
+                        .iter()
+                        .map(|e| e.spec.host_ifname.as_str())
+                        .collect();
+                    if let Ok(names) = attached_interfaces(&pins) {
+                        for name in names {
+                            let exists = Path::new("/sys/class/net").join(&name).exists();
+                            if !owned.contains(&name.as_str()) && !exists {
+                                let _ = detach_endpoint(&pins, &name);
+                            }
+                        }
+                    }
+                }
+                Ok(other) => errors.push(
+                    CniError::new(
+                        ErrorCode::Plugin(CODE_MOATD_REFUSED),
+                        "unexpected answer from moatd",
+                    )
+                    .with_details(format!("{other:?}")),
+                ),
+                Err(e) => errors.push(moatd_error(e, ErrorCode::TryAgainLater)),
+            }
+        }
+        if config.mode == Mode::Standalone
+            && let Err(e) = network_delegate(request).run("GC")
+        {
+            errors.push(e);
+        }
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn network_delegate(request: &NetworkRequest) -> Delegate<'_> {
+    Delegate {
+        plugin_type: request
+            .config
+            .ipam
+            .as_ref()
+            .map(|i| i.plugin_type.as_str())
+            .unwrap_or(""),
+        cni_path: &request.cni_path,
+        raw_config: &request.raw_config,
+        version: request.version,
+    }
+}

@@ -1,0 +1,528 @@
+//! A small libcni-like runtime for the real-plugin tests: runs a conflist's plugins in order
+//! with prevResult (DEL in reverse with the cached result), against the real binaries, a
+//! private moatd and private network namespaces. Everything is removed on drop.
+
+#![allow(dead_code)]
+
+use std::{
+    io::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use moat_datapath::{PinDir, lab::LabPod};
+use serde_json::{Value, json};
+
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// target/debug/, where cargo puts the workspace binaries (`make test` builds them first).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "run as root (make test does)"
+    );
+    assert!(
+        Path::new(REFERENCE_PLUGINS).join("bridge").exists(),
+        "install containernetworking-plugins (scripts/bootstrap.sh does)"
+    );
+}
+
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The private world of one test: a CNI_PATH dir, moatd dirs, a pin root.
+pub struct World {
+    pub tag: String,
+    pub dir: tempfile::TempDir,
+    pub pin_root: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl World {
+    pub fn new(tag: &str) -> World {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_moat-cni"), bin.join("moat-cni")).unwrap();
+        std::os::unix::fs::symlink(workspace_bin("moat-ipam"), bin.join("moat-ipam")).unwrap();
+        for plugin in ["bridge", "ptp", "host-local", "portmap", "loopback"] {
+            std::os::unix::fs::symlink(Path::new(REFERENCE_PLUGINS).join(plugin), bin.join(plugin))
+                .unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        let pin_root = PathBuf::from(format!(
+            "/sys/fs/bpf/moat-test/cni-{tag}{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&pin_root);
+        World {
+            tag: tag.to_string(),
+            dir,
+            pin_root,
+            daemon: None,
+        }
+    }
+
+    pub fn cni_path(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("moatd.sock")
+    }
+    pub fn pending(&self) -> PathBuf {
+        self.dir.path().join("pending")
+    }
+    pub fn policies(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+    pub fn pins(&self) -> PinDir {
+        PinDir::new(&self.pin_root)
+    }
+
+    /// Moat's plugin keys pointing at this world's moatd.
+    pub fn moat_keys(&self) -> Value {
+        json!({
+            "socket": self.socket(),
+            "pinRoot": self.pin_root,
+            "pendingDir": self.pending(),
+            "registrationTimeoutMs": 5000,
+        })
+    }
+
+    pub fn start_moatd(&mut self) {
+        let child = Command::new(workspace_bin("moatd"))
+            .arg("--policy-dir")
+            .arg(self.policies())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pending-dir")
+            .arg(self.pending())
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .arg("--poll-ms")
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.moatd(json!({"op": "status"})).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("moatd did not become ready");
+    }
+
+    pub fn stop_moatd(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// One raw request to moatd; None when it is not reachable.
+    pub fn moatd(&self, request: Value) -> Option<Value> {
+        use std::io::{BufRead, BufReader};
+        let mut stream = std::os::unix::net::UnixStream::connect(self.socket()).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        let mut line = serde_json::to_vec(&request).unwrap();
+        line.push(b'\n');
+        stream.write_all(&line).ok()?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).ok()?;
+        serde_json::from_str(&answer).ok()
+    }
+
+    /// (container_id, ifname, host_ifname) of every endpoint moatd knows.
+    pub fn endpoints(&self) -> Vec<(String, String, String)> {
+        let answer = self
+            .moatd(json!({"op": "list_endpoints"}))
+            .expect("moatd reachable");
+        answer["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = &e["spec"];
+                (
+                    s["container_id"].as_str().unwrap().to_string(),
+                    s["ifname"].as_str().unwrap().to_string(),
+                    s["host_ifname"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn write_policy(&self, file: &str, yaml: &str) {
+        let tmp = self.policies().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, self.policies().join(file)).unwrap();
+    }
+
+    pub fn attached(&self) -> Vec<String> {
+        moat_datapath::attach::attached_interfaces(&self.pins()).unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_moatd();
+        for name in self.attached() {
+            let _ = moat_datapath::detach_endpoint(&self.pins(), &name);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        sh(&format!("ip -n {name} link set lo up"));
+        Netns {
+            name: name.to_string(),
+        }
+    }
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} {cmd}", self.name))
+    }
+    pub fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+/// What a plugin printed: Ok(result or Null) on exit 0, Err(error document) otherwise.
+pub type Outcome = Result<Value, Value>;
+
+pub fn code(outcome: &Outcome) -> u64 {
+    match outcome {
+        Ok(v) => panic!("expected an error, got success {v}"),
+        Err(e) => e["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no code in {e}")),
+    }
+}
+
+/// One attachment's invocation context.
+#[derive(Clone)]
+pub struct Invocation {
+    pub container_id: String,
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: String,
+}
+
+impl Invocation {
+    pub fn new(container_id: &str, netns: &Netns, pod_namespace: &str, pod_name: &str) -> Self {
+        Invocation {
+            container_id: container_id.to_string(),
+            netns: Some(netns.path()),
+            ifname: "eth0".into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_UID=uid-{pod_name}"
+            ),
+        }
+    }
+}
+
+pub fn exec_plugin(
+    cni_path: &Path,
+    plugin_type: &str,
+    command: &str,
+    inv: Option<&Invocation>,
+    config: &Value,
+) -> Outcome {
+    let mut cmd = Command::new(cni_path.join(plugin_type));
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", cni_path);
+    if let Some(inv) = inv {
+        cmd.env("CNI_CONTAINERID", &inv.container_id)
+            .env("CNI_IFNAME", &inv.ifname)
+            .env("CNI_ARGS", &inv.args);
+        if let Some(netns) = &inv.netns {
+            cmd.env("CNI_NETNS", netns);
+        }
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {plugin_type}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(config).unwrap())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let parsed = if output.stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{plugin_type} {command}: stdout not JSON ({e}): {:?} stderr {:?}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    };
+    if output.status.success() {
+        Ok(parsed)
+    } else {
+        Err(parsed)
+    }
+}
+
+/// A network configuration list, run the way libcni runs one.
+pub struct Conflist {
+    pub name: String,
+    pub version: String,
+    pub plugins: Vec<Value>,
+}
+
+impl Conflist {
+    pub fn new(name: &str, plugins: Vec<Value>) -> Conflist {
+        Conflist {
+            name: name.into(),
+            version: "1.1.0".into(),
+            plugins,
+        }
+    }
+
+    fn plugin_config(&self, plugin: &Value, prev: Option<&Value>, extra: &Value) -> Value {
+        let mut config = plugin.clone();
+        config["name"] = json!(self.name);
+        config["cniVersion"] = json!(self.version);
+        if let Some(prev) = prev {
+            config["prevResult"] = prev.clone();
+        }
+        // runtimeConfig only for declared capabilities, as libcni does.
+        if let Some(caps) = plugin["capabilities"].as_object() {
+            let mut runtime = serde_json::Map::new();
+            for (cap, on) in caps {
+                if on.as_bool() == Some(true)
+                    && let Some(v) = extra.get(cap)
+                {
+                    runtime.insert(cap.clone(), v.clone());
+                }
+            }
+            if !runtime.is_empty() {
+                config["runtimeConfig"] = Value::Object(runtime);
+            }
+        }
+        config
+    }
+
+    fn plugin_type(plugin: &Value) -> String {
+        plugin["type"].as_str().unwrap().to_string()
+    }
+
+    /// ADD through the list; the last result is the list's result. `runtime` carries
+    /// capability arguments (e.g. portMappings).
+    pub fn add(&self, world: &World, inv: &Invocation, runtime: &Value) -> Outcome {
+        let mut prev: Option<Value> = None;
+        for plugin in &self.plugins {
+            let config = self.plugin_config(plugin, prev.as_ref(), runtime);
+            let result = exec_plugin(
+                &world.cni_path(),
+                &Self::plugin_type(plugin),
+                "ADD",
+                Some(inv),
+                &config,
+            )?;
+            prev = Some(result);
+        }
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    /// DEL in reverse order, each plugin getting the cached list result (libcni).
+    pub fn del(
+        &self,
+        world: &World,
+        inv: &Invocation,
+        cached: Option<&Value>,
+        runtime: &Value,
+    ) -> Outcome {
+        for plugin in self.plugins.iter().rev() {
+            let config = self.plugin_config(plugin, cached, runtime);
+            exec_plugin(
+                &world.cni_path(),
+                &Self::plugin_type(plugin),
+                "DEL",
+                Some(inv),
+                &config,
+            )?;
+        }
+        Ok(Value::Null)
+    }
+
+    pub fn check(
+        &self,
+        world: &World,
+        inv: &Invocation,
+        cached: &Value,
+        runtime: &Value,
+    ) -> Outcome {
+        for plugin in &self.plugins {
+            let config = self.plugin_config(plugin, Some(cached), runtime);
+            exec_plugin(
+                &world.cni_path(),
+                &Self::plugin_type(plugin),
+                "CHECK",
+                Some(inv),
+                &config,
+            )?;
+        }
+        Ok(Value::Null)
+    }
+
+    /// STATUS/GC on one plugin of the list (index), network-wide.
+    pub fn network_command(
+        &self,
+        world: &World,
+        index: usize,
+        command: &str,
+        extra: &Value,
+    ) -> Outcome {
+        let mut config = self.plugin_config(&self.plugins[index], None, &json!({}));
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        exec_plugin(
+            &world.cni_path(),
+            &Self::plugin_type(&self.plugins[index]),
+            command,
+            None,
+            &config,
+        )
+    }
+}
+
+/// Merges `extra`'s keys into `base`.
+pub fn merged(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// A pod of a test as the datapath lab's probes see it.
+pub fn lab_pod(
+    netns: &Netns,
+    name: &str,
+    host_if: &str,
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+) -> LabPod {
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(0);
+    LabPod {
+        name: name.into(),
+        netns: netns.name.clone(),
+        host_if: host_if.into(),
+        ifindex,
+        v4,
+        v6: v6.unwrap_or(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// The container-side address of `family` in a result.
+pub fn result_ip(result: &Value, v6: bool) -> Option<IpAddr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let address: IpAddr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
+        (address.is_ipv6() == v6).then_some(address)
+    })
+}
+
+/// The host-side interface (no sandbox, not the bridge) of a result.
+pub fn result_host_if(result: &Value, skip: &[&str]) -> String {
+    result["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i.get("sandbox").is_none() && !skip.contains(&i["name"].as_str().unwrap()))
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .expect("host interface in result")
+}
+
+pub fn pod_yaml(namespace: &str, name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {app}\nspec:\n  containers:\n  - name: main\n    ports:\n    - name: http\n      containerPort: 8080\n---\n"
+    )
+}
+
+pub fn web_policy(namespace: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web\n  namespace: {namespace}\nspec:\n  podSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: client\n    ports:\n    - port: 8080\n"
+    )
+}
+
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}

@@ -20,6 +20,7 @@ lint: bootstrap
 test: bootstrap lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	BIN=target/debug bash scripts/demo.sh --check
 
 demo: build
 	bash scripts/demo.sh

@@ -52,6 +52,14 @@ pub enum Request {
     ListEndpoints,
     /// Policy state: identities, rules, rejected objects.
     Policy,
+    /// Would a new flow be allowed, and why: computed by the pure engine and cross-checked
+    /// against the maps. `from`/`to` are `namespace/pod` or an address.
+    Trace {
+        from: String,
+        to: String,
+        port: u16,
+        protocol: String,
+    },
     /// Flow history from the journal.
     Flows { filter: crate::flows::FlowFilter },
     /// Re-read the datastore now and answer once the result is in the maps (the watcher
@@ -105,6 +113,9 @@ pub enum Response {
     },
     Flows {
         flows: Vec<crate::flows::FlowRecord>,
+    },
+    Trace {
+        trace: serde_json::Value,
     },
     Error {
         message: String,

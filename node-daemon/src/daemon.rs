@@ -32,6 +32,22 @@ pub struct DaemonConfig {
     pub pin_root: PathBuf,
     pub service_cidrs: Vec<IpNetwork>,
     pub journal: JournalConfig,
+    pub datastore: DatastoreConfig,
+}
+
+/// Where namespaces, pods and policies come from.
+#[derive(Clone, Debug)]
+pub enum DatastoreConfig {
+    /// YAML objects in `policy_dir`.
+    Local,
+    /// The cluster's API server.
+    Kubernetes(crate::kube::KubeConfig),
+}
+
+/// The running datastore.
+pub enum Source {
+    Local,
+    Kubernetes(crate::kube::KubeDatastore),
 }
 
 pub struct Daemon {
@@ -48,6 +64,9 @@ pub struct Daemon {
     rejected: Vec<String>,
     pub fingerprint: Vec<(PathBuf, Vec<u8>)>,
     generation: u64,
+    source: Source,
+    /// Kubernetes generation last applied.
+    pub applied_source_generation: u64,
 }
 
 /// Every address of this node except loopback: traffic from them is the node itself.
@@ -87,6 +106,18 @@ impl Daemon {
         let node = NodeConfig {
             service_cidrs: cfg.service_cidrs.clone(),
         };
+        let source = match &cfg.datastore {
+            DatastoreConfig::Local => Source::Local,
+            DatastoreConfig::Kubernetes(kube_cfg) => {
+                let ds = crate::kube::KubeDatastore::start(kube_cfg.clone())?;
+                // Registrations wait for the first full sync; enforcement from the pinned
+                // state continues meanwhile.
+                if !ds.wait_ready(std::time::Duration::from_secs(30)) {
+                    warn!("API server not synced after 30s; continuing, registrations wait");
+                }
+                Source::Kubernetes(ds)
+            }
+        };
         let mut daemon = Self {
             pins,
             _datapath: datapath,
@@ -100,6 +131,8 @@ impl Daemon {
             rejected: Vec::new(),
             fingerprint: Vec::new(),
             generation: 0,
+            source,
+            applied_source_generation: 0,
             cfg,
         };
         daemon.drop_vanished_endpoints();
@@ -124,6 +157,30 @@ impl Daemon {
 
     pub fn policy_dir(&self) -> &Path {
         &self.cfg.policy_dir
+    }
+
+    /// The datastore's change counter, when it has one (Kubernetes).
+    pub fn source_generation(&self) -> Option<u64> {
+        match &self.source {
+            Source::Local => None,
+            Source::Kubernetes(ds) => Some(ds.generation()),
+        }
+    }
+
+    /// Ready to register endpoints: the datastore has synced at least once.
+    pub fn ready(&self) -> bool {
+        match &self.source {
+            Source::Local => true,
+            Source::Kubernetes(ds) => ds.ready(),
+        }
+    }
+
+    /// The node's pod CIDRs (Kubernetes datastore only).
+    pub fn node_pod_cidrs(&self) -> Vec<IpNetwork> {
+        match &self.source {
+            Source::Local => Vec::new(),
+            Source::Kubernetes(ds) => ds.node_pod_cidrs(),
+        }
     }
 
     pub fn pins(&self) -> &PinDir {
@@ -159,6 +216,117 @@ impl Daemon {
             })
             .map(|np| np.object())
             .collect()
+    }
+
+    fn flow_end(&self, text: &str) -> anyhow::Result<moat_policy::FlowEnd> {
+        if let Ok(net) = text.parse::<IpNetwork>() {
+            return Ok(moat_policy::FlowEnd::Address(net.network()));
+        }
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            return Ok(moat_policy::FlowEnd::Address(addr));
+        }
+        let (ns, name) = text
+            .split_once('/')
+            .with_context(|| format!("{text:?}: expected namespace/pod or an address"))?;
+        let pod = PodRef::new(ns, name);
+        anyhow::ensure!(
+            self.engine.inputs().pods.contains_key(&pod),
+            "unknown pod {pod}; see `moatctl endpoint list`"
+        );
+        Ok(moat_policy::FlowEnd::Pod(pod))
+    }
+
+    fn explain_direction(
+        &self,
+        v: &moat_policy::DirectionVerdict,
+        pod: Option<&PodRef>,
+        ingress: bool,
+    ) -> String {
+        if let Some(r) = self.engine.state().rules.get(&v.rule_id) {
+            return format!("{} by {r}", if v.allowed { "allowed" } else { "denied" });
+        }
+        match v.rule_id {
+            moat_common::rule::NOT_ISOLATED => "allowed: no policy selects the endpoint".into(),
+            moat_common::rule::HOST => "allowed: traffic from the node itself".into(),
+            _ => {
+                let selected = pod
+                    .map(|p| self.selecting_policies(p, ingress))
+                    .unwrap_or_default();
+                format!(
+                    "default deny: selected by {}; no rule allows",
+                    selected.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The pure engine's verdict, cross-checked against the same lookups on the kernel maps.
+    pub fn trace(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let proto = match protocol.to_ascii_uppercase().as_str() {
+            "TCP" => moat_common::PROTO_TCP,
+            "UDP" => moat_common::PROTO_UDP,
+            "SCTP" => moat_common::PROTO_SCTP,
+            other => anyhow::bail!("protocol {other:?}: expected TCP, UDP or SCTP"),
+        };
+        let (from_end, to_end) = (self.flow_end(from)?, self.flow_end(to)?);
+        let state = self.engine.state();
+        let engine = moat_policy::evaluate(state, &from_end, &to_end, port, proto)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The same evaluation over what the kernel maps hold right now.
+        let actual = desired::read_actual(&self.maps);
+        let mut in_maps = state.clone();
+        in_maps.policy = actual.policy;
+        in_maps.port_ranges = actual.port_ranges;
+        in_maps.cidr_v4 = actual.cidr_v4;
+        in_maps.cidr_v6 = actual.cidr_v6;
+        in_maps.ipcache = actual
+            .ipcache
+            .iter()
+            .filter(|(_, v)| v.flags & moat_common::IPCACHE_FLAG_SERVICE == 0)
+            .map(|(k, v)| (*k, moat_policy::Identity(v.identity)))
+            .collect();
+        let kernel = moat_policy::evaluate(&in_maps, &from_end, &to_end, port, proto)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            kernel.allowed == engine.allowed && kernel.rule_id == engine.rule_id,
+            "the maps disagree with the engine (engine: allowed={} rule {}, maps: allowed={} rule {}); \
+             run `moatctl reload` and report this",
+            engine.allowed,
+            engine.rule_id,
+            kernel.allowed,
+            kernel.rule_id
+        );
+        let pod_of = |end: &moat_policy::FlowEnd| match end {
+            moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
+            _ => None,
+        };
+        let (src_pod, dst_pod) = (pod_of(&from_end), pod_of(&to_end));
+        let egress = engine
+            .egress
+            .as_ref()
+            .map(|v| self.explain_direction(v, src_pod.as_ref(), false));
+        let ingress = engine
+            .ingress
+            .as_ref()
+            .map(|v| self.explain_direction(v, dst_pod.as_ref(), true));
+        Ok(serde_json::json!({
+            "from": from,
+            "to": to,
+            "port": port,
+            "protocol": protocol.to_ascii_uppercase(),
+            "verdict": if engine.allowed { "allowed" } else { "denied" },
+            "egress": egress,
+            "ingress": ingress,
+            "rule_id": engine.rule_id,
+            "rule": engine.rule.as_ref().map(|r| r.to_string()),
+            "maps_agree": true,
+        }))
     }
 
     /// Explains a datapath event: which pods, which rule, or why no rule.
@@ -323,8 +491,17 @@ impl Daemon {
     /// Re-reads the local datastore directory and applies what changed. Objects that fail
     /// are reported and skipped; the engine keeps the last good version of a policy.
     pub fn reload_objects(&mut self) {
-        self.fingerprint = local::fingerprint(&self.cfg.policy_dir);
-        let objects = local::load(&self.cfg.policy_dir);
+        let objects = match &self.source {
+            Source::Local => {
+                self.fingerprint = local::fingerprint(&self.cfg.policy_dir);
+                local::load(&self.cfg.policy_dir)
+            }
+            Source::Kubernetes(ds) => {
+                let (generation, objects) = ds.snapshot();
+                self.applied_source_generation = generation;
+                objects
+            }
+        };
         let mut rejected = objects.rejected.clone();
 
         for (name, labels) in &objects.namespaces {
@@ -559,8 +736,11 @@ impl Daemon {
 
     pub fn status(&self) -> DaemonStatus {
         DaemonStatus {
-            ready: true,
-            datastore: "local".into(),
+            ready: self.ready(),
+            datastore: match self.source {
+                Source::Local => "local".into(),
+                Source::Kubernetes(_) => "kubernetes".into(),
+            },
             endpoints: self.endpoints.len(),
             identities: self.engine.state().identities.len(),
             policies: self.objects.policies.len(),
@@ -585,6 +765,17 @@ impl Daemon {
                 found: self.forget(&container_id, &ifname),
             },
             Request::Status => Response::Status(self.status()),
+            Request::Trace {
+                from,
+                to,
+                port,
+                protocol,
+            } => match self.trace(&from, &to, port, &protocol) {
+                Ok(trace) => Response::Trace { trace },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
             Request::Flows { filter } => Response::Flows {
                 flows: flows::read(&self.cfg.journal, &filter),
             },

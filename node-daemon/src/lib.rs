@@ -6,6 +6,8 @@ pub mod api;
 pub mod daemon;
 pub mod desired;
 pub mod flows;
+pub mod install;
+pub mod kube;
 pub mod local;
 pub mod server;
 pub mod store;

@@ -75,6 +75,18 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Would a new connection be allowed, and why (engine, cross-checked with the maps).
+    Trace {
+        /// namespace/pod or an address
+        #[arg(long)]
+        from: String,
+        /// namespace/pod or an address
+        #[arg(long)]
+        to: String,
+        /// PORT/PROTO, e.g. 80/TCP
+        #[arg(long)]
+        port: String,
+    },
     /// Decoded dumps of the datapath maps.
     Bpf {
         #[command(subcommand)]
@@ -606,6 +618,42 @@ fn main() {
                 limit: *limit,
             };
             flows(&args, *follow, filter);
+        }
+        Command::Trace { from, to, port } => {
+            let (number, protocol) = port.split_once('/').unwrap_or((port.as_str(), "TCP"));
+            let number: u16 = number
+                .parse()
+                .unwrap_or_else(|_| fail(format!("--port {port:?}: expected e.g. 80/TCP")));
+            let request = Request::Trace {
+                from: from.clone(),
+                to: to.clone(),
+                port: number,
+                protocol: protocol.to_string(),
+            };
+            match call(&args, request) {
+                Response::Trace { trace } => {
+                    if matches!(args.output, Output::Json | Output::Yaml) {
+                        print_value(args.output, &trace);
+                    } else {
+                        println!(
+                            "{} -> {} {}/{}: {}",
+                            trace["from"].as_str().unwrap_or(""),
+                            trace["to"].as_str().unwrap_or(""),
+                            trace["port"],
+                            trace["protocol"].as_str().unwrap_or(""),
+                            trace["verdict"].as_str().unwrap_or("").to_uppercase()
+                        );
+                        if let Some(e) = trace["egress"].as_str() {
+                            println!("  egress of source:        {e}");
+                        }
+                        if let Some(i) = trace["ingress"].as_str() {
+                            println!("  ingress of destination:  {i}");
+                        }
+                        println!("  kernel maps agree:       yes");
+                    }
+                }
+                other => fail(format!("unexpected answer {other:?}")),
+            }
         }
         Command::Bpf { what } => bpf(&args, what),
     }

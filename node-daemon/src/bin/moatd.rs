@@ -9,8 +9,8 @@ use clap::Parser;
 use ipnetwork::IpNetwork;
 use moatd::{
     api,
-    daemon::{Daemon, DaemonConfig},
-    server,
+    daemon::{Daemon, DaemonConfig, DatastoreConfig},
+    install, server,
 };
 
 #[derive(Parser, Debug)]
@@ -19,6 +19,22 @@ use moatd::{
     about = "Moat node daemon: loads the datapath and keeps identities and policy current"
 )]
 struct Args {
+    /// `local` (YAML objects in --policy-dir) or `kubernetes` (the API server, in-cluster
+    /// config or KUBECONFIG).
+    #[arg(long, default_value = "local", value_parser = ["local", "kubernetes"])]
+    datastore: String,
+    /// This node's name (Kubernetes datastore; from the downward API).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// Kubernetes mode: copy moat-cni and moat-ipam from this directory...
+    #[arg(long)]
+    install_cni_from: Option<PathBuf>,
+    /// ...into the runtime's CNI plugin directory...
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// ...and write 10-moat.conflist (IPAM over the node's pod CIDRs) here.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
     /// Where policy and workload objects (YAML) are read from (the local datastore).
     #[arg(long, default_value = "/etc/moat/policies")]
     policy_dir: PathBuf,
@@ -69,7 +85,20 @@ fn main() -> anyhow::Result<()> {
         max_files: args.journal_files.max(1),
         max_age: Duration::from_secs(args.journal_max_age_secs),
     };
+    let datastore = match args.datastore.as_str() {
+        "kubernetes" => {
+            anyhow::ensure!(
+                !args.node_name.is_empty(),
+                "--datastore kubernetes needs --node-name (or NODE_NAME)"
+            );
+            DatastoreConfig::Kubernetes(moatd::kube::KubeConfig::infer(args.node_name.clone()))
+        }
+        _ => DatastoreConfig::Local,
+    };
+    let socket_path = args.socket.clone();
+    let pin_root = args.pin_root.clone();
     let daemon = Daemon::start(DaemonConfig {
+        datastore,
         journal,
         state_dir: args.state_dir,
         policy_dir: args.policy_dir,
@@ -78,6 +107,21 @@ fn main() -> anyhow::Result<()> {
         pin_root: args.pin_root,
         service_cidrs: args.service_cidrs,
     })?;
+    // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
+    if let Some(from) = &args.install_cni_from {
+        install::install_binaries(from, &args.cni_bin_dir)?;
+    }
+    if let Some(conf_dir) = &args.cni_conf_dir {
+        let cidrs = daemon.node_pod_cidrs();
+        anyhow::ensure!(
+            !cidrs.is_empty(),
+            "the node has no spec.podCIDRs; cannot write the CNI config"
+        );
+        install::write_conflist(
+            conf_dir,
+            &install::conflist(&cidrs, &socket_path, &pin_root),
+        )?;
+    }
     let daemon = Arc::new(Mutex::new(daemon));
     let watcher = daemon.clone();
     let (poll, resync) = (

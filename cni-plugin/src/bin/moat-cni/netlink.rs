@@ -219,6 +219,13 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
         let host = link_by_name(&h, &p.host_ifname)
             .await?
             .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))?;
+        // The host side's link-local address is what answers the pod's and the host's
+        // neighbour discovery; without DAD it is usable the moment the link is up, so the
+        // pod's first IPv6 packet does not wait a second or two for it.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/accept_dad", p.host_ifname),
+            "0",
+        );
         h.link()
             .set(LinkUnspec::new_with_index(host.index).up().build())
             .execute()

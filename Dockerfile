@@ -1,0 +1,90 @@
+# syntax=docker/dockerfile:1
+#
+# Moat's node image: moatd, moatctl, moat-cni and moat-ipam.
+#
+#   docker build -t moat:dev .
+#
+# Needs BuildKit (the default builder since Docker 23) for the cache mounts.
+# The DaemonSet (manifests/daemonset.yaml) runs moatd from this image; moatd
+# copies moat-cni and moat-ipam from /opt/moat/bin onto each node's
+# /opt/cni/bin, so the CNI binaries run on the node's own userland: they are
+# built against Debian 12's glibc (2.36) and need a node OS at least as new.
+
+############################################################################
+# Builder: the same toolchain scripts/bootstrap.sh sets up on a dev machine.
+############################################################################
+FROM rust:1.95-bookworm AS builder
+
+# The eBPF programs build with the nightly toolchain named exactly "nightly"
+# (datapath/build.rs runs `rustup run nightly cargo build -Z build-std=core`).
+ARG BPF_LINKER_VERSION=0.13.0
+
+ENV CARGO_TERM_COLOR=never \
+    CARGO_NET_RETRY=5
+
+# --- nightly + rust-src (as in scripts/bootstrap.sh) -----------------------
+RUN rustup toolchain install nightly --profile minimal \
+ && rustup component add rust-src --toolchain nightly
+
+# --- bpf-linker linked against the nightly's own LLVM ----------------------
+# Exactly bootstrap.sh's recipe: the default features look for a system LLVM
+# of another major version and fail. The binary's RUNPATH points at
+# $HOME/.local/share/bpf-linker-llvm/lib, which stays in this stage.
+RUN set -eux; \
+    lib="$(ls "$(rustc +nightly --print sysroot)"/lib/libLLVM.so.* | head -1)"; \
+    major="$(basename "$lib" | sed -E 's/libLLVM\.so\.([0-9]+).*/\1/')"; \
+    dir="$HOME/.local/share/bpf-linker-llvm/lib"; \
+    mkdir -p "$dir"; \
+    ln -sf "$lib" "$dir/libLLVM.so"; \
+    ln -sf "$lib" "$dir/$(basename "$lib")"; \
+    LLVM_PREFIX="${dir%/lib}" cargo install bpf-linker --version "${BPF_LINKER_VERSION}" \
+      --no-default-features --features "llvm-${major}" --locked; \
+    bpf-linker --version
+
+# --- the workspace ---------------------------------------------------------
+WORKDIR /src
+COPY . .
+
+# One `cargo build` builds both sides: datapath/build.rs compiles the eBPF
+# crate with the nightly and embeds the object. target/ and the registry are
+# cache mounts (fast rebuilds), so the binaries are copied out in the same step.
+RUN --mount=type=cache,id=moat-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=moat-cargo-git,target=/usr/local/cargo/git \
+    --mount=type=cache,id=moat-target,target=/src/target \
+    set -eux; \
+    cargo build --release --workspace --bins --locked; \
+    mkdir -p /out; \
+    for b in moatd moatctl moat-cni moat-ipam; do \
+      install -m 0755 "target/release/$b" "/out/$b"; \
+    done
+
+############################################################################
+# Runtime
+############################################################################
+FROM debian:bookworm-slim
+
+# iproute2: `ip link/route/netns` for troubleshooting inside the pod.
+# ca-certificates: TLS roots (the API server's CA comes from the service
+# account, but anything else moatd may talk to needs them).
+# util-linux (mount, mountpoint) is part of the base image; the DaemonSet's
+# init container uses it to mount bpffs.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      iproute2 ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# /opt/moat/bin is what moatd --install-cni-from reads (moat-cni, moat-ipam);
+# /usr/local/bin puts moatd and moatctl on PATH for `kubectl exec`.
+COPY --from=builder /out/ /opt/moat/bin/
+RUN for b in moatd moatctl moat-cni moat-ipam; do \
+      ln -s "/opt/moat/bin/$b" "/usr/local/bin/$b"; \
+    done
+
+LABEL org.opencontainers.image.title="moat" \
+      org.opencontainers.image.description="Moat: Kubernetes CNI with eBPF-enforced NetworkPolicy (moatd, moatctl, moat-cni, moat-ipam)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# moatd needs root plus BPF/NET_ADMIN/SYS_ADMIN/PERFMON; the DaemonSet grants
+# exactly those. Running the image elsewhere without them fails at load time.
+ENTRYPOINT ["/usr/local/bin/moatd"]
+CMD ["--help"]

@@ -1,0 +1,1079 @@
+//! The datapath run: real pods (network namespaces wired by `moat_datapath::lab`), a private
+//! moatd that owns the eBPF datapath and reads Namespace/Pod/NetworkPolicy objects from its own
+//! directory, real TCP/UDP echo listeners in every pod, optional per-pod ClusterIP Services
+//! (iptables DNAT, as kube-proxy installs them), and probes made with real sockets from inside
+//! the client pod. The model is built once; each case only rewrites objects and reloads.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use moat_common::{FlowEvent, reason, v4_from_raw};
+use moat_datapath::{
+    EventReader, PinDir, attach_endpoint, detach_endpoint,
+    lab::{Lab, LabPod, sh},
+};
+use moatd::api::{EndpointSpec, Request};
+use nix::sched::{CloneFlags, setns};
+use serde_json::json;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::{
+    cases::{Case, CaseFile, Probe, Proto},
+    cleanup,
+    report::{CaseResult, ProbeResult},
+};
+
+pub struct LiveOptions {
+    pub direct: bool,
+    pub parallel: usize,
+    pub timeout: Duration,
+    pub moatd: PathBuf,
+    pub keep_all: bool,
+}
+
+struct LivePod {
+    key: String,
+    lab: LabPod,
+    netns: Arc<File>,
+    cluster_ip: Ipv4Addr,
+    /// Next client source port (each probe gets a port never used before in this run, so a
+    /// probe is always a new flow for every conntrack on the path).
+    next_port: AtomicU32,
+}
+
+/// A probe's result and the client source ports its attempts used.
+type Observed = (ProbeResult, Vec<u16>);
+
+const SRC_PORT_LO: u32 = 20000;
+const SRC_PORT_SPAN: u32 = 40000;
+const CHAIN_PREFIX: &str = "MOAT-CONFORMANCE-SVC";
+
+/// Drop/verdict events read from the datapath's ring while the run goes on.
+struct Events {
+    buf: Arc<Mutex<Vec<FlowEvent>>>,
+    lost: Arc<AtomicUsize>,
+}
+
+pub struct Node {
+    pods: BTreeMap<String, LivePod>,
+    /// Keeps the namespaces alive; dropped (deleted) at the end.
+    lab: Option<Lab>,
+    workdir: PathBuf,
+    socket: PathBuf,
+    policy_dir: PathBuf,
+    pins: PinDir,
+    daemon: Option<Child>,
+    chain: Option<String>,
+    served: Vec<(u16, Proto)>,
+    sctp: Result<(), String>,
+    generation: Option<u64>,
+    events: Option<Events>,
+    opts: LiveOptions,
+    pub setup: BTreeMap<String, String>,
+}
+
+/// One request to moatd, the answer as JSON (read leniently, so that a moatd of a slightly
+/// different version, e.g. without `generation` in its status, still works). An `error`
+/// answer is an Err.
+fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<serde_json::Value> {
+    use std::io::BufRead;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to moatd at {}", socket.display()))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&answer).with_context(|| format!("moatd answered {answer:?}"))?;
+    if value["result"] == "error" {
+        bail!(
+            "moatd refused: {}",
+            value["message"].as_str().unwrap_or(&answer)
+        );
+    }
+    Ok(value)
+}
+
+fn write_atomic(dir: &Path, file: &str, body: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(file)).context("renaming into place")?;
+    Ok(())
+}
+
+fn yaml_docs(values: &[serde_json::Value]) -> Result<String> {
+    let mut out = String::new();
+    for v in values {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(v)?);
+    }
+    Ok(out)
+}
+
+/// Whether this kernel can open SCTP sockets (the module may be missing or blocked).
+fn sctp_support() -> Result<(), String> {
+    match Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::from(132))) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "SCTP not supported by this kernel (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {e})"
+        )),
+    }
+}
+
+fn socket_for(proto: Proto) -> std::io::Result<Socket> {
+    match proto {
+        Proto::Tcp => Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)),
+        Proto::Udp => Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)),
+        Proto::Sctp => Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::from(132))),
+    }
+}
+
+fn enter(netns: &File) -> std::io::Result<()> {
+    setns(netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+}
+
+/// Starts an echo listener for (port, proto) inside a pod; returns once it is bound.
+fn start_listener(netns: Arc<File>, port: u16, proto: Proto) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("srv-{port}-{}", proto.lower()))
+        .spawn(move || {
+            let bound = (|| -> std::io::Result<Socket> {
+                enter(&netns)?;
+                let sock = socket_for(proto)?;
+                sock.set_reuse_address(true)?;
+                sock.bind(&SockAddr::from(SocketAddrV4::new(
+                    Ipv4Addr::UNSPECIFIED,
+                    port,
+                )))?;
+                if proto != Proto::Udp {
+                    sock.listen(1024)?;
+                }
+                Ok(sock)
+            })();
+            let sock = match bound {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            if proto == Proto::Udp {
+                let udp: std::net::UdpSocket = sock.into();
+                let mut buf = [0u8; 2048];
+                loop {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], from);
+                    }
+                }
+            }
+            loop {
+                let Ok((conn, _)) = sock.accept() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                let _ = std::thread::Builder::new()
+                    .name("echo".into())
+                    .spawn(move || {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+                        let mut conn = conn;
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = conn.read(&mut buf) {
+                            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+            }
+        })?;
+    rx.recv()
+        .map_err(|_| anyhow!("listener thread died"))?
+        .with_context(|| format!("listening on {port}/{proto}"))
+}
+
+/// One probe attempt from the current thread's network namespace. Ok(true): the echo came
+/// back; Ok(false): refused, timed out or wrong echo. Err: the source port was taken.
+fn probe_once(
+    proto: Proto,
+    target: SocketAddrV4,
+    src_port: u16,
+    timeout: Duration,
+) -> std::io::Result<bool> {
+    let sock = socket_for(proto)?;
+    sock.bind(&SockAddr::from(SocketAddrV4::new(
+        Ipv4Addr::UNSPECIFIED,
+        src_port,
+    )))?;
+    let payload = format!("moat-conformance {src_port}");
+    let deadline = Instant::now() + timeout;
+    let target = SockAddr::from(target);
+    match proto {
+        Proto::Udp => {
+            if sock.connect(&target).is_err() {
+                return Ok(false);
+            }
+            if sock.send(payload.as_bytes()).is_err() {
+                return Ok(false);
+            }
+            let udp: std::net::UdpSocket = sock.into();
+            let mut buf = [0u8; 128];
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                udp.set_read_timeout(Some(left))?;
+                match udp.recv(&mut buf) {
+                    Ok(n) if &buf[..n] == payload.as_bytes() => return Ok(true),
+                    Ok(_) => continue,
+                    Err(_) => return Ok(false),
+                }
+            }
+        }
+        Proto::Tcp | Proto::Sctp => {
+            if sock.connect_timeout(&target, timeout).is_err() {
+                return Ok(false);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let left = left.max(Duration::from_millis(50));
+            sock.set_read_timeout(Some(left))?;
+            sock.set_write_timeout(Some(left))?;
+            let mut sock = sock;
+            if sock.write_all(payload.as_bytes()).is_err() {
+                return Ok(false);
+            }
+            let mut got = vec![0u8; payload.len()];
+            Ok(sock.read_exact(&mut got).is_ok() && got == payload.as_bytes())
+        }
+    }
+}
+
+impl LivePod {
+    fn next_src_port(&self) -> u16 {
+        let n = self.next_port.fetch_add(1, Ordering::Relaxed);
+        (SRC_PORT_LO + n % SRC_PORT_SPAN) as u16
+    }
+
+    /// Probes with a fresh source port (skipping ports that happen to be taken).
+    fn probe(&self, proto: Proto, target: SocketAddrV4, timeout: Duration) -> (bool, u16) {
+        for _ in 0..64 {
+            let port = self.next_src_port();
+            match probe_once(proto, target, port, timeout) {
+                Ok(v) => return (v, port),
+                Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+                Err(_) => return (false, port),
+            }
+        }
+        (false, 0)
+    }
+}
+
+/// Netfilter chain name for this run (unique per process).
+fn chain_name() -> String {
+    format!("{CHAIN_PREFIX}-{}", std::process::id())
+}
+
+fn remove_chain(chain: &str) {
+    for hook in ["PREROUTING", "OUTPUT"] {
+        // Delete every jump (there is one; loop in case a previous run left more).
+        for _ in 0..8 {
+            if Command::new("iptables")
+                .args(["-w", "-t", "nat", "-D", hook, "-j", chain])
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+            {
+                break;
+            }
+        }
+    }
+    let _ = Command::new("iptables")
+        .args(["-w", "-t", "nat", "-F", chain])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("iptables")
+        .args(["-w", "-t", "nat", "-X", chain])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Chains left by runs whose process is gone (killed with SIGKILL).
+fn remove_stale_chains() {
+    let Ok(out) = Command::new("iptables")
+        .args(["-w", "-t", "nat", "-S"])
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let Some(name) = line.strip_prefix("-N ") else {
+            continue;
+        };
+        let Some(pid) = name.strip_prefix(&format!("{CHAIN_PREFIX}-")) else {
+            continue;
+        };
+        if let Ok(pid) = pid.parse::<u32>()
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            remove_chain(name);
+        }
+    }
+}
+
+/// A lab whose /24 and namespace names nobody else on the node uses right now.
+fn fresh_lab() -> Result<Lab> {
+    for _ in 0..32 {
+        let lab = Lab::new("cf")?;
+        let subnet = format!("10.77.{}.0/24", lab.id);
+        let routes = sh(&format!("ip -4 route show root {subnet}"))?;
+        let busy_ns = std::fs::read_dir("/run/netns")
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&lab.tag))
+            })
+            .unwrap_or(false);
+        if routes.trim().is_empty() && !busy_ns {
+            return Ok(lab);
+        }
+    }
+    bail!("no free lab subnet 10.77.<n>.0/24 found")
+}
+
+impl Node {
+    pub fn setup(file: &CaseFile, opts: LiveOptions) -> Result<Self> {
+        anyhow::ensure!(
+            nix::unistd::Uid::effective().is_root(),
+            "the datapath run needs root (network namespaces, bpffs, netfilter)"
+        );
+        anyhow::ensure!(
+            opts.moatd.is_file(),
+            "moatd binary not found at {} (build it: cargo build -p moat-node-daemon --bin moatd, or pass --moatd)",
+            opts.moatd.display()
+        );
+        let pid = std::process::id();
+        let served = file.served_union();
+        let sctp = sctp_support();
+        let mut setup = BTreeMap::new();
+
+        // Work directory and pin root, private to this run.
+        let workdir = std::env::temp_dir().join(format!("moat-conformance-{pid}"));
+        let _ = std::fs::remove_dir_all(&workdir);
+        let policy_dir = workdir.join("policies");
+        std::fs::create_dir_all(&policy_dir)?;
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/moat-test/conformance-{pid}"));
+        let _ = std::fs::remove_dir_all(&pin_root);
+        {
+            let pin_root = pin_root.clone();
+            cleanup::register("pin root", move || {
+                let _ = std::fs::remove_dir_all(&pin_root);
+            });
+        }
+        let pins = PinDir::new(&pin_root);
+        let socket = workdir.join("moatd.sock");
+
+        // Pods.
+        let mut lab = fresh_lab()?;
+        let lab_id = lab.id;
+        let mut pods = BTreeMap::new();
+        for (index, key) in file.model.pod_order.iter().enumerate() {
+            let lab_name = key.replace('/', "-");
+            let lab_pod = lab
+                .add_pod(&lab_name)
+                .with_context(|| format!("creating pod {key}"))?;
+            {
+                let (netns, host_if) = (lab_pod.netns.clone(), lab_pod.host_if.clone());
+                cleanup::register(format!("pod {key}"), move || {
+                    let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+                    let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+                });
+            }
+            let netns = Arc::new(File::open(format!("/run/netns/{}", lab_pod.netns))?);
+            let cluster_ip = Ipv4Addr::new(10, 100, lab_id as u8, index as u8 + 1);
+            pods.insert(
+                key.clone(),
+                LivePod {
+                    key: key.clone(),
+                    lab: lab_pod,
+                    netns,
+                    cluster_ip,
+                    next_port: AtomicU32::new((pid.wrapping_mul(7919)) % SRC_PORT_SPAN),
+                },
+            );
+        }
+        setup.insert(
+            "pods".into(),
+            "moat_datapath::lab::Lab (veth + netns, standalone-CNI wiring); moat-cni not used"
+                .into(),
+        );
+        setup.insert("lab_subnet".into(), lab.v4_subnet());
+
+        let mut node = Node {
+            pods,
+            lab: Some(lab),
+            workdir,
+            socket,
+            policy_dir,
+            pins,
+            daemon: None,
+            chain: None,
+            served,
+            sctp,
+            generation: None,
+            events: None,
+            opts,
+            setup,
+        };
+
+        // Base objects, then moatd.
+        let first_case = None::<&Case>;
+        node.write_model_objects(file, first_case)?;
+        node.start_moatd(&pin_root)?;
+        node.register_pods()?;
+
+        // Listeners.
+        for pod in node.pods.values() {
+            for (port, proto) in &node.served {
+                if *proto == Proto::Sctp && node.sctp.is_err() {
+                    continue;
+                }
+                start_listener(pod.netns.clone(), *port, *proto)
+                    .with_context(|| format!("pod {}", pod.key))?;
+            }
+        }
+
+        // Services.
+        if !node.opts.direct {
+            node.install_services()?;
+        }
+
+        node.start_events();
+        node.setup.insert(
+            "moatd".into(),
+            format!(
+                "{} (log: {})",
+                node.opts.moatd.display(),
+                node.log_path().display()
+            ),
+        );
+        node.setup
+            .insert("pin_root".into(), pin_root.display().to_string());
+        node.setup.insert(
+            "sctp".into(),
+            match &node.sctp {
+                Ok(()) => "supported".into(),
+                Err(e) => e.clone(),
+            },
+        );
+        Ok(node)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.workdir.join("moatd.log")
+    }
+
+    fn start_moatd(&mut self, pin_root: &Path) -> Result<()> {
+        let log = File::create(self.log_path())?;
+        let mut cmd = Command::new(&self.opts.moatd);
+        cmd.arg("--policy-dir")
+            .arg(&self.policy_dir)
+            .arg("--state-dir")
+            .arg(self.workdir.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pending-dir")
+            .arg(self.workdir.join("pending"))
+            .arg("--pin-root")
+            .arg(pin_root)
+            .arg("--poll-ms")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; moatd must not outlive the runner.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.opts.moatd.display()))?;
+        let pid = child.id() as i32;
+        cleanup::register("moatd", move || {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let mut status = 0;
+            for _ in 0..100 {
+                // SAFETY: reaping our own child.
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+        });
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut last;
+        loop {
+            match call(&self.socket, &Request::Status, Duration::from_secs(5)) {
+                Ok(s) if s["result"] == "status" => {
+                    self.generation = s["generation"].as_u64();
+                    return Ok(());
+                }
+                Ok(other) => last = format!("unexpected answer {other}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "moatd exited during start ({status}); log: {}\n{}",
+                    self.log_path().display(),
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("moatd did not answer on {}: {last}", self.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn register_pods(&mut self) -> Result<()> {
+        let pid = std::process::id();
+        for pod in self.pods.values() {
+            let (ns, name) = pod.key.split_once('/').context("pod key ns/name")?;
+            let spec = EndpointSpec {
+                container_id: format!("conformance-{pid}-{ns}-{name}"),
+                ifname: "eth0".into(),
+                netns: format!("/run/netns/{}", pod.lab.netns),
+                host_ifname: pod.lab.host_if.clone(),
+                host_ifindex: pod.lab.ifindex,
+                ips: pod.lab.addrs().to_vec(),
+                pod_namespace: ns.into(),
+                pod_name: name.into(),
+                pod_uid: None,
+            };
+            let answer = call(
+                &self.socket,
+                &Request::Register { endpoint: spec },
+                Duration::from_secs(30),
+            )
+            .with_context(|| format!("registering {}", pod.key))?;
+            if answer["result"] != "registered" {
+                bail!("registering {}: {answer}", pod.key);
+            }
+            attach_endpoint(&self.pins, &pod.lab.host_if)
+                .map_err(|e| anyhow!("attaching {}: {e}", pod.lab.host_if))?;
+            let (pins, host_if) = (self.pins.clone(), pod.lab.host_if.clone());
+            cleanup::register(format!("detach {host_if}"), move || {
+                let _ = detach_endpoint(&pins, &host_if);
+            });
+        }
+        // Every endpoint known with an identity.
+        let answer = call(
+            &self.socket,
+            &Request::ListEndpoints,
+            Duration::from_secs(10),
+        )?;
+        let endpoints = answer["endpoints"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(
+            endpoints.len() == self.pods.len()
+                && endpoints
+                    .iter()
+                    .all(|e| e["identity"].as_u64().unwrap_or(0) != 0),
+            "moatd endpoints after registration: {answer}"
+        );
+        Ok(())
+    }
+
+    fn install_services(&mut self) -> Result<()> {
+        remove_stale_chains();
+        let chain = chain_name();
+        remove_chain(&chain);
+        let mut rules = format!("*nat\n:{chain} - [0:0]\n");
+        for pod in self.pods.values() {
+            for (port, proto) in &self.served {
+                if *proto == Proto::Sctp && self.sctp.is_err() {
+                    // No SCTP conntrack/NAT helper to rely on, and nothing listens.
+                    continue;
+                }
+                rules.push_str(&format!(
+                    "-A {chain} -d {cip}/32 -p {p} -m {p} --dport {port} -m comment --comment \"moat-conformance svc {key}\" -j DNAT --to-destination {ip}:{port}\n",
+                    cip = pod.cluster_ip,
+                    p = proto.lower(),
+                    key = pod.key,
+                    ip = pod.lab.v4,
+                ));
+            }
+        }
+        rules.push_str(&format!(
+            "-I PREROUTING 1 -j {chain}\n-I OUTPUT 1 -j {chain}\nCOMMIT\n"
+        ));
+        {
+            let chain = chain.clone();
+            cleanup::register("iptables chain", move || remove_chain(&chain));
+        }
+        let mut child = Command::new("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running iptables-restore")?;
+        child
+            .stdin
+            .take()
+            .context("iptables-restore stdin")?
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "iptables-restore failed: {}\n{rules}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.setup.insert(
+            "services".into(),
+            format!(
+                "per-pod ClusterIP 10.100.{}.<n> (moatd --service-cidr default 10.96.0.0/12), iptables nat chain {chain} jumped from PREROUTING and OUTPUT, DNAT to <podIP>:<port>",
+                self.lab.as_ref().map(|l| l.id).unwrap_or(0)
+            ),
+        );
+        self.chain = Some(chain);
+        Ok(())
+    }
+
+    fn start_events(&mut self) {
+        let mut reader = match EventReader::open(&self.pins) {
+            Ok(r) => r,
+            Err(e) => {
+                self.setup
+                    .insert("events".into(), format!("not available: {e}"));
+                return;
+            }
+        };
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let lost = Arc::new(AtomicUsize::new(0));
+        let (b, l) = (buf.clone(), lost.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    let Ok(events) = reader.wait(Duration::from_millis(100)) else {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
+                    let mut guard = b.lock().unwrap_or_else(|e| e.into_inner());
+                    for e in events {
+                        if guard.len() < 200_000 {
+                            guard.push(e);
+                        } else {
+                            l.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        if spawned.is_ok() {
+            cleanup::register("events", move || stop.store(true, Ordering::Relaxed));
+            self.events = Some(Events { buf, lost });
+            self.setup.insert(
+                "events".into(),
+                "datapath ring read by this runner (moatd does not read it)".into(),
+            );
+        }
+    }
+
+    fn take_events(&self) -> Vec<FlowEvent> {
+        match &self.events {
+            Some(ev) => std::mem::take(&mut *ev.buf.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
+        }
+    }
+
+    /// Namespace and Pod objects with the case's labels (the base labels when `case` is None).
+    fn write_model_objects(&self, file: &CaseFile, case: Option<&Case>) -> Result<()> {
+        let model = &file.model;
+        let mut namespaces = Vec::new();
+        for ns in model.namespaces.keys() {
+            let labels = match case {
+                Some(c) => c.namespace_labels(model, ns),
+                None => model.namespaces[ns].labels.clone(),
+            };
+            namespaces.push(json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": ns, "labels": labels},
+            }));
+        }
+        let containers: Vec<serde_json::Value> = self
+            .served
+            .iter()
+            .map(|(port, proto)| {
+                json!({
+                    "name": format!("cont-{port}-{}", proto.lower()),
+                    "ports": [{
+                        "name": format!("serve-{port}-{}", proto.lower()),
+                        "containerPort": port,
+                        "protocol": proto.name(),
+                    }],
+                })
+            })
+            .collect();
+        let mut pods = Vec::new();
+        for key in &model.pod_order {
+            let m = &model.pods[key];
+            let labels = match case {
+                Some(c) => c.pod_labels(model, key),
+                None => m.labels.clone(),
+            };
+            pods.push(json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": m.name, "namespace": m.namespace, "labels": labels},
+                "spec": {"containers": containers},
+            }));
+        }
+        write_atomic(
+            &self.policy_dir,
+            "00-namespaces.yaml",
+            &yaml_docs(&namespaces)?,
+        )?;
+        write_atomic(&self.policy_dir, "01-pods.yaml", &yaml_docs(&pods)?)?;
+        Ok(())
+    }
+
+    fn pod_ip(&self, key: &str) -> Ipv4Addr {
+        self.pods[key].lab.v4
+    }
+
+    /// Puts the case's objects in place and waits until moatd has them in the maps.
+    fn apply_case(&mut self, file: &CaseFile, case: &Case) -> Result<()> {
+        let policies = case.resolved_policies(&file.model, &|k| self.pod_ip(k).to_string())?;
+        self.write_model_objects(file, Some(case))?;
+        if policies.is_empty() {
+            let _ = std::fs::remove_file(self.policy_dir.join("10-policies.yaml"));
+        } else {
+            write_atomic(&self.policy_dir, "10-policies.yaml", &yaml_docs(&policies)?)?;
+        }
+        let status = call(&self.socket, &Request::Reload, Duration::from_secs(120))
+            .context("moatd Reload")?;
+        if status["result"] != "status" {
+            bail!("Reload answered {status}");
+        }
+        let rejected: Vec<String> = status["rejected"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| r.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !rejected.is_empty() {
+            bail!("moatd rejected: {}", rejected.join("; "));
+        }
+        // A moatd that reports generations must have applied this reload to the maps.
+        let generation = status["generation"].as_u64();
+        if let (Some(before), Some(after)) = (self.generation, generation)
+            && after <= before
+        {
+            bail!(
+                "reload did not reach the maps (generation {before} -> {after}); see {}",
+                self.log_path().display()
+            );
+        }
+        self.generation = generation;
+        let held = status["policies"].as_u64().unwrap_or(0) as usize;
+        if held != policies.len() {
+            bail!(
+                "moatd holds {held} policies, the case has {}",
+                policies.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn target(&self, probe: &Probe) -> SocketAddrV4 {
+        let pod = &self.pods[&probe.to];
+        let ip = if self.opts.direct {
+            pod.lab.v4
+        } else {
+            pod.cluster_ip
+        };
+        SocketAddrV4::new(ip, probe.port)
+    }
+
+    pub fn run_case(&mut self, file: &CaseFile, case: &Case) -> CaseResult {
+        let start = Instant::now();
+        if let Err(e) = self.apply_case(file, case) {
+            let msg = format!("{e:#}");
+            let results = case
+                .probes
+                .iter()
+                .map(|p| ProbeResult::new(p).failed(&format!("not run: {msg}")))
+                .collect();
+            return CaseResult::new(
+                &case.id,
+                &case.name,
+                results,
+                Some(msg),
+                start.elapsed(),
+                self.opts.keep_all,
+            );
+        }
+        let _ = self.take_events();
+        let results = self.run_probes(case);
+        CaseResult::new(
+            &case.id,
+            &case.name,
+            results,
+            None,
+            start.elapsed(),
+            self.opts.keep_all,
+        )
+    }
+
+    /// Every probe of the case, `--parallel` at a time, each from inside its client pod.
+    fn run_probes(&self, case: &Case) -> Vec<ProbeResult> {
+        let n = case.probes.len();
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Observed>>> = Mutex::new(vec![None; n]);
+        let timeout = self.opts.timeout;
+        let retry_timeout = (timeout * 5).max(Duration::from_secs(2));
+        let workers = self.opts.parallel.clamp(1, n.max(1));
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    let mut current: Option<String> = None;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let probe = &case.probes[i];
+                        let r = ProbeResult::new(probe);
+                        let out = if probe.protocol == Proto::Sctp
+                            && let Err(reason) = &self.sctp
+                        {
+                            (r.skipped(reason), Vec::new())
+                        } else {
+                            let from = &self.pods[&probe.from];
+                            if current.as_deref() != Some(probe.from.as_str()) {
+                                if let Err(e) = enter(&from.netns) {
+                                    let r = r.failed(&format!("entering {}: {e}", probe.from));
+                                    results.lock().unwrap()[i] = Some((r, Vec::new()));
+                                    current = None;
+                                    continue;
+                                }
+                                current = Some(probe.from.clone());
+                            }
+                            let target = self.target(probe);
+                            let (first, p1) = from.probe(probe.protocol, target, timeout);
+                            // Loopback results never count, so they are not retried.
+                            if first == probe.expect || probe.loopback {
+                                (r.judge(first, 1), vec![p1])
+                            } else {
+                                // Retried once, as upstream's probe does; a denied probe
+                                // keeps the short timeout, an allowed one gets longer.
+                                let t = if probe.expect { retry_timeout } else { timeout };
+                                let (second, p2) = from.probe(probe.protocol, target, t);
+                                (r.judge(second, 2), vec![p1, p2])
+                            }
+                        };
+                        results.lock().unwrap()[i] = Some(out);
+                    }
+                });
+            }
+        });
+        let mut results: Vec<Observed> = results
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.expect("every probe ran"))
+            .collect();
+
+        // Evidence for failures: the datapath's events for the failing flows.
+        if results
+            .iter()
+            .any(|(r, _)| r.outcome == crate::report::Outcome::Failed)
+        {
+            std::thread::sleep(Duration::from_millis(300));
+            let events = self.take_events();
+            let rules = self.rule_texts();
+            for (r, ports) in results.iter_mut() {
+                if r.outcome != crate::report::Outcome::Failed {
+                    continue;
+                }
+                let evidence = self.evidence(r, ports, &events, &rules);
+                r.detail = Some(evidence);
+            }
+        }
+        results.into_iter().map(|(r, _)| r).collect()
+    }
+
+    fn rule_texts(&self) -> BTreeMap<u32, String> {
+        let Ok(answer) = call(&self.socket, &Request::Policy, Duration::from_secs(10)) else {
+            return BTreeMap::new();
+        };
+        let document = &answer["document"];
+        document["rules"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn ifname(&self, ifindex: u32) -> String {
+        self.pods
+            .values()
+            .find(|p| p.lab.ifindex == ifindex)
+            .map(|p| format!("{}({})", p.lab.host_if, p.key))
+            .unwrap_or_else(|| format!("ifindex {ifindex}"))
+    }
+
+    fn evidence(
+        &self,
+        r: &ProbeResult,
+        src_ports: &[u16],
+        events: &[FlowEvent],
+        rules: &BTreeMap<u32, String>,
+    ) -> String {
+        let client = self.pod_ip(&r.from);
+        let proto = match r.protocol.as_str() {
+            "TCP" => 6,
+            "UDP" => 17,
+            _ => 132,
+        };
+        let mut lines = Vec::new();
+        for e in events {
+            if e.family != 4 || e.proto != proto {
+                continue;
+            }
+            let (s, d) = (v4_from_raw(e.saddr[0]), v4_from_raw(e.daddr[0]));
+            let forward = s == client && src_ports.contains(&e.sport) && e.dport == r.port;
+            let reply = d == client && src_ports.contains(&e.dport) && e.sport == r.port;
+            if !(forward || reply) {
+                continue;
+            }
+            let rule = rules
+                .get(&e.rule_id)
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "{} {} at {} {}: {s}:{} -> {d}:{} reason={} rule={}{rule} local_id={} remote_id={}",
+                if reason::is_drop(e.reason) {
+                    "DROP"
+                } else {
+                    "PASS"
+                },
+                if e.direction == moat_common::DIRECTION_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                },
+                self.ifname(e.ifindex),
+                if forward { "forward" } else { "reply" },
+                e.sport,
+                e.dport,
+                reason::name(e.reason),
+                e.rule_id,
+                e.local_identity,
+                e.remote_identity,
+            ));
+        }
+        let target = self.target(&Probe {
+            from: r.from.clone(),
+            to: r.to.clone(),
+            port: r.port,
+            protocol: match proto {
+                6 => Proto::Tcp,
+                17 => Proto::Udp,
+                _ => Proto::Sctp,
+            },
+            expect: r.expect,
+            loopback: r.loopback,
+        });
+        let head = format!(
+            "{client} -> {target} (backend {}), source ports {src_ports:?}",
+            IpAddr::V4(self.pod_ip(&r.to))
+        );
+        if lines.is_empty() {
+            format!(
+                "{head}; no datapath event for this flow (allows are not logged by default; the ring is rate-limited)"
+            )
+        } else {
+            format!("{head}; datapath events: {}", lines.join(" | "))
+        }
+    }
+
+    /// Warnings moatd logged during the run (resync drift, rejected objects...).
+    pub fn moatd_warnings(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn events_lost(&self) -> usize {
+        self.events
+            .as_ref()
+            .map(|e| e.lost.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Undoes the node changes; keeps the work directory (moatd log) when asked to.
+    pub fn teardown(mut self, keep_workdir: bool) {
+        cleanup::run_all();
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(self.lab.take());
+        if let Some(chain) = self.chain.take() {
+            remove_chain(&chain);
+        }
+        if !keep_workdir {
+            let _ = std::fs::remove_dir_all(&self.workdir);
+        }
+    }
+
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+}

@@ -1,0 +1,273 @@
+//! The `kubernetes` datastore: Pods (all namespaces), Namespaces, NetworkPolicies and this
+//! node's Node, watched from the API server and kept as a snapshot in the same shape as the
+//! `local` datastore (`LocalObjects`), so that one policy engine serves both.
+//!
+//! moatd's core is synchronous: the datastore runs its watchers on a thread of its own (a
+//! current-thread tokio runtime) and the core reads `snapshot()` whenever `generation` moves.
+//! If the API server goes away the last snapshot stays (enforcement continues) and `status()`
+//! says so; watches come back with backoff, and a 410 Gone is answered by a full relist.
+
+mod convert;
+mod state;
+mod watch;
+
+use std::{
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use ipnetwork::IpNetwork;
+use tokio::sync::oneshot;
+
+pub use convert::NodeInfo;
+pub use state::Kind;
+
+use crate::local::LocalObjects;
+use state::ClusterState;
+
+/// How to reach the API server.
+#[derive(Clone, Debug)]
+pub enum ClusterAccess {
+    /// In-cluster service account, else the kubeconfig (`kube::Config::infer`).
+    Infer,
+    /// A plain URL with no credentials (`http://127.0.0.1:8001` behind `kubectl proxy`, tests).
+    Url(String),
+    /// A configuration built by the caller.
+    Config(Box<kube::Config>),
+}
+
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    pub access: ClusterAccess,
+    /// This node's name (the Node object whose pod CIDRs and addresses are read).
+    pub node_name: String,
+    /// At most one snapshot per this period while changes keep coming.
+    pub coalesce: Duration,
+    /// Watch restarts wait this long after a failure, doubling up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl KubeConfig {
+    pub fn infer(node_name: impl Into<String>) -> Self {
+        Self::with_access(ClusterAccess::Infer, node_name)
+    }
+
+    pub fn url(url: impl Into<String>, node_name: impl Into<String>) -> Self {
+        Self::with_access(ClusterAccess::Url(url.into()), node_name)
+    }
+
+    pub fn with_access(access: ClusterAccess, node_name: impl Into<String>) -> Self {
+        Self {
+            access,
+            node_name: node_name.into(),
+            coalesce: Duration::from_millis(50),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One watched kind, for `moatctl status` and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindStatus {
+    pub kind: &'static str,
+    /// Its first full list has been applied.
+    pub synced: bool,
+    /// No failure since the last successful request.
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    /// Full lists completed (1 after the first sync; more after a 410 Gone relist).
+    pub lists: u64,
+    pub errors: u64,
+    pub objects: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeStatus {
+    /// The first full sync of every kind is in the snapshot (stays true afterwards).
+    pub ready: bool,
+    /// Every watch is currently working. False while the API server is unreachable: the
+    /// snapshot is then the last one seen.
+    pub connected: bool,
+    pub generation: u64,
+    pub kinds: Vec<KindStatus>,
+}
+
+struct Published {
+    generation: u64,
+    objects: Arc<LocalObjects>,
+    node: Option<NodeInfo>,
+    status: KubeStatus,
+}
+
+/// What the watch thread publishes and the synchronous side reads.
+pub(crate) struct Shared {
+    published: Mutex<Published>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            published: Mutex::new(Published {
+                generation: 0,
+                objects: Arc::new(LocalObjects::default()),
+                node: None,
+                status: KubeStatus::default(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Published> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.lock().status.ready
+    }
+
+    /// Publishes the status, and the content too when `content` (a new generation).
+    fn publish(&self, state: &ClusterState, content: bool) {
+        let objects = content.then(|| Arc::new(state.objects()));
+        let mut p = self.lock();
+        if let Some(objects) = objects {
+            p.generation += 1;
+            p.objects = objects;
+            p.node = state.node().cloned();
+            p.status.ready |= state.synced();
+        }
+        p.status.connected = state.healthy();
+        p.status.generation = p.generation;
+        p.status.kinds = Kind::ALL
+            .iter()
+            .map(|&kind| {
+                let h = state.health(kind);
+                KindStatus {
+                    kind: kind.name(),
+                    synced: h.synced,
+                    healthy: h.healthy,
+                    last_error: h.last_error.clone(),
+                    lists: h.lists,
+                    errors: h.errors,
+                    objects: state.object_count(kind),
+                }
+            })
+            .collect();
+        drop(p);
+        self.changed.notify_all();
+    }
+}
+
+/// The running datastore. Dropping it stops the watches and joins the thread.
+pub struct KubeDatastore {
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KubeDatastore {
+    /// Builds the client and starts the watches. Fails only when the client configuration
+    /// cannot be built; an unreachable API server is retried in the background (see `ready`).
+    pub fn start(config: KubeConfig) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared::new());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("moat-kube".into())
+            .spawn(move || watch::run(config, thread_shared, started_tx, shutdown_rx))?;
+        let started = started_rx
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("kubernetes datastore thread died")));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Self {
+            shared,
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The generation and the objects; the generation moves on every published change.
+    pub fn snapshot(&self) -> (u64, LocalObjects) {
+        let (generation, objects) = self.snapshot_shared();
+        (generation, (*objects).clone())
+    }
+
+    /// Like `snapshot`, without copying the objects.
+    pub fn snapshot_shared(&self) -> (u64, Arc<LocalObjects>) {
+        let p = self.shared.lock();
+        (p.generation, p.objects.clone())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.shared.lock().generation
+    }
+
+    /// The first full list of every kind is in the snapshot. moatd serves no registration
+    /// before this.
+    pub fn ready(&self) -> bool {
+        self.shared.lock().status.ready
+    }
+
+    /// Waits up to `timeout` for `ready`.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |p| p.status.ready)
+    }
+
+    /// Waits up to `timeout` for a generation other than `seen`; returns the current one.
+    pub fn wait_for_change(&self, seen: u64, timeout: Duration) -> u64 {
+        self.wait_until(timeout, |p| p.generation != seen);
+        self.generation()
+    }
+
+    fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&Published) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.lock();
+        loop {
+            if done(&p) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            p = self
+                .shared
+                .changed
+                .wait_timeout(p, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// This node's pod CIDRs (spec.podCIDRs); empty until the Node is seen or allocated.
+    pub fn node_pod_cidrs(&self) -> Vec<IpNetwork> {
+        self.node().map(|n| n.pod_cidrs).unwrap_or_default()
+    }
+
+    /// This node's Node object as far as Moat uses it; `None` until it is seen.
+    pub fn node(&self) -> Option<NodeInfo> {
+        self.shared.lock().node.clone()
+    }
+
+    pub fn status(&self) -> KubeStatus {
+        self.shared.lock().status.clone()
+    }
+}
+
+impl Drop for KubeDatastore {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

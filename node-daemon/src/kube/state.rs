@@ -1,0 +1,496 @@
+//! The datastore's state machine, with no I/O: it takes the watchers' events (already
+//! converted) and keeps what the snapshot is built from. A relist (after a 410 Gone, or the
+//! first list) is buffered and swapped in whole at its end, so a snapshot never shows half a
+//! list; objects missing from a relist are deleted then. Every change that alters content
+//! marks the state dirty; unchanged re-deliveries (relists, resyncs) do not.
+
+use std::collections::BTreeMap;
+
+use moat_policy::{LabelSet, NetworkPolicy};
+
+use super::convert::{NodeInfo, ObjectKey, PodItem};
+use crate::local::{LocalObjects, PodMeta};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Pods,
+    Namespaces,
+    NetworkPolicies,
+    Nodes,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Pods,
+        Kind::Namespaces,
+        Kind::NetworkPolicies,
+        Kind::Nodes,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
+            Kind::NetworkPolicies => "networkpolicies",
+            Kind::Nodes => "nodes",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The kind a request path lists or watches (cluster-wide collection paths, possibly behind
+    /// a URL prefix).
+    pub fn from_path(path: &str) -> Option<Kind> {
+        if path.ends_with("/api/v1/pods") {
+            Some(Kind::Pods)
+        } else if path.ends_with("/api/v1/namespaces") {
+            Some(Kind::Namespaces)
+        } else if path.ends_with("/apis/networking.k8s.io/v1/networkpolicies") {
+            Some(Kind::NetworkPolicies)
+        } else if path.ends_with("/api/v1/nodes") {
+            Some(Kind::Nodes)
+        } else {
+            None
+        }
+    }
+}
+
+/// One object as the state keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    Namespace {
+        name: String,
+        labels: LabelSet,
+    },
+    Pod(PodItem),
+    Policy {
+        key: ObjectKey,
+        policy: Result<NetworkPolicy, String>,
+    },
+    Node {
+        name: String,
+        info: NodeInfo,
+    },
+}
+
+impl Item {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Item::Namespace { .. } => Kind::Namespaces,
+            Item::Pod(_) => Kind::Pods,
+            Item::Policy { .. } => Kind::NetworkPolicies,
+            Item::Node { .. } => Kind::Nodes,
+        }
+    }
+}
+
+/// What the watch shell feeds the state.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// A (re)list starts: buffer until `InitDone`.
+    Init(Kind),
+    InitApply(Item),
+    /// The list is complete: it replaces everything of that kind.
+    InitDone(Kind),
+    Apply(Item),
+    Delete(Kind, ObjectKey),
+    /// The watch failed (the watcher retries on its own).
+    Error(Kind, String),
+    /// A request for that kind got a successful answer: the API server is reachable again.
+    Reachable(Kind),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KindHealth {
+    /// The first full list has been applied (sticky).
+    pub synced: bool,
+    /// No error since the last successful request or event.
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    /// Full lists completed, the first one included.
+    pub lists: u64,
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Content {
+    namespaces: BTreeMap<String, LabelSet>,
+    pods: BTreeMap<ObjectKey, PodMeta>,
+    pod_warnings: BTreeMap<ObjectKey, String>,
+    policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    policy_errors: BTreeMap<ObjectKey, String>,
+    node: Option<NodeInfo>,
+}
+
+pub struct ClusterState {
+    node_name: String,
+    content: Content,
+    relist: [Option<Vec<Item>>; 4],
+    health: [KindHealth; 4],
+    dirty: bool,
+    /// Health changed since the last `take_health_changed`.
+    health_changed: bool,
+}
+
+fn set<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) -> bool {
+    match value {
+        Some(v) => {
+            if map.get(&key) == Some(&v) {
+                false
+            } else {
+                map.insert(key, v);
+                true
+            }
+        }
+        None => map.remove(&key).is_some(),
+    }
+}
+
+impl ClusterState {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            content: Content::default(),
+            relist: Default::default(),
+            health: Default::default(),
+            dirty: false,
+            health_changed: false,
+        }
+    }
+
+    /// Every kind has completed its first full list.
+    pub fn synced(&self) -> bool {
+        self.health.iter().all(|h| h.synced)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.health.iter().all(|h| h.healthy)
+    }
+
+    pub fn health(&self, kind: Kind) -> &KindHealth {
+        &self.health[kind.index()]
+    }
+
+    /// Content changed since the last call.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn take_health_changed(&mut self) -> bool {
+        std::mem::take(&mut self.health_changed)
+    }
+
+    pub fn object_count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Pods => self.content.pods.len(),
+            Kind::Namespaces => self.content.namespaces.len(),
+            Kind::NetworkPolicies => self.content.policies.len() + self.content.policy_errors.len(),
+            Kind::Nodes => usize::from(self.content.node.is_some()),
+        }
+    }
+
+    fn mark_health(&mut self, kind: Kind, f: impl FnOnce(&mut KindHealth)) {
+        let h = &mut self.health[kind.index()];
+        let before = h.clone();
+        f(h);
+        if *h != before {
+            self.health_changed = true;
+        }
+    }
+
+    fn mark_reachable(&mut self, kind: Kind) {
+        self.mark_health(kind, |h| {
+            h.healthy = true;
+            h.last_error = None;
+        });
+    }
+
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::Init(kind) => {
+                // Emitted before the list request is made: says nothing about reachability.
+                self.relist[kind.index()] = Some(Vec::new());
+            }
+            Update::InitApply(item) => {
+                let kind = item.kind();
+                match &mut self.relist[kind.index()] {
+                    Some(buffer) => buffer.push(item),
+                    // Not expected (InitApply always follows Init); applying is still right.
+                    None => self.upsert(item),
+                }
+            }
+            Update::InitDone(kind) => {
+                let items = self.relist[kind.index()].take().unwrap_or_default();
+                self.replace_all(kind, items);
+                self.mark_health(kind, |h| {
+                    h.synced = true;
+                    h.lists += 1;
+                });
+                self.mark_reachable(kind);
+            }
+            Update::Apply(item) => {
+                let kind = item.kind();
+                self.upsert(item);
+                self.mark_reachable(kind);
+            }
+            Update::Delete(kind, key) => {
+                self.delete(kind, &key);
+                self.mark_reachable(kind);
+            }
+            Update::Error(kind, message) => self.mark_health(kind, |h| {
+                h.healthy = false;
+                h.errors += 1;
+                h.last_error = Some(message);
+            }),
+            Update::Reachable(kind) => self.mark_reachable(kind),
+        }
+    }
+
+    fn upsert(&mut self, item: Item) {
+        let c = &mut self.content;
+        let changed = match item {
+            Item::Namespace { name, labels } => set(&mut c.namespaces, name, Some(labels)),
+            Item::Pod(PodItem { key, meta, warning }) => {
+                let a = set(&mut c.pod_warnings, key.clone(), warning);
+                let b = set(&mut c.pods, key, meta);
+                a | b
+            }
+            Item::Policy { key, policy } => {
+                let (good, bad) = match policy {
+                    Ok(p) => (Some(p), None),
+                    Err(e) => (None, Some(e)),
+                };
+                let a = set(&mut c.policy_errors, key.clone(), bad);
+                let b = set(&mut c.policies, key, good);
+                a | b
+            }
+            // Other nodes' objects are not this node's business.
+            Item::Node { name, info } => name == self.node_name && replace(&mut c.node, Some(info)),
+        };
+        self.dirty |= changed;
+    }
+
+    fn delete(&mut self, kind: Kind, key: &ObjectKey) {
+        let c = &mut self.content;
+        let changed = match kind {
+            Kind::Namespaces => c.namespaces.remove(&key.1).is_some(),
+            Kind::Pods => {
+                let a = c.pod_warnings.remove(key).is_some();
+                let b = c.pods.remove(key).is_some();
+                a | b
+            }
+            Kind::NetworkPolicies => {
+                let a = c.policy_errors.remove(key).is_some();
+                let b = c.policies.remove(key).is_some();
+                a | b
+            }
+            Kind::Nodes => key.1 == self.node_name && c.node.take().is_some(),
+        };
+        self.dirty |= changed;
+    }
+
+    /// A complete list of one kind: what it holds is the truth, what it lacks was deleted.
+    fn replace_all(&mut self, kind: Kind, items: Vec<Item>) {
+        let mut fresh_state = ClusterState::new(self.node_name.clone());
+        for item in items {
+            if item.kind() == kind {
+                fresh_state.upsert(item);
+            }
+        }
+        let f = fresh_state.content;
+        let c = &mut self.content;
+        let changed = match kind {
+            Kind::Namespaces => replace(&mut c.namespaces, f.namespaces),
+            Kind::Pods => {
+                let a = replace(&mut c.pods, f.pods);
+                let b = replace(&mut c.pod_warnings, f.pod_warnings);
+                a | b
+            }
+            Kind::NetworkPolicies => {
+                let a = replace(&mut c.policies, f.policies);
+                let b = replace(&mut c.policy_errors, f.policy_errors);
+                a | b
+            }
+            Kind::Nodes => replace(&mut c.node, f.node),
+        };
+        self.dirty |= changed;
+    }
+
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.content.node.as_ref()
+    }
+
+    /// The snapshot in the local datastore's shape.
+    pub fn objects(&self) -> LocalObjects {
+        let c = &self.content;
+        let mut rejected: Vec<String> = c
+            .policy_errors
+            .values()
+            .map(|e| format!("NetworkPolicy {e}"))
+            .collect();
+        rejected.extend(c.pod_warnings.values().cloned());
+        LocalObjects {
+            namespaces: c.namespaces.clone(),
+            pods: c.pods.clone(),
+            policies: c.policies.clone(),
+            rejected,
+        }
+    }
+}
+
+fn replace<T: PartialEq>(slot: &mut T, value: T) -> bool {
+    if *slot == value {
+        false
+    } else {
+        *slot = value;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, team: &str) -> Item {
+        let mut labels = LabelSet::new();
+        labels.insert("team", team);
+        Item::Namespace {
+            name: name.into(),
+            labels,
+        }
+    }
+
+    fn pod(ns: &str, name: &str, app: &str) -> Item {
+        let mut meta = PodMeta::default();
+        meta.labels.insert("app", app);
+        Item::Pod(PodItem {
+            key: (ns.into(), name.into()),
+            meta: Some(meta),
+            warning: None,
+        })
+    }
+
+    fn synced_state() -> ClusterState {
+        let mut s = ClusterState::new("n1");
+        for kind in Kind::ALL {
+            s.apply(Update::Init(kind));
+            s.apply(Update::InitDone(kind));
+        }
+        s.take_dirty();
+        s
+    }
+
+    #[test]
+    fn not_synced_until_every_kind_listed_once() {
+        let mut s = ClusterState::new("n1");
+        for kind in [Kind::Pods, Kind::Namespaces, Kind::NetworkPolicies] {
+            s.apply(Update::Init(kind));
+            s.apply(Update::InitDone(kind));
+        }
+        assert!(!s.synced());
+        s.apply(Update::Init(Kind::Nodes));
+        assert!(!s.synced());
+        s.apply(Update::InitDone(Kind::Nodes));
+        assert!(s.synced() && s.healthy());
+    }
+
+    #[test]
+    fn relist_is_swapped_in_whole_and_drops_missing_objects() {
+        let mut s = synced_state();
+        s.apply(Update::Apply(pod("a", "p1", "web")));
+        s.apply(Update::Apply(pod("a", "p2", "db")));
+        assert!(s.take_dirty());
+        s.apply(Update::Init(Kind::Pods));
+        s.apply(Update::InitApply(pod("a", "p2", "db")));
+        // Mid-relist the old content is still what is served.
+        assert_eq!(s.objects().pods.len(), 2);
+        assert!(!s.take_dirty());
+        s.apply(Update::InitDone(Kind::Pods));
+        assert!(s.take_dirty());
+        let pods = s.objects().pods;
+        assert_eq!(
+            pods.keys().collect::<Vec<_>>(),
+            vec![&("a".to_string(), "p2".to_string())]
+        );
+        assert_eq!(s.health(Kind::Pods).lists, 2);
+    }
+
+    #[test]
+    fn identical_relist_and_reapply_are_not_changes() {
+        let mut s = synced_state();
+        s.apply(Update::Apply(ns("a", "x")));
+        assert!(s.take_dirty());
+        s.apply(Update::Apply(ns("a", "x")));
+        assert!(!s.take_dirty());
+        s.apply(Update::Init(Kind::Namespaces));
+        s.apply(Update::InitApply(ns("a", "x")));
+        s.apply(Update::InitDone(Kind::Namespaces));
+        assert!(!s.take_dirty());
+    }
+
+    #[test]
+    fn rejected_policy_is_reported_and_left_out_until_fixed_or_deleted() {
+        let mut s = synced_state();
+        let key = ("a".to_string(), "bad".to_string());
+        s.apply(Update::Apply(Item::Policy {
+            key: key.clone(),
+            policy: Err("a/bad: spec.x: nope".into()),
+        }));
+        let o = s.objects();
+        assert!(o.policies.is_empty());
+        assert_eq!(
+            o.rejected,
+            vec!["NetworkPolicy a/bad: spec.x: nope".to_string()]
+        );
+        s.apply(Update::Delete(Kind::NetworkPolicies, key));
+        assert!(s.objects().rejected.is_empty());
+    }
+
+    #[test]
+    fn errors_mark_unhealthy_until_reachable_again_and_keep_content() {
+        let mut s = synced_state();
+        s.apply(Update::Apply(ns("a", "x")));
+        s.take_health_changed();
+        s.apply(Update::Error(Kind::Pods, "connection refused".into()));
+        assert!(!s.healthy() && s.synced());
+        assert!(s.take_health_changed());
+        assert_eq!(s.objects().namespaces.len(), 1);
+        s.apply(Update::Reachable(Kind::Pods));
+        assert!(s.healthy());
+    }
+
+    #[test]
+    fn only_this_nodes_object_is_kept() {
+        let mut s = synced_state();
+        let info = NodeInfo {
+            pod_cidrs: vec!["10.0.0.0/24".parse().unwrap()],
+            addresses: vec![],
+        };
+        s.apply(Update::Apply(Item::Node {
+            name: "other".into(),
+            info: info.clone(),
+        }));
+        assert!(s.node().is_none() && !s.take_dirty());
+        s.apply(Update::Apply(Item::Node {
+            name: "n1".into(),
+            info: info.clone(),
+        }));
+        assert_eq!(s.node(), Some(&info));
+        s.apply(Update::Delete(Kind::Nodes, (String::new(), "n1".into())));
+        assert!(s.node().is_none());
+    }
+
+    #[test]
+    fn finished_pod_is_removed_by_its_modification() {
+        let mut s = synced_state();
+        s.apply(Update::Apply(pod("a", "job", "batch")));
+        s.apply(Update::Apply(Item::Pod(PodItem {
+            key: ("a".into(), "job".into()),
+            meta: None,
+            warning: None,
+        })));
+        assert!(s.objects().pods.is_empty());
+    }
+}

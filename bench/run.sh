@@ -26,7 +26,8 @@ done
 # The binary undoes everything it creates, also on errors and on SIGINT/SIGTERM. This is the
 # safety net for a hard kill: only names the benchmark itself uses.
 cleanup() {
-  rm -rf /sys/fs/bpf/moat-bench 2>/dev/null || true
+  rm -rf /sys/fs/bpf/moat-bench /sys/fs/bpf/moat-bench-cni 2>/dev/null || true
+  # moat-bench cni: namespaces mbc<pid>-<n>, bridges mbcni0/mbcni2 (its moatd dies with it).
   local rules
   rules=$(iptables -w -S FORWARD 2>/dev/null | grep -E -- '--comment "?moat-bench' |
     sed 's/^-A FORWARD /-D FORWARD /' || true)
@@ -34,11 +35,12 @@ cleanup() {
     printf '*filter\n%s\nCOMMIT\n' "$rules" | iptables-restore -w --noflush || true
   fi
   local ns link
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^mbn[0-9]+-(client|server)$' || true); do
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' |
+    grep -E '^(mbn[0-9]+-(client|server)|mbc[0-9]+-[0-9])$' || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
-    grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+)$' || true); do
+    grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+|mbcni[02])$' || true); do
     ip link del "$link" 2>/dev/null || true
   done
 }
@@ -47,3 +49,15 @@ trap cleanup EXIT
 out=${BENCH_OUT:-bench/results.json}
 # shellcheck disable=SC2086 # BENCH_DATAPATH_ARGS is a list of flags
 cargo run --release -p moat-bench -- datapath --out "$out" ${BENCH_DATAPATH_ARGS:-}
+# Control-plane churn at 10,000 pods / 1,000 policies on a real moatd core (section "churn";
+# about 2 to 3 minutes). BENCH_CHURN_ARGS for extra flags, e.g. "--secs 20".
+# shellcheck disable=SC2086 # BENCH_CHURN_ARGS is a list of flags
+cargo run --release -p moat-bench -- churn --out "$out" ${BENCH_CHURN_ARGS:-}
+# CNI ADD/DEL latency (section "cni"; about 1 minute): reference bridge + host-local vs moat-cni
+# standalone + moat-ipam vs bridge + moat-cni chained, 100 pods each, interleaved, against a
+# private moatd. Needs the release moatd, moat-cni and moat-ipam next to moat-bench (make build
+# builds them; the build below is a no-op then). BENCH_CNI_ARGS for extra flags, e.g.
+# "--pods 50".
+cargo build --release -p moat-cni -p moat-ipam -p moat-node-daemon --bins
+# shellcheck disable=SC2086 # BENCH_CNI_ARGS is a list of flags
+cargo run --release -p moat-bench -- cni --out "$out" ${BENCH_CNI_ARGS:-}

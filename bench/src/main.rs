@@ -9,6 +9,8 @@
 //! Results go under the "datapath" key of the output JSON (other sections are kept). Every
 //! namespace, link, pin and iptables rule the run creates is removed again, also on failure.
 
+mod churn;
+mod cni;
 mod fill;
 mod perpacket;
 mod traffic;
@@ -79,6 +81,13 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("churn") {
+        return churn::main(&argv[2..]);
+    }
+    if argv.get(1).map(String::as_str) == Some("cni") {
+        return cni::main();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -243,6 +243,87 @@ fn req_07_unusable_interface_names_are_code_4() {
 }
 
 #[test]
+fn req_08_own_netns_is_code_8_before_the_plugin_runs_unless_overridden() {
+    // The test process and the dispatcher share a namespace: both paths name it.
+    let own_pid = format!("/proc/{}/ns/net", std::process::id());
+    for own in ["/proc/self/ns/net", own_pid.as_str()] {
+        for command in ["ADD", "DEL", "CHECK"] {
+            let mut env = env_for(command);
+            env.insert("CNI_NETNS".into(), own.into());
+            let mut stdin = config("1.1.0");
+            if command == "CHECK" {
+                stdin["prevResult"] = json!({"cniVersion": "1.1.0"});
+            }
+            let plugin = FakePlugin::default();
+            let outcome = run_with(&env, &stdin, &plugin);
+            assert_eq!(outcome.exit_code, 1, "{command} {own}");
+            let error = stdout(&outcome);
+            assert_eq!(error["code"], 8, "{command} {own}: {error}");
+            assert_eq!(
+                error["msg"],
+                "plugin's netns and netns from CNI_NETNS should not be the same"
+            );
+            assert!(plugin.commands().is_empty(), "plugin must not run");
+        }
+    }
+    // CNI_NETNS_OVERRIDE=1/true (skel's escape hatch) lets it through.
+    for value in ["1", "true", "TRUE"] {
+        let mut env = env_for("ADD");
+        env.insert("CNI_NETNS".into(), "/proc/self/ns/net".into());
+        env.insert("CNI_NETNS_OVERRIDE".into(), value.into());
+        let plugin = FakePlugin::default();
+        assert_eq!(run_with(&env, &config("1.1.0"), &plugin).exit_code, 0);
+        assert_eq!(plugin.commands(), ["ADD"]);
+    }
+    // A path that does not exist (DEL after the namespace is gone) is not refused.
+    let mut env = env_for("DEL");
+    env.insert("CNI_NETNS".into(), "/run/netns/gone-for-good".into());
+    let plugin = FakePlugin::default();
+    assert_eq!(run_with(&env, &config("1.1.0"), &plugin).exit_code, 0);
+    assert_eq!(plugin.commands(), ["DEL"]);
+}
+
+#[test]
+fn req_08_binary_refuses_its_own_netns_with_code_8() {
+    let binary = env!("CARGO_BIN_EXE_moat-cni");
+    let run_binary = |netns: &str, override_set: bool| {
+        let mut cmd = Process::new(binary);
+        cmd.env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "ctr1")
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin");
+        if override_set {
+            cmd.env("CNI_NETNS_OVERRIDE", "1");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&serde_json::to_vec(&config("1.1.0")).unwrap())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    // /proc/self in the plugin process, and the namespace of its parent (this test).
+    let parent = format!("/proc/{}/ns/net", std::process::id());
+    for netns in ["/proc/self/ns/net", parent.as_str()] {
+        assert_eq!(run_binary(netns, false)["code"], 8, "{netns}");
+    }
+    // Overridden, the request reaches the plugin (chained without prevResult: 7).
+    assert_eq!(run_binary("/proc/self/ns/net", true)["code"], 7);
+}
+
+#[test]
 fn req_09_cni_args_pod_identity_parsed_and_unknown_keys_need_ignore_unknown() {
     let mut env = env_for("ADD");
     env.insert(

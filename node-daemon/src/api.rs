@@ -62,6 +62,14 @@ pub enum Request {
     },
     /// Flow history from the journal.
     Flows { filter: crate::flows::FlowFilter },
+    /// The effective rules of one pod, per direction, each with the policy rule it came from.
+    PolicyGet { pod: String },
+    /// NetworkPolicy YAML that allows exactly the flows learn/audit mode observed in a
+    /// namespace.
+    PolicySuggest {
+        namespace: String,
+        since_secs: Option<u64>,
+    },
     /// Re-read the datastore now and answer once the result is in the maps (the watcher
     /// does the same on its own; this makes a change's application observable).
     Reload,
@@ -117,9 +125,28 @@ pub enum Response {
     Trace {
         trace: serde_json::Value,
     },
+    PolicyRules {
+        rules: Vec<EffectiveRule>,
+    },
+    Suggestion {
+        yaml: String,
+    },
     Error {
         message: String,
     },
+}
+
+/// One effective rule of a pod (a map entry, explained).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EffectiveRule {
+    pub direction: String,
+    /// "any", "identity 1234 (k=v,...)", or a CIDR.
+    pub peer: String,
+    pub protocol: String,
+    /// "any", "80", or "1000-2000".
+    pub ports: String,
+    pub action: String,
+    pub rule: String,
 }
 
 #[derive(Debug, thiserror::Error)]

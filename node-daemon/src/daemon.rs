@@ -218,6 +218,147 @@ impl Daemon {
             .collect()
     }
 
+    /// The map entries that apply to a pod, explained.
+    fn effective_rules(&self, pod: &str) -> anyhow::Result<Vec<crate::api::EffectiveRule>> {
+        use moat_common::*;
+        let (ns, name) = pod
+            .split_once('/')
+            .with_context(|| format!("{pod:?}: expected namespace/pod"))?;
+        let state = self.engine.state();
+        let endpoint = state
+            .endpoints
+            .get(&PodRef::new(ns, name))
+            .with_context(|| format!("unknown pod {pod}; see `moatctl endpoint list`"))?;
+        let p = endpoint.policy_id;
+        let dir = |d: u8| {
+            if d == DIRECTION_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            }
+            .to_string()
+        };
+        let proto_name = |x: u8| match x {
+            0 => "any".to_string(),
+            PROTO_TCP => "TCP".into(),
+            PROTO_UDP => "UDP".into(),
+            PROTO_SCTP => "SCTP".into(),
+            other => other.to_string(),
+        };
+        let identity = |id: u32| {
+            if id == IDENTITY_ANY {
+                return "any".to_string();
+            }
+            let labels = state
+                .identities
+                .get(&moat_policy::Identity(id))
+                .map(|l| {
+                    l.iter()
+                        .filter(|(k, _)| !k.starts_with("io.kubernetes.pod.namespace.labels"))
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            format!("identity {id} ({labels})")
+        };
+        let rule = |id: u32| {
+            state
+                .rules
+                .get(&id)
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| match id {
+                    rule::NOT_ISOLATED => "not isolated (no policy selects it)".into(),
+                    other => other.to_string(),
+                })
+        };
+        let action = |a: u8| if a == ACTION_DENY { "deny" } else { "allow" }.to_string();
+        let mut out = Vec::new();
+        for (k, v) in state.policy.range(
+            PolicyKey {
+                policy_id: p,
+                remote_identity: 0,
+                dport: 0,
+                proto: 0,
+                direction: 0,
+            }..=PolicyKey {
+                policy_id: p,
+                remote_identity: u32::MAX,
+                dport: u16::MAX,
+                proto: u8::MAX,
+                direction: u8::MAX,
+            },
+        ) {
+            out.push(crate::api::EffectiveRule {
+                direction: dir(k.direction),
+                peer: identity(k.remote_identity),
+                protocol: proto_name(k.proto),
+                ports: if k.dport == 0 {
+                    "any".into()
+                } else {
+                    k.dport.to_string()
+                },
+                action: action(v.action),
+                rule: rule(v.rule_id),
+            });
+        }
+        let sets = state
+            .port_ranges
+            .iter()
+            .filter(|(k, _)| k.policy_id == p)
+            .map(|(k, set)| {
+                (
+                    dir(k.direction),
+                    identity(k.remote_identity),
+                    Some(k.proto),
+                    set,
+                )
+            })
+            .chain(
+                state
+                    .cidr_v4
+                    .iter()
+                    .filter(|((pid, _, _), _)| *pid == p)
+                    .map(|((_, d, n), set)| (dir(*d), n.to_string(), None, set)),
+            )
+            .chain(
+                state
+                    .cidr_v6
+                    .iter()
+                    .filter(|((pid, _, _), _)| *pid == p)
+                    .map(|((_, d, n), set)| (dir(*d), n.to_string(), None, set)),
+            );
+        for (direction, peer, proto, set) in sets {
+            for r in &set.rules[..(set.count as usize).min(MAX_PORT_RULES)] {
+                out.push(crate::api::EffectiveRule {
+                    direction: direction.clone(),
+                    peer: peer.clone(),
+                    protocol: proto_name(proto.unwrap_or(r.proto)),
+                    ports: if r.port_start == 0 && r.port_end == u16::MAX {
+                        "any".into()
+                    } else if r.port_start == r.port_end {
+                        r.port_start.to_string()
+                    } else {
+                        format!("{}-{}", r.port_start, r.port_end)
+                    },
+                    action: action(r.action),
+                    rule: rule(r.rule_id),
+                });
+            }
+            if set.count == 0 {
+                out.push(crate::api::EffectiveRule {
+                    direction: direction.clone(),
+                    peer: peer.clone(),
+                    protocol: "-".into(),
+                    ports: "-".into(),
+                    action: "none (except)".into(),
+                    rule: "-".into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     fn flow_end(&self, text: &str) -> anyhow::Result<moat_policy::FlowEnd> {
         if let Ok(net) = text.parse::<IpNetwork>() {
             return Ok(moat_policy::FlowEnd::Address(net.network()));
@@ -541,12 +682,36 @@ impl Daemon {
                 let _ = self.engine.delete_policy(&key.0, &key.1);
             }
         }
+        let mut accepted_moat = BTreeMap::new();
+        for (key, policy) in &objects.moat_policies {
+            if self.objects.moat_policies.get(key) == Some(policy) {
+                accepted_moat.insert(key.clone(), policy.clone());
+                continue;
+            }
+            match self.engine.upsert_moat_policy(policy) {
+                Ok(_) => {
+                    accepted_moat.insert(key.clone(), policy.clone());
+                }
+                Err(e) => {
+                    rejected.push(format!("MoatPolicy {}: {e}", policy.object()));
+                    if let Some(old) = self.objects.moat_policies.get(key) {
+                        accepted_moat.insert(key.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        for key in self.objects.moat_policies.keys() {
+            if !objects.moat_policies.contains_key(key) {
+                let _ = self.engine.delete_moat_policy(&key.0, &key.1);
+            }
+        }
         let pods_changed = objects.pods != self.objects.pods;
         let old_remote = self.remote_pods();
         self.objects = LocalObjects {
             namespaces: objects.namespaces,
             pods: objects.pods,
             policies: accepted,
+            moat_policies: accepted_moat,
             rejected: Vec::new(),
         };
         if pods_changed {
@@ -577,6 +742,20 @@ impl Daemon {
                     rejected.push(format!("Pod {pod_ref}: {e}"));
                 }
             }
+        }
+        // Modes can change with MoatPolicies alone.
+        let modes = &self.engine.state().modes;
+        let pods = &self.objects.pods;
+        for record in self.endpoints.values_mut() {
+            let key = (
+                record.spec.pod_namespace.clone(),
+                record.spec.pod_name.clone(),
+            );
+            record.mode = pods
+                .get(&key)
+                .and_then(|m| m.mode.clone())
+                .or_else(|| modes.get(&record.pod_ref()).map(|m| m.name().to_string()))
+                .unwrap_or_else(|| "enforce".into());
         }
         for r in &rejected {
             warn!(rejected = %r, "object rejected; last good state stays in force");
@@ -613,10 +792,7 @@ impl Daemon {
     fn sync_endpoint_pod(&mut self, key: &str) -> anyhow::Result<()> {
         let record = self.endpoints.get(key).context("unknown endpoint")?.clone();
         let meta = self.pod_meta(&record.spec.pod_namespace, &record.spec.pod_name);
-        let mode = meta.mode.clone().unwrap_or_else(|| "enforce".into());
-        if let Some(r) = self.endpoints.get_mut(key) {
-            r.mode = mode;
-        }
+        let annotated = meta.mode.clone();
         let pod = Pod {
             namespace: record.spec.pod_namespace.clone(),
             name: record.spec.pod_name.clone(),
@@ -627,6 +803,18 @@ impl Daemon {
         self.engine
             .upsert_pod(pod)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The pod's annotation wins; else the strictest MoatPolicy selecting it; else enforce.
+        let mode = annotated.unwrap_or_else(|| {
+            self.engine
+                .state()
+                .modes
+                .get(&record.pod_ref())
+                .map(|m| m.name().to_string())
+                .unwrap_or_else(|| "enforce".into())
+        });
+        if let Some(r) = self.endpoints.get_mut(key) {
+            r.mode = mode;
+        }
         Ok(())
     }
 
@@ -776,6 +964,27 @@ impl Daemon {
                     message: format!("{e:#}"),
                 },
             },
+            Request::PolicyGet { pod } => match self.effective_rules(&pod) {
+                Ok(rules) => Response::PolicyRules { rules },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
+            Request::PolicySuggest {
+                namespace,
+                since_secs,
+            } => {
+                let filter = flows::FlowFilter {
+                    since_secs,
+                    ..Default::default()
+                };
+                let records = flows::read(&self.cfg.journal, &filter);
+                let pods = &self.engine.inputs().pods;
+                let yaml = crate::suggest::suggest(&namespace, &records, |p| {
+                    pods.get(p).map(|pod| pod.labels.clone())
+                });
+                Response::Suggestion { yaml }
+            }
             Request::Flows { filter } => Response::Flows {
                 flows: flows::read(&self.cfg.journal, &filter),
             },

@@ -3,11 +3,14 @@
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
 pub mod api;
+pub mod churn;
 pub mod daemon;
 pub mod desired;
 pub mod flows;
 pub mod install;
 pub mod kube;
 pub mod local;
+pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod suggest;

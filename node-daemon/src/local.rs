@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use moat_policy::{ContainerPort, LabelSet, NetworkPolicy, Protocol};
+use moat_policy::{ContainerPort, LabelSet, MoatPolicy, NetworkPolicy, Protocol};
 use serde::Deserialize;
 
 pub const MODE_ANNOTATION: &str = "moat.io/mode";
@@ -30,6 +30,8 @@ pub struct LocalObjects {
     pub namespaces: BTreeMap<String, LabelSet>,
     pub pods: BTreeMap<(String, String), PodMeta>,
     pub policies: BTreeMap<(String, String), NetworkPolicy>,
+    /// Moat's own policy objects (mode, default-deny posture, external CIDR groups).
+    pub moat_policies: BTreeMap<(String, String), MoatPolicy>,
     /// "<file>: <kind> <ns/name>: <reason>"
     pub rejected: Vec<String>,
 }
@@ -67,7 +69,8 @@ struct PodObject {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct PodStatus {
-    #[serde(default)]
+    // Kubernetes spells it podIPs, which camelCase would not produce.
+    #[serde(default, rename = "podIPs")]
     pod_ips: Vec<PodIp>,
 }
 
@@ -213,6 +216,13 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
         Some("NetworkPolicy") => {
             let policy = NetworkPolicy::from_value(json).map_err(|e| e.to_string())?;
             out.policies.insert(
+                (policy.namespace().to_string(), policy.name().to_string()),
+                policy,
+            );
+        }
+        Some("MoatPolicy") => {
+            let policy = MoatPolicy::from_value(json).map_err(|e| e.to_string())?;
+            out.moat_policies.insert(
                 (policy.namespace().to_string(), policy.name().to_string()),
                 policy,
             );

@@ -20,6 +20,7 @@ use crate::{
     api::{Request, Response},
     daemon::Daemon,
     local,
+    metrics::{self, EventKind},
 };
 
 pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
@@ -34,7 +35,52 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The peer's uid from the kernel (SO_PEERCRED): who connected, whatever the socket's mode.
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)?;
+    Ok(creds.uid())
+}
+
+/// The answer to a client that is not root: one error line, after reading its request (so
+/// that closing does not reset the connection under an unread request).
+fn refuse(stream: UnixStream, uid: u32) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut writer = stream.try_clone()?;
+    let mut line = String::new();
+    let _ = BufReader::new(stream).read_line(&mut line);
+    let response = Response::Error {
+        message: format!(
+            "permission denied: moatd's API accepts only root (uid 0); this client runs as \
+             uid {uid}"
+        ),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    writer.write_all(&out)?;
+    Ok(())
+}
+
+fn latency_kind(request: &Request) -> Option<EventKind> {
+    match request {
+        Request::Register { .. } => Some(EventKind::Register),
+        Request::Unregister { .. } => Some(EventKind::Unregister),
+        _ => None,
+    }
+}
+
 fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
+    match peer_uid(&stream) {
+        Ok(0) => {}
+        Ok(uid) => {
+            warn!(uid, "refused a local API client that is not root");
+            return refuse(stream, uid);
+        }
+        Err(e) => {
+            warn!(error = %e, "refused a local API client: no peer credentials");
+            return refuse(stream, u32::MAX);
+        }
+    }
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let reader = BufReader::new(stream);
@@ -45,12 +91,17 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
         }
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
+                // From the request's arrival (lock wait included) to the maps updated.
                 let started = Instant::now();
+                let kind = latency_kind(&request);
                 let response = daemon.lock().expect("daemon lock").handle(request);
-                debug!(
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "request served"
-                );
+                let elapsed = started.elapsed();
+                if let Some(kind) = kind
+                    && !matches!(response, Response::Error { .. })
+                {
+                    metrics::global().observe_event(kind, elapsed);
+                }
+                debug!(elapsed_us = elapsed.as_micros() as u64, "request served");
                 response
             }
             Err(e) => Response::Error {
@@ -80,8 +131,8 @@ pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
     }
 }
 
-/// Polls the local datastore directory and reloads on change; resyncs the maps against the
-/// kernel every `resync` to heal any drift.
+/// Polls the local datastore directory (and the Kubernetes datastore's generation) and
+/// reloads on change; resyncs the maps against the kernel every `resync` to heal any drift.
 pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
     let mut last_resync = Instant::now();
     loop {
@@ -92,9 +143,27 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
             .policy_dir()
             .to_path_buf();
         let fingerprint = local::fingerprint(&dir);
+        let detected = Instant::now();
         let mut d = daemon.lock().expect("daemon lock");
-        if fingerprint != d.fingerprint {
+        let source_generation = d.source_generation();
+        let source_changed = source_generation.is_some_and(|g| g != d.applied_source_generation);
+        // The directory only matters for the local datastore.
+        let dir_changed = source_generation.is_none() && fingerprint != d.fingerprint;
+        if dir_changed || source_changed {
+            // The event happened when the newest file was written (local datastore), or at
+            // the latest when this poll saw it.
+            let since_write = if source_changed {
+                None
+            } else {
+                newest_write_age(&dir)
+            };
             d.reload_objects();
+            let applied = detected.elapsed();
+            let latency = since_write
+                .map(|age| age + applied)
+                .filter(|l| *l <= applied + poll * 2)
+                .unwrap_or(applied);
+            metrics::global().observe_event(EventKind::Datastore, latency);
         }
         if last_resync.elapsed() >= resync {
             last_resync = Instant::now();
@@ -107,6 +176,18 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
             }
         }
     }
+}
+
+/// How long ago the newest object file in `dir` was written (as of the poll that saw it).
+fn newest_write_age(dir: &Path) -> Option<Duration> {
+    // The directory's own mtime moves on create, rename and delete.
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .chain(std::fs::metadata(dir).and_then(|m| m.modified()))
+        .max()?;
+    std::time::SystemTime::now().duration_since(newest).ok()
 }
 
 /// Drains the datapath's event ring into the flow journal, explaining each event.
@@ -147,6 +228,7 @@ pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
             let d = daemon.lock().expect("daemon lock");
             events.iter().map(|e| d.describe(e, mono, wall)).collect()
         };
+        metrics::global().journaled(&records);
         if let Err(e) = journal.append(&records) {
             warn!(error = %e, "writing flow journal");
         }

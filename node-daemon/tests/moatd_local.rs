@@ -3,147 +3,19 @@
 //! apply live, a bad object is rejected while the last good state keeps enforcing, and a
 //! killed daemon leaves enforcement running and adopts it again on restart.
 
+mod support_moatd;
+
 use std::{
     net::IpAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use moat_datapath::{
-    PinDir, attach_endpoint, is_attached,
+    is_attached,
     lab::{Lab, LabPod, probe},
 };
-use moatd::api::{self, EndpointSpec, Request, Response};
-
-const SHORT: Duration = Duration::from_millis(700);
-const LONG: Duration = Duration::from_secs(3);
-
-/// A running moatd, killed when dropped (also when a test fails).
-struct Daemon(Child);
-
-impl Daemon {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Env {
-    root: PathBuf,
-    dir: tempfile::TempDir,
-    pin_root: PathBuf,
-}
-
-impl Env {
-    fn new(tag: &str) -> Self {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "run as root (make test does)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/moat-test/{tag}{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin_root);
-        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-        Self {
-            root: dir.path().to_path_buf(),
-            dir,
-            pin_root,
-        }
-    }
-    fn socket(&self) -> PathBuf {
-        self.root.join("moatd.sock")
-    }
-    fn policies(&self) -> PathBuf {
-        self.root.join("policies")
-    }
-    fn pending(&self) -> PathBuf {
-        self.root.join("pending")
-    }
-    fn pins(&self) -> PinDir {
-        PinDir::new(&self.pin_root)
-    }
-
-    fn start(&self) -> Daemon {
-        let daemon = Daemon(
-            Command::new(env!("CARGO_BIN_EXE_moatd"))
-                .arg("--policy-dir")
-                .arg(self.policies())
-                .arg("--state-dir")
-                .arg(self.root.join("state"))
-                .arg("--socket")
-                .arg(self.socket())
-                .arg("--pending-dir")
-                .arg(self.pending())
-                .arg("--pin-root")
-                .arg(&self.pin_root)
-                .arg("--poll-ms")
-                .arg("100")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if api::call(&self.socket(), &Request::Status, Duration::from_secs(2)).is_ok() {
-                return daemon;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("moatd did not become ready");
-    }
-
-    fn call(&self, request: Request) -> Response {
-        api::call(&self.socket(), &request, Duration::from_secs(10)).unwrap()
-    }
-
-    fn status(&self) -> api::DaemonStatus {
-        match self.call(Request::Status) {
-            Response::Status(s) => s,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn write(&self, file: &str, yaml: &str) {
-        let tmp = self.policies().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(tmp, self.policies().join(file)).unwrap();
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_root);
-        let _ = &self.dir;
-    }
-}
-
-fn register(env: &Env, pod: &LabPod, namespace: &str) -> api::Registered {
-    let spec = EndpointSpec {
-        container_id: format!("cid-{}", pod.name),
-        ifname: "eth0".into(),
-        netns: format!("/run/netns/{}", pod.netns),
-        host_ifname: pod.host_if.clone(),
-        host_ifindex: pod.ifindex,
-        ips: pod.addrs().to_vec(),
-        pod_namespace: namespace.into(),
-        pod_name: pod.name.clone(),
-        pod_uid: None,
-    };
-    let r = match env.call(Request::Register { endpoint: spec }) {
-        Response::Registered(r) => r,
-        other => panic!("{other:?}"),
-    };
-    attach_endpoint(&env.pins(), &pod.host_if).unwrap();
-    r
-}
+use moatd::api;
+use support_moatd::{Env, LONG, SHORT, register};
 
 fn pod_yaml(name: &str, app: &str, extra: &str) -> String {
     format!(

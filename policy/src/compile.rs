@@ -32,7 +32,9 @@ use crate::identity::{
     CanonicalKey, HashedIds, IDENTITY_END, Identity, IdentityRegistry, SecurityLabels,
 };
 use crate::labels::LabelSet;
+use crate::moatpolicy::{Mode, NormalizedMoatPolicy};
 use crate::netpol::{Direction, NormalizedPolicy, Peer, PortSpec, Protocol, Rule};
+use crate::selector::LabelSelector;
 
 /// Port ranges up to this many ports become exact MOAT_POLICY entries (one hash lookup in the
 /// datapath instead of a range scan); longer ones go to MOAT_PORTRANGES.
@@ -97,7 +99,27 @@ pub struct ClusterInputs {
     pub namespaces: BTreeMap<String, LabelSet>,
     pub pods: BTreeMap<PodRef, Pod>,
     pub policies: BTreeMap<(String, String), NormalizedPolicy>,
+    pub moat_policies: BTreeMap<(String, String), NormalizedMoatPolicy>,
     pub host_ips: BTreeSet<IpAddr>,
+}
+
+/// Which kind of object a policy (and its rules) comes from.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum PolicyKind {
+    #[default]
+    NetworkPolicy,
+    MoatPolicy,
+}
+
+fn in_namespace<'a, V>(
+    map: &'a BTreeMap<(String, String), V>,
+    ns: &'a str,
+) -> impl Iterator<Item = &'a V> + 'a {
+    map.range((ns.to_string(), String::new())..)
+        .take_while(move |((n, _), _)| n == ns)
+        .map(|(_, v)| v)
 }
 
 impl ClusterInputs {
@@ -107,8 +129,48 @@ impl ClusterInputs {
         SecurityLabels::new(&pod.namespace, ns_labels, &pod.labels)
     }
 
+    /// Every policy (NetworkPolicies, then MoatPolicies) in its compiler form.
+    pub fn all_policies(&self) -> impl Iterator<Item = (PolicyKind, &NormalizedPolicy)> {
+        self.policies
+            .values()
+            .map(|p| (PolicyKind::NetworkPolicy, p))
+            .chain(
+                self.moat_policies
+                    .values()
+                    .map(|m| (PolicyKind::MoatPolicy, &m.policy)),
+            )
+    }
+
+    /// The policies of one namespace.
+    pub fn policies_in<'a>(
+        &'a self,
+        ns: &'a str,
+    ) -> impl Iterator<Item = (PolicyKind, &'a NormalizedPolicy)> + 'a {
+        in_namespace(&self.policies, ns)
+            .map(|p| (PolicyKind::NetworkPolicy, p))
+            .chain(
+                in_namespace(&self.moat_policies, ns).map(|m| (PolicyKind::MoatPolicy, &m.policy)),
+            )
+    }
+
+    pub fn policy(&self, kind: PolicyKind, ns: &str, name: &str) -> Option<&NormalizedPolicy> {
+        let key = (ns.to_string(), name.to_string());
+        match kind {
+            PolicyKind::NetworkPolicy => self.policies.get(&key),
+            PolicyKind::MoatPolicy => self.moat_policies.get(&key).map(|m| &m.policy),
+        }
+    }
+
+    /// The pods of one namespace.
+    pub fn pods_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a PodRef> + 'a {
+        self.pods
+            .range(PodRef::new(ns, "")..)
+            .take_while(move |(r, _)| r.namespace == ns)
+            .map(|(r, _)| r)
+    }
+
     pub fn uses_named_ports(&self) -> bool {
-        self.policies.values().any(|p| {
+        self.all_policies().any(|(_, p)| {
             Direction::BOTH.iter().any(|d| {
                 p.rules(*d)
                     .into_iter()
@@ -118,11 +180,23 @@ impl ClusterInputs {
             })
         })
     }
+
+    /// The mode MoatPolicies give a pod: the strictest of those selecting it, if any.
+    pub fn mode_of(&self, pod: &PodRef) -> Option<Mode> {
+        let p = self.pods.get(pod)?;
+        let labels = self.security_labels(p);
+        in_namespace(&self.moat_policies, &pod.namespace)
+            .filter(|m| m.pod_selector.matches(&labels.pod_labels))
+            .filter_map(|m| m.mode)
+            .reduce(Mode::strictest)
+    }
 }
 
 /// Names a compiled rule, for explanations (`rule_id` -> this).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RuleRef {
+    #[serde(default)]
+    pub kind: PolicyKind,
     pub namespace: String,
     pub policy: String,
     pub direction: Direction,
@@ -131,6 +205,9 @@ pub struct RuleRef {
 
 impl std::fmt::Display for RuleRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == PolicyKind::MoatPolicy {
+            write!(f, "MoatPolicy ")?;
+        }
         write!(
             f,
             "{}/{} {}[{}]",
@@ -150,6 +227,11 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
 impl CanonicalKey for RuleRef {
     fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        // NetworkPolicy rules keep the bytes (and so the ids) they had before kinds existed;
+        // MoatPolicy rules start with a length no namespace can have.
+        if self.kind == PolicyKind::MoatPolicy {
+            out.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
         push_str(&mut out, &self.namespace);
         push_str(&mut out, &self.policy);
         out.push(self.direction.as_u8());
@@ -160,12 +242,12 @@ impl CanonicalKey for RuleRef {
 
 /// How one pod resolves the named ports that the ingress policies of its identity use:
 /// (name, protocol) -> port numbers.
-type Resolution = Vec<(String, u8, Vec<u16>)>;
+pub(crate) type Resolution = Vec<(String, u8, Vec<u16>)>;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct VariantKey {
-    identity: u32,
-    resolution: Resolution,
+pub(crate) struct VariantKey {
+    pub identity: u32,
+    pub resolution: Resolution,
 }
 
 impl CanonicalKey for VariantKey {
@@ -230,6 +312,9 @@ pub struct DatapathState {
     pub cidr_v4: BTreeMap<(u32, u8, Ipv4Network), PortRuleSet>,
     pub cidr_v6: BTreeMap<(u32, u8, Ipv6Network), PortRuleSet>,
     pub rules: BTreeMap<u32, RuleRef>,
+    /// Pods whose mode a MoatPolicy sets (strictest wins); other pods keep the daemon's
+    /// default (or their `moat.io/mode` annotation).
+    pub modes: BTreeMap<PodRef, Mode>,
 }
 
 /// LPM key and prefix length (in bits, as the kernel wants it) of a CIDR entry.
@@ -272,8 +357,8 @@ pub fn cidr_key_v6(
 #[derive(Clone, Debug)]
 pub struct Allocators {
     pub identities: IdentityRegistry,
-    rules: HashedIds<RuleRef>,
-    variants: HashedIds<VariantKey>,
+    pub(crate) rules: HashedIds<RuleRef>,
+    pub(crate) variants: HashedIds<VariantKey>,
 }
 
 impl Default for Allocators {
@@ -295,150 +380,381 @@ pub fn compile(inputs: &ClusterInputs) -> Result<DatapathState, Error> {
     compile_with(inputs, &mut Allocators::default())
 }
 
-/// Identities of the current pods, with their labels and pods.
-pub(crate) struct IdentityTable {
+/// The pods of one policy id: the pods of an identity that resolve its ingress named ports
+/// alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Group {
+    pub resolution: Resolution,
+    pub policy_id: u32,
+    pub pods: Vec<PodRef>,
+}
+
+/// One rule's selector peers and the live identities they match (the rule's remotes).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Remotes {
+    pub policy_ns: String,
+    pub peers: Vec<(Option<LabelSelector>, Option<LabelSelector>)>,
+    pub ids: BTreeSet<Identity>,
+}
+
+impl Remotes {
+    pub fn matches(&self, labels: &SecurityLabels) -> bool {
+        self.peers
+            .iter()
+            .any(|(pods, nss)| peer_matches(&self.policy_ns, pods, nss, labels))
+    }
+}
+
+/// Tables derived from the inputs that compilation reads, kept by the engine between events
+/// so that an event recomputes only what it touches.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tables {
     pub by_pod: BTreeMap<PodRef, Identity>,
     pub labels: BTreeMap<Identity, SecurityLabels>,
-    pub pods: BTreeMap<Identity, Vec<PodRef>>,
+    pub pods: BTreeMap<Identity, BTreeSet<PodRef>>,
+    pub by_namespace: BTreeMap<String, BTreeSet<Identity>>,
+    /// Rules with at least one selector peer.
+    pub remotes: BTreeMap<RuleRef, Remotes>,
+    /// Egress rules with a named port (they look at remote pods, not only identities).
+    pub named_egress: BTreeSet<RuleRef>,
+    pub groups: BTreeMap<Identity, Vec<Group>>,
+    /// Which pods claim an address (the first in name order wins the ipcache entry).
+    pub ip_pods: BTreeMap<IpAddr, BTreeSet<PodRef>>,
 }
 
-pub(crate) fn assign_identities(
-    inputs: &ClusterInputs,
-    alloc: &mut Allocators,
-) -> Result<IdentityTable, Error> {
-    let per_pod: Vec<(PodRef, SecurityLabels)> = inputs
-        .pods
+/// The rule refs of a policy with their rules.
+pub(crate) fn rule_refs(
+    kind: PolicyKind,
+    policy: &NormalizedPolicy,
+) -> impl Iterator<Item = (RuleRef, &Rule)> {
+    Direction::BOTH.into_iter().flat_map(move |d| {
+        policy
+            .rules(d)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(move |(i, rule)| {
+                (
+                    RuleRef {
+                        kind,
+                        namespace: policy.namespace.clone(),
+                        policy: policy.name.clone(),
+                        direction: d,
+                        index: i as u32,
+                    },
+                    rule,
+                )
+            })
+    })
+}
+
+pub(crate) fn selector_peers(rule: &Rule) -> Vec<(Option<LabelSelector>, Option<LabelSelector>)> {
+    rule.peers
         .iter()
-        .map(|(r, p)| (r.clone(), inputs.security_labels(p)))
-        .collect();
-    let live: BTreeSet<SecurityLabels> = per_pod.iter().map(|(_, s)| s.clone()).collect();
-    alloc.identities.sync(&live)?;
-    let mut table = IdentityTable {
-        by_pod: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        pods: BTreeMap::new(),
-    };
-    for (r, s) in per_pod {
-        let id = alloc.identities.lookup(&s).expect("synced");
-        table.by_pod.insert(r.clone(), id);
-        table.pods.entry(id).or_default().push(r);
-        table.labels.insert(id, s);
-    }
-    Ok(table)
+        .flatten()
+        .filter_map(|p| match p {
+            Peer::Selector { pods, namespaces } => Some((pods.clone(), namespaces.clone())),
+            Peer::IpBlock { .. } => None,
+        })
+        .collect()
 }
 
-/// ipcache: world for everything, pod addresses, node addresses (host wins a conflict, then
-/// the first pod in name order, so the result never depends on event order).
-pub(crate) fn compile_ipcache(
-    inputs: &ClusterInputs,
-    ids: &IdentityTable,
-) -> BTreeMap<IpNetwork, Identity> {
-    let mut out = BTreeMap::new();
-    out.insert(
-        IpNetwork::V4(Ipv4Network::new(0.into(), 0).expect("valid")),
-        Identity::WORLD,
-    );
-    out.insert(
-        IpNetwork::V6(Ipv6Network::new(0.into(), 0).expect("valid")),
-        Identity::WORLD,
-    );
-    for (r, pod) in &inputs.pods {
-        for ip in &pod.ips {
-            out.entry(IpNetwork::from(*ip)).or_insert(ids.by_pod[r]);
+pub(crate) fn has_named_port(rule: &Rule) -> bool {
+    rule.ports
+        .iter()
+        .any(|p| matches!(p.port, PortSpec::Named(_)))
+}
+
+impl Tables {
+    pub fn add_pod(&mut self, r: &PodRef, id: Identity, labels: &SecurityLabels, ips: &[IpAddr]) {
+        self.by_pod.insert(r.clone(), id);
+        self.pods.entry(id).or_default().insert(r.clone());
+        self.labels.entry(id).or_insert_with(|| labels.clone());
+        self.by_namespace
+            .entry(labels.namespace.clone())
+            .or_default()
+            .insert(id);
+        for ip in ips {
+            self.ip_pods.entry(*ip).or_default().insert(r.clone());
         }
     }
-    for ip in &inputs.host_ips {
-        out.insert(IpNetwork::from(*ip), Identity::HOST);
+
+    /// Forgets a pod; returns its identity and whether that identity has no pod left (its
+    /// labels and groups stay until `remove_identity`).
+    pub fn remove_pod(&mut self, r: &PodRef, ips: &[IpAddr]) -> Option<(Identity, bool)> {
+        for ip in ips {
+            if let Some(set) = self.ip_pods.get_mut(ip) {
+                set.remove(r);
+                if set.is_empty() {
+                    self.ip_pods.remove(ip);
+                }
+            }
+        }
+        let id = self.by_pod.remove(r)?;
+        let pods = self.pods.get_mut(&id).expect("identity of a pod");
+        pods.remove(r);
+        Some((id, pods.is_empty()))
     }
-    out
+
+    pub fn remove_identity(&mut self, id: Identity) -> Option<Vec<Group>> {
+        self.pods.remove(&id);
+        if let Some(l) = self.labels.remove(&id)
+            && let Some(set) = self.by_namespace.get_mut(&l.namespace)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.by_namespace.remove(&l.namespace);
+            }
+        }
+        self.groups.remove(&id)
+    }
+
+    /// Live identities a rule's selector peers match, looked up by namespace first.
+    pub fn match_peers(
+        &self,
+        policy_ns: &str,
+        peers: &[(Option<LabelSelector>, Option<LabelSelector>)],
+    ) -> BTreeSet<Identity> {
+        let mut out = BTreeSet::new();
+        for (pods, nss) in peers {
+            let namespaces: Vec<&BTreeSet<Identity>> = match nss {
+                None => self.by_namespace.get(policy_ns).into_iter().collect(),
+                Some(sel) => self
+                    .by_namespace
+                    .values()
+                    .filter(|ids| {
+                        ids.first()
+                            .is_some_and(|id| sel.matches(&self.labels[id].namespace_labels))
+                    })
+                    .collect(),
+            };
+            for ids in namespaces {
+                out.extend(ids.iter().copied().filter(|id| {
+                    pods.as_ref()
+                        .is_none_or(|sel| sel.matches(&self.labels[id].pod_labels))
+                }));
+            }
+        }
+        out
+    }
+
+    /// Live identities a policy's podSelector selects.
+    pub fn selected_by(&self, ns: &str, selector: &LabelSelector) -> Vec<Identity> {
+        self.by_namespace
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|id| selector.matches(&self.labels[id].pod_labels))
+            .collect()
+    }
+
+    /// Indexes one policy's rules (remotes, named egress).
+    pub fn add_policy_rules(&mut self, kind: PolicyKind, policy: &NormalizedPolicy) {
+        for (r, rule) in rule_refs(kind, policy) {
+            let peers = selector_peers(rule);
+            if !peers.is_empty() {
+                let ids = self.match_peers(&policy.namespace, &peers);
+                self.remotes.insert(
+                    r.clone(),
+                    Remotes {
+                        policy_ns: policy.namespace.clone(),
+                        peers,
+                        ids,
+                    },
+                );
+            }
+            if r.direction == Direction::Egress && has_named_port(rule) {
+                self.named_egress.insert(r);
+            }
+        }
+    }
+
+    pub fn remove_policy_rules(&mut self, kind: PolicyKind, policy: &NormalizedPolicy) {
+        for (r, _) in rule_refs(kind, policy) {
+            self.remotes.remove(&r);
+            self.named_egress.remove(&r);
+        }
+    }
+
+    pub fn endpoint(&self, inputs: &ClusterInputs, r: &PodRef) -> Option<Endpoint> {
+        let pod = inputs.pods.get(r)?;
+        let identity = *self.by_pod.get(r)?;
+        let policy_id = self
+            .groups
+            .get(&identity)
+            .into_iter()
+            .flatten()
+            .find(|g| g.pods.contains(r))
+            .map_or(identity.0, |g| g.policy_id);
+        Some(Endpoint {
+            identity,
+            policy_id,
+            ips: pod.ips.clone(),
+        })
+    }
+
+    /// The ipcache entry of one address: the node wins, then the first pod in name order.
+    pub fn ipcache_entry(&self, inputs: &ClusterInputs, ip: &IpAddr) -> Option<Identity> {
+        if inputs.host_ips.contains(ip) {
+            return Some(Identity::HOST);
+        }
+        let first = self.ip_pods.get(ip)?.first()?;
+        self.by_pod.get(first).copied()
+    }
+}
+
+/// How the pods of an identity resolve the named ports its ingress policies use, smallest
+/// resolution first (that group keeps policy_id = identity).
+pub(crate) fn grouping(
+    inputs: &ClusterInputs,
+    t: &Tables,
+    id: Identity,
+) -> Vec<(Resolution, Vec<PodRef>)> {
+    let names = ingress_named_ports(inputs, &t.labels[&id]);
+    let mut by_resolution: BTreeMap<Resolution, Vec<PodRef>> = BTreeMap::new();
+    for r in t.pods.get(&id).into_iter().flatten() {
+        let pod = &inputs.pods[r];
+        let res: Resolution = names
+            .iter()
+            .map(|(n, p)| (n.clone(), *p, pod.resolve(n, *p).into_iter().collect()))
+            .collect();
+        by_resolution.entry(res).or_default().push(r.clone());
+    }
+    by_resolution.into_iter().collect()
+}
+
+pub(crate) fn variant_keys(
+    id: Identity,
+    groups: &[(Resolution, Vec<PodRef>)],
+) -> impl Iterator<Item = VariantKey> + '_ {
+    groups.iter().skip(1).map(move |(res, _)| VariantKey {
+        identity: id.0,
+        resolution: res.clone(),
+    })
+}
+
+pub(crate) fn assign_groups(
+    variants: &HashedIds<VariantKey>,
+    id: Identity,
+    groups: Vec<(Resolution, Vec<PodRef>)>,
+) -> Vec<Group> {
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (resolution, pods))| {
+            let policy_id = if i == 0 {
+                id.0
+            } else {
+                variants
+                    .get(&VariantKey {
+                        identity: id.0,
+                        resolution: resolution.clone(),
+                    })
+                    .expect("synced")
+            };
+            Group {
+                resolution,
+                policy_id,
+                pods,
+            }
+        })
+        .collect()
+}
+
+/// ipcache: world for every address no longer prefix claims.
+pub(crate) fn world_entries() -> [(IpNetwork, Identity); 2] {
+    [
+        (
+            IpNetwork::V4(Ipv4Network::new(0.into(), 0).expect("valid")),
+            Identity::WORLD,
+        ),
+        (
+            IpNetwork::V6(Ipv6Network::new(0.into(), 0).expect("valid")),
+            Identity::WORLD,
+        ),
+    ]
+}
+
+/// From-scratch build of the tables and the state.
+pub(crate) fn build(
+    inputs: &ClusterInputs,
+    alloc: &mut Allocators,
+) -> Result<(Tables, DatapathState), Error> {
+    let per_pod: Vec<(&PodRef, &Pod, SecurityLabels)> = inputs
+        .pods
+        .iter()
+        .map(|(r, p)| (r, p, inputs.security_labels(p)))
+        .collect();
+    let live: BTreeSet<SecurityLabels> = per_pod.iter().map(|(_, _, s)| s.clone()).collect();
+    alloc.identities.sync(&live)?;
+    let mut t = Tables::default();
+    for (r, p, s) in &per_pod {
+        let id = alloc.identities.lookup(s).expect("synced");
+        t.add_pod(r, id, s, &p.ips);
+    }
+
+    let rule_keys: BTreeSet<RuleRef> = inputs
+        .all_policies()
+        .flat_map(|(k, p)| rule_refs(k, p).map(|(r, _)| r))
+        .collect();
+    alloc.rules.sync(&rule_keys)?;
+    for (kind, p) in inputs.all_policies() {
+        t.add_policy_rules(kind, p);
+    }
+
+    let mut raw = Vec::new();
+    let mut vkeys = BTreeSet::new();
+    for id in t.labels.keys() {
+        let g = grouping(inputs, &t, *id);
+        vkeys.extend(variant_keys(*id, &g));
+        raw.push((*id, g));
+    }
+    alloc.variants.sync(&vkeys)?;
+    for (id, g) in raw {
+        t.groups.insert(id, assign_groups(&alloc.variants, id, g));
+    }
+
+    let mut state = DatapathState {
+        identities: t
+            .labels
+            .iter()
+            .map(|(id, s)| (*id, s.to_label_set()))
+            .collect(),
+        rules: alloc.rules.iter().map(|(k, id)| (id, k.clone())).collect(),
+        ..Default::default()
+    };
+    state.ipcache.extend(world_entries());
+    for ip in t.ip_pods.keys().chain(&inputs.host_ips) {
+        if let Some(id) = t.ipcache_entry(inputs, ip) {
+            state.ipcache.insert(IpNetwork::from(*ip), id);
+        }
+    }
+    for r in inputs.pods.keys() {
+        if let Some(e) = t.endpoint(inputs, r) {
+            state.endpoints.insert(r.clone(), e);
+        }
+        if let Some(m) = inputs.mode_of(r) {
+            state.modes.insert(r.clone(), m);
+        }
+    }
+    let ctx = Ctx {
+        inputs,
+        tables: &t,
+        rule_ids: &alloc.rules,
+        only_remotes: None,
+    };
+    for id in t.labels.keys() {
+        ctx.compile_identity(&mut state, *id)?;
+    }
+    Ok((t, state))
 }
 
 pub fn compile_with(
     inputs: &ClusterInputs,
     alloc: &mut Allocators,
 ) -> Result<DatapathState, Error> {
-    let ids = assign_identities(inputs, alloc)?;
-    let mut state = DatapathState {
-        identities: ids
-            .labels
-            .iter()
-            .map(|(id, s)| (*id, s.to_label_set()))
-            .collect(),
-        ipcache: compile_ipcache(inputs, &ids),
-        ..Default::default()
-    };
-
-    // Rule ids.
-    let mut rule_keys = BTreeSet::new();
-    for policy in inputs.policies.values() {
-        for d in Direction::BOTH {
-            for i in 0..policy.rules(d).map_or(0, |r| r.len()) {
-                rule_keys.insert(RuleRef {
-                    namespace: policy.namespace.clone(),
-                    policy: policy.name.clone(),
-                    direction: d,
-                    index: i as u32,
-                });
-            }
-        }
-    }
-    alloc.rules.sync(&rule_keys)?;
-    state.rules = alloc.rules.iter().map(|(k, id)| (id, k.clone())).collect();
-
-    // Policy ids: per identity, and per named-port resolution when its pods disagree.
-    let mut variant_keys = BTreeSet::new();
-    let mut groups: Vec<(Identity, Resolution, Vec<PodRef>)> = Vec::new();
-    for (id, labels) in &ids.labels {
-        let names = ingress_named_ports(inputs, labels);
-        let mut by_resolution: BTreeMap<Resolution, Vec<PodRef>> = BTreeMap::new();
-        for r in &ids.pods[id] {
-            let pod = &inputs.pods[r];
-            let res: Resolution = names
-                .iter()
-                .map(|(n, p)| (n.clone(), *p, pod.resolve(n, *p).into_iter().collect()))
-                .collect();
-            by_resolution.entry(res).or_default().push(r.clone());
-        }
-        for (i, (res, pods)) in by_resolution.into_iter().enumerate() {
-            if i > 0 {
-                variant_keys.insert(VariantKey {
-                    identity: id.0,
-                    resolution: res.clone(),
-                });
-            }
-            groups.push((*id, res, pods));
-        }
-    }
-    alloc.variants.sync(&variant_keys)?;
-
-    let ctx = Ctx {
-        inputs,
-        ids: &ids,
-        rule_ids: &alloc.rules,
-    };
-    for (id, res, pods) in &groups {
-        let policy_id = alloc
-            .variants
-            .get(&VariantKey {
-                identity: id.0,
-                resolution: res.clone(),
-            })
-            .unwrap_or(id.0);
-        for r in pods {
-            state.endpoints.insert(
-                r.clone(),
-                Endpoint {
-                    identity: *id,
-                    policy_id,
-                    ips: inputs.pods[r].ips.clone(),
-                },
-            );
-        }
-        for d in Direction::BOTH {
-            ctx.compile_policy_id(&mut state, policy_id, &ids.labels[id], res, d)?;
-        }
-    }
-    Ok(state)
+    Ok(build(inputs, alloc)?.1)
 }
 
 /// (name, protocol) of every named port in ingress rules of policies that select `labels`.
@@ -458,19 +774,17 @@ fn selecting<'a>(
     inputs: &'a ClusterInputs,
     labels: &'a SecurityLabels,
     direction: Direction,
-) -> impl Iterator<Item = (&'a (String, String), &'a NormalizedPolicy)> + 'a {
-    inputs.policies.iter().filter(move |(_, p)| {
-        p.namespace == labels.namespace
-            && p.rules(direction).is_some()
-            && p.pod_selector.matches(&labels.pod_labels)
+) -> impl Iterator<Item = (PolicyKind, &'a NormalizedPolicy)> + 'a {
+    inputs.policies_in(&labels.namespace).filter(move |(_, p)| {
+        p.rules(direction).is_some() && p.pod_selector.matches(&labels.pod_labels)
     })
 }
 
 /// Whether a selector peer of a policy in `policy_ns` matches an identity.
-fn peer_matches(
+pub(crate) fn peer_matches(
     policy_ns: &str,
-    pods: &Option<crate::LabelSelector>,
-    namespaces: &Option<crate::LabelSelector>,
+    pods: &Option<LabelSelector>,
+    namespaces: &Option<LabelSelector>,
     labels: &SecurityLabels,
 ) -> bool {
     let ns_ok = match namespaces {
@@ -493,13 +807,28 @@ struct PortMatch {
 
 const ANY_PORT: (u16, u16) = (0, u16::MAX);
 
-struct Ctx<'a> {
-    inputs: &'a ClusterInputs,
-    ids: &'a IdentityTable,
-    rule_ids: &'a HashedIds<RuleRef>,
+pub(crate) struct Ctx<'a> {
+    pub inputs: &'a ClusterInputs,
+    pub tables: &'a Tables,
+    pub rule_ids: &'a HashedIds<RuleRef>,
+    /// When set, only the identity-keyed entries (policy map, port ranges) whose remote
+    /// identity is in the set are produced: what an identity that came or went changes in
+    /// the policy ids that allow it by selector.
+    pub only_remotes: Option<&'a BTreeSet<u32>>,
 }
 
 impl Ctx<'_> {
+    /// Every entry of every policy id of one identity.
+    pub fn compile_identity(&self, state: &mut DatapathState, id: Identity) -> Result<(), Error> {
+        let labels = &self.tables.labels[&id];
+        for g in self.tables.groups.get(&id).into_iter().flatten() {
+            for d in Direction::BOTH {
+                self.compile_policy_id(state, g.policy_id, labels, &g.resolution, d)?;
+            }
+        }
+        Ok(())
+    }
+
     fn compile_policy_id(
         &self,
         state: &mut DatapathState,
@@ -512,19 +841,19 @@ impl Ctx<'_> {
         let mut selected = false;
         let mut cidr_items: Vec<CidrItem> = Vec::new();
         let mut ranges: BTreeMap<PortRangeKey, Vec<PortRule>> = BTreeMap::new();
-        for ((ns, name), policy) in selecting(self.inputs, labels, direction) {
+        for (kind, policy) in selecting(self.inputs, labels, direction) {
             selected = true;
             for (index, rule) in policy.rules(direction).into_iter().flatten().enumerate() {
-                let rule_id = self
-                    .rule_ids
-                    .get(&RuleRef {
-                        namespace: ns.clone(),
-                        policy: name.clone(),
-                        direction,
-                        index: index as u32,
-                    })
-                    .expect("synced");
+                let rule_ref = RuleRef {
+                    kind,
+                    namespace: policy.namespace.clone(),
+                    policy: policy.name.clone(),
+                    direction,
+                    index: index as u32,
+                };
+                let rule_id = self.rule_ids.get(&rule_ref).expect("synced");
                 let mut out = RuleOut {
+                    only_remotes: self.only_remotes,
                     state: &mut *state,
                     ranges: &mut ranges,
                     cidr_items: &mut cidr_items,
@@ -532,16 +861,16 @@ impl Ctx<'_> {
                     dir,
                     rule_id,
                 };
-                self.compile_rule(
-                    &mut out,
-                    &policy.namespace,
-                    rule,
-                    local_resolution,
-                    direction,
-                );
+                self.compile_rule(&mut out, &rule_ref, rule, local_resolution, direction);
             }
         }
+        if self.only_remotes.is_some() {
+            cidr_items.clear();
+        }
         if !selected {
+            if self.only_remotes.is_some_and(|only| !only.contains(&0)) {
+                return Ok(());
+            }
             insert_policy(
                 state,
                 policy_id,
@@ -585,7 +914,7 @@ impl Ctx<'_> {
     fn compile_rule(
         &self,
         out: &mut RuleOut<'_>,
-        policy_ns: &str,
+        rule_ref: &RuleRef,
         rule: &Rule,
         local_resolution: &Resolution,
         direction: Direction,
@@ -631,21 +960,14 @@ impl Ctx<'_> {
         }
 
         // Remote identities from selector peers (None = every remote, the wildcard).
-        let mut remotes: BTreeSet<Identity> = BTreeSet::new();
+        let empty = BTreeSet::new();
+        let remotes: &BTreeSet<Identity> =
+            self.tables.remotes.get(rule_ref).map_or(&empty, |r| &r.ids);
         let mut blocks: Vec<(IpNetwork, Vec<IpNetwork>)> = Vec::new();
         let all_peers = rule.peers.is_none();
         for peer in rule.peers.iter().flatten() {
-            match peer {
-                Peer::Selector { pods, namespaces } => {
-                    remotes.extend(
-                        self.ids
-                            .labels
-                            .iter()
-                            .filter(|(_, l)| peer_matches(policy_ns, pods, namespaces, l))
-                            .map(|(id, _)| *id),
-                    );
-                }
-                Peer::IpBlock { cidr, except } => blocks.push((*cidr, except.clone())),
+            if let Peer::IpBlock { cidr, except } = peer {
+                blocks.push((*cidr, except.clone()));
             }
         }
 
@@ -672,13 +994,13 @@ impl Ctx<'_> {
             return;
         }
         let named_remotes: Vec<Identity> = if all_peers {
-            self.ids.labels.keys().copied().collect()
+            self.tables.labels.keys().copied().collect()
         } else {
             remotes.iter().copied().collect()
         };
         for (name, proto) in &remote_named {
             for id in &named_remotes {
-                let pods = &self.ids.pods[id];
+                let pods = &self.tables.pods[id];
                 let per_pod: Vec<(&PodRef, BTreeSet<u16>)> = pods
                     .iter()
                     .map(|r| (r, self.inputs.pods[r].resolve(name, *proto)))
@@ -757,6 +1079,7 @@ impl Ctx<'_> {
 
 /// Where one rule's entries go.
 struct RuleOut<'a> {
+    only_remotes: Option<&'a BTreeSet<u32>>,
     state: &'a mut DatapathState,
     ranges: &'a mut BTreeMap<PortRangeKey, Vec<PortRule>>,
     cidr_items: &'a mut Vec<CidrItem>,
@@ -780,6 +1103,12 @@ impl RuleOut<'_> {
     /// Identity-keyed entries for one port match: exact keys for single ports, short ranges
     /// and wildcards; a MOAT_PORTRANGES rule for longer ranges.
     fn port_match(&mut self, remote: u32, m: PortMatch) {
+        if self
+            .only_remotes
+            .is_some_and(|only| !only.contains(&remote))
+        {
+            return;
+        }
         let (pid, dir, rid) = (self.policy_id, self.dir, self.rule_id);
         if (m.start, m.end) == ANY_PORT {
             insert_policy(self.state, pid, remote, 0, m.proto, dir, rid);

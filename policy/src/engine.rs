@@ -1,8 +1,25 @@
 //! Incremental compilation: the daemon feeds events, the engine answers with the map writes
 //! and deletes that take the datapath from the previous state to the new one. The engine
 //! keeps the rule that the result always equals a from-scratch `compile` of its inputs (a
-//! property test holds it to that), and it keeps churn cheap: a pod whose label set already
-//! has an identity changes only its endpoint and ipcache entries, without recompiling policy.
+//! property test holds it to that), and it recomputes only what an event touches:
+//!
+//! - Policy entries are keyed by policy id (an identity, or a named-port variant of one), so
+//!   the unit of recompilation is "every policy id of one identity".
+//! - A NetworkPolicy/MoatPolicy add, update or delete recompiles the identities its old and
+//!   new podSelector select; its rule ids and remote-identity sets are recomputed alone.
+//! - A pod whose label set already has an identity changes its endpoint, mode and ipcache
+//!   entries only, unless it changes a named-port resolution (its identity's ingress, or an
+//!   egress rule that resolves named ports on the pods it reaches).
+//! - A pod with a new identity compiles that identity, and the identities selected by the
+//!   policies with a rule whose peer selectors match it (the new remote is added to those
+//!   rules' remote sets); a removed identity is the mirror image.
+//! - A namespace label change re-identifies that namespace's pods: old identities go, new
+//!   ones come, as above (only rules whose namespaceSelector matched or matches recompile).
+//! - Node addresses change ipcache entries only.
+//!
+//! Ids are hashed, and their collision handling is canonical (a function of the live keys);
+//! when an event would renumber a surviving identity, rule or variant (a rare collision
+//! cascade), the engine falls back to a full compile and diff.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -11,13 +28,15 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use moat_common::{PolicyKey, PolicyValue, PortRangeKey, PortRuleSet};
 
 use crate::compile::{
-    Allocators, ClusterInputs, DatapathState, Endpoint, Pod, PodRef, RuleRef, assign_identities,
-    compile_ipcache, compile_with,
+    Allocators, ClusterInputs, Ctx, DatapathState, Endpoint, Group, Pod, PodRef, PolicyKind,
+    RuleRef, Tables, assign_groups, build, grouping, peer_matches, rule_refs, variant_keys,
 };
 use crate::error::Error;
 use crate::identity::{Collision, Identity, SecurityLabels};
 use crate::labels::LabelSet;
-use crate::netpol::NetworkPolicy;
+use crate::moatpolicy::{MoatPolicy, Mode};
+use crate::netpol::{Direction, NetworkPolicy, NormalizedPolicy, Peer};
+use crate::selector::LabelSelector;
 
 /// Writes and deletes for one map.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,6 +96,7 @@ pub struct Delta {
     pub cidr_v4: MapDelta<(u32, u8, Ipv4Network), PortRuleSet>,
     pub cidr_v6: MapDelta<(u32, u8, Ipv6Network), PortRuleSet>,
     pub rules: MapDelta<u32, RuleRef>,
+    pub modes: MapDelta<PodRef, Mode>,
 }
 
 impl Delta {
@@ -90,6 +110,7 @@ impl Delta {
             cidr_v4: MapDelta::between(&old.cidr_v4, &new.cidr_v4),
             cidr_v6: MapDelta::between(&old.cidr_v6, &new.cidr_v6),
             rules: MapDelta::between(&old.rules, &new.rules),
+            modes: MapDelta::between(&old.modes, &new.modes),
         }
     }
 
@@ -102,6 +123,7 @@ impl Delta {
         self.cidr_v4.apply(&mut state.cidr_v4);
         self.cidr_v6.apply(&mut state.cidr_v6);
         self.rules.apply(&mut state.rules);
+        self.modes.apply(&mut state.modes);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,9 +135,10 @@ impl Delta {
             && self.cidr_v4.is_empty()
             && self.cidr_v6.is_empty()
             && self.rules.is_empty()
+            && self.modes.is_empty()
     }
 
-    /// True when only endpoint and ipcache entries change (the cheap-churn case).
+    /// True when only endpoint, mode and ipcache entries change (the cheap-churn case).
     pub fn touches_only_endpoints_and_ipcache(&self) -> bool {
         self.identities.is_empty()
             && self.policy.is_empty()
@@ -131,12 +154,37 @@ impl Delta {
 pub struct Engine {
     inputs: ClusterInputs,
     alloc: Allocators,
+    tables: Tables,
     state: DatapathState,
+}
+
+/// What one event changed in the inputs (the inputs already hold the new values).
+#[derive(Default)]
+struct Change {
+    pods: BTreeSet<PodRef>,
+    /// Changed policies with their previous version.
+    policies: Vec<(PolicyKind, String, String, Option<NormalizedPolicy>)>,
+    /// Namespaces whose pods' modes must be recomputed.
+    mode_namespaces: BTreeSet<String>,
+    /// Addresses whose ipcache entry must be recomputed (beyond the changed pods').
+    ips: BTreeSet<IpAddr>,
 }
 
 impl Engine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An engine holding `inputs`, compiled from scratch (for a start or a resync).
+    pub fn from_inputs(inputs: ClusterInputs) -> Result<Self, Error> {
+        let mut alloc = Allocators::default();
+        let (tables, state) = build(&inputs, &mut alloc)?;
+        Ok(Self {
+            inputs,
+            alloc,
+            tables,
+            state,
+        })
     }
 
     pub fn state(&self) -> &DatapathState {
@@ -154,7 +202,11 @@ impl Engine {
 
     pub fn set_host_ips(&mut self, ips: BTreeSet<IpAddr>) -> Result<Delta, Error> {
         let old = std::mem::replace(&mut self.inputs.host_ips, ips);
-        self.recompile(|inputs| inputs.host_ips = old)
+        let change = Change {
+            ips: old.union(&self.inputs.host_ips).copied().collect(),
+            ..Change::default()
+        };
+        self.apply(change, |inputs| inputs.host_ips = old)
     }
 
     pub fn upsert_namespace(&mut self, name: &str, labels: LabelSet) -> Result<Delta, Error> {
@@ -162,16 +214,29 @@ impl Engine {
         if old.as_ref() == self.inputs.namespaces.get(name) {
             return Ok(Delta::default());
         }
+        let change = self.namespace_change(name);
         let name = name.to_string();
-        self.recompile(move |inputs| restore(&mut inputs.namespaces, name, old))
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.namespaces, name, old)
+        })
     }
 
     pub fn delete_namespace(&mut self, name: &str) -> Result<Delta, Error> {
         let Some(old) = self.inputs.namespaces.remove(name) else {
             return Ok(Delta::default());
         };
+        let change = self.namespace_change(name);
         let name = name.to_string();
-        self.recompile(move |inputs| restore(&mut inputs.namespaces, name, Some(old)))
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.namespaces, name, Some(old))
+        })
+    }
+
+    fn namespace_change(&self, name: &str) -> Change {
+        Change {
+            pods: self.inputs.pods_in(name).cloned().collect(),
+            ..Change::default()
+        }
     }
 
     pub fn upsert_policy(&mut self, policy: &NetworkPolicy) -> Result<Delta, Error> {
@@ -181,7 +246,18 @@ impl Engine {
         if old.as_ref() == self.inputs.policies.get(&key) {
             return Ok(Delta::default());
         }
-        self.recompile(move |inputs| restore(&mut inputs.policies, key, old))
+        let change = Change {
+            policies: vec![(
+                PolicyKind::NetworkPolicy,
+                key.0.clone(),
+                key.1.clone(),
+                old.clone(),
+            )],
+            ..Change::default()
+        };
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.policies, key, old)
+        })
     }
 
     pub fn delete_policy(&mut self, namespace: &str, name: &str) -> Result<Delta, Error> {
@@ -189,7 +265,60 @@ impl Engine {
         let Some(old) = self.inputs.policies.remove(&key) else {
             return Ok(Delta::default());
         };
-        self.recompile(move |inputs| restore(&mut inputs.policies, key, Some(old)))
+        let change = Change {
+            policies: vec![(
+                PolicyKind::NetworkPolicy,
+                key.0.clone(),
+                key.1.clone(),
+                Some(old.clone()),
+            )],
+            ..Change::default()
+        };
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.policies, key, Some(old))
+        })
+    }
+
+    pub fn upsert_moat_policy(&mut self, policy: &MoatPolicy) -> Result<Delta, Error> {
+        let normalized = policy.normalize()?;
+        let key = (normalized.namespace.clone(), normalized.name.clone());
+        let old = self.inputs.moat_policies.insert(key.clone(), normalized);
+        if old.as_ref() == self.inputs.moat_policies.get(&key) {
+            return Ok(Delta::default());
+        }
+        let change = Change {
+            policies: vec![(
+                PolicyKind::MoatPolicy,
+                key.0.clone(),
+                key.1.clone(),
+                old.as_ref().map(|m| m.policy.clone()),
+            )],
+            mode_namespaces: [key.0.clone()].into(),
+            ..Change::default()
+        };
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.moat_policies, key, old)
+        })
+    }
+
+    pub fn delete_moat_policy(&mut self, namespace: &str, name: &str) -> Result<Delta, Error> {
+        let key = (namespace.to_string(), name.to_string());
+        let Some(old) = self.inputs.moat_policies.remove(&key) else {
+            return Ok(Delta::default());
+        };
+        let change = Change {
+            policies: vec![(
+                PolicyKind::MoatPolicy,
+                key.0.clone(),
+                key.1.clone(),
+                Some(old.policy.clone()),
+            )],
+            mode_namespaces: [key.0.clone()].into(),
+            ..Change::default()
+        };
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.moat_policies, key, Some(old))
+        })
     }
 
     pub fn upsert_pod(&mut self, pod: Pod) -> Result<Delta, Error> {
@@ -198,80 +327,63 @@ impl Engine {
         if old.as_ref() == self.inputs.pods.get(&r) {
             return Ok(Delta::default());
         }
-        if let Some(delta) = self.pod_fast_path(&r, old.as_ref())? {
-            return Ok(delta);
-        }
-        self.recompile(move |inputs| restore(&mut inputs.pods, r, old))
+        let change = Change {
+            pods: [r.clone()].into(),
+            ..Change::default()
+        };
+        self.apply(change, move |inputs| restore(&mut inputs.pods, r, old))
     }
 
     pub fn delete_pod(&mut self, pod: &PodRef) -> Result<Delta, Error> {
         let Some(old) = self.inputs.pods.remove(pod) else {
             return Ok(Delta::default());
         };
-        if let Some(delta) = self.pod_fast_path(pod, Some(&old))? {
-            return Ok(delta);
-        }
-        let r = pod.clone();
-        self.recompile(move |inputs| restore(&mut inputs.pods, r, Some(old)))
-    }
-
-    /// A pod event that leaves the set of live label sets unchanged, with no named ports in
-    /// any policy, cannot change policy entries: only its endpoint and the ipcache move.
-    fn pod_fast_path(&mut self, r: &PodRef, old: Option<&Pod>) -> Result<Option<Delta>, Error> {
-        if self.inputs.uses_named_ports() {
-            return Ok(None);
-        }
-        let live: BTreeSet<SecurityLabels> = self
-            .inputs
-            .pods
-            .values()
-            .map(|p| self.inputs.security_labels(p))
-            .collect();
-        let new_labels = self
-            .inputs
-            .pods
-            .get(r)
-            .map(|p| self.inputs.security_labels(p));
-        let old_labels = old.map(|p| self.inputs.security_labels(p));
-        let known = |l: &Option<SecurityLabels>| {
-            l.as_ref()
-                .is_none_or(|l| self.alloc.identities.lookup(l).is_some())
+        let change = Change {
+            pods: [pod.clone()].into(),
+            ..Change::default()
         };
-        let still_live = |l: &Option<SecurityLabels>| l.as_ref().is_none_or(|l| live.contains(l));
-        if !(known(&new_labels) && still_live(&old_labels)) {
-            return Ok(None);
-        }
-        let ids = assign_identities(&self.inputs, &mut self.alloc)?;
-        let mut next = self.state.clone();
-        next.ipcache = compile_ipcache(&self.inputs, &ids);
-        next.endpoints.remove(r);
-        if let Some(pod) = self.inputs.pods.get(r) {
-            let identity = ids.by_pod[r];
-            next.endpoints.insert(
-                r.clone(),
-                Endpoint {
-                    identity,
-                    policy_id: identity.0,
-                    ips: pod.ips.clone(),
-                },
-            );
-        }
-        let delta = Delta::between(&self.state, &next);
-        self.state = next;
-        Ok(Some(delta))
+        let r = pod.clone();
+        self.apply(change, move |inputs| {
+            restore(&mut inputs.pods, r, Some(old))
+        })
     }
 
-    /// Full compile and diff. On error the input change is undone (via `undo`), so the engine
-    /// keeps describing what is in the maps.
-    fn recompile(&mut self, undo: impl FnOnce(&mut ClusterInputs)) -> Result<Delta, Error> {
-        match compile_with(&self.inputs, &mut self.alloc) {
-            Ok(next) => {
+    /// Applies a change incrementally (or, after an id renumbering, by a full compile and
+    /// diff). On error the input change is undone (via `undo`), so the engine keeps
+    /// describing what is in the maps.
+    fn apply(
+        &mut self,
+        change: Change,
+        undo: impl FnOnce(&mut ClusterInputs),
+    ) -> Result<Delta, Error> {
+        let outcome = step(
+            &self.inputs,
+            &mut self.alloc,
+            &mut self.tables,
+            &self.state,
+            &change,
+        );
+        let outcome = match outcome {
+            Ok(Some(delta)) => Ok(delta),
+            Ok(None) => build(&self.inputs, &mut self.alloc).map(|(tables, next)| {
                 let delta = Delta::between(&self.state, &next);
-                self.state = next;
+                self.tables = tables;
+                delta
+            }),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(delta) => {
+                delta.apply(&mut self.state);
                 Ok(delta)
             }
             Err(e) => {
                 undo(&mut self.inputs);
+                // The tables and allocators may be half-updated: rebuild them.
+                let (tables, state) =
+                    build(&self.inputs, &mut self.alloc).expect("the previous inputs compiled");
+                debug_assert!(state == self.state, "undo restores the previous state");
+                self.tables = tables;
                 Err(e)
             }
         }
@@ -287,4 +399,407 @@ fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, old: Option<V>) {
             map.remove(&key);
         }
     }
+}
+
+/// Copies every policy, port-range and CIDR entry of one policy id.
+fn copy_policy_id(from: &DatapathState, pid: u32, to: &mut DatapathState) {
+    let lo = PolicyKey {
+        policy_id: pid,
+        ..PolicyKey::default()
+    };
+    let hi = PolicyKey {
+        policy_id: pid,
+        remote_identity: u32::MAX,
+        dport: u16::MAX,
+        proto: u8::MAX,
+        direction: u8::MAX,
+    };
+    to.policy
+        .extend(from.policy.range(lo..=hi).map(|(k, v)| (*k, *v)));
+    let lo = PortRangeKey {
+        policy_id: pid,
+        ..PortRangeKey::default()
+    };
+    let hi = PortRangeKey {
+        policy_id: pid,
+        remote_identity: u32::MAX,
+        proto: u8::MAX,
+        direction: u8::MAX,
+        _pad: [u8::MAX; 2],
+    };
+    to.port_ranges
+        .extend(from.port_ranges.range(lo..=hi).map(|(k, v)| (*k, *v)));
+    let v4 = |a: u32, p: u8| Ipv4Network::new(a.into(), p).expect("valid");
+    to.cidr_v4.extend(
+        from.cidr_v4
+            .range((pid, 0, v4(0, 0))..=(pid, u8::MAX, v4(u32::MAX, 32)))
+            .map(|(k, v)| (*k, *v)),
+    );
+    let v6 = |a: u128, p: u8| Ipv6Network::new(a.into(), p).expect("valid");
+    to.cidr_v6.extend(
+        from.cidr_v6
+            .range((pid, 0, v6(0, 0))..=(pid, u8::MAX, v6(u128::MAX, 128)))
+            .map(|(k, v)| (*k, *v)),
+    );
+}
+
+/// Copies the policy and port-range entries of one policy id for one remote identity.
+fn copy_remote_entries(from: &DatapathState, pid: u32, remote: u32, to: &mut DatapathState) {
+    let lo = PolicyKey {
+        policy_id: pid,
+        remote_identity: remote,
+        ..PolicyKey::default()
+    };
+    let hi = PolicyKey {
+        policy_id: pid,
+        remote_identity: remote,
+        dport: u16::MAX,
+        proto: u8::MAX,
+        direction: u8::MAX,
+    };
+    to.policy
+        .extend(from.policy.range(lo..=hi).map(|(k, v)| (*k, *v)));
+    let lo = PortRangeKey {
+        policy_id: pid,
+        remote_identity: remote,
+        ..PortRangeKey::default()
+    };
+    let hi = PortRangeKey {
+        policy_id: pid,
+        remote_identity: remote,
+        proto: u8::MAX,
+        direction: u8::MAX,
+        _pad: [u8::MAX; 2],
+    };
+    to.port_ranges
+        .extend(from.port_ranges.range(lo..=hi).map(|(k, v)| (*k, *v)));
+}
+
+fn pids(groups: &[Group]) -> impl Iterator<Item = u32> + '_ {
+    groups.iter().map(|g| g.policy_id)
+}
+
+/// One incremental step: updates the tables and allocators for `ch` and returns the delta
+/// from `state`, or None when an id was renumbered and a full compile is needed.
+fn step(
+    inputs: &ClusterInputs,
+    alloc: &mut Allocators,
+    t: &mut Tables,
+    state: &DatapathState,
+    ch: &Change,
+) -> Result<Option<Delta>, Error> {
+    // 1. Pods and identities. `touched`: identities that lose or gain a pod, with their
+    // labels (before and after), for the rules that look at remote pods.
+    let mut ip_keys: BTreeSet<IpAddr> = ch.ips.clone();
+    let mut pod_ips: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut touched: BTreeMap<Identity, Vec<SecurityLabels>> = BTreeMap::new();
+    let mut emptied: BTreeMap<SecurityLabels, Identity> = BTreeMap::new();
+    for r in &ch.pods {
+        let ips = state
+            .endpoints
+            .get(r)
+            .map(|e| e.ips.clone())
+            .unwrap_or_default();
+        pod_ips.extend(&ips);
+        if let Some((id, last)) = t.remove_pod(r, &ips) {
+            let labels = t.labels[&id].clone();
+            if last {
+                emptied.insert(labels.clone(), id);
+            }
+            touched.entry(id).or_default().push(labels);
+        }
+    }
+    let mut added = BTreeSet::new();
+    let mut arriving = Vec::new();
+    for r in &ch.pods {
+        let Some(pod) = inputs.pods.get(r) else {
+            continue;
+        };
+        let s = inputs.security_labels(pod);
+        if emptied.remove(&s).is_none() && alloc.identities.lookup(&s).is_none() {
+            added.insert(s.clone());
+        }
+        pod_ips.extend(&pod.ips);
+        arriving.push((r, pod, s));
+    }
+    ip_keys.extend(&pod_ips);
+    let removed: BTreeSet<SecurityLabels> = emptied.keys().cloned().collect();
+    if !alloc.identities.update(&added, &removed)? {
+        return Ok(None);
+    }
+    let removed_ids: Vec<Identity> = emptied.values().copied().collect();
+    // Groups before this step, of every identity whose groups change.
+    let mut old_groups: BTreeMap<Identity, Vec<Group>> = BTreeMap::new();
+    for id in &removed_ids {
+        old_groups.insert(*id, t.remove_identity(*id).unwrap_or_default());
+    }
+    let mut added_ids = BTreeSet::new();
+    for (r, pod, s) in arriving {
+        let id = alloc.identities.lookup(&s).expect("updated");
+        if added.contains(&s) {
+            added_ids.insert(id);
+        }
+        t.add_pod(r, id, &s, &pod.ips);
+        touched.entry(id).or_default().push(s);
+    }
+
+    // 2. Changed policies: rule ids, remote sets; old and new selections are dirty.
+    let mut rules_old = BTreeMap::new();
+    let mut rules_new = BTreeMap::new();
+    let mut dirty_selectors: Vec<(&str, LabelSelector)> = Vec::new();
+    for (kind, ns, name, old) in &ch.policies {
+        let new = inputs.policy(*kind, ns, name);
+        let refs = |p: Option<&NormalizedPolicy>| -> BTreeSet<RuleRef> {
+            p.into_iter()
+                .flat_map(|p| rule_refs(*kind, p).map(|(r, _)| r))
+                .collect()
+        };
+        let (old_refs, new_refs) = (refs(old.as_ref()), refs(new));
+        let gone: BTreeSet<RuleRef> = old_refs.difference(&new_refs).cloned().collect();
+        let fresh: BTreeSet<RuleRef> = new_refs.difference(&old_refs).cloned().collect();
+        for r in &gone {
+            rules_old.insert(alloc.rules.get(r).expect("live rule"), r.clone());
+        }
+        if !alloc.rules.update(&fresh, &gone)? {
+            return Ok(None);
+        }
+        for r in &fresh {
+            rules_new.insert(alloc.rules.get(r).expect("updated"), r.clone());
+        }
+        if let Some(o) = old {
+            t.remove_policy_rules(*kind, o);
+            dirty_selectors.push((ns, o.pod_selector.clone()));
+        }
+        if let Some(n) = new {
+            t.add_policy_rules(*kind, n);
+            dirty_selectors.push((ns, n.pod_selector.clone()));
+        }
+    }
+
+    // 3. Identities that came or went change the remote sets of the rules that match them;
+    // the policy ids those rules apply to need their entries for these remotes only.
+    let mut dirty_policies: BTreeSet<(PolicyKind, &str, &str)> = BTreeSet::new();
+    let mut remote_changes: BTreeMap<(PolicyKind, &str, &str), BTreeSet<u32>> = BTreeMap::new();
+    if !added_ids.is_empty() || !removed_ids.is_empty() {
+        let Tables {
+            remotes, labels, ..
+        } = &mut *t;
+        for (rref, rem) in remotes.iter_mut() {
+            let mut changed = Vec::new();
+            for id in &removed_ids {
+                if rem.ids.remove(id) {
+                    changed.push(id.0);
+                }
+            }
+            for id in &added_ids {
+                if rem.matches(&labels[id]) && rem.ids.insert(*id) {
+                    changed.push(id.0);
+                }
+            }
+            if !changed.is_empty() {
+                let p = inputs
+                    .policy(rref.kind, &rref.namespace, &rref.policy)
+                    .expect("indexed rule of a live policy");
+                remote_changes
+                    .entry((rref.kind, &p.namespace, &p.name))
+                    .or_default()
+                    .extend(changed);
+            }
+        }
+    }
+
+    // 4. Egress rules with named ports look at the pods they reach.
+    if !touched.is_empty() {
+        for rref in &t.named_egress {
+            let p = inputs
+                .policy(rref.kind, &rref.namespace, &rref.policy)
+                .expect("indexed rule of a live policy");
+            let rule = &p.rules(Direction::Egress).expect("egress rule")[rref.index as usize];
+            let hit = match &rule.peers {
+                None => true,
+                Some(peers) => peers.iter().any(|peer| match peer {
+                    Peer::Selector { pods, namespaces } => touched
+                        .values()
+                        .flatten()
+                        .any(|l| peer_matches(&p.namespace, pods, namespaces, l)),
+                    Peer::IpBlock { cidr, .. } => pod_ips.iter().any(|ip| cidr.contains(*ip)),
+                }),
+            };
+            if hit {
+                dirty_policies.insert((rref.kind, &p.namespace, &p.name));
+            }
+        }
+    }
+
+    // 5. Named-port groups of the identities whose pods or selecting policies changed.
+    let mut regroup: BTreeSet<Identity> = touched
+        .keys()
+        .copied()
+        .filter(|id| t.labels.contains_key(id))
+        .collect();
+    let mut dirty_ids: BTreeSet<Identity> = added_ids.clone();
+    for (ns, sel) in &dirty_selectors {
+        let selected = t.selected_by(ns, sel);
+        regroup.extend(selected.iter().copied());
+        dirty_ids.extend(selected);
+    }
+    let mut raw = Vec::new();
+    let mut vadd = BTreeSet::new();
+    let mut vremove = BTreeSet::new();
+    for id in &removed_ids {
+        vremove.extend(
+            old_groups[id]
+                .iter()
+                .skip(1)
+                .map(|g| crate::compile::VariantKey {
+                    identity: id.0,
+                    resolution: g.resolution.clone(),
+                }),
+        );
+    }
+    for id in &regroup {
+        let g = grouping(inputs, t, *id);
+        let new_keys: BTreeSet<_> = variant_keys(*id, &g).collect();
+        for old in t.groups.get(id).into_iter().flatten().skip(1) {
+            let k = crate::compile::VariantKey {
+                identity: id.0,
+                resolution: old.resolution.clone(),
+            };
+            if !new_keys.contains(&k) {
+                vremove.insert(k);
+            }
+        }
+        vadd.extend(new_keys);
+        raw.push((*id, g));
+    }
+    let both: Vec<_> = vadd.intersection(&vremove).cloned().collect();
+    for k in both {
+        vadd.remove(&k);
+        vremove.remove(&k);
+    }
+    vadd.retain(|k| alloc.variants.get(k).is_none());
+    if !alloc.variants.update(&vadd, &vremove)? {
+        return Ok(None);
+    }
+    let mut ep_pods: BTreeSet<PodRef> = ch.pods.clone();
+    for (id, g) in raw {
+        let groups = assign_groups(&alloc.variants, id, g);
+        ep_pods.extend(t.pods.get(&id).into_iter().flatten().cloned());
+        let old = t.groups.insert(id, groups);
+        let new = &t.groups[&id];
+        let same = old.as_ref().is_some_and(|o| {
+            o.len() == new.len()
+                && o.iter()
+                    .zip(new)
+                    .all(|(a, b)| a.policy_id == b.policy_id && a.resolution == b.resolution)
+        });
+        if !same {
+            dirty_ids.insert(id);
+            old_groups
+                .entry(id)
+                .or_insert_with(|| old.unwrap_or_default());
+        }
+    }
+
+    // 6. Recompile the dirty identities in full, and the remote-keyed entries of the
+    // identities that only saw remotes come or go.
+    for (kind, ns, name) in &dirty_policies {
+        if let Some(p) = inputs.policy(*kind, ns, name) {
+            dirty_ids.extend(t.selected_by(ns, &p.pod_selector));
+        }
+    }
+    dirty_ids.retain(|id| t.labels.contains_key(id));
+    let mut partial: BTreeMap<Identity, BTreeSet<u32>> = BTreeMap::new();
+    for ((kind, ns, name), remotes) in &remote_changes {
+        if dirty_policies.contains(&(*kind, ns, name)) {
+            continue;
+        }
+        let p = inputs.policy(*kind, ns, name).expect("live policy");
+        for id in t.selected_by(ns, &p.pod_selector) {
+            if !dirty_ids.contains(&id) {
+                partial.entry(id).or_default().extend(remotes);
+            }
+        }
+    }
+    let mut policy_ids: BTreeSet<u32> = BTreeSet::new();
+    for groups in old_groups.values() {
+        policy_ids.extend(pids(groups));
+    }
+    for id in &dirty_ids {
+        policy_ids.extend(pids(&t.groups[id]));
+    }
+    let mut old_sub = DatapathState::default();
+    for pid in &policy_ids {
+        copy_policy_id(state, *pid, &mut old_sub);
+    }
+    let mut new_sub = DatapathState::default();
+    let ctx = Ctx {
+        inputs,
+        tables: t,
+        rule_ids: &alloc.rules,
+        only_remotes: None,
+    };
+    for id in &dirty_ids {
+        ctx.compile_identity(&mut new_sub, *id)?;
+    }
+    for (id, remotes) in &partial {
+        for pid in pids(&t.groups[id]) {
+            for remote in remotes {
+                copy_remote_entries(state, pid, *remote, &mut old_sub);
+            }
+        }
+        let ctx = Ctx {
+            only_remotes: Some(remotes),
+            ..ctx
+        };
+        ctx.compile_identity(&mut new_sub, *id)?;
+    }
+
+    // 7. Endpoints, ipcache, identities, modes of what changed.
+    for r in &ep_pods {
+        if let Some(e) = state.endpoints.get(r) {
+            old_sub.endpoints.insert(r.clone(), e.clone());
+        }
+        if let Some(e) = t.endpoint(inputs, r) {
+            new_sub.endpoints.insert(r.clone(), e);
+        }
+    }
+    for ip in &ip_keys {
+        let net = IpNetwork::from(*ip);
+        if let Some(id) = state.ipcache.get(&net) {
+            old_sub.ipcache.insert(net, *id);
+        }
+        if let Some(id) = t.ipcache_entry(inputs, ip) {
+            new_sub.ipcache.insert(net, id);
+        }
+    }
+    for id in removed_ids.iter().chain(&added_ids) {
+        if let Some(l) = state.identities.get(id) {
+            old_sub.identities.insert(*id, l.clone());
+        }
+        if let Some(l) = t.labels.get(id) {
+            new_sub.identities.insert(*id, l.to_label_set());
+        }
+    }
+    // The world entries, on the first event of an empty engine.
+    for (net, id) in crate::compile::world_entries() {
+        if state.ipcache.get(&net) != Some(&id) {
+            new_sub.ipcache.insert(net, id);
+        }
+    }
+    let mut mode_pods: BTreeSet<&PodRef> = ch.pods.iter().collect();
+    for ns in &ch.mode_namespaces {
+        mode_pods.extend(inputs.pods_in(ns));
+    }
+    for r in mode_pods {
+        if let Some(m) = state.modes.get(r) {
+            old_sub.modes.insert(r.clone(), *m);
+        }
+        if let Some(m) = inputs.mode_of(r) {
+            new_sub.modes.insert(r.clone(), m);
+        }
+    }
+    let mut delta = Delta::between(&old_sub, &new_sub);
+    delta.rules = MapDelta::between(&rules_old, &rules_new);
+    Ok(Some(delta))
 }

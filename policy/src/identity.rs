@@ -5,6 +5,7 @@
 //! engine agrees with a from-scratch compile.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +141,8 @@ pub struct HashedIds<K: CanonicalKey> {
     end: u64,
     ids: BTreeMap<K, (u32, u32)>,
     owners: BTreeMap<u32, K>,
-    salted: usize,
+    /// Keys that did not get their unsalted id (few: only collisions).
+    salted: BTreeSet<K>,
     collisions: Vec<Collision<K>>,
 }
 
@@ -152,7 +154,7 @@ impl<K: CanonicalKey> HashedIds<K> {
             end,
             ids: BTreeMap::new(),
             owners: BTreeMap::new(),
-            salted: 0,
+            salted: BTreeSet::new(),
             collisions: Vec::new(),
         }
     }
@@ -178,48 +180,127 @@ impl<K: CanonicalKey> HashedIds<K> {
         &self.collisions
     }
 
-    /// Makes `live` the set of keys with ids. Without collisions this is a cheap add/remove;
-    /// with any salted key around, the whole space is reassigned in sorted key order so that
-    /// the result is the same however we got here.
+    /// Makes `live` the set of keys with ids (see `update`).
     pub fn sync(&mut self, live: &BTreeSet<K>) -> Result<(), Error> {
-        let gone: Vec<K> = self
+        let gone: BTreeSet<K> = self
             .ids
             .keys()
             .filter(|k| !live.contains(*k))
             .cloned()
             .collect();
-        let new: Vec<&K> = live.iter().filter(|k| !self.ids.contains_key(*k)).collect();
-        if gone.is_empty() && new.is_empty() {
-            return Ok(());
+        let new: BTreeSet<K> = live
+            .iter()
+            .filter(|k| !self.ids.contains_key(*k))
+            .cloned()
+            .collect();
+        self.update(&new, &gone).map(|_| ())
+    }
+
+    /// Adds and removes keys. The result is always what a from-scratch assignment of the live
+    /// keys in sorted order gives (each key takes its first free salted candidate among the
+    /// ids of the keys before it). That assignment changes only locally:
+    /// - a removed key's id matters to the salted keys after it that tried that id first;
+    /// - an added key displaces nothing unless its id belonged to a key after it.
+    ///
+    /// Both are checked; only then is the whole space reassigned. Returns whether every key
+    /// that stays kept its id (false tells the caller that derived state must be rebuilt).
+    pub fn update(&mut self, added: &BTreeSet<K>, removed: &BTreeSet<K>) -> Result<bool, Error> {
+        let mut local = true;
+        for k in removed {
+            let Some((id, salt)) = self.ids.remove(k) else {
+                continue;
+            };
+            self.owners.remove(&id);
+            if salt > 0 {
+                self.salted.remove(k);
+                self.collisions.retain(|c| &c.key != k);
+            }
+            let tried_it = |l: &K| {
+                let s = self.ids[l].1;
+                (0..s).any(|s| self.candidate(l, s) == id)
+            };
+            if local
+                && self
+                    .salted
+                    .range((Bound::Excluded(k), Bound::Unbounded))
+                    .any(tried_it)
+            {
+                local = false;
+            }
         }
-        let mut fast = self.salted == 0;
-        if fast {
-            for k in &gone {
-                if let Some((id, _)) = self.ids.remove(k) {
-                    self.owners.remove(&id);
+        let fresh: BTreeSet<&K> = added
+            .iter()
+            .filter(|k| !self.ids.contains_key(*k))
+            .collect();
+        for k in fresh.iter().copied() {
+            if !local {
+                break;
+            }
+            if self.ids.contains_key(k) {
+                continue;
+            }
+            let span = self.end - self.start;
+            let base = self.candidate(k, 0);
+            let mut salt = 0u32;
+            let mut id = base;
+            loop {
+                match self.owners.get(&id) {
+                    None => break,
+                    Some(owner) if owner < k => {
+                        salt += 1;
+                        if u64::from(salt) > span {
+                            return Err(Error::IdSpaceExhausted { space: self.space });
+                        }
+                        id = self.candidate(k, salt);
+                    }
+                    Some(_) => {
+                        local = false;
+                        break;
+                    }
                 }
             }
-            for k in &new {
-                let id = self.candidate(k, 0);
-                if self.owners.contains_key(&id) {
-                    fast = false;
-                    break;
-                }
-                self.ids.insert((*k).clone(), (id, 0));
-                self.owners.insert(id, (*k).clone());
+            if !local {
+                break;
             }
+            if salt > 0 {
+                self.salted.insert(k.clone());
+                self.collisions.push(Collision {
+                    key: k.clone(),
+                    collided_with: self.owners[&base].clone(),
+                    base_id: base,
+                    salt,
+                    assigned: id,
+                });
+            }
+            self.ids.insert(k.clone(), (id, salt));
+            self.owners.insert(id, k.clone());
         }
-        if !fast {
-            self.reassign(live)?;
+        if local {
+            return Ok(true);
         }
-        Ok(())
+        let before: BTreeMap<K, u32> = self
+            .ids
+            .iter()
+            .map(|(k, (id, _))| (k.clone(), *id))
+            .collect();
+        let live: BTreeSet<K> = self
+            .ids
+            .keys()
+            .cloned()
+            .chain(added.iter().cloned())
+            .collect();
+        self.reassign(&live)?;
+        Ok(before
+            .iter()
+            .filter(|(k, _)| !fresh.contains(k))
+            .all(|(k, id)| self.get(k) == Some(*id)))
     }
 
     fn reassign(&mut self, live: &BTreeSet<K>) -> Result<(), Error> {
         self.ids.clear();
         self.owners.clear();
         self.collisions.clear();
-        self.salted = 0;
+        self.salted.clear();
         let span = self.end - self.start;
         for key in live {
             let base = self.candidate(key, 0);
@@ -233,7 +314,7 @@ impl<K: CanonicalKey> HashedIds<K> {
                 id = self.candidate(key, salt);
             }
             if salt > 0 {
-                self.salted += 1;
+                self.salted.insert(key.clone());
                 self.collisions.push(Collision {
                     key: key.clone(),
                     collided_with: self.owners[&base].clone(),
@@ -279,6 +360,15 @@ impl IdentityRegistry {
 
     pub fn sync(&mut self, live: &BTreeSet<SecurityLabels>) -> Result<(), Error> {
         self.ids.sync(live)
+    }
+
+    /// Adds and removes label sets; false when an identity that stays changed number.
+    pub fn update(
+        &mut self,
+        added: &BTreeSet<SecurityLabels>,
+        removed: &BTreeSet<SecurityLabels>,
+    ) -> Result<bool, Error> {
+        self.ids.update(added, removed)
     }
 
     pub fn lookup(&self, labels: &SecurityLabels) -> Option<Identity> {
@@ -377,6 +467,36 @@ mod tests {
             !forward.collisions().is_empty(),
             "6 keys in 8 slots should collide"
         );
+    }
+
+    proptest::proptest! {
+        /// Incremental updates in a tiny space (many collisions) always equal a from-scratch
+        /// assignment, and report honestly whether surviving keys kept their ids.
+        #[test]
+        fn incremental_update_equals_from_scratch(
+            steps in proptest::collection::vec(
+                (proptest::collection::btree_set(0u32..14, 0..4),
+                 proptest::collection::btree_set(0u32..14, 0..4)),
+                1..30,
+            )
+        ) {
+            let mut inc: HashedIds<Key> = HashedIds::new("test", 0, 40);
+            for (add, remove) in steps {
+                let add: BTreeSet<Key> = add.into_iter().map(Key).collect();
+                let remove: BTreeSet<Key> = remove.into_iter().map(Key).filter(|k| !add.contains(k)).collect();
+                let before: BTreeMap<Key, u32> = inc.iter().map(|(k, id)| (k.clone(), id)).collect();
+                let stable = inc.update(&add, &remove).unwrap();
+                let live: BTreeSet<Key> = inc.iter().map(|(k, _)| k.clone()).collect();
+                let mut fresh = HashedIds::new("test", 0, 40);
+                fresh.reassign(&live).unwrap();
+                let a: Vec<_> = inc.iter().map(|(k, id)| (k.clone(), id)).collect();
+                let b: Vec<_> = fresh.iter().map(|(k, id)| (k.clone(), id)).collect();
+                proptest::prop_assert_eq!(&a, &b);
+                let kept = before.iter().filter(|(k, _)| live.contains(*k)).all(|(k, id)| inc.get(k) == Some(*id));
+                proptest::prop_assert_eq!(stable, kept);
+                proptest::prop_assert_eq!(inc.collisions().len(), fresh.collisions().len());
+            }
+        }
     }
 
     #[test]

@@ -173,23 +173,38 @@ impl Direction {
 
 /// `ns/name` of a document, read leniently before the strict parse so that even a parse error
 /// can name its object.
-fn object_name(value: &serde_json::Value) -> String {
+pub(crate) fn object_name(value: &serde_json::Value) -> String {
     let meta = &value["metadata"];
     let ns = meta["namespace"].as_str().unwrap_or("default");
     let name = meta["name"].as_str().unwrap_or("<unnamed>");
     format!("{ns}/{name}")
 }
 
+/// Strict deserialization of one object; errors carry the object's name and the field path
+/// (never empty: a problem at the top level, or with an empty key there, is reported at
+/// `.` / `""`).
+pub(crate) fn deserialize_object<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+) -> Result<T, Error> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path.is_empty() {
+            ".".to_string()
+        } else {
+            path
+        };
+        Error::Parse {
+            object: object_name(value),
+            path,
+            message: e.inner().to_string(),
+        }
+    })
+}
+
 impl NetworkPolicy {
     /// Parses and validates one object from an already generic JSON value.
     pub fn from_value(value: serde_json::Value) -> Result<Self, Error> {
-        let object = object_name(&value);
-        let policy: NetworkPolicy =
-            serde_path_to_error::deserialize(&value).map_err(|e| Error::Parse {
-                object: object.clone(),
-                path: e.path().to_string(),
-                message: e.inner().to_string(),
-            })?;
+        let policy: NetworkPolicy = deserialize_object(&value)?;
         policy.validate()?;
         Ok(policy)
     }
@@ -363,9 +378,9 @@ impl NetworkPolicy {
     }
 }
 
-type PathMessage = (String, String);
+pub(crate) type PathMessage = (String, String);
 
-fn validate_port(port: &PolicyPort) -> Result<(), PathMessage> {
+pub(crate) fn validate_port(port: &PolicyPort) -> Result<(), PathMessage> {
     match &port.port {
         None => {
             if port.end_port.is_some() {
@@ -480,8 +495,8 @@ fn validate_peer(peer: &PolicyPeer) -> Result<(), PathMessage> {
     Ok(())
 }
 
-fn normalize_rule(ports: &Option<Vec<PolicyPort>>, peers: &Option<Vec<PolicyPeer>>) -> Rule {
-    let ports = ports
+pub(crate) fn normalize_ports(ports: &Option<Vec<PolicyPort>>) -> Vec<RulePort> {
+    ports
         .iter()
         .flatten()
         .map(|p| {
@@ -496,7 +511,11 @@ fn normalize_rule(ports: &Option<Vec<PolicyPort>>, peers: &Option<Vec<PolicyPeer
             };
             RulePort { proto, port }
         })
-        .collect();
+        .collect()
+}
+
+fn normalize_rule(ports: &Option<Vec<PolicyPort>>, peers: &Option<Vec<PolicyPeer>>) -> Rule {
+    let ports = normalize_ports(ports);
     // An empty peer list means the same as none: everyone.
     let peers = peers.as_ref().filter(|p| !p.is_empty()).map(|peers| {
         peers

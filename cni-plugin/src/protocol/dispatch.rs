@@ -5,7 +5,7 @@
 //! binary's `main` is a single call.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -154,6 +154,9 @@ fn run_command(
 
     if command.targets_attachment() {
         let request = attachment_request(environment, version, config, raw_config)?;
+        if !netns_override(lookup_env) {
+            refuse_own_netns(request.netns.as_deref())?;
+        }
         match command {
             Command::Add => {
                 let result = plugin.add(&request)?;
@@ -193,6 +196,45 @@ fn require_version_for_command(command: Command, version: CniVersion) -> Result<
             format!("config version does not allow {command}"),
         )
         .with_details(format!("config is \"{version}\"")))
+    }
+}
+
+/// `CNI_NETNS_OVERRIDE=1|true` (any case) skips the own-namespace check, as in the reference
+/// skel.
+fn netns_override(lookup_env: &dyn Fn(&str) -> Option<String>) -> bool {
+    lookup_env("CNI_NETNS_OVERRIDE")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false)
+}
+
+/// Code 8 when `CNI_NETNS` names the namespace this process runs in: ADD would build the pod
+/// interface (or attach enforcement) in the host namespace, and DEL would remove host state.
+/// Checked before the plugin runs (the reference skel checks after ADD/DEL, when the damage is
+/// done). A path that cannot be inspected is left to the plugin (DEL: the namespace may be
+/// gone), so only a positive match refuses.
+fn refuse_own_netns(netns: Option<&Path>) -> Result<(), CniError> {
+    let Some(netns) = netns else {
+        return Ok(());
+    };
+    if same_namespace(netns, Path::new("/proc/self/ns/net")) {
+        return Err(CniError::new(
+            ErrorCode::InvalidNetns,
+            "plugin's netns and netns from CNI_NETNS should not be the same",
+        )
+        .with_details(format!(
+            "CNI_NETNS={} is the plugin's own network namespace",
+            netns.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Both paths resolve to the same namespace inode (device and inode number).
+fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -16,6 +16,9 @@ pub enum ErrorCode {
     IoFailure,
     DecodingFailure,
     InvalidNetworkConfig,
+    /// 8: `CNI_NETNS` is the plugin's own network namespace (reference skel's
+    /// `ErrInvalidNetNS`; not in the spec table).
+    InvalidNetns,
     TryAgainLater,
     PluginNotAvailable,
     LimitedConnectivity,
@@ -32,6 +35,7 @@ impl ErrorCode {
             ErrorCode::IoFailure => 5,
             ErrorCode::DecodingFailure => 6,
             ErrorCode::InvalidNetworkConfig => 7,
+            ErrorCode::InvalidNetns => 8,
             ErrorCode::TryAgainLater => 11,
             ErrorCode::PluginNotAvailable => 50,
             ErrorCode::LimitedConnectivity => 51,
@@ -48,6 +52,7 @@ impl ErrorCode {
             5 => ErrorCode::IoFailure,
             6 => ErrorCode::DecodingFailure,
             7 => ErrorCode::InvalidNetworkConfig,
+            8 => ErrorCode::InvalidNetns,
             11 => ErrorCode::TryAgainLater,
             50 => ErrorCode::PluginNotAvailable,
             51 => ErrorCode::LimitedConnectivity,
@@ -134,6 +139,7 @@ mod tests {
             (ErrorCode::IoFailure, 5),
             (ErrorCode::DecodingFailure, 6),
             (ErrorCode::InvalidNetworkConfig, 7),
+            (ErrorCode::InvalidNetns, 8),
             (ErrorCode::TryAgainLater, 11),
             (ErrorCode::PluginNotAvailable, 50),
             (ErrorCode::LimitedConnectivity, 51),

@@ -53,8 +53,11 @@ enum Command {
         #[command(subcommand)]
         what: IdentityCmd,
     },
-    /// Compiled policy state: identities, rules, entry counts.
-    Policy,
+    /// Policy: the compiled state, one pod's effective rules, or suggestions from learning.
+    Policy {
+        #[command(subcommand)]
+        what: Option<PolicyCmd>,
+    },
     /// Re-read the policy directory now; prints the status once applied.
     Reload,
     /// Flow history with the reason and rule of every verdict (like hubble observe).
@@ -100,6 +103,22 @@ enum EndpointCmd {
     /// One endpoint by namespace/name or container id.
     Get {
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Identities, rules and map entry counts.
+    State,
+    /// The effective rules of a pod per direction, each with the rule it came from.
+    Get { pod: String },
+    /// NetworkPolicy YAML allowing exactly what learn/audit mode observed in a namespace.
+    Suggest {
+        #[arg(long)]
+        namespace: String,
+        /// Only flows of the last period, e.g. 10m.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -594,9 +613,48 @@ fn main() {
                 vec![r.identity.to_string(), labels]
             });
         }
-        Command::Policy => match call(&args, Request::Policy) {
-            Response::Policy { document } => print_value(args.output, &document),
-            other => fail(format!("unexpected answer {other:?}")),
+        Command::Policy { what } => match what.as_ref().unwrap_or(&PolicyCmd::State) {
+            PolicyCmd::State => match call(&args, Request::Policy) {
+                Response::Policy { document } => print_value(args.output, &document),
+                other => fail(format!("unexpected answer {other:?}")),
+            },
+            PolicyCmd::Get { pod } => match call(&args, Request::PolicyGet { pod: pod.clone() }) {
+                Response::PolicyRules { rules } => print(
+                    args.output,
+                    &rules,
+                    &["DIRECTION", "PEER", "PROTO", "PORTS", "ACTION", "RULE"],
+                    &[],
+                    |r| {
+                        vec![
+                            r.direction.clone(),
+                            r.peer.clone(),
+                            r.protocol.clone(),
+                            r.ports.clone(),
+                            r.action.clone(),
+                            r.rule.clone(),
+                        ]
+                    },
+                ),
+                other => fail(format!("unexpected answer {other:?}")),
+            },
+            PolicyCmd::Suggest { namespace, since } => {
+                let request = Request::PolicySuggest {
+                    namespace: namespace.clone(),
+                    since_secs: since.as_deref().map(parse_since),
+                };
+                match call(&args, request) {
+                    Response::Suggestion { yaml } => {
+                        if yaml.is_empty() {
+                            fail(format!(
+                                "no learned flows in namespace {namespace:?}; put workloads in \
+                                 learn or audit mode (annotation moat.io/mode) and drive traffic"
+                            ));
+                        }
+                        print!("{yaml}");
+                    }
+                    other => fail(format!("unexpected answer {other:?}")),
+                }
+            }
         },
         Command::Reload => match call(&args, Request::Reload) {
             Response::Status(s) => {

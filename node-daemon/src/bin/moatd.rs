@@ -66,6 +66,9 @@ struct Args {
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
+    /// Prometheus metrics endpoint (`GET /metrics`); an empty value disables it.
+    #[arg(long, default_value = moatd::metrics::DEFAULT_ADDR)]
+    metrics_addr: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +82,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.policy_dir)?;
     let listener = server::bind(&args.socket)?;
+    // Metrics are an aid: a taken port must not keep enforcement from starting.
+    let metrics_listener = moatd::metrics::bind(&args.metrics_addr).unwrap_or_else(|e| {
+        tracing::error!(error = %format!("{e:#}"), "metrics endpoint disabled");
+        None
+    });
     let journal = moatd::flows::JournalConfig {
         dir: args.state_dir.join("flows"),
         max_file_bytes: args.journal_file_bytes,
@@ -131,6 +139,12 @@ fn main() -> anyhow::Result<()> {
     std::thread::spawn(move || server::watch(watcher, poll, resync));
     let events = daemon.clone();
     std::thread::spawn(move || server::journal_events(events));
+    if let Some(metrics_listener) = metrics_listener {
+        let registry = moatd::metrics::registry(daemon.clone());
+        std::thread::Builder::new()
+            .name("moatd-metrics".into())
+            .spawn(move || moatd::metrics::serve(metrics_listener, registry))?;
+    }
     server::serve(daemon, listener);
     Ok(())
 }

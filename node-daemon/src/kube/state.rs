@@ -335,6 +335,8 @@ impl ClusterState {
             namespaces: c.namespaces.clone(),
             pods: c.pods.clone(),
             policies: c.policies.clone(),
+            // MoatPolicy objects are not watched by this datastore yet.
+            moat_policies: Default::default(),
             rejected,
         }
     }

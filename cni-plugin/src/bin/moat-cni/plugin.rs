@@ -326,64 +326,88 @@ impl<'a> Ctx<'a> {
     // ---- DEL ----
 
     fn del(&self) -> Result<(), CniError> {
+        match self.config.mode {
+            Mode::Standalone => self.del_standalone(),
+            Mode::Chained => self.del_chained(),
+        }
+    }
+
+    /// Standalone DEL: the host veth goes first. Without it the pod has no connectivity at
+    /// all, so nothing is ever reachable without enforcement, and the kernel drops the TCX
+    /// programs with the device (moatd's detach of the now defunct links is then cheap, no
+    /// RCU grace period per link). Then moatd forgets the endpoint (or the DEL is queued when
+    /// moatd is down), leftover pins are removed, and the address goes back to IPAM last, so
+    /// it is never handed out while the old endpoint still exists anywhere.
+    fn del_standalone(&self) -> Result<(), CniError> {
         let cid = self.request.container_id.clone();
         let ifname = self.request.ifname.clone();
-        let endpoints = self.endpoints();
-        let moatd_up = endpoints.is_ok();
-        // Which host veth carries this attachment's programs.
-        let host_ifname = match self.config.mode {
-            Mode::Standalone => Some(self.config.host_veth_name(&cid, &ifname)),
-            Mode::Chained => endpoints
-                .as_ref()
-                .ok()
-                .and_then(|list| Self::own_endpoint(list, &cid, &ifname))
-                .map(|spec| spec.host_ifname)
-                .or_else(|| {
-                    let netns = self.request.netns.as_deref()?;
-                    netlink::host_peer_of(netns, &ifname).ok().map(|l| l.name)
-                }),
-        };
+        let host = self.config.host_veth_name(&cid, &ifname);
         let mut errors: Vec<CniError> = Vec::new();
-        if moatd_up {
-            match self.call(&Request::Unregister {
-                container_id: cid.clone(),
-                ifname: ifname.clone(),
-            }) {
-                Ok(_) => {}
-                Err(ClientError::Unreachable { .. } | ClientError::Io { .. }) => {
-                    if let Err(e) = self.queue(&cid, &ifname) {
-                        errors.push(e);
-                    }
-                }
-                Err(e) => errors.push(moatd_error(e, ErrorCode::TryAgainLater)),
-            }
-        } else if let Err(e) = self.queue(&cid, &ifname) {
-            errors.push(e);
+        if let Err(e) = netlink::delete_host_link(&host) {
+            errors.push(netlink_error("deleting the host veth failed", e));
         }
-        if let Some(host) = &host_ifname {
-            if let Err(e) = detach_endpoint(&self.pins, host) {
-                errors.push(
-                    CniError::new(
-                        ErrorCode::Plugin(CODE_ATTACH),
-                        format!("detaching Moat programs from {host} failed"),
-                    )
-                    .with_details(format!("{e:#}")),
-                );
-            }
-            if self.config.mode == Mode::Standalone
-                && let Err(e) = netlink::delete_host_link(host)
-            {
-                errors.push(netlink_error("deleting the host veth failed", e));
-            }
-        }
-        if self.config.mode == Mode::Standalone
-            && let Err(e) = self.delegate().run("DEL")
-        {
+        self.unregister_or_queue(&cid, &ifname, &mut errors);
+        self.detach(&host, &mut errors);
+        if let Err(e) = self.delegate().run("DEL") {
             errors.push(e);
         }
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Chained DEL: the interface belongs to an earlier plugin (deleted after us, in reverse
+    /// order); find its host side, forget the endpoint, detach.
+    fn del_chained(&self) -> Result<(), CniError> {
+        let cid = self.request.container_id.clone();
+        let ifname = self.request.ifname.clone();
+        let host_ifname = self
+            .endpoints()
+            .ok()
+            .and_then(|list| Self::own_endpoint(&list, &cid, &ifname))
+            .map(|spec| spec.host_ifname)
+            .or_else(|| {
+                let netns = self.request.netns.as_deref()?;
+                netlink::host_peer_of(netns, &ifname).ok().map(|l| l.name)
+            });
+        let mut errors: Vec<CniError> = Vec::new();
+        self.unregister_or_queue(&cid, &ifname, &mut errors);
+        if let Some(host) = &host_ifname {
+            self.detach(host, &mut errors);
+        }
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells moatd to forget the endpoint; when moatd is not reachable the DEL is queued for
+    /// it (moatd replays the queue when it starts).
+    fn unregister_or_queue(&self, cid: &str, ifname: &str, errors: &mut Vec<CniError>) {
+        match self.call(&Request::Unregister {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+        }) {
+            Ok(_) => {}
+            Err(ClientError::Unreachable { .. } | ClientError::Io { .. }) => {
+                if let Err(e) = self.queue(cid, ifname) {
+                    errors.push(e);
+                }
+            }
+            Err(e) => errors.push(moatd_error(e, ErrorCode::TryAgainLater)),
+        }
+    }
+
+    fn detach(&self, host: &str, errors: &mut Vec<CniError>) {
+        if let Err(e) = detach_endpoint(&self.pins, host) {
+            errors.push(
+                CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    format!("detaching Moat programs from {host} failed"),
+                )
+                .with_details(format!("{e:#}")),
+            );
         }
     }
 

@@ -1,0 +1,656 @@
+//! `moat-bench cni`: the CNI part of `make bench`. In one run, interleaved pod by pod so that
+//! drift hits every configuration alike, it times ADD and DEL (each on a fresh network
+//! namespace) through three network configuration lists, executed the way libcni executes them
+//! (plugins in order with prevResult, DEL in reverse with the cached result):
+//!
+//!   bridge_host_local:  reference `bridge` + `host-local` (/usr/lib/cni)
+//!   moat_standalone:    `moat-cni` standalone + `moat-ipam`, against a private moatd
+//!   chained_bridge_moat: `bridge` + `host-local`, then `moat-cni` chained
+//!
+//! and writes the "cni" section of the results file (other sections are kept): p50/p99 per
+//! configuration, `add_p50_ratio_vs_bridge`, `del_p50_ratio_vs_bridge` and
+//! `chained_add_overhead_ms` (= p50 chained ADD - p50 bridge ADD). Every pod is registered
+//! with moatd under a policy that selects it, so the Moat numbers include real enforcement
+//! set-up. Everything created (namespaces, bridges, moatd, pins, state) is removed again.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
+
+use crate::util::{self, check_interrupted, round};
+
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench-cni";
+const USAGE: &str = "usage: moat-bench cni [--out FILE] [--pods N] [--warmup N] [--bin-dir DIR]";
+/// The target: Moat's DEL p50 at most half of bridge + host-local's.
+const DEL_RATIO_TARGET: f64 = 0.5;
+
+struct Args {
+    out: PathBuf,
+    pods: usize,
+    warmup: usize,
+    bin_dir: PathBuf,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut it = std::env::args().skip(2);
+    let exe = std::env::current_exe()?;
+    let mut args = Args {
+        out: PathBuf::from("bench/results.json"),
+        pods: 100,
+        warmup: 5,
+        bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
+    };
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--out" => args.out = PathBuf::from(value),
+            "--pods" => args.pods = value.parse()?,
+            "--warmup" => args.warmup = value.parse()?,
+            "--bin-dir" => args.bin_dir = PathBuf::from(value),
+            _ => bail!("unknown flag {flag}\n{USAGE}"),
+        }
+    }
+    if args.pods < 2 {
+        bail!("--pods must be at least 2");
+    }
+    Ok(args)
+}
+
+pub fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    util::install_signal_handlers();
+    let started = Instant::now();
+    let mut section = Map::new();
+    let outcome = run(&args, &mut section);
+    section.insert(
+        "wall_time_s".into(),
+        json!(round(started.elapsed().as_secs_f64(), 1)),
+    );
+    if let Err(e) = &outcome {
+        eprintln!("moat-bench cni: {e:#}");
+        section.insert("fatal_error".into(), json!(format!("{e:#}")));
+    }
+    if let Err(e) = write_merged(&args.out, Value::Object(section.clone())) {
+        eprintln!("moat-bench cni: writing {}: {e:#}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    print_table(&section);
+    println!("\nwritten: {} (section \"cni\")", args.out.display());
+    if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The private world: CNI_PATH, moatd, state directories. Removed on drop.
+// ---------------------------------------------------------------------------------------------
+
+struct World {
+    dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl World {
+    fn new(bin_dir: &Path) -> Result<World> {
+        let dir = std::env::temp_dir().join(format!("moat-bench-cni-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(PIN_ROOT);
+        let world = World { dir, daemon: None };
+        for sub in ["bin", "policies", "pending", "state"] {
+            std::fs::create_dir_all(world.dir.join(sub))?;
+        }
+        for name in ["moat-cni", "moat-ipam"] {
+            let path = bin_dir.join(name);
+            if !path.exists() {
+                bail!(
+                    "{} missing: build the workspace binaries first (make build)",
+                    path.display()
+                );
+            }
+            std::os::unix::fs::symlink(&path, world.cni_path().join(name))?;
+        }
+        for name in ["bridge", "host-local"] {
+            let path = Path::new(REFERENCE_PLUGINS).join(name);
+            if !path.exists() {
+                bail!(
+                    "{} missing: install containernetworking-plugins (make bootstrap)",
+                    path.display()
+                );
+            }
+            std::os::unix::fs::symlink(&path, world.cni_path().join(name))?;
+        }
+        Ok(world)
+    }
+
+    fn cni_path(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.join("moatd.sock")
+    }
+
+    fn moat_keys(&self) -> Value {
+        json!({
+            "socket": self.socket(),
+            "pinRoot": PIN_ROOT,
+            "pendingDir": self.dir.join("pending"),
+        })
+    }
+
+    fn start_moatd(&mut self, moatd: &Path, pods: usize) -> Result<()> {
+        // Every pod name the run uses, all selected by one policy: registration does real work.
+        let mut yaml = String::new();
+        for i in 0..pods {
+            yaml += &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod{i}\n  namespace: bench\n  labels:\n    app: bench\nspec:\n  containers:\n  - name: main\n---\n"
+            );
+        }
+        std::fs::write(self.dir.join("policies/pods.yaml"), yaml)?;
+        std::fs::write(
+            self.dir.join("policies/policy.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: bench\n  namespace: bench\nspec:\n  podSelector:\n    matchLabels:\n      app: bench\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: bench\n    ports:\n    - port: 8080\n",
+        )?;
+        if !moatd.exists() {
+            bail!("{} missing: make build builds it", moatd.display());
+        }
+        let mut command = Command::new(moatd);
+        // SAFETY: prctl is async-signal-safe; moatd dies with this process, even on SIGKILL.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .arg("--policy-dir")
+            .arg(self.dir.join("policies"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pending-dir")
+            .arg(self.dir.join("pending"))
+            .arg("--pin-root")
+            .arg(PIN_ROOT)
+            .arg("--poll-ms")
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", moatd.display()))?;
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.moatd(&json!({"op": "status"}))
+                && status["ready"] == json!(true)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("moatd did not become ready within 30 s")
+    }
+
+    fn moatd(&self, request: &Value) -> Option<Value> {
+        let mut stream = UnixStream::connect(self.socket()).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        let mut line = serde_json::to_vec(request).ok()?;
+        line.push(b'\n');
+        stream.write_all(&line).ok()?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).ok()?;
+        serde_json::from_str(&answer).ok()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for link in ["mbcni0", "mbcni2"] {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+        let _ = std::fs::remove_dir_all(PIN_ROOT);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A namespace from `ip netns add`, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Result<Netns> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        util::sh(&format!("ip netns add {name}"))?;
+        Ok(Netns(name.to_string()))
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// libcni-like execution
+// ---------------------------------------------------------------------------------------------
+
+struct Conflist {
+    key: &'static str,
+    name: String,
+    version: &'static str,
+    plugins: Vec<Value>,
+}
+
+struct Attachment<'a> {
+    container_id: String,
+    netns: &'a Netns,
+    pod: String,
+}
+
+fn exec_plugin(
+    cni_path: &Path,
+    config: &Value,
+    command: &str,
+    att: &Attachment<'_>,
+) -> Result<Value> {
+    let plugin = config["type"].as_str().context("plugin type")?;
+    let mut child = Command::new(cni_path.join(plugin))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", cni_path)
+        .env("CNI_CONTAINERID", &att.container_id)
+        .env("CNI_NETNS", att.netns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={}",
+                att.pod
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {plugin}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(&serde_json::to_vec(config)?)?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "{plugin} {command} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    if output.stdout.is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+impl Conflist {
+    fn config(&self, plugin: &Value, prev: Option<&Value>) -> Value {
+        let mut config = plugin.clone();
+        config["name"] = json!(self.name);
+        config["cniVersion"] = json!(self.version);
+        if let Some(prev) = prev {
+            config["prevResult"] = prev.clone();
+        }
+        config
+    }
+
+    /// ADD through the list; returns (elapsed, the list's result).
+    fn add(&self, world: &World, att: &Attachment<'_>) -> Result<(Duration, Value)> {
+        let started = Instant::now();
+        let mut prev: Option<Value> = None;
+        for plugin in &self.plugins {
+            let config = self.config(plugin, prev.as_ref());
+            prev = Some(exec_plugin(&world.cni_path(), &config, "ADD", att)?);
+        }
+        let elapsed = started.elapsed();
+        Ok((elapsed, prev.unwrap_or(Value::Null)))
+    }
+
+    /// DEL in reverse, each plugin with the cached result.
+    fn del(&self, world: &World, att: &Attachment<'_>, cached: &Value) -> Result<Duration> {
+        let started = Instant::now();
+        for plugin in self.plugins.iter().rev() {
+            let config = self.config(plugin, Some(cached));
+            exec_plugin(&world.cni_path(), &config, "DEL", att)?;
+        }
+        Ok(started.elapsed())
+    }
+}
+
+fn conflists(world: &World) -> Vec<Conflist> {
+    let host_local = |subnet: &str, dir: &str| {
+        json!({
+            "type": "host-local",
+            "dataDir": world.dir.join(dir),
+            "ranges": [[{"subnet": subnet}]],
+            "routes": [{"dst": "0.0.0.0/0"}]
+        })
+    };
+    let with_keys = |mut plugin: Value| {
+        for (k, v) in world.moat_keys().as_object().expect("object") {
+            plugin[k] = v.clone();
+        }
+        plugin
+    };
+    vec![
+        Conflist {
+            key: "bridge_host_local",
+            name: "mbcni-bridge".into(),
+            // The Debian reference plugins speak up to 1.0.0.
+            version: "1.0.0",
+            plugins: vec![json!({
+                "type": "bridge",
+                "bridge": "mbcni0",
+                "isGateway": true,
+                "ipam": host_local("10.213.0.0/24", "hl0"),
+            })],
+        },
+        Conflist {
+            key: "moat_standalone",
+            name: "mbcni-moat".into(),
+            version: "1.1.0",
+            plugins: vec![with_keys(json!({
+                "type": "moat-cni",
+                "mode": "standalone",
+                "ipam": {
+                    "type": "moat-ipam",
+                    "dataDir": world.dir.join("moat-ipam"),
+                    "ranges": [[{"subnet": "10.213.1.0/24"}]]
+                }
+            }))],
+        },
+        Conflist {
+            key: "chained_bridge_moat",
+            name: "mbcni-chained".into(),
+            version: "1.0.0",
+            plugins: vec![
+                json!({
+                    "type": "bridge",
+                    "bridge": "mbcni2",
+                    "isGateway": true,
+                    "ipam": host_local("10.213.2.0/24", "hl2"),
+                }),
+                with_keys(json!({"type": "moat-cni", "mode": "chained"})),
+            ],
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------------
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn stats(samples: &[f64]) -> Value {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    json!({
+        "n": v.len(),
+        "p50": round(percentile(&v, 50.0), 2),
+        "p99": round(percentile(&v, 99.0), 2),
+        "mean": round(mean, 2),
+        "min": round(v[0], 2),
+        "max": round(v[v.len() - 1], 2),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn host_local_allocations(dir: &Path) -> usize {
+    // host-local keeps one file per address (plus last_reserved_ip.* and lock).
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .flat_map(|net| {
+                    std::fs::read_dir(net.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                })
+                .filter(|f| {
+                    f.file_name()
+                        .to_string_lossy()
+                        .parse::<std::net::IpAddr>()
+                        .is_ok()
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("moat-bench cni must run as root (namespaces, veths, eBPF)");
+    }
+    if util::sh("mountpoint -q /sys/fs/bpf").is_err() {
+        util::sh("mount -t bpf bpf /sys/fs/bpf")?;
+    }
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    section.insert("generated_at_unix".into(), json!(unix));
+    section.insert(
+        "host".into(),
+        json!({
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "reference_plugins": util::sh("dpkg-query -W -f '${Version}' containernetworking-plugins 2>/dev/null")
+                .map(|v| format!("containernetworking-plugins {}", v.trim()))
+                .unwrap_or_else(|_| "unknown".into()),
+            "moat_binaries": args.bin_dir,
+        }),
+    );
+
+    let mut world = World::new(&args.bin_dir)?;
+    world.start_moatd(&args.bin_dir.join("moatd"), args.pods)?;
+    let lists = conflists(&world);
+    section.insert(
+        "method".into(),
+        json!({
+            "summary": "one run, interleaved: for each pod index, each configuration (order rotated per index) gets a fresh netns, one timed ADD through its list, one timed DEL (reverse order, cached result as prevResult, as libcni does), then the netns is deleted. Times are wall-clock around the list's plugin executions (process spawn included). Warm-up pods are discarded.",
+            "pods": args.pods,
+            "warmup_pods": args.warmup,
+            "command": format!("moat-bench cni --out {} --pods {} --warmup {}", args.out.display(), args.pods, args.warmup),
+            "make_target": "make bench (bench/run.sh runs `moat-bench datapath` then `moat-bench cni`)",
+            "moatd": "private moatd (policy dir with one Pod per pod name and a NetworkPolicy selecting all of them), private pin root",
+            "conflists": lists.iter().map(|l| (l.key.to_string(), json!({"name": l.name, "cniVersion": l.version, "plugins": l.plugins}))).collect::<Map<String, Value>>(),
+        }),
+    );
+
+    let mut add: Vec<Vec<f64>> = vec![Vec::new(); lists.len()];
+    let mut del: Vec<Vec<f64>> = vec![Vec::new(); lists.len()];
+    let total = args.warmup + args.pods;
+    eprintln!(
+        "moat-bench: CNI ADD/DEL, {} pods x {} configurations (+{} warm-up)",
+        args.pods,
+        lists.len(),
+        args.warmup
+    );
+    for i in 0..total {
+        check_interrupted()?;
+        for k in 0..lists.len() {
+            let c = (i + k) % lists.len();
+            let list = &lists[c];
+            let netns = Netns::new(&format!("mbc{}-{c}", std::process::id() % 100_000))?;
+            let pod = i % args.pods;
+            let att = Attachment {
+                container_id: format!("mbc{i}x{c}"),
+                netns: &netns,
+                pod: format!("pod{pod}"),
+            };
+            let (t_add, result) = list
+                .add(&world, &att)
+                .with_context(|| format!("{} ADD #{i}", list.key))?;
+            if result["ips"].as_array().is_none_or(Vec::is_empty) {
+                bail!("{} ADD #{i} returned no address: {result}", list.key);
+            }
+            let t_del = list
+                .del(&world, &att, &result)
+                .with_context(|| format!("{} DEL #{i}", list.key))?;
+            if i >= args.warmup {
+                add[c].push(ms(t_add));
+                del[c].push(ms(t_del));
+            }
+        }
+        if (i + 1) % 25 == 0 {
+            eprintln!("moat-bench:   {}/{total}", i + 1);
+        }
+    }
+
+    // Nothing may be left behind by any configuration.
+    let endpoints = world
+        .moatd(&json!({"op": "list_endpoints"}))
+        .and_then(|v| v["endpoints"].as_array().map(Vec::len));
+    let pins = moat_datapath::attach::attached_interfaces(&moat_datapath::PinDir::new(PIN_ROOT))
+        .map(|v| v.len())
+        .unwrap_or(0);
+    let moat_ipam = std::fs::read_to_string(world.dir.join("moat-ipam/mbcni-moat/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["allocations"].as_array().map(Vec::len));
+    let host_local = host_local_allocations(&world.dir.join("hl0"))
+        + host_local_allocations(&world.dir.join("hl2"));
+    let leaks = json!({
+        "moatd_endpoints": endpoints,
+        "attached_pins": pins,
+        "moat_ipam_allocations": moat_ipam,
+        "host_local_allocations": host_local,
+    });
+    let clean = endpoints == Some(0) && pins == 0 && moat_ipam == Some(0) && host_local == 0;
+    section.insert("left_behind".into(), leaks);
+
+    let mut configs = Map::new();
+    for (c, list) in lists.iter().enumerate() {
+        configs.insert(
+            list.key.into(),
+            json!({"add_ms": stats(&add[c]), "del_ms": stats(&del[c])}),
+        );
+    }
+    let p50 = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        percentile(&s, 50.0)
+    };
+    let (bridge_add, bridge_del) = (p50(&add[0]), p50(&del[0]));
+    let add_ratio = p50(&add[1]) / bridge_add;
+    let del_ratio = p50(&del[1]) / bridge_del;
+    let overhead = p50(&add[2]) - bridge_add;
+    section.insert("configs".into(), Value::Object(configs));
+    section.insert("add_p50_ratio_vs_bridge".into(), json!(round(add_ratio, 3)));
+    section.insert("del_p50_ratio_vs_bridge".into(), json!(round(del_ratio, 3)));
+    section.insert("chained_add_overhead_ms".into(), json!(round(overhead, 2)));
+    section.insert(
+        "targets".into(),
+        json!({
+            "del_p50_ratio_vs_bridge": {
+                "target": format!("<= {DEL_RATIO_TARGET}"),
+                "value": round(del_ratio, 3),
+                "met": del_ratio <= DEL_RATIO_TARGET,
+            },
+            "add_p50_ratio_vs_bridge": {"value": round(add_ratio, 3), "note": "reported; moat_standalone p50 ADD / bridge_host_local p50 ADD"},
+            "chained_add_overhead_ms": {"value": round(overhead, 2), "note": "reported; p50 chained list ADD - p50 bridge list ADD"},
+            "nothing_left_behind": clean,
+        }),
+    );
+    if !clean {
+        bail!("state left behind after DEL: {}", section["left_behind"]);
+    }
+    Ok(())
+}
+
+fn write_merged(path: &Path, cni: Value) -> Result<()> {
+    let mut root = match std::fs::read_to_string(path) {
+        Ok(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        },
+        Err(_) => Map::new(),
+    };
+    root.insert("cni".into(), cni);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.cni.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&Value::Object(root))? + "\n",
+    )?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn print_table(section: &Map<String, Value>) {
+    let Some(Value::Object(configs)) = section.get("configs") else {
+        return;
+    };
+    println!(
+        "\n{:<22} {:>9} {:>9} {:>9} {:>9}",
+        "CNI (ms)", "ADD p50", "ADD p99", "DEL p50", "DEL p99"
+    );
+    for (name, c) in configs {
+        println!(
+            "{:<22} {:>9} {:>9} {:>9} {:>9}",
+            name, c["add_ms"]["p50"], c["add_ms"]["p99"], c["del_ms"]["p50"], c["del_ms"]["p99"]
+        );
+    }
+    for key in [
+        "add_p50_ratio_vs_bridge",
+        "del_p50_ratio_vs_bridge",
+        "chained_add_overhead_ms",
+    ] {
+        if let Some(v) = section.get(key) {
+            println!("{key}: {v}");
+        }
+    }
+}

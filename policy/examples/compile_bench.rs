@@ -1,0 +1,180 @@
+//! Compile-time benchmark on a synthetic cluster; prints one JSON object.
+//!
+//!   cargo run --release -p moat-policy --example compile_bench [pods policies namespaces samples]
+//!
+//! Defaults: 10,000 pods, 1,000 NetworkPolicies, 500 namespaces, 200 samples per kind of
+//! incremental update. Incremental kinds:
+//! - pod_existing_identity: a new replica of an existing app (its label set has an identity);
+//! - pod_new_identity: a pod with a label set no pod has yet;
+//! - policy_change: an existing NetworkPolicy replaced by one of another style; a new
+//!   NetworkPolicy added, then deleted.
+//!
+//! Pod samples are undone afterwards (the undo is timed as well); at the end the engine's
+//! state is checked against a from-scratch compile.
+
+use std::time::{Duration, Instant};
+
+use moat_policy::bench::{Rng, apps_per_namespace, namespace_name, pod, policy, synthetic};
+use moat_policy::{Delta, Engine, NetworkPolicy, compile};
+use serde_json::json;
+
+fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e6
+    };
+    json!({
+        "samples": samples.len(),
+        "p50_us": (at(0.50) * 10.0).round() / 10.0,
+        "p99_us": (at(0.99) * 10.0).round() / 10.0,
+        "max_us": (at(1.0) * 10.0).round() / 10.0,
+    })
+}
+
+fn size(d: &Delta) -> usize {
+    d.policy.upserts.len()
+        + d.policy.deletes.len()
+        + d.port_ranges.upserts.len()
+        + d.port_ranges.deletes.len()
+        + d.cidr_v4.upserts.len()
+        + d.cidr_v4.deletes.len()
+        + d.cidr_v6.upserts.len()
+        + d.cidr_v6.deletes.len()
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers"))
+        .collect();
+    let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
+    let (pods, policies, namespaces, samples) =
+        (arg(0, 10_000), arg(1, 1_000), arg(2, 500), arg(3, 200));
+    let seed = 42;
+    let inputs = synthetic(pods, policies, namespaces, seed);
+
+    let mut scratch = Vec::new();
+    let mut state = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s = compile(&inputs).expect("compiles");
+        scratch.push(t.elapsed());
+        state = Some(s);
+    }
+    let state = state.unwrap();
+    scratch.sort();
+
+    let t = Instant::now();
+    let mut engine = Engine::from_inputs(inputs.clone()).expect("compiles");
+    let engine_build = t.elapsed();
+
+    let apps = apps_per_namespace(pods, namespaces);
+    let mut rng = Rng::new(seed ^ 0xbe4c);
+    let mut next_ip = pods + 1000;
+
+    // A new replica of an existing app: same labels up to the volatile hash.
+    let (mut up, mut down, mut touched) = (Vec::new(), Vec::new(), 0usize);
+    for i in 0..samples {
+        let ns = rng.below(namespaces);
+        let mut p = pod(ns, rng.below(apps), 1000 + i, next_ip, &mut rng);
+        next_ip += 1;
+        p.name = format!("extra-{i}");
+        let r = p.pod_ref();
+        let t = Instant::now();
+        let d = engine.upsert_pod(p).expect("ok");
+        up.push(t.elapsed());
+        touched += size(&d);
+        let t = Instant::now();
+        engine.delete_pod(&r).expect("ok");
+        down.push(t.elapsed());
+    }
+    let existing = json!({"upsert": percentiles(up), "delete": percentiles(down),
+                          "policy_entries_written": touched});
+
+    // A pod with a label set of its own.
+    let (mut up, mut down, mut touched) = (Vec::new(), Vec::new(), 0usize);
+    for i in 0..samples {
+        let ns = rng.below(namespaces);
+        let mut p = pod(ns, rng.below(apps), 2000 + i, next_ip, &mut rng);
+        next_ip += 1;
+        p.name = format!("fresh-{i}");
+        p.labels.insert("canary", format!("c{i}"));
+        let r = p.pod_ref();
+        let t = Instant::now();
+        let d = engine.upsert_pod(p).expect("ok");
+        up.push(t.elapsed());
+        touched += size(&d);
+        let t = Instant::now();
+        engine.delete_pod(&r).expect("ok");
+        down.push(t.elapsed());
+    }
+    let new_identity = json!({"upsert": percentiles(up), "delete": percentiles(down),
+                              "avg_policy_entries_written": touched / samples.max(1)});
+
+    assert_eq!(engine.state(), &state, "every sample was undone");
+
+    // A policy replaced by one of another style (kept: the cluster drifts), then a policy
+    // added and deleted.
+    let names: Vec<(String, String)> = engine.inputs().policies.keys().cloned().collect();
+    let (mut change, mut touched) = (Vec::new(), 0usize);
+    for _ in 0..samples {
+        let (ns, name) = &names[rng.below(names.len())];
+        let replacement = policy(ns, name, rng.below(8), apps, &mut rng);
+        let t = Instant::now();
+        let d = engine.upsert_policy(&replacement).expect("ok");
+        change.push(t.elapsed());
+        touched += size(&d);
+    }
+    let (mut add, mut delete) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let ns = namespace_name(rng.below(namespaces));
+        let name = format!("extra-{i}");
+        let p: NetworkPolicy = policy(&ns, &name, rng.below(8), apps, &mut rng);
+        let t = Instant::now();
+        engine.upsert_policy(&p).expect("ok");
+        add.push(t.elapsed());
+        let t = Instant::now();
+        engine.delete_policy(&ns, &name).expect("ok");
+        delete.push(t.elapsed());
+    }
+    let policy_change = json!({"update": percentiles(change), "add": percentiles(add),
+                               "delete": percentiles(delete),
+                               "avg_policy_entries_written": touched / samples.max(1)});
+
+    let t = Instant::now();
+    let fresh = compile(engine.inputs()).expect("compiles");
+    let recompile = t.elapsed();
+    assert_eq!(
+        engine.state(),
+        &fresh,
+        "incremental result equals from scratch"
+    );
+
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "cluster": {
+                "pods": pods, "policies": policies, "namespaces": namespaces, "seed": seed,
+                "identities": state.identities.len(),
+                "policy_entries": state.policy.len(),
+                "port_range_entries": state.port_ranges.len(),
+                "cidr_entries": state.cidr_v4.len() + state.cidr_v6.len(),
+                "rules": state.rules.len(),
+            },
+            "from_scratch_ms": {
+                "min": scratch[0].as_secs_f64() * 1e3,
+                "median": scratch[1].as_secs_f64() * 1e3,
+                "engine_from_inputs": engine_build.as_secs_f64() * 1e3,
+                "after_policy_changes": recompile.as_secs_f64() * 1e3,
+            },
+            "incremental": {
+                "pod_existing_identity": existing,
+                "pod_new_identity": new_identity,
+                "policy_change": policy_change,
+            },
+            "incremental_equals_from_scratch": true,
+        }))
+        .expect("json")
+    );
+}

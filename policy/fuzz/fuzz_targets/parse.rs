@@ -1,0 +1,78 @@
+//! Any bytes, as YAML and as JSON, through both policy parsers. Parsing must never panic;
+//! an accepted object must normalize (validation promised it) and compile into an engine
+//! holding a few pods (compilation may refuse it with an error, never panic); a refused
+//! object's error must name an object and a field.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use moat_policy::{ContainerPort, Engine, Error, MoatPolicy, NetworkPolicy, Pod, Protocol};
+
+fn engine() -> Engine {
+    let mut e = Engine::new();
+    for (i, (ns, app)) in [("default", "web"), ("default", "db"), ("ns1", "web")]
+        .iter()
+        .enumerate()
+    {
+        e.upsert_pod(Pod {
+            namespace: ns.to_string(),
+            name: format!("p{i}"),
+            labels: [("app", *app)].into_iter().collect(),
+            ips: vec![format!("10.0.0.{}", i + 2).parse().unwrap()],
+            ports: vec![ContainerPort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::TCP,
+            }],
+        })
+        .unwrap();
+    }
+    e
+}
+
+fn check_error(e: &Error) {
+    match e {
+        Error::Parse { object, path, .. } | Error::Invalid { object, path, .. } => {
+            assert!(!object.is_empty() && !path.is_empty(), "{e}");
+        }
+        _ => {}
+    }
+    assert!(!e.to_string().is_empty());
+}
+
+fn network_policy(r: Result<NetworkPolicy, Error>) {
+    match r {
+        Ok(p) => {
+            p.normalize().expect("a parsed policy normalizes");
+            let mut e = engine();
+            let _ = e.upsert_policy(&p);
+            let _ = e.delete_policy(p.namespace(), p.name());
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+fn moat_policy(r: Result<MoatPolicy, Error>) {
+    match r {
+        Ok(p) => {
+            p.normalize().expect("a parsed policy normalizes");
+            let mut e = engine();
+            let _ = e.upsert_moat_policy(&p);
+            let _ = e.delete_moat_policy(p.namespace(), p.name());
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    network_policy(NetworkPolicy::from_json(text));
+    network_policy(NetworkPolicy::from_yaml(text));
+    moat_policy(MoatPolicy::from_json(text));
+    moat_policy(MoatPolicy::from_yaml(text));
+    if let Ok(all) = NetworkPolicy::all_from_yaml(text) {
+        all.into_iter().for_each(|p| network_policy(Ok(p)));
+    }
+});

@@ -1,0 +1,554 @@
+//! MoatPolicy (moat.io/v1alpha1): Moat's own namespaced policy object, for what NetworkPolicy
+//! cannot say (schema: manifests/crds/moatpolicies.moat.io.yaml).
+//!
+//! - `spec.podSelector` selects pods of the object's namespace (same matching as
+//!   NetworkPolicy's podSelector, on the pod's security labels).
+//! - `spec.mode` (enforce | audit | learn): the enforcement mode of the selected pods. When
+//!   several MoatPolicies select a pod with different modes, the strictest wins
+//!   (enforce > audit > learn), so that the result never depends on arrival order and a
+//!   looser object cannot switch enforcement off behind a stricter one.
+//! - `spec.defaultDeny`: the selected pods are isolated for ingress and egress, even when no
+//!   NetworkPolicy selects them; allows then come from NetworkPolicies and the rules below.
+//! - `spec.externalGroups`: named CIDR sets (`{name, cidrs}`).
+//! - `spec.ingress` / `spec.egress` (an addition to the CRD schema, see the crate docs): rule
+//!   lists shaped like NetworkPolicy's, whose peers name external groups of the same object:
+//!   `ingress: [{from: [{group: payments-api}], ports: [{port: 443}]}]`. As in NetworkPolicy,
+//!   a present list isolates its direction for the selected pods (an empty one allows
+//!   nothing); `ports` has NetworkPolicy's syntax and meaning (named ports included). Unlike
+//!   NetworkPolicy, `from`/`to` must name at least one group: "every peer" is not something
+//!   these rules express.
+//!
+//! Compilation turns a MoatPolicy into the same normalized form as a NetworkPolicy (group
+//! peers become ipBlock peers), so the engine, evaluator and tests treat both alike; rule ids
+//! of MoatPolicy rules are distinct from those of a NetworkPolicy of the same name.
+
+use std::collections::BTreeMap;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::netpol::{
+    NormalizedPolicy, ObjectMeta, Peer, PolicyPort, Rule, deserialize_object, normalize_ports,
+    parse_cidr, validate_port,
+};
+use crate::selector::LabelSelector;
+
+pub const API_VERSION: &str = "moat.io/v1alpha1";
+pub const KIND: &str = "MoatPolicy";
+/// Schema limits (the API server enforces them too; checked here for other sources).
+pub const MAX_EXTERNAL_GROUPS: usize = 64;
+pub const MAX_GROUP_CIDRS: usize = 256;
+
+/// Enforcement mode of an endpoint, as `moat_common::MODE_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Audit,
+    Learn,
+}
+
+impl Mode {
+    /// The MOAT_ENDPOINTS mode byte.
+    pub fn code(self) -> u8 {
+        match self {
+            Mode::Enforce => moat_common::MODE_ENFORCE,
+            Mode::Audit => moat_common::MODE_AUDIT,
+            Mode::Learn => moat_common::MODE_LEARN,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+            Mode::Learn => "learn",
+        }
+    }
+
+    /// Higher is stricter; the strictest mode of the policies selecting a pod wins.
+    pub fn strictness(self) -> u8 {
+        match self {
+            Mode::Learn => 0,
+            Mode::Audit => 1,
+            Mode::Enforce => 2,
+        }
+    }
+
+    pub fn strictest(self, other: Mode) -> Mode {
+        if other.strictness() > self.strictness() {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoatPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    pub spec: MoatPolicySpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoatPolicySpec {
+    /// Required by the schema; `{}` selects every pod of the namespace.
+    pub pod_selector: LabelSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub default_deny: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_groups: Vec<ExternalGroup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<MoatIngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<MoatEgressRule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalGroup {
+    pub name: String,
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoatIngressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PolicyPort>>,
+    pub from: Vec<GroupPeer>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoatEgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PolicyPort>>,
+    pub to: Vec<GroupPeer>,
+}
+
+/// A rule peer: one external group of the same MoatPolicy, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupPeer {
+    pub group: String,
+}
+
+/// The compiler's view of a valid MoatPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormalizedMoatPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: LabelSelector,
+    pub mode: Option<Mode>,
+    pub default_deny: bool,
+    pub groups: BTreeMap<String, Vec<IpNetwork>>,
+    /// Isolation and allows in NetworkPolicy form: a direction is isolated when
+    /// `defaultDeny` is set or the object has a rule list for it; group peers are ipBlocks.
+    pub policy: NormalizedPolicy,
+}
+
+impl MoatPolicy {
+    pub fn from_value(value: serde_json::Value) -> Result<Self, Error> {
+        let policy: MoatPolicy = deserialize_object(&value)?;
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, Error> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+            object: "<document>".into(),
+            path: ".".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    /// One YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        let mut all = Self::all_from_yaml(text)?;
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            n => Err(Error::Parse {
+                object: "<document>".into(),
+                path: ".".into(),
+                message: format!("expected one MoatPolicy, found {n} documents"),
+            }),
+        }
+    }
+
+    /// Every MoatPolicy of a multi-document YAML stream (empty documents are skipped).
+    pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, Error> {
+        let mut out = Vec::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Parse {
+                object: format!("<document {i}>"),
+                path: ".".into(),
+                message: e.to_string(),
+            })?;
+            if value.is_null() {
+                continue;
+            }
+            out.push(Self::from_value(value)?);
+        }
+        Ok(out)
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    pub fn object(&self) -> String {
+        format!("{}/{}", self.namespace(), self.name())
+    }
+
+    /// The schema's checks plus references: every group a rule names must be defined.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |path: String, message: String| Error::Invalid {
+            object: self.object(),
+            path,
+            message,
+        };
+        if self.metadata.name.is_empty() {
+            return Err(invalid("metadata.name".into(), "must not be empty".into()));
+        }
+        if let Some(kind) = &self.kind
+            && kind != KIND
+        {
+            return Err(invalid(
+                "kind".into(),
+                format!("expected {KIND}, got {kind}"),
+            ));
+        }
+        if let Some(v) = &self.api_version
+            && v != API_VERSION
+        {
+            return Err(invalid(
+                "apiVersion".into(),
+                format!("expected {API_VERSION}, got {v}"),
+            ));
+        }
+        let spec = &self.spec;
+        spec.pod_selector
+            .validate()
+            .map_err(|(p, m)| invalid(format!("spec.podSelector.{p}"), m))?;
+        if spec.external_groups.len() > MAX_EXTERNAL_GROUPS {
+            return Err(invalid(
+                "spec.externalGroups".into(),
+                format!(
+                    "{} groups, at most {MAX_EXTERNAL_GROUPS} allowed",
+                    spec.external_groups.len()
+                ),
+            ));
+        }
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, g) in spec.external_groups.iter().enumerate() {
+            let base = format!("spec.externalGroups[{i}]");
+            check_dns_label(&g.name).map_err(|m| invalid(format!("{base}.name"), m))?;
+            if let Some(first) = names.insert(&g.name, i) {
+                return Err(invalid(
+                    format!("{base}.name"),
+                    format!(
+                        "duplicate group {:?} (also spec.externalGroups[{first}])",
+                        g.name
+                    ),
+                ));
+            }
+            if g.cidrs.is_empty() || g.cidrs.len() > MAX_GROUP_CIDRS {
+                return Err(invalid(
+                    format!("{base}.cidrs"),
+                    format!(
+                        "{} CIDRs, between 1 and {MAX_GROUP_CIDRS} allowed",
+                        g.cidrs.len()
+                    ),
+                ));
+            }
+            for (j, c) in g.cidrs.iter().enumerate() {
+                parse_cidr(c).map_err(|m| invalid(format!("{base}.cidrs[{j}]"), m))?;
+            }
+        }
+        let rules = spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| ("ingress", "from", &r.ports, &r.from))
+            .chain(
+                spec.egress
+                    .iter()
+                    .flatten()
+                    .map(|r| ("egress", "to", &r.ports, &r.to)),
+            );
+        let mut index = BTreeMap::<&str, usize>::new();
+        for (dir, peers_field, ports, peers) in rules {
+            let i = index.entry(dir).or_default();
+            let base = format!("spec.{dir}[{i}]");
+            *i += 1;
+            for (j, port) in ports.iter().flatten().enumerate() {
+                validate_port(port)
+                    .map_err(|m| invalid(format!("{base}.ports[{j}]{}", m.0), m.1))?;
+            }
+            if peers.is_empty() {
+                return Err(invalid(
+                    format!("{base}.{peers_field}"),
+                    "must name at least one external group".into(),
+                ));
+            }
+            for (j, peer) in peers.iter().enumerate() {
+                if !names.contains_key(peer.group.as_str()) {
+                    let defined: Vec<&str> = names.keys().copied().collect();
+                    return Err(invalid(
+                        format!("{base}.{peers_field}[{j}].group"),
+                        format!(
+                            "unknown external group {:?} (defined: {})",
+                            peer.group,
+                            if defined.is_empty() {
+                                "none".to_string()
+                            } else {
+                                defined.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn normalize(&self) -> Result<NormalizedMoatPolicy, Error> {
+        self.validate()?;
+        let spec = &self.spec;
+        let groups: BTreeMap<String, Vec<IpNetwork>> = spec
+            .external_groups
+            .iter()
+            .map(|g| {
+                let mut cidrs: Vec<IpNetwork> = g
+                    .cidrs
+                    .iter()
+                    .map(|c| parse_cidr(c).expect("validated"))
+                    .collect();
+                cidrs.sort();
+                cidrs.dedup();
+                (g.name.clone(), cidrs)
+            })
+            .collect();
+        let rule = |ports: &Option<Vec<PolicyPort>>, peers: &[GroupPeer]| Rule {
+            peers: Some(
+                peers
+                    .iter()
+                    .flat_map(|p| &groups[&p.group])
+                    .map(|cidr| Peer::IpBlock {
+                        cidr: *cidr,
+                        except: vec![],
+                    })
+                    .collect(),
+            ),
+            ports: normalize_ports(ports),
+        };
+        let ingress = match &spec.ingress {
+            Some(rules) => Some(rules.iter().map(|r| rule(&r.ports, &r.from)).collect()),
+            None => spec.default_deny.then(Vec::new),
+        };
+        let egress = match &spec.egress {
+            Some(rules) => Some(rules.iter().map(|r| rule(&r.ports, &r.to)).collect()),
+            None => spec.default_deny.then(Vec::new),
+        };
+        Ok(NormalizedMoatPolicy {
+            namespace: self.namespace().to_string(),
+            name: self.name().to_string(),
+            pod_selector: spec.pod_selector.clone(),
+            mode: spec.mode,
+            default_deny: spec.default_deny,
+            groups,
+            policy: NormalizedPolicy {
+                namespace: self.namespace().to_string(),
+                name: self.name().to_string(),
+                pod_selector: spec.pod_selector.clone(),
+                ingress,
+                egress,
+            },
+        })
+    }
+}
+
+/// DNS-1123 label, as the schema's pattern: 1-63 of [a-z0-9-], alphanumeric at both ends.
+fn check_dns_label(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid group name {name:?}: a DNS-1123 label (1-63 lowercase letters, digits and '-', alphanumeric at both ends)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "apiVersion: moat.io/v1alpha1\nkind: MoatPolicy\nmetadata: {name: m, namespace: ns1}\n";
+
+    fn parse(spec: &str) -> Result<MoatPolicy, Error> {
+        MoatPolicy::from_yaml(&format!("{BASE}{spec}"))
+    }
+
+    fn err(spec: &str) -> (String, String, String) {
+        match parse(spec).unwrap_err() {
+            Error::Parse {
+                object,
+                path,
+                message,
+            }
+            | Error::Invalid {
+                object,
+                path,
+                message,
+            } => (object, path, message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_object_parses_and_normalizes() {
+        let p = parse(
+            "spec:\n  podSelector: {matchLabels: {app: pay}}\n  mode: audit\n  defaultDeny: true\n  externalGroups:\n  - {name: payments-api, cidrs: [203.0.113.0/24, 2001:db8::/32]}\n  egress:\n  - to: [{group: payments-api}]\n    ports: [{port: 443}]\n",
+        )
+        .unwrap();
+        let n = p.normalize().unwrap();
+        assert_eq!(n.mode, Some(Mode::Audit));
+        assert_eq!(n.groups["payments-api"].len(), 2);
+        assert_eq!(
+            n.policy.ingress,
+            Some(vec![]),
+            "defaultDeny isolates ingress"
+        );
+        let egress = n.policy.egress.unwrap();
+        assert_eq!(egress.len(), 1);
+        assert_eq!(egress[0].peers.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn mode_only_isolates_nothing() {
+        let n = parse("spec:\n  podSelector: {}\n  mode: learn\n")
+            .unwrap()
+            .normalize()
+            .unwrap();
+        assert_eq!((n.policy.ingress, n.policy.egress), (None, None));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_object_and_field() {
+        let (object, path, _) = err("spec:\n  podSelector: {}\n  defaultDenied: true\n");
+        assert_eq!(
+            (object.as_str(), path.as_str()),
+            ("ns1/m", "spec.defaultDenied")
+        );
+        let (_, path, _) = err("spec:\n  podSelector: {}\n  mode: relaxed\n");
+        assert_eq!(path, "spec.mode");
+        let (_, path, _) = err("spec:\n  mode: audit\n");
+        assert_eq!(path, "spec", "podSelector is required");
+        let (_, path, _) = err(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: a, cidrs: [10.0.0.0/8], extra: 1}\n",
+        );
+        assert_eq!(path, "spec.externalGroups[0].extra");
+        let (_, path, _) = err(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: a, cidrs: [10.0.0.0/33]}\n",
+        );
+        assert_eq!(path, "spec.externalGroups[0].cidrs[0]");
+        let (_, path, _) = err(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: A_b, cidrs: [10.0.0.0/8]}\n",
+        );
+        assert_eq!(path, "spec.externalGroups[0].name");
+        let (_, path, _) = err(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: a, cidrs: [10.0.0.0/8]}\n  - {name: a, cidrs: [10.0.0.0/8]}\n",
+        );
+        assert_eq!(path, "spec.externalGroups[1].name");
+        let (_, path, _) =
+            err("spec:\n  podSelector: {}\n  externalGroups:\n  - {name: a, cidrs: []}\n");
+        assert_eq!(path, "spec.externalGroups[0].cidrs");
+        let (_, path, _) = err("spec:\n  podSelector: {}\n  kind2: x\n");
+        assert_eq!(path, "spec.kind2");
+        let (_, path, _) = err("spec:\n  podSelector: {}\n  egress: [{to: []}]\n");
+        assert_eq!(path, "spec.egress[0].to");
+        let (_, path, _) = err(
+            "spec:\n  podSelector: {}\n  ingress: [{from: [{group: a}], ports: [{port: 0}]}]\n",
+        );
+        assert_eq!(path, "spec.ingress[0].ports[0].port");
+    }
+
+    #[test]
+    fn rules_must_name_defined_groups() {
+        let (_, path, message) = err(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: dns, cidrs: [8.8.8.8/32]}\n  egress:\n  - to: [{group: dns}, {group: payments}]\n",
+        );
+        assert_eq!(path, "spec.egress[0].to[1].group");
+        assert!(
+            message.contains("\"payments\"") && message.contains("dns"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn wrong_kind_or_version_is_rejected() {
+        let e = MoatPolicy::from_yaml(
+            "apiVersion: moat.io/v1\nkind: MoatPolicy\nmetadata: {name: m}\nspec: {podSelector: {}}\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid { ref path, .. } if path == "apiVersion"),
+            "{e}"
+        );
+        let e = MoatPolicy::from_json(
+            r#"{"kind":"NetworkPolicy","metadata":{"name":"m"},"spec":{"podSelector":{}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "default/m: kind: expected MoatPolicy, got NetworkPolicy"
+        );
+    }
+
+    #[test]
+    fn an_empty_unknown_key_still_has_a_path() {
+        // Found by the fuzzer: this used to report an empty field path.
+        let e =
+            MoatPolicy::from_json(r#"{"metadata":{"name":"j"},"":"j","spec":{"podSelector":{}}}"#)
+                .unwrap_err();
+        match e {
+            Error::Parse { object, path, .. } => {
+                assert_eq!(object, "default/j");
+                assert_eq!(path, ".");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn strictest_mode_wins() {
+        assert_eq!(Mode::Learn.strictest(Mode::Audit), Mode::Audit);
+        assert_eq!(Mode::Enforce.strictest(Mode::Learn), Mode::Enforce);
+        assert_eq!(Mode::Audit.code(), moat_common::MODE_AUDIT);
+    }
+}

@@ -29,10 +29,13 @@ netns_of() { echo "moatdemo-${1//\//-}"; }
 
 cleanup() {
   set +e
+  # Servers first: a process left in a namespace keeps the namespace alive after `ip netns del`.
   for pod in "${PODS[@]}"; do
     cni DEL "$pod" >/dev/null 2>&1
+    ip netns pids "$(netns_of "$pod")" 2>/dev/null | xargs -r kill 2>/dev/null
     ip netns del "$(netns_of "$pod")" 2>/dev/null
   done
+  ip netns pids moatdemo-legacy 2>/dev/null | xargs -r kill 2>/dev/null
   ip netns del moatdemo-legacy 2>/dev/null
   ip link del mdlegacy 2>/dev/null
   [[ -n $MOATD_PID ]] && kill "$MOATD_PID" 2>/dev/null && wait "$MOATD_PID" 2>/dev/null

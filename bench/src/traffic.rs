@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use ipnetwork::IpNetwork;
 use moat_common::*;
 use moat_datapath::{Maps, PinDir, lab::LabPod};
 
@@ -55,26 +54,7 @@ impl Config {
 
 /// Endpoint and ipcache entries for a lab pod (both families), as moatd would write them.
 pub fn register(maps: &mut Maps, pod: &LabPod, identity: u32) -> Result<()> {
-    let mut ep = EndpointInfo {
-        identity,
-        policy_id: identity,
-        mode: MODE_ENFORCE,
-        v4_count: 1,
-        v6_count: 1,
-        ..Default::default()
-    };
-    ep.v4[0] = raw_v4(pod.v4);
-    ep.v6[0] = raw_v6(pod.v6);
-    maps.upsert_endpoint(pod.ifindex, &ep)?;
-    for addr in pod.addrs() {
-        let value = IpcacheValue {
-            identity,
-            ifindex: pod.ifindex,
-            ..Default::default()
-        };
-        maps.upsert_ipcache(IpNetwork::from(addr), &value)?;
-    }
-    Ok(())
+    Ok(pod.register(maps, identity)?)
 }
 
 /// The policy that admits the benchmark's flows: the client may send anything (not isolated

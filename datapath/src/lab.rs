@@ -55,6 +55,31 @@ impl LabPod {
         in_netns(&self.netns, f)
     }
 
+    /// Writes this pod's endpoint entry (enforce mode) and its ipcache entries (with the
+    /// veth, as moatd writes local endpoints), for tests and benchmarks without moatd.
+    pub fn register(&self, maps: &mut crate::Maps, identity: u32) -> crate::Result<()> {
+        let mut ep = moat_common::EndpointInfo {
+            identity,
+            policy_id: identity,
+            mode: moat_common::MODE_ENFORCE,
+            v4_count: 1,
+            v6_count: 1,
+            ..Default::default()
+        };
+        ep.v4[0] = moat_common::raw_v4(self.v4);
+        ep.v6[0] = moat_common::raw_v6(self.v6);
+        maps.upsert_endpoint(self.ifindex, &ep)?;
+        for addr in self.addrs() {
+            let value = moat_common::IpcacheValue {
+                identity,
+                ifindex: self.ifindex,
+                ..Default::default()
+            };
+            maps.upsert_ipcache(ipnetwork::IpNetwork::from(addr), &value)?;
+        }
+        Ok(())
+    }
+
     /// Runs a command inside the pod.
     pub fn exec(&self, cmd: &str) -> Result<String> {
         sh(&format!("ip netns exec {} {cmd}", self.netns))

@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use ipnetwork::IpNetwork;
 use moat_common::*;
 use moat_datapath::{
     EventReader, Maps, attach_endpoint, detach_endpoint, is_attached,
@@ -32,16 +31,7 @@ struct Pods {
 }
 
 fn register(maps: &mut Maps, pod: &LabPod, identity: u32) {
-    maps.upsert_endpoint(pod.ifindex, &endpoint(identity, &pod.addrs()))
-        .unwrap();
-    for addr in pod.addrs() {
-        let value = IpcacheValue {
-            identity,
-            ifindex: pod.ifindex,
-            ..Default::default()
-        };
-        maps.upsert_ipcache(IpNetwork::from(addr), &value).unwrap();
-    }
+    pod.register(maps, identity).unwrap();
 }
 
 fn allow(

@@ -236,7 +236,7 @@ pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
 }
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

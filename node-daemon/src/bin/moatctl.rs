@@ -426,7 +426,7 @@ fn bpf(args: &Args, what: &BpfCmd) {
             }
         }
         BpfCmd::Conntrack => {
-            let now = monotonic_ns();
+            let now = moatd::server::monotonic_ns();
             for (k, v) in maps.conntrack_entries(None) {
                 if v.expires_ns <= now {
                     continue;
@@ -484,16 +484,6 @@ fn bpf(args: &Args, what: &BpfCmd) {
     print(args.output, &rows, &["KEY", "VALUE"], &[], |r| {
         vec![r.key.clone(), r.value.clone()]
     });
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn main() {

@@ -17,9 +17,9 @@ use tracing::{info, warn};
 
 use crate::{
     api::{DaemonStatus, EndpointSpec, EndpointStatus, Registered, Request, Response},
-    desired::{self, DesiredMaps, NodeConfig, WriteStats},
+    desired::{self, Applied, NodeConfig, Touched, WriteStats},
     flows::{self, FlowRecord, JournalConfig},
-    local::{self, LocalObjects, PodMeta},
+    local::{LocalObjects, LocalStore, Object, ObjectKey, PodMeta},
     store::{EndpointRecord, EndpointStore},
 };
 
@@ -46,7 +46,7 @@ pub enum DatastoreConfig {
 
 /// The running datastore.
 pub enum Source {
-    Local,
+    Local(LocalStore),
     Kubernetes(crate::kube::KubeDatastore),
 }
 
@@ -59,14 +59,17 @@ pub struct Daemon {
     node: NodeConfig,
     endpoints: BTreeMap<String, EndpointRecord>,
     store: EndpointStore,
-    applied: DesiredMaps,
+    applied: Applied,
+    /// Keys engine changes touched since the last reconcile.
+    pending: Touched,
     objects: LocalObjects,
     rejected: Vec<String>,
-    pub fingerprint: Vec<(PathBuf, Vec<u8>)>,
     generation: u64,
     source: Source,
     /// Kubernetes generation last applied.
     pub applied_source_generation: u64,
+    /// Set during start-up: reconcile() only collects what to write.
+    hold_writes: bool,
 }
 
 /// Every address of this node except loopback: traffic from them is the node itself.
@@ -96,7 +99,7 @@ impl Daemon {
         let pins = PinDir::new(&cfg.pin_root);
         let datapath = Datapath::load(&pins).map_err(anyhow::Error::from)?;
         let maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
-        let applied = desired::read_actual(&maps);
+        let applied = Applied::from_kernel(&maps);
         let store = EndpointStore::new(&cfg.state_dir);
         let endpoints = store.load()?;
         let mut engine = Engine::new();
@@ -107,7 +110,7 @@ impl Daemon {
             service_cidrs: cfg.service_cidrs.clone(),
         };
         let source = match &cfg.datastore {
-            DatastoreConfig::Local => Source::Local,
+            DatastoreConfig::Local => Source::Local(LocalStore::new(&cfg.policy_dir)),
             DatastoreConfig::Kubernetes(kube_cfg) => {
                 let ds = crate::kube::KubeDatastore::start(kube_cfg.clone())?;
                 // Registrations wait for the first full sync; enforcement from the pinned
@@ -127,14 +130,17 @@ impl Daemon {
             endpoints,
             store,
             applied,
+            pending: Touched::default(),
             objects: LocalObjects::default(),
             rejected: Vec::new(),
-            fingerprint: Vec::new(),
             generation: 0,
             source,
             applied_source_generation: 0,
+            hold_writes: true,
             cfg,
         };
+        // Until everything is loaded, no write: the maps keep enforcing what they hold, and
+        // the first reconcile below takes them straight to the complete desired state.
         daemon.drop_vanished_endpoints();
         daemon.process_pending_deletes();
         daemon.reload_objects();
@@ -143,6 +149,7 @@ impl Daemon {
                 warn!(endpoint = %key, error = %e, "endpoint not compiled");
             }
         }
+        daemon.hold_writes = false;
         let stats = daemon.reconcile()?;
         daemon.detach_orphan_links();
         daemon.store.save(&daemon.endpoints)?;
@@ -162,7 +169,7 @@ impl Daemon {
     /// The datastore's change counter, when it has one (Kubernetes).
     pub fn source_generation(&self) -> Option<u64> {
         match &self.source {
-            Source::Local => None,
+            Source::Local(_) => None,
             Source::Kubernetes(ds) => Some(ds.generation()),
         }
     }
@@ -170,7 +177,7 @@ impl Daemon {
     /// Ready to register endpoints: the datastore has synced at least once.
     pub fn ready(&self) -> bool {
         match &self.source {
-            Source::Local => true,
+            Source::Local(_) => true,
             Source::Kubernetes(ds) => ds.ready(),
         }
     }
@@ -178,7 +185,7 @@ impl Daemon {
     /// The node's pod CIDRs (Kubernetes datastore only).
     pub fn node_pod_cidrs(&self) -> Vec<IpNetwork> {
         match &self.source {
-            Source::Local => Vec::new(),
+            Source::Local(_) => Vec::new(),
             Source::Kubernetes(ds) => ds.node_pod_cidrs(),
         }
     }
@@ -629,121 +636,145 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the local datastore directory and applies what changed. Objects that fail
-    /// are reported and skipped; the engine keeps the last good version of a policy.
-    pub fn reload_objects(&mut self) {
-        let objects = match &self.source {
-            Source::Local => {
-                self.fingerprint = local::fingerprint(&self.cfg.policy_dir);
-                local::load(&self.cfg.policy_dir)
+    /// Runs an engine change and remembers the keys it touched for the next reconcile.
+    fn change(
+        &mut self,
+        op: impl FnOnce(&mut Engine) -> Result<moat_policy::Delta, moat_policy::Error>,
+    ) -> Result<(), moat_policy::Error> {
+        let delta = op(&mut self.engine)?;
+        self.pending.record(&delta);
+        Ok(())
+    }
+
+    /// Applies what changed in the datastore: for the local one, only the files that changed
+    /// on disk are re-read; for Kubernetes, the snapshot is compared object by object. An
+    /// object that fails is reported and skipped; the engine keeps the last good version of
+    /// a policy. Returns whether anything changed.
+    pub fn reload_objects(&mut self) -> bool {
+        let (updates, source_rejected) = match &mut self.source {
+            Source::Local(store) => {
+                let Some(keys) = store.refresh() else {
+                    return false;
+                };
+                let objects = store.objects();
+                let updates: Vec<(ObjectKey, Option<Object>)> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let o = objects.get(&k);
+                        (k, o)
+                    })
+                    .collect();
+                (updates, objects.rejected.clone())
             }
             Source::Kubernetes(ds) => {
-                let (generation, objects) = ds.snapshot();
+                let (generation, objects) = ds.snapshot_shared();
+                if generation == self.applied_source_generation && self.generation > 0 {
+                    return false;
+                }
                 self.applied_source_generation = generation;
-                objects
+                let keys: BTreeSet<ObjectKey> = objects.keys().chain(self.objects.keys()).collect();
+                let updates = keys
+                    .into_iter()
+                    .filter(|k| !objects.same(&self.objects, k))
+                    .map(|k| {
+                        let new = objects.get(&k);
+                        (k, new)
+                    })
+                    .collect();
+                (updates, objects.rejected.clone())
             }
         };
-        let mut rejected = objects.rejected.clone();
+        let mut rejected = source_rejected;
+        // Namespaces first, then pods, then policies (the key order), so that a policy
+        // compiles against the labels it is meant to see.
+        for (key, object) in updates {
+            if let Err(reason) = self.apply_object(&key, object) {
+                rejected.push(reason);
+            }
+        }
+        self.refresh_modes();
+        for r in &rejected {
+            warn!(rejected = %r, "object rejected; last good state stays in force");
+        }
+        self.rejected = rejected;
+        match self.reconcile() {
+            Ok(_) => self.generation += 1,
+            Err(e) => warn!(error = %e, "reconcile after reload failed"),
+        }
+        true
+    }
 
-        for (name, labels) in &objects.namespaces {
-            if self.objects.namespaces.get(name) != Some(labels)
-                && let Err(e) = self.engine.upsert_namespace(name, labels.clone())
-            {
-                rejected.push(format!("Namespace {name}: {e}"));
-            }
+    /// Brings one datastore object into the engine (`None`: it was deleted).
+    fn apply_object(&mut self, key: &ObjectKey, object: Option<Object>) -> Result<(), String> {
+        if self.objects.get(key) == object {
+            return Ok(());
         }
-        for name in self.objects.namespaces.keys() {
-            if !objects.namespaces.contains_key(name) {
-                let _ = self.engine.delete_namespace(name);
+        let result = match (key, &object) {
+            (ObjectKey::Namespace(name), Some(Object::Namespace(labels))) => {
+                self.change(|e| e.upsert_namespace(name, labels.clone()))
             }
-        }
-        let mut accepted = BTreeMap::new();
-        for (key, policy) in &objects.policies {
-            let unchanged = self.objects.policies.get(key) == Some(policy);
-            if unchanged {
-                accepted.insert(key.clone(), policy.clone());
-                continue;
+            (ObjectKey::Namespace(name), _) => self.change(|e| e.delete_namespace(name)),
+            (ObjectKey::NetworkPolicy(..), Some(Object::NetworkPolicy(policy))) => {
+                self.change(|e| e.upsert_policy(policy))
             }
-            match self.engine.upsert_policy(policy) {
-                Ok(_) => {
-                    accepted.insert(key.clone(), policy.clone());
-                }
-                Err(e) => {
-                    rejected.push(format!("NetworkPolicy {}: {e}", policy.object()));
-                    // Keep the last good version of this object in force.
-                    if let Some(old) = self.objects.policies.get(key) {
-                        accepted.insert(key.clone(), old.clone());
-                    }
-                }
+            (ObjectKey::NetworkPolicy(ns, name), _) => self.change(|e| e.delete_policy(ns, name)),
+            (ObjectKey::MoatPolicy(..), Some(Object::MoatPolicy(policy))) => {
+                self.change(|e| e.upsert_moat_policy(policy))
             }
-        }
-        for key in self.objects.policies.keys() {
-            if !objects.policies.contains_key(key) {
-                let _ = self.engine.delete_policy(&key.0, &key.1);
+            (ObjectKey::MoatPolicy(ns, name), _) => self.change(|e| e.delete_moat_policy(ns, name)),
+            (ObjectKey::Pod(ns, name), _) => {
+                // Labels, ports and addresses come from the datastore; the engine sees them
+                // through the pod's endpoints (local) or as a remote workload.
+                self.objects.set(key, object);
+                return self.sync_pod(ns, name).map_err(|e| format!("{key}: {e}"));
             }
-        }
-        let mut accepted_moat = BTreeMap::new();
-        for (key, policy) in &objects.moat_policies {
-            if self.objects.moat_policies.get(key) == Some(policy) {
-                accepted_moat.insert(key.clone(), policy.clone());
-                continue;
-            }
-            match self.engine.upsert_moat_policy(policy) {
-                Ok(_) => {
-                    accepted_moat.insert(key.clone(), policy.clone());
-                }
-                Err(e) => {
-                    rejected.push(format!("MoatPolicy {}: {e}", policy.object()));
-                    if let Some(old) = self.objects.moat_policies.get(key) {
-                        accepted_moat.insert(key.clone(), old.clone());
-                    }
-                }
-            }
-        }
-        for key in self.objects.moat_policies.keys() {
-            if !objects.moat_policies.contains_key(key) {
-                let _ = self.engine.delete_moat_policy(&key.0, &key.1);
-            }
-        }
-        let pods_changed = objects.pods != self.objects.pods;
-        let old_remote = self.remote_pods();
-        self.objects = LocalObjects {
-            namespaces: objects.namespaces,
-            pods: objects.pods,
-            policies: accepted,
-            moat_policies: accepted_moat,
-            rejected: Vec::new(),
         };
-        if pods_changed {
-            for key in self.endpoints.keys().cloned().collect::<Vec<_>>() {
-                if let Err(e) = self.sync_endpoint_pod(&key) {
-                    rejected.push(format!("endpoint {key}: {e}"));
-                }
+        match result {
+            Ok(()) => {
+                self.objects.set(key, object);
+                Ok(())
             }
-            // Remote workloads: pods with addresses that are not registered here.
-            let new_remote = self.remote_pods();
-            for pod in old_remote.keys() {
-                if !new_remote.contains_key(pod) {
-                    let _ = self.engine.delete_pod(pod);
-                }
-            }
-            for (pod_ref, meta) in new_remote {
-                if old_remote.get(&pod_ref) == Some(&meta) {
-                    continue;
-                }
-                let pod = Pod {
-                    namespace: pod_ref.namespace.clone(),
-                    name: pod_ref.name.clone(),
-                    labels: meta.labels,
-                    ips: meta.ips,
-                    ports: meta.ports,
-                };
-                if let Err(e) = self.engine.upsert_pod(pod) {
-                    rejected.push(format!("Pod {pod_ref}: {e}"));
-                }
-            }
+            // The last good version stays in force (and in `objects`).
+            Err(e) => Err(format!("{key}: {e}")),
         }
-        // Modes can change with MoatPolicies alone.
+    }
+
+    /// Puts a pod into the engine as the datastore and the node's endpoints describe it: a
+    /// local pod through its endpoints, a remote one (addresses, no local endpoint) from the
+    /// datastore alone, and otherwise not at all.
+    fn sync_pod(&mut self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let local: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, r)| r.spec.pod_namespace == namespace && r.spec.pod_name == name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !local.is_empty() {
+            for key in local {
+                self.sync_endpoint_pod(&key)?;
+            }
+            return Ok(());
+        }
+        let pod_ref = PodRef::new(namespace, name);
+        let meta = self.pod_meta(namespace, name);
+        if meta.ips.is_empty() {
+            self.change(|e| e.delete_pod(&pod_ref))?;
+        } else {
+            let pod = Pod {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                labels: meta.labels,
+                ips: meta.ips,
+                ports: meta.ports,
+            };
+            self.change(|e| e.upsert_pod(pod))?;
+        }
+        Ok(())
+    }
+
+    /// Endpoint modes: the pod's annotation wins; else the strictest MoatPolicy selecting
+    /// it; else enforce.
+    fn refresh_modes(&mut self) {
         let modes = &self.engine.state().modes;
         let pods = &self.objects.pods;
         for record in self.endpoints.values_mut() {
@@ -757,26 +788,6 @@ impl Daemon {
                 .or_else(|| modes.get(&record.pod_ref()).map(|m| m.name().to_string()))
                 .unwrap_or_else(|| "enforce".into());
         }
-        for r in &rejected {
-            warn!(rejected = %r, "object rejected; last good state stays in force");
-        }
-        self.rejected = rejected;
-        match self.reconcile() {
-            Ok(_) => self.generation += 1,
-            Err(e) => warn!(error = %e, "reconcile after reload failed"),
-        }
-    }
-
-    /// Pods the datastore knows with addresses, that no local endpoint registered.
-    fn remote_pods(&self) -> BTreeMap<PodRef, PodMeta> {
-        let local: BTreeSet<PodRef> = self.endpoints.values().map(|r| r.pod_ref()).collect();
-        self.objects
-            .pods
-            .iter()
-            .filter(|(_, m)| !m.ips.is_empty())
-            .map(|((ns, name), m)| (PodRef::new(ns, name), m.clone()))
-            .filter(|(r, _)| !local.contains(r))
-            .collect()
     }
 
     fn pod_meta(&self, namespace: &str, name: &str) -> PodMeta {
@@ -800,8 +811,7 @@ impl Daemon {
             ips: record.spec.ips.clone(),
             ports: meta.ports,
         };
-        self.engine
-            .upsert_pod(pod)
+        self.change(|e| e.upsert_pod(pod))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // The pod's annotation wins; else the strictest MoatPolicy selecting it; else enforce.
         let mode = annotated.unwrap_or_else(|| {
@@ -818,16 +828,32 @@ impl Daemon {
         Ok(())
     }
 
+    /// Writes what the engine changes since the last reconcile touched (incrementally; from
+    /// scratch after start-up or a failed write).
     pub fn reconcile(&mut self) -> anyhow::Result<WriteStats> {
-        let desired = desired::build(self.engine.state(), &self.endpoints, &self.node);
-        let stats = desired::apply(&mut self.maps, &self.applied, &desired)?;
-        self.applied = desired;
-        Ok(stats)
+        if self.hold_writes {
+            return Ok(WriteStats::default());
+        }
+        let touched = std::mem::take(&mut self.pending);
+        let plan = self
+            .applied
+            .plan(self.engine.state(), &self.endpoints, &self.node, &touched);
+        match desired::apply(&mut self.maps, &plan.before, &plan.after) {
+            Ok(stats) => {
+                self.applied.commit(plan);
+                Ok(stats)
+            }
+            Err(e) => {
+                // Part of the plan may be written: rebuild from what the kernel holds.
+                self.applied = Applied::from_kernel(&self.maps);
+                Err(e)
+            }
+        }
     }
 
     /// A full resync against what the kernel maps really hold (heals any drift).
     pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
-        self.applied = desired::read_actual(&self.maps);
+        self.applied = Applied::from_kernel(&self.maps);
         self.reconcile()
     }
 
@@ -870,9 +896,7 @@ impl Daemon {
                 }
                 None => {
                     self.endpoints.remove(&key);
-                    let _ = self
-                        .engine
-                        .delete_pod(&PodRef::new(&spec.pod_namespace, &spec.pod_name));
+                    let _ = self.sync_pod(&spec.pod_namespace, &spec.pod_name);
                 }
             }
             let _ = self.reconcile();
@@ -906,10 +930,10 @@ impl Daemon {
         let Some(record) = self.endpoints.remove(&key) else {
             return false;
         };
-        let pod = record.pod_ref();
-        let still_used = self.endpoints.values().any(|r| r.pod_ref() == pod);
-        if !still_used {
-            let _ = self.engine.delete_pod(&pod);
+        // Another endpoint of the pod keeps it; else it leaves the engine (or stays as a
+        // remote workload if the datastore still gives it addresses).
+        if let Err(e) = self.sync_pod(&record.spec.pod_namespace, &record.spec.pod_name) {
+            warn!(error = %e, "pod update after unregister failed");
         }
         if let Err(e) = self.reconcile() {
             warn!(error = %e, "reconcile after unregister failed");
@@ -926,7 +950,7 @@ impl Daemon {
         DaemonStatus {
             ready: self.ready(),
             datastore: match self.source {
-                Source::Local => "local".into(),
+                Source::Local(_) => "local".into(),
                 Source::Kubernetes(_) => "kubernetes".into(),
             },
             endpoints: self.endpoints.len(),
@@ -1035,12 +1059,12 @@ impl Daemon {
                         .map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
                     "rejected": self.rejected,
                     "entries": {
-                        "policy": self.applied.policy.len(),
-                        "port_ranges": self.applied.port_ranges.len(),
-                        "cidr_v4": self.applied.cidr_v4.len(),
-                        "cidr_v6": self.applied.cidr_v6.len(),
-                        "ipcache": self.applied.ipcache.len(),
-                        "endpoints": self.applied.endpoints.len(),
+                        "policy": self.applied.maps.policy.len(),
+                        "port_ranges": self.applied.maps.port_ranges.len(),
+                        "cidr_v4": self.applied.maps.cidr_v4.len(),
+                        "cidr_v6": self.applied.maps.cidr_v6.len(),
+                        "ipcache": self.applied.maps.ipcache.len(),
+                        "endpoints": self.applied.maps.endpoints.len(),
                     },
                 });
                 Response::Policy { document }

@@ -6,12 +6,15 @@
 //! so whatever a crash left behind (entries of a pod deleted while moatd was down, half a
 //! change) is corrected by the first reconcile, without flushing what is still right.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use moat_common::*;
 use moat_datapath::Maps;
-use moat_policy::DatapathState;
+use moat_policy::{DatapathState, Delta, MapDelta};
 
 use crate::store::EndpointRecord;
 
@@ -40,62 +43,122 @@ pub fn mode_code(mode: &str) -> u8 {
     }
 }
 
-pub fn build(
+/// The local endpoints' part of the maps: their endpoint entries, and the addresses that
+/// make ipcache entries carry their veth.
+struct LocalPart {
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    /// address -> (host ifindex, identity)
+    addresses: BTreeMap<IpNetwork, (u32, u32)>,
+}
+
+fn local_part(
     state: &DatapathState,
     endpoints: &BTreeMap<String, EndpointRecord>,
-    node: &NodeConfig,
-) -> DesiredMaps {
-    let mut d = DesiredMaps::default();
-    for cidr in &node.service_cidrs {
-        d.ipcache.insert(
-            *cidr,
-            IpcacheValue {
-                identity: IDENTITY_WORLD,
-                ifindex: 0,
-                flags: IPCACHE_FLAG_SERVICE,
-                tunnel_endpoint: 0,
-            },
-        );
-    }
-    for (net, identity) in &state.ipcache {
-        d.ipcache.insert(
-            *net,
-            IpcacheValue {
-                identity: identity.0,
-                ..Default::default()
-            },
-        );
-    }
-    let hints = lookup_hints(state);
+    hint: impl Fn(u32) -> u8,
+) -> LocalPart {
+    let mut part = LocalPart {
+        endpoints: BTreeMap::new(),
+        addresses: BTreeMap::new(),
+    };
     for record in endpoints.values() {
         let Some(compiled) = state.endpoints.get(&record.pod_ref()) else {
             // Registered but not (yet) known to the engine: no entry, so the datapath fails
             // closed with "unknown endpoint" rather than guessing an identity.
             continue;
         };
-        let flags = record.flags & !ENDPOINT_HINT_FLAGS
-            | hints
-                .get(&compiled.policy_id)
-                .copied()
-                .unwrap_or(ENDPOINT_HINT_FLAGS);
+        let flags = record.flags & !ENDPOINT_HINT_FLAGS | hint(compiled.policy_id);
         let info = compiled.to_endpoint_info(mode_code(&record.mode), flags);
-        d.endpoints.insert(record.spec.host_ifindex, info);
+        part.endpoints.insert(record.spec.host_ifindex, info);
         for ip in &record.spec.ips {
-            let net = IpNetwork::from(*ip);
-            let entry = d.ipcache.entry(net).or_insert(IpcacheValue {
-                identity: compiled.identity.0,
-                ..Default::default()
-            });
-            // Local endpoints carry their veth so that a receiver can judge the sender's
-            // egress policy (needed for traffic through Services).
-            entry.ifindex = record.spec.host_ifindex;
+            part.addresses.insert(
+                IpNetwork::from(*ip),
+                (record.spec.host_ifindex, compiled.identity.0),
+            );
         }
     }
-    d.policy = state.policy.clone();
-    d.port_ranges = state.port_ranges.clone();
-    d.cidr_v4 = state.cidr_v4.clone();
-    d.cidr_v6 = state.cidr_v6.clone();
-    d
+    part
+}
+
+/// The ipcache entry for `net`: the engine's identity (else a Service range's marker), and
+/// for a local endpoint's address its veth, so that a receiver can judge the sender's egress
+/// policy (needed for traffic through Services).
+fn ipcache_value(
+    state: &DatapathState,
+    node: &NodeConfig,
+    local: &LocalPart,
+    net: &IpNetwork,
+) -> Option<IpcacheValue> {
+    let base = match state.ipcache.get(net) {
+        Some(identity) => Some(IpcacheValue {
+            identity: identity.0,
+            ..Default::default()
+        }),
+        None if node.service_cidrs.contains(net) => Some(IpcacheValue {
+            identity: IDENTITY_WORLD,
+            ifindex: 0,
+            flags: IPCACHE_FLAG_SERVICE,
+            tunnel_endpoint: 0,
+        }),
+        None => None,
+    };
+    match local.addresses.get(net) {
+        Some(&(ifindex, identity)) => {
+            let mut value = base.unwrap_or(IpcacheValue {
+                identity,
+                ..Default::default()
+            });
+            value.ifindex = ifindex;
+            Some(value)
+        }
+        None => base,
+    }
+}
+
+/// The whole desired content, from scratch (start-up, resync, and the reference the
+/// incremental path is tested against).
+pub fn build(
+    state: &DatapathState,
+    endpoints: &BTreeMap<String, EndpointRecord>,
+    node: &NodeConfig,
+) -> DesiredMaps {
+    let hints = lookup_hints(state);
+    let local = local_part(state, endpoints, |id| {
+        hints.get(&id).copied().unwrap_or(ENDPOINT_HINT_FLAGS)
+    });
+    let keys: BTreeSet<IpNetwork> = node
+        .service_cidrs
+        .iter()
+        .chain(state.ipcache.keys())
+        .chain(local.addresses.keys())
+        .copied()
+        .collect();
+    DesiredMaps {
+        ipcache: keys
+            .iter()
+            .filter_map(|net| Some((*net, ipcache_value(state, node, &local, net)?)))
+            .collect(),
+        endpoints: local.endpoints,
+        policy: state.policy.clone(),
+        port_ranges: state.port_ranges.clone(),
+        cidr_v4: state.cidr_v4.clone(),
+        cidr_v6: state.cidr_v6.clone(),
+    }
+}
+
+/// Which lookups an entry makes necessary (the ENDPOINT_FLAG_NO_* bits it clears).
+fn policy_entry_needs(value: &PolicyValue) -> u8 {
+    if value.action == ACTION_DENY {
+        ENDPOINT_FLAG_NO_DENY
+    } else {
+        0
+    }
+}
+
+fn rule_set_needs(set: &PortRuleSet, table: u8) -> u8 {
+    let has_deny = set.rules[..(set.count as usize).min(MAX_PORT_RULES)]
+        .iter()
+        .any(|r| r.action == ACTION_DENY);
+    table | if has_deny { ENDPOINT_FLAG_NO_DENY } else { 0 }
 }
 
 /// ENDPOINT_FLAG_NO_* hints per policy id: which lookups can never match for it. A policy id
@@ -106,45 +169,249 @@ fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {
         *lacks.entry(policy_id).or_insert(ENDPOINT_HINT_FLAGS) &= !bits;
     };
     for (k, v) in &state.policy {
-        clear(
-            k.policy_id,
-            if v.action == ACTION_DENY {
-                ENDPOINT_FLAG_NO_DENY
-            } else {
-                0
-            },
-        );
+        clear(k.policy_id, policy_entry_needs(v));
     }
-    let has_deny = |set: &PortRuleSet| {
-        set.rules[..(set.count as usize).min(MAX_PORT_RULES)]
-            .iter()
-            .any(|r| r.action == ACTION_DENY)
-    };
     for (k, set) in &state.port_ranges {
-        let deny = if has_deny(set) {
-            ENDPOINT_FLAG_NO_DENY
-        } else {
-            0
-        };
-        clear(k.policy_id, ENDPOINT_FLAG_NO_RANGES | deny);
+        clear(k.policy_id, rule_set_needs(set, ENDPOINT_FLAG_NO_RANGES));
     }
     for ((policy_id, _, _), set) in &state.cidr_v4 {
-        let deny = if has_deny(set) {
-            ENDPOINT_FLAG_NO_DENY
-        } else {
-            0
-        };
-        clear(*policy_id, ENDPOINT_FLAG_NO_CIDR | deny);
+        clear(*policy_id, rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR));
     }
     for ((policy_id, _, _), set) in &state.cidr_v6 {
-        let deny = if has_deny(set) {
-            ENDPOINT_FLAG_NO_DENY
-        } else {
-            0
-        };
-        clear(*policy_id, ENDPOINT_FLAG_NO_CIDR | deny);
+        clear(*policy_id, rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR));
     }
     lacks
+}
+
+/// The hints of one policy id, from its entries alone (every table is ordered by policy id
+/// first, so each is one range scan). None when the id has no entries.
+fn hints_of(state: &DatapathState, policy_id: u32) -> Option<u8> {
+    let mut needs = 0u8;
+    let mut any = false;
+    let policy_from = PolicyKey {
+        policy_id,
+        remote_identity: 0,
+        dport: 0,
+        proto: 0,
+        direction: 0,
+    };
+    for (k, v) in state.policy.range(policy_from..) {
+        if k.policy_id != policy_id {
+            break;
+        }
+        any = true;
+        needs |= policy_entry_needs(v);
+    }
+    let ranges_from = PortRangeKey {
+        policy_id,
+        ..Default::default()
+    };
+    for (k, set) in state.port_ranges.range(ranges_from..) {
+        if k.policy_id != policy_id {
+            break;
+        }
+        any = true;
+        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_RANGES);
+    }
+    let v4_from = (
+        policy_id,
+        0u8,
+        Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"),
+    );
+    for ((id, _, _), set) in state.cidr_v4.range(v4_from..) {
+        if *id != policy_id {
+            break;
+        }
+        any = true;
+        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR);
+    }
+    let v6_from = (
+        policy_id,
+        0u8,
+        Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0).expect("/0 is valid"),
+    );
+    for ((id, _, _), set) in state.cidr_v6.range(v6_from..) {
+        if *id != policy_id {
+            break;
+        }
+        any = true;
+        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR);
+    }
+    any.then_some(ENDPOINT_HINT_FLAGS & !needs)
+}
+
+/// The keys engine changes touched since the last reconcile: the incremental reconcile
+/// recomputes exactly these (plus the node's own endpoints, which are few).
+#[derive(Clone, Debug, Default)]
+pub struct Touched {
+    pub policy: BTreeSet<PolicyKey>,
+    pub port_ranges: BTreeSet<PortRangeKey>,
+    pub cidr_v4: BTreeSet<(u32, u8, Ipv4Network)>,
+    pub cidr_v6: BTreeSet<(u32, u8, Ipv6Network)>,
+    pub ipcache: BTreeSet<IpNetwork>,
+}
+
+fn touched_keys<K: Ord + Clone, V>(into: &mut BTreeSet<K>, delta: &MapDelta<K, V>) {
+    into.extend(delta.upserts.keys().cloned());
+    into.extend(delta.deletes.iter().cloned());
+}
+
+impl Touched {
+    pub fn record(&mut self, delta: &Delta) {
+        touched_keys(&mut self.policy, &delta.policy);
+        touched_keys(&mut self.port_ranges, &delta.port_ranges);
+        touched_keys(&mut self.cidr_v4, &delta.cidr_v4);
+        touched_keys(&mut self.cidr_v6, &delta.cidr_v6);
+        touched_keys(&mut self.ipcache, &delta.ipcache);
+    }
+
+    fn policy_ids(&self) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self.policy.iter().map(|k| k.policy_id).collect();
+        ids.extend(self.port_ranges.iter().map(|k| k.policy_id));
+        ids.extend(self.cidr_v4.iter().map(|k| k.0));
+        ids.extend(self.cidr_v6.iter().map(|k| k.0));
+        ids
+    }
+}
+
+/// A write to the maps: the current content of the keys it covers, and their new content.
+/// `apply` writes the difference; `Applied::commit` records it.
+pub struct Plan {
+    pub before: DesiredMaps,
+    pub after: DesiredMaps,
+}
+
+/// What the maps hold (as far as moatd knows), with what the incremental path needs to
+/// recompute only what an event touched.
+#[derive(Default)]
+pub struct Applied {
+    pub maps: DesiredMaps,
+    /// Lookup hints of every policy id that has entries.
+    hints: BTreeMap<u32, u8>,
+    /// True until a full reconcile ran, and after a failed write: the next reconcile
+    /// rebuilds from scratch against what the kernel holds.
+    stale: bool,
+}
+
+fn restrict<K: Ord + Clone, V: Clone>(map: &BTreeMap<K, V>, keys: &BTreeSet<K>) -> BTreeMap<K, V> {
+    keys.iter()
+        .filter_map(|k| Some((k.clone(), map.get(k)?.clone())))
+        .collect()
+}
+
+fn merge<K: Ord + Clone, V>(
+    map: &mut BTreeMap<K, V>,
+    before: BTreeMap<K, V>,
+    after: BTreeMap<K, V>,
+) {
+    for k in before.keys() {
+        map.remove(k);
+    }
+    map.extend(after);
+}
+
+impl Applied {
+    /// What the pinned maps hold now (after a restart, a crash, or to heal drift).
+    pub fn from_kernel(maps: &Maps) -> Self {
+        Self {
+            maps: read_actual(maps),
+            hints: BTreeMap::new(),
+            stale: true,
+        }
+    }
+
+    /// The content of an empty set of maps (tests).
+    pub fn empty() -> Self {
+        Self {
+            stale: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// The write that brings the maps to the desired state. Incremental unless stale: only
+    /// the touched keys, the node's endpoints and their addresses are recomputed.
+    pub fn plan(
+        &mut self,
+        state: &DatapathState,
+        endpoints: &BTreeMap<String, EndpointRecord>,
+        node: &NodeConfig,
+        touched: &Touched,
+    ) -> Plan {
+        if self.stale {
+            self.hints = lookup_hints(state);
+            return Plan {
+                before: std::mem::take(&mut self.maps),
+                after: build(state, endpoints, node),
+            };
+        }
+        for id in touched.policy_ids() {
+            match hints_of(state, id) {
+                Some(h) => self.hints.insert(id, h),
+                None => self.hints.remove(&id),
+            };
+        }
+        let hints = &self.hints;
+        let local = local_part(state, endpoints, |id| {
+            hints.get(&id).copied().unwrap_or(ENDPOINT_HINT_FLAGS)
+        });
+        // Addresses that were local (their entry carries a veth) may stop being local.
+        let mut ipcache_keys = touched.ipcache.clone();
+        ipcache_keys.extend(local.addresses.keys().copied());
+        for info in self.maps.endpoints.values() {
+            ipcache_keys.extend(endpoint_addresses(info));
+        }
+        let before = DesiredMaps {
+            endpoints: self.maps.endpoints.clone(),
+            ipcache: restrict(&self.maps.ipcache, &ipcache_keys),
+            policy: restrict(&self.maps.policy, &touched.policy),
+            port_ranges: restrict(&self.maps.port_ranges, &touched.port_ranges),
+            cidr_v4: restrict(&self.maps.cidr_v4, &touched.cidr_v4),
+            cidr_v6: restrict(&self.maps.cidr_v6, &touched.cidr_v6),
+        };
+        let after = DesiredMaps {
+            ipcache: ipcache_keys
+                .iter()
+                .filter_map(|net| Some((*net, ipcache_value(state, node, &local, net)?)))
+                .collect(),
+            endpoints: local.endpoints,
+            policy: restrict(&state.policy, &touched.policy),
+            port_ranges: restrict(&state.port_ranges, &touched.port_ranges),
+            cidr_v4: restrict(&state.cidr_v4, &touched.cidr_v4),
+            cidr_v6: restrict(&state.cidr_v6, &touched.cidr_v6),
+        };
+        Plan { before, after }
+    }
+
+    /// Records a plan that `apply` wrote.
+    pub fn commit(&mut self, plan: Plan) {
+        let Plan { before, after } = plan;
+        merge(&mut self.maps.endpoints, before.endpoints, after.endpoints);
+        merge(&mut self.maps.ipcache, before.ipcache, after.ipcache);
+        merge(&mut self.maps.policy, before.policy, after.policy);
+        merge(
+            &mut self.maps.port_ranges,
+            before.port_ranges,
+            after.port_ranges,
+        );
+        merge(&mut self.maps.cidr_v4, before.cidr_v4, after.cidr_v4);
+        merge(&mut self.maps.cidr_v6, before.cidr_v6, after.cidr_v6);
+        self.stale = false;
+    }
+}
+
+/// The addresses an endpoint entry lists (anti-spoofing), as ipcache keys.
+fn endpoint_addresses(info: &EndpointInfo) -> impl Iterator<Item = IpNetwork> + '_ {
+    let v4 = info.v4[..(info.v4_count as usize).min(MAX_ENDPOINT_V4)]
+        .iter()
+        .map(|raw| IpNetwork::from(IpAddr::V4(v4_from_raw(*raw))));
+    let v6 = info.v6[..(info.v6_count as usize).min(MAX_ENDPOINT_V6)]
+        .iter()
+        .map(|raw| IpNetwork::from(IpAddr::V6(v6_from_raw(*raw))));
+    v4.chain(v6)
 }
 
 /// Counts of what a reconcile wrote, for logs and tests.
@@ -378,5 +645,190 @@ mod tests {
         assert_eq!(hints[&3], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES);
         assert_eq!(hints[&4], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_CIDR);
         assert!(!hints.contains_key(&5));
+    }
+
+    mod incremental {
+        use super::super::*;
+        use crate::api::EndpointSpec;
+        use moat_policy::{Engine, PodRef, bench};
+
+        struct World {
+            engine: Engine,
+            endpoints: BTreeMap<String, EndpointRecord>,
+            node: NodeConfig,
+            applied: Applied,
+            touched: Touched,
+        }
+
+        impl World {
+            fn new() -> Self {
+                let mut w = Self {
+                    engine: Engine::new(),
+                    endpoints: BTreeMap::new(),
+                    node: NodeConfig {
+                        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+                    },
+                    applied: Applied::empty(),
+                    touched: Touched::default(),
+                };
+                for ns in 0..3 {
+                    let d = w
+                        .engine
+                        .upsert_namespace(&bench::namespace_name(ns), bench::namespace_labels(ns))
+                        .unwrap();
+                    w.touched.record(&d);
+                }
+                w
+            }
+
+            /// One incremental reconcile, checked against a from-scratch build.
+            fn reconcile_and_check(&mut self, context: &str) -> Plan {
+                let touched = std::mem::take(&mut self.touched);
+                let plan =
+                    self.applied
+                        .plan(self.engine.state(), &self.endpoints, &self.node, &touched);
+                let copy = Plan {
+                    before: plan.before.clone(),
+                    after: plan.after.clone(),
+                };
+                self.applied.commit(plan);
+                let full = build(self.engine.state(), &self.endpoints, &self.node);
+                assert_eq!(self.applied.maps, full, "{context}");
+                copy
+            }
+
+            /// The pod of local slot `slot`: registered as a local endpoint, or only announced
+            /// by the datastore with its address (as Kubernetes does before or after the CNI).
+            fn local_pod(&mut self, slot: usize, rng: &mut bench::Rng) {
+                self.slot_pod(slot, rng, true)
+            }
+
+            fn slot_pod(&mut self, slot: usize, rng: &mut bench::Rng, register: bool) {
+                let mut pod = bench::pod(slot % 3, slot % 5, slot, 1000 + slot, rng);
+                pod.name = format!("local-{slot}");
+                if !register {
+                    let d = self.engine.upsert_pod(pod).unwrap();
+                    self.touched.record(&d);
+                    return;
+                }
+                let spec = EndpointSpec {
+                    container_id: format!("c{slot}"),
+                    ifname: "eth0".into(),
+                    netns: String::new(),
+                    host_ifname: format!("moat{slot}"),
+                    host_ifindex: 100 + slot as u32,
+                    ips: pod.ips.clone(),
+                    pod_namespace: pod.namespace.clone(),
+                    pod_name: pod.name.clone(),
+                    pod_uid: None,
+                };
+                let modes = ["enforce", "audit", "learn"];
+                let record = EndpointRecord {
+                    spec,
+                    mode: modes[rng.below(3)].into(),
+                    flags: 0,
+                };
+                self.endpoints
+                    .insert(EndpointRecord::key(&format!("c{slot}"), "eth0"), record);
+                let d = self.engine.upsert_pod(pod).unwrap();
+                self.touched.record(&d);
+            }
+        }
+
+        #[test]
+        fn incremental_reconciles_equal_a_full_build_after_every_event() {
+            for seed in 0..16u64 {
+                let mut rng = bench::Rng::new(seed);
+                let mut w = World::new();
+                w.reconcile_and_check(&format!("seed {seed} start"));
+                for step in 0..120 {
+                    let what = rng.below(9);
+                    match what {
+                        0 | 1 => {
+                            let ns = bench::namespace_name(rng.below(3));
+                            let name = format!("p{}", rng.below(12));
+                            let style = rng.below(8);
+                            let policy = bench::policy(&ns, &name, style, 5, &mut rng);
+                            let d = w.engine.upsert_policy(&policy).unwrap();
+                            w.touched.record(&d);
+                        }
+                        2 => {
+                            let ns = bench::namespace_name(rng.below(3));
+                            let d = w
+                                .engine
+                                .delete_policy(&ns, &format!("p{}", rng.below(12)))
+                                .unwrap();
+                            w.touched.record(&d);
+                        }
+                        3 => {
+                            let n = rng.below(40);
+                            let pod = bench::pod(n % 3, n % 5, n, n, &mut rng);
+                            let d = w.engine.upsert_pod(pod).unwrap();
+                            w.touched.record(&d);
+                        }
+                        4 => {
+                            let n = rng.below(40);
+                            let r = PodRef::new(
+                                bench::namespace_name(n % 3),
+                                format!("app-{}-{n}", n % 5),
+                            );
+                            let d = w.engine.delete_pod(&r).unwrap();
+                            w.touched.record(&d);
+                        }
+                        5 => w.local_pod(rng.below(6), &mut rng),
+                        8 => {
+                            // Known to the datastore with its address, not (or no longer)
+                            // registered here.
+                            let slot = rng.below(6);
+                            w.endpoints
+                                .remove(&EndpointRecord::key(&format!("c{slot}"), "eth0"));
+                            w.slot_pod(slot, &mut rng, false);
+                        }
+                        6 => {
+                            let slot = rng.below(6);
+                            if let Some(r) = w
+                                .endpoints
+                                .remove(&EndpointRecord::key(&format!("c{slot}"), "eth0"))
+                            {
+                                let d = w.engine.delete_pod(&r.pod_ref()).unwrap();
+                                w.touched.record(&d);
+                            }
+                        }
+                        _ => {
+                            let ns = rng.below(3);
+                            let mut labels = bench::namespace_labels(ns + rng.below(2));
+                            labels.insert("kubernetes.io/metadata.name", bench::namespace_name(ns));
+                            let d = w
+                                .engine
+                                .upsert_namespace(&bench::namespace_name(ns), labels)
+                                .unwrap();
+                            w.touched.record(&d);
+                        }
+                    }
+                    w.reconcile_and_check(&format!("seed {seed} step {step} event {what}"));
+                }
+            }
+        }
+
+        #[test]
+        fn a_pod_joining_an_existing_identity_writes_no_policy_entry() {
+            let mut rng = bench::Rng::new(7);
+            let mut w = World::new();
+            for (i, style) in (0..8).enumerate() {
+                let policy = bench::policy("ns-0", &format!("p{i}"), style, 5, &mut rng);
+                let d = w.engine.upsert_policy(&policy).unwrap();
+                w.touched.record(&d);
+            }
+            w.local_pod(0, &mut rng);
+            w.reconcile_and_check("setup");
+            assert!(!w.applied.maps.policy.is_empty());
+            // Slot 15 has slot 0's namespace and app, so the same identity.
+            w.local_pod(15, &mut rng);
+            let plan = w.reconcile_and_check("second replica");
+            assert!(plan.after.policy.is_empty() && plan.before.policy.is_empty());
+            assert!(plan.after.cidr_v4.is_empty() && plan.after.port_ranges.is_empty());
+            assert!(plan.after.ipcache.len() <= 3, "{:?}", plan.after.ipcache);
+            assert_eq!(plan.after.endpoints.len(), 2);
+        }
     }
 }

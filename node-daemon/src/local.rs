@@ -4,7 +4,7 @@
 //! with the reason and left out; everything else keeps working.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -119,45 +119,303 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// A fingerprint of the directory, so the watcher reloads only on change.
-pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    yaml_files(dir)
-        .into_iter()
-        .map(|p| {
-            let body = fs::read(&p).unwrap_or_default();
-            (p, body)
-        })
-        .collect()
+/// One object of the datastore, by kind and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ObjectKey {
+    Namespace(String),
+    Pod(String, String),
+    NetworkPolicy(String, String),
+    MoatPolicy(String, String),
 }
 
-pub fn load(dir: &Path) -> LocalObjects {
-    let mut out = LocalObjects::default();
-    for path in yaml_files(dir) {
-        let file = path.display().to_string();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                out.rejected.push(format!("{file}: {e}"));
-                continue;
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Namespace(name) => write!(f, "Namespace {name}"),
+            Self::Pod(ns, name) => write!(f, "Pod {ns}/{name}"),
+            Self::NetworkPolicy(ns, name) => write!(f, "NetworkPolicy {ns}/{name}"),
+            Self::MoatPolicy(ns, name) => write!(f, "MoatPolicy {ns}/{name}"),
+        }
+    }
+}
+
+/// One object's content.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(LabelSet),
+    Pod(PodMeta),
+    NetworkPolicy(NetworkPolicy),
+    MoatPolicy(MoatPolicy),
+}
+
+impl LocalObjects {
+    /// Every object's key.
+    pub fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        let two = |(ns, name): &(String, String)| (ns.clone(), name.clone());
+        self.namespaces
+            .keys()
+            .map(|n| ObjectKey::Namespace(n.clone()))
+            .chain(self.pods.keys().map(move |k| {
+                let (ns, name) = two(k);
+                ObjectKey::Pod(ns, name)
+            }))
+            .chain(self.policies.keys().map(move |k| {
+                let (ns, name) = two(k);
+                ObjectKey::NetworkPolicy(ns, name)
+            }))
+            .chain(self.moat_policies.keys().map(move |k| {
+                let (ns, name) = two(k);
+                ObjectKey::MoatPolicy(ns, name)
+            }))
+    }
+
+    /// A copy of one object, if present.
+    pub fn get(&self, key: &ObjectKey) -> Option<Object> {
+        let pair = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        match key {
+            ObjectKey::Namespace(n) => self.namespaces.get(n).cloned().map(Object::Namespace),
+            ObjectKey::Pod(ns, name) => self.pods.get(&pair(ns, name)).cloned().map(Object::Pod),
+            ObjectKey::NetworkPolicy(ns, name) => self
+                .policies
+                .get(&pair(ns, name))
+                .cloned()
+                .map(Object::NetworkPolicy),
+            ObjectKey::MoatPolicy(ns, name) => self
+                .moat_policies
+                .get(&pair(ns, name))
+                .cloned()
+                .map(Object::MoatPolicy),
+        }
+    }
+
+    /// Whether `other` holds the same version of one object (compared in place).
+    pub fn same(&self, other: &LocalObjects, key: &ObjectKey) -> bool {
+        let pair = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        match key {
+            ObjectKey::Namespace(n) => self.namespaces.get(n) == other.namespaces.get(n),
+            ObjectKey::Pod(ns, name) => {
+                let k = pair(ns, name);
+                self.pods.get(&k) == other.pods.get(&k)
             }
-        };
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(v) => v,
-                Err(e) => {
-                    out.rejected.push(format!("{file}: not YAML: {e}"));
-                    continue;
-                }
-            };
-            if value.is_null() {
-                continue;
+            ObjectKey::NetworkPolicy(ns, name) => {
+                let k = pair(ns, name);
+                self.policies.get(&k) == other.policies.get(&k)
             }
-            if let Err(reason) = add_object(&mut out, value) {
-                out.rejected.push(format!("{file}: {reason}"));
+            ObjectKey::MoatPolicy(ns, name) => {
+                let k = pair(ns, name);
+                self.moat_policies.get(&k) == other.moat_policies.get(&k)
             }
         }
     }
-    out
+
+    pub fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
+        let pair = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        match (key, object) {
+            (ObjectKey::Namespace(n), Some(Object::Namespace(v))) => {
+                self.namespaces.insert(n.clone(), v);
+            }
+            (ObjectKey::Namespace(n), _) => {
+                self.namespaces.remove(n);
+            }
+            (ObjectKey::Pod(ns, name), Some(Object::Pod(v))) => {
+                self.pods.insert(pair(ns, name), v);
+            }
+            (ObjectKey::Pod(ns, name), _) => {
+                self.pods.remove(&pair(ns, name));
+            }
+            (ObjectKey::NetworkPolicy(ns, name), Some(Object::NetworkPolicy(v))) => {
+                self.policies.insert(pair(ns, name), v);
+            }
+            (ObjectKey::NetworkPolicy(ns, name), _) => {
+                self.policies.remove(&pair(ns, name));
+            }
+            (ObjectKey::MoatPolicy(ns, name), Some(Object::MoatPolicy(v))) => {
+                self.moat_policies.insert(pair(ns, name), v);
+            }
+            (ObjectKey::MoatPolicy(ns, name), _) => {
+                self.moat_policies.remove(&pair(ns, name));
+            }
+        }
+    }
+}
+
+/// What identifies a file's version without reading it: a rename over it changes the inode,
+/// an in-place write the change time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ok()?;
+    Some(FileStamp {
+        inode: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+struct ParsedFile {
+    stamp: Option<FileStamp>,
+    objects: BTreeMap<ObjectKey, Object>,
+    rejected: Vec<String>,
+}
+
+fn parse_file(path: &Path) -> ParsedFile {
+    let stamp = stamp(path);
+    let file = path.display().to_string();
+    let mut parsed = LocalObjects::default();
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = match serde_yaml::Value::deserialize(doc) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        parsed.rejected.push(format!("{file}: not YAML: {e}"));
+                        continue;
+                    }
+                };
+                if value.is_null() {
+                    continue;
+                }
+                if let Err(reason) = add_object(&mut parsed, value) {
+                    parsed.rejected.push(format!("{file}: {reason}"));
+                }
+            }
+        }
+        Err(e) => parsed.rejected.push(format!("{file}: {e}")),
+    }
+    let objects = parsed
+        .keys()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter_map(|k| {
+            let o = parsed.get(&k)?;
+            Some((k, o))
+        })
+        .collect();
+    ParsedFile {
+        stamp,
+        objects,
+        rejected: parsed.rejected,
+    }
+}
+
+/// The local datastore directory, parsed file by file. A refresh stats every file and
+/// re-parses only those that changed, so an edit of one small policy file costs that file,
+/// not the whole cluster. An object defined in two files is taken from the first (by file
+/// name) and reported for the other.
+pub struct LocalStore {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, ParsedFile>,
+    /// The files defining each object, in name order: the first one wins.
+    definers: BTreeMap<ObjectKey, BTreeSet<PathBuf>>,
+    merged: LocalObjects,
+}
+
+impl LocalStore {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            definers: BTreeMap::new(),
+            merged: LocalObjects::default(),
+        }
+    }
+
+    /// The objects as of the last refresh (with every file's rejections).
+    pub fn objects(&self) -> &LocalObjects {
+        &self.merged
+    }
+
+    /// Re-reads what changed on disk. Returns the objects whose content may have changed, or
+    /// None when no file changed.
+    pub fn refresh(&mut self) -> Option<BTreeSet<ObjectKey>> {
+        let listing: BTreeMap<PathBuf, Option<FileStamp>> = yaml_files(&self.dir)
+            .into_iter()
+            .map(|p| {
+                let s = stamp(&p);
+                (p, s)
+            })
+            .collect();
+        let mut changed_files: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listing.contains_key(*p))
+            .cloned()
+            .collect();
+        changed_files.extend(
+            listing
+                .iter()
+                .filter(|(p, s)| self.files.get(*p).is_none_or(|f| f.stamp != **s))
+                .map(|(p, _)| p.clone()),
+        );
+        if changed_files.is_empty() {
+            return None;
+        }
+        let mut keys = BTreeSet::new();
+        for path in changed_files {
+            if let Some(old) = self.files.remove(&path) {
+                for key in old.objects.into_keys() {
+                    if let Some(set) = self.definers.get_mut(&key) {
+                        set.remove(&path);
+                        if set.is_empty() {
+                            self.definers.remove(&key);
+                        }
+                    }
+                    keys.insert(key);
+                }
+            }
+            if listing.contains_key(&path) {
+                let parsed = parse_file(&path);
+                for key in parsed.objects.keys() {
+                    self.definers
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(path.clone());
+                    keys.insert(key.clone());
+                }
+                self.files.insert(path, parsed);
+            }
+        }
+        for key in &keys {
+            let winner = self
+                .definers
+                .get(key)
+                .and_then(|set| set.first())
+                .and_then(|path| self.files.get(path)?.objects.get(key).cloned());
+            self.merged.set(key, winner);
+        }
+        self.merged.rejected = self
+            .files
+            .values()
+            .flat_map(|f| f.rejected.iter().cloned())
+            .collect();
+        for (key, paths) in &self.definers {
+            if let Some(first) = paths.first() {
+                for other in paths.iter().skip(1) {
+                    self.merged.rejected.push(format!(
+                        "{}: {key} is also defined in {}, which wins",
+                        other.display(),
+                        first.display()
+                    ));
+                }
+            }
+        }
+        Some(keys)
+    }
+}
+
+/// Every object in `dir`, parsed now.
+pub fn load(dir: &Path) -> LocalObjects {
+    let mut store = LocalStore::new(dir);
+    store.refresh();
+    store.merged
 }
 
 fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), String> {

@@ -19,7 +19,6 @@ use tracing::{debug, warn};
 use crate::{
     api::{Request, Response},
     daemon::Daemon,
-    local,
     metrics::{self, EventKind},
 };
 
@@ -137,30 +136,19 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
     let mut last_resync = Instant::now();
     loop {
         std::thread::sleep(poll);
-        let dir = daemon
-            .lock()
-            .expect("daemon lock")
-            .policy_dir()
-            .to_path_buf();
-        let fingerprint = local::fingerprint(&dir);
         let detected = Instant::now();
         let mut d = daemon.lock().expect("daemon lock");
-        let source_generation = d.source_generation();
-        let source_changed = source_generation.is_some_and(|g| g != d.applied_source_generation);
-        // The directory only matters for the local datastore.
-        let dir_changed = source_generation.is_none() && fingerprint != d.fingerprint;
-        if dir_changed || source_changed {
-            // The event happened when the newest file was written (local datastore), or at
-            // the latest when this poll saw it.
-            let since_write = if source_changed {
-                None
-            } else {
-                newest_write_age(&dir)
-            };
-            d.reload_objects();
+        let is_local = d.source_generation().is_none();
+        if d.reload_objects() {
             let applied = detected.elapsed();
+            // For the local datastore the event happened when the newest file was written
+            // (the poll adds up to one period); for Kubernetes, when this poll saw it.
+            let since_write = if is_local {
+                newest_write_age(d.policy_dir())
+            } else {
+                None
+            };
             let latency = since_write
-                .map(|age| age + applied)
                 .filter(|l| *l <= applied + poll * 2)
                 .unwrap_or(applied);
             metrics::global().observe_event(EventKind::Datastore, latency);

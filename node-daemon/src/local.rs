@@ -490,3 +490,90 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, app: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: {app}}}\n"
+        )
+    }
+
+    fn write(dir: &Path, name: &str, body: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, body).unwrap();
+        fs::rename(tmp, dir.join(name)).unwrap();
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::Pod("shop".into(), name.into())
+    }
+
+    #[test]
+    fn a_refresh_reports_exactly_the_objects_of_changed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &(pod("a1", "web") + &pod("a2", "web")),
+        );
+        write(dir.path(), "b.yaml", &pod("b1", "db"));
+        let mut store = LocalStore::new(dir.path());
+        let first = store.refresh().unwrap();
+        assert_eq!(first, [key("a1"), key("a2"), key("b1")].into());
+        assert!(store.refresh().is_none(), "nothing changed on disk");
+
+        // b.yaml rewritten: only its objects (old and new) are reported.
+        write(dir.path(), "b.yaml", &(pod("b1", "api") + &pod("b2", "db")));
+        assert_eq!(store.refresh().unwrap(), [key("b1"), key("b2")].into());
+        let labels = &store.objects().pods[&("shop".into(), "b1".into())].labels;
+        assert_eq!(labels.get("app"), Some("api"));
+
+        // a.yaml removed: its objects are gone.
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(store.refresh().unwrap(), [key("a1"), key("a2")].into());
+        assert!(store.objects().get(&key("a1")).is_none());
+        assert_eq!(store.objects().pods.len(), 2);
+        assert_eq!(load(dir.path()).pods, store.objects().pods);
+    }
+
+    #[test]
+    fn an_object_in_two_files_comes_from_the_first_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1.yaml", &pod("p", "first"));
+        write(dir.path(), "2.yaml", &pod("p", "second"));
+        let mut store = LocalStore::new(dir.path());
+        store.refresh();
+        let app = |s: &LocalStore| {
+            s.objects().pods[&("shop".into(), "p".into())]
+                .labels
+                .get("app")
+                .map(str::to_string)
+        };
+        assert_eq!(app(&store).as_deref(), Some("first"));
+        assert_eq!(store.objects().rejected.len(), 1);
+        assert!(store.objects().rejected[0].contains("also defined in"));
+        // The winner's file goes: the other definition takes over, and the report clears.
+        fs::remove_file(dir.path().join("1.yaml")).unwrap();
+        assert_eq!(store.refresh().unwrap(), [key("p")].into());
+        assert_eq!(app(&store).as_deref(), Some("second"));
+        assert!(store.objects().rejected.is_empty());
+    }
+
+    #[test]
+    fn a_bad_document_is_reported_with_its_file_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = pod("ok", "web") + "---\nkind: Pod\nmetadata: [not, a, map]\n";
+        write(dir.path(), "x.yaml", &body);
+        let objects = load(dir.path());
+        assert_eq!(objects.pods.len(), 1);
+        assert_eq!(objects.rejected.len(), 1);
+        assert!(
+            objects.rejected[0].contains("x.yaml"),
+            "{:?}",
+            objects.rejected
+        );
+    }
+}

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use moatd::{
     api::{Request, Response},
     churn::{self, LocalPod, Scale},
-    daemon::{Daemon, DaemonConfig, DatastoreConfig},
+    daemon::{Daemon, DaemonConfig, DatastoreConfig, Routing},
     flows::JournalConfig,
 };
 use serde_json::{Map, Value, json};
@@ -309,6 +309,8 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         service_cidrs: vec!["10.96.0.0/12".parse()?],
         journal: JournalConfig::new(scratch.dir.join("flows")),
         datastore: DatastoreConfig::Local,
+        node_name: String::new(),
+        routing: Routing::None,
     })
     .context("starting the daemon")?;
     section.insert(

@@ -33,6 +33,20 @@ pub struct DaemonConfig {
     pub service_cidrs: Vec<IpNetwork>,
     pub journal: JournalConfig,
     pub datastore: DatastoreConfig,
+    /// This node's name: its Node object gives its pod CIDRs; the others' are routed.
+    pub node_name: String,
+    pub routing: Routing,
+}
+
+/// How pod traffic reaches other nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// Someone else routes (chained mode: the primary CNI does).
+    #[default]
+    None,
+    /// moatd routes each other node's pod CIDRs via that node's address (standalone mode on
+    /// a shared L2 network).
+    Direct,
 }
 
 /// Where namespaces, pods and policies come from.
@@ -70,6 +84,9 @@ pub struct Daemon {
     pub applied_source_generation: u64,
     /// Set during start-up: reconcile() only collects what to write.
     hold_writes: bool,
+    /// Node objects changed since routes were last synced.
+    routes_dirty: bool,
+    route_problems: Vec<String>,
 }
 
 /// Every address of this node except loopback: traffic from them is the node itself.
@@ -137,6 +154,8 @@ impl Daemon {
             source,
             applied_source_generation: 0,
             hold_writes: true,
+            routes_dirty: true,
+            route_problems: Vec::new(),
             cfg,
         };
         // Until everything is loaded, no write: the maps keep enforcing what they hold, and
@@ -151,6 +170,8 @@ impl Daemon {
         }
         daemon.hold_writes = false;
         let stats = daemon.reconcile()?;
+        daemon.sync_routes();
+        daemon.routes_dirty = false;
         daemon.detach_orphan_links();
         daemon.store.save(&daemon.endpoints)?;
         info!(
@@ -182,11 +203,41 @@ impl Daemon {
         }
     }
 
-    /// The node's pod CIDRs (Kubernetes datastore only).
+    /// The node's pod CIDRs, from its Node object.
     pub fn node_pod_cidrs(&self) -> Vec<IpNetwork> {
         match &self.source {
-            Source::Local(_) => Vec::new(),
+            Source::Local(_) => self
+                .objects
+                .nodes
+                .get(&self.cfg.node_name)
+                .map(|n| n.pod_cidrs.clone())
+                .unwrap_or_default(),
             Source::Kubernetes(ds) => ds.node_pod_cidrs(),
+        }
+    }
+
+    /// Routes to the other nodes' pod CIDRs (with `Routing::Direct`). Problems with the
+    /// nodes' CIDRs are reported with the rejected objects.
+    fn sync_routes(&mut self) {
+        if self.cfg.routing != Routing::Direct {
+            return;
+        }
+        let nodes = &self.objects.nodes;
+        let desired = crate::routes::desired_routes(nodes, &self.cfg.node_name);
+        self.route_problems = crate::routes::conflicts(nodes, &self.cfg.node_name);
+        match crate::routes::reconcile(&desired) {
+            Ok(stats) if stats.added + stats.removed > 0 => {
+                info!(
+                    added = stats.added,
+                    removed = stats.removed,
+                    "routes to other nodes updated"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "routes to other nodes");
+                self.route_problems.push(format!("routes: {e:#}"));
+            }
         }
     }
 
@@ -693,6 +744,11 @@ impl Daemon {
             }
         }
         self.refresh_modes();
+        if self.routes_dirty && !self.hold_writes {
+            self.sync_routes();
+            self.routes_dirty = false;
+        }
+        rejected.extend(self.route_problems.iter().cloned());
         for r in &rejected {
             warn!(rejected = %r, "object rejected; last good state stays in force");
         }
@@ -722,6 +778,11 @@ impl Daemon {
                 self.change(|e| e.upsert_moat_policy(policy))
             }
             (ObjectKey::MoatPolicy(ns, name), _) => self.change(|e| e.delete_moat_policy(ns, name)),
+            (ObjectKey::Node(_), _) => {
+                self.objects.set(key, object);
+                self.routes_dirty = true;
+                return Ok(());
+            }
             (ObjectKey::Pod(ns, name), _) => {
                 // Labels, ports and addresses come from the datastore; the engine sees them
                 // through the pod's endpoints (local) or as a remote workload.
@@ -853,6 +914,7 @@ impl Daemon {
 
     /// A full resync against what the kernel maps really hold (heals any drift).
     pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
+        self.sync_routes();
         self.applied = Applied::from_kernel(&self.maps);
         self.reconcile()
     }

@@ -11,6 +11,7 @@ pub mod install;
 pub mod kube;
 pub mod local;
 pub mod metrics;
+pub mod routes;
 pub mod server;
 pub mod store;
 pub mod suggest;

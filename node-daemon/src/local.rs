@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::kube::convert::NodeInfo;
 use moat_policy::{ContainerPort, LabelSet, MoatPolicy, NetworkPolicy, Protocol};
 use serde::Deserialize;
 
@@ -32,6 +33,8 @@ pub struct LocalObjects {
     pub policies: BTreeMap<(String, String), NetworkPolicy>,
     /// Moat's own policy objects (mode, default-deny posture, external CIDR groups).
     pub moat_policies: BTreeMap<(String, String), MoatPolicy>,
+    /// Nodes by name: their pod CIDRs and addresses (routes between nodes).
+    pub nodes: BTreeMap<String, NodeInfo>,
     /// "<file>: <kind> <ns/name>: <reason>"
     pub rejected: Vec<String>,
 }
@@ -126,6 +129,7 @@ pub enum ObjectKey {
     Pod(String, String),
     NetworkPolicy(String, String),
     MoatPolicy(String, String),
+    Node(String),
 }
 
 impl std::fmt::Display for ObjectKey {
@@ -135,6 +139,7 @@ impl std::fmt::Display for ObjectKey {
             Self::Pod(ns, name) => write!(f, "Pod {ns}/{name}"),
             Self::NetworkPolicy(ns, name) => write!(f, "NetworkPolicy {ns}/{name}"),
             Self::MoatPolicy(ns, name) => write!(f, "MoatPolicy {ns}/{name}"),
+            Self::Node(name) => write!(f, "Node {name}"),
         }
     }
 }
@@ -146,6 +151,7 @@ pub enum Object {
     Pod(PodMeta),
     NetworkPolicy(NetworkPolicy),
     MoatPolicy(MoatPolicy),
+    Node(NodeInfo),
 }
 
 impl LocalObjects {
@@ -167,6 +173,7 @@ impl LocalObjects {
                 let (ns, name) = two(k);
                 ObjectKey::MoatPolicy(ns, name)
             }))
+            .chain(self.nodes.keys().map(|n| ObjectKey::Node(n.clone())))
     }
 
     /// A copy of one object, if present.
@@ -185,6 +192,7 @@ impl LocalObjects {
                 .get(&pair(ns, name))
                 .cloned()
                 .map(Object::MoatPolicy),
+            ObjectKey::Node(n) => self.nodes.get(n).cloned().map(Object::Node),
         }
     }
 
@@ -205,6 +213,7 @@ impl LocalObjects {
                 let k = pair(ns, name);
                 self.moat_policies.get(&k) == other.moat_policies.get(&k)
             }
+            ObjectKey::Node(n) => self.nodes.get(n) == other.nodes.get(n),
         }
     }
 
@@ -234,6 +243,12 @@ impl LocalObjects {
             }
             (ObjectKey::MoatPolicy(ns, name), _) => {
                 self.moat_policies.remove(&pair(ns, name));
+            }
+            (ObjectKey::Node(n), Some(Object::Node(v))) => {
+                self.nodes.insert(n.clone(), v);
+            }
+            (ObjectKey::Node(n), _) => {
+                self.nodes.remove(n);
             }
         }
     }
@@ -484,6 +499,17 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
                 (policy.namespace().to_string(), policy.name().to_string()),
                 policy,
             );
+        }
+        Some("Node") => {
+            let node: k8s_openapi::api::core::v1::Node =
+                serde_json::from_value(json).map_err(|e| format!("Node: {e}"))?;
+            let name = node
+                .metadata
+                .name
+                .clone()
+                .ok_or("Node without metadata.name")?;
+            out.nodes
+                .insert(name, crate::kube::convert::node_info(&node));
         }
         Some(other) => return Err(format!("unsupported kind {other:?}")),
         None => return Err("object without a kind".into()),

@@ -23,9 +23,15 @@ struct Args {
     /// config or KUBECONFIG).
     #[arg(long, default_value = "local", value_parser = ["local", "kubernetes"])]
     datastore: String,
-    /// This node's name (Kubernetes datastore; from the downward API).
+    /// This node's name (from the downward API): its Node object gives its pod CIDRs.
+    /// Needed by the Kubernetes datastore and by `--routing direct`.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
+    /// `none` (the primary CNI or the network routes pod CIDRs between nodes: chained
+    /// mode) or `direct` (moatd routes every other node's pod CIDRs via that node's address
+    /// on a shared network: standalone mode).
+    #[arg(long, default_value = "none", value_parser = ["none", "direct"])]
+    routing: String,
     /// Kubernetes mode: copy moat-cni and moat-ipam from this directory...
     #[arg(long)]
     install_cni_from: Option<PathBuf>,
@@ -103,6 +109,16 @@ fn main() -> anyhow::Result<()> {
         }
         _ => DatastoreConfig::Local,
     };
+    let routing = match args.routing.as_str() {
+        "direct" => {
+            anyhow::ensure!(
+                !args.node_name.is_empty(),
+                "--routing direct needs --node-name (or NODE_NAME)"
+            );
+            moatd::daemon::Routing::Direct
+        }
+        _ => moatd::daemon::Routing::None,
+    };
     let socket_path = args.socket.clone();
     let pin_root = args.pin_root.clone();
     let daemon = Daemon::start(DaemonConfig {
@@ -114,6 +130,8 @@ fn main() -> anyhow::Result<()> {
         pending_dir: args.pending_dir,
         pin_root: args.pin_root,
         service_cidrs: args.service_cidrs,
+        node_name: args.node_name,
+        routing,
     })?;
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {

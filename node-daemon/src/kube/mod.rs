@@ -7,7 +7,7 @@
 //! If the API server goes away the last snapshot stays (enforcement continues) and `status()`
 //! says so; watches come back with backoff, and a 410 Gone is answered by a full relist.
 
-mod convert;
+pub mod convert;
 mod state;
 mod watch;
 

@@ -337,6 +337,10 @@ impl ClusterState {
             policies: c.policies.clone(),
             // MoatPolicy objects are not watched by this datastore yet.
             moat_policies: Default::default(),
+            nodes: self
+                .node()
+                .map(|n| [(self.node_name.clone(), n.clone())].into())
+                .unwrap_or_default(),
             rejected,
         }
     }

@@ -84,6 +84,9 @@ pub struct Daemon {
     pub applied_source_generation: u64,
     /// Set during start-up: reconcile() only collects what to write.
     hold_writes: bool,
+    /// What the first reconcile after start wrote: zero when the pinned maps already held
+    /// exactly the from-scratch desired state.
+    pub start_stats: WriteStats,
     /// Node objects changed since routes were last synced.
     routes_dirty: bool,
     route_problems: Vec<String>,
@@ -154,6 +157,7 @@ impl Daemon {
             source,
             applied_source_generation: 0,
             hold_writes: true,
+            start_stats: WriteStats::default(),
             routes_dirty: true,
             route_problems: Vec::new(),
             cfg,
@@ -170,6 +174,7 @@ impl Daemon {
         }
         daemon.hold_writes = false;
         let stats = daemon.reconcile()?;
+        daemon.start_stats = stats;
         daemon.sync_routes();
         daemon.routes_dirty = false;
         daemon.detach_orphan_links();

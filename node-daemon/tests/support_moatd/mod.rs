@@ -52,6 +52,12 @@ impl Env {
             pin_root,
         }
     }
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+    pub fn pin_root(&self) -> &std::path::Path {
+        &self.pin_root
+    }
     pub fn socket(&self) -> PathBuf {
         self.root.join("moatd.sock")
     }

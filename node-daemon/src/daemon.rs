@@ -943,8 +943,8 @@ impl Daemon {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        for k in stale {
-            self.endpoints.remove(&k);
+        for k in &stale {
+            self.endpoints.remove(k);
         }
         let previous = self.endpoints.insert(
             key.clone(),
@@ -969,7 +969,11 @@ impl Daemon {
             let _ = self.reconcile();
             return Err(e);
         }
-        self.store.save(&self.endpoints)?;
+        for k in &stale {
+            self.store.remove(k, &self.endpoints)?;
+        }
+        self.store
+            .put(&key, &self.endpoints[&key], &self.endpoints)?;
         let record = &self.endpoints[&key];
         let compiled = self
             .engine
@@ -1006,7 +1010,7 @@ impl Daemon {
             warn!(error = %e, "reconcile after unregister failed");
         }
         let _ = detach_endpoint(&self.pins, &record.spec.host_ifname);
-        if let Err(e) = self.store.save(&self.endpoints) {
+        if let Err(e) = self.store.remove(&key, &self.endpoints) {
             warn!(error = %e, "saving endpoints");
         }
         info!(endpoint = %key, "endpoint removed");

@@ -285,7 +285,11 @@ fn kill_9_under_churn_never_gives_a_wrong_verdict_and_leaves_nothing() {
             let (mut denied_passed, mut allowed_failed, mut probes) = (0, 0, 0);
             let mut round = 0usize;
             while !stop.load(Ordering::SeqCst) {
-                let to = if round.is_multiple_of(2) { server_v4 } else { server_v6 };
+                let to = if round.is_multiple_of(2) {
+                    server_v4
+                } else {
+                    server_v6
+                };
                 round += 1;
                 if probe::tcp(&intruder, to, 8080, Duration::from_millis(300)) {
                     denied_passed += 1;

@@ -707,9 +707,23 @@ impl Daemon {
     /// object that fails is reported and skipped; the engine keeps the last good version of
     /// a policy. Returns whether anything changed.
     pub fn reload_objects(&mut self) -> bool {
+        self.reload(None)
+    }
+
+    /// The local datastore's files a directory watch reported changed (only these are
+    /// read); the Kubernetes datastore ignores the paths.
+    pub fn reload_files(&mut self, paths: &BTreeSet<PathBuf>) -> bool {
+        self.reload(Some(paths))
+    }
+
+    fn reload(&mut self, only: Option<&BTreeSet<PathBuf>>) -> bool {
         let (updates, source_rejected) = match &mut self.source {
             Source::Local(store) => {
-                let Some(keys) = store.refresh() else {
+                let changed = match only {
+                    Some(paths) => store.refresh_files(paths),
+                    None => store.refresh(),
+                };
+                let Some(keys) = changed else {
                     return false;
                 };
                 let objects = store.objects();

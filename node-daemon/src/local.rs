@@ -104,17 +104,25 @@ struct PortObject {
     protocol: Option<Protocol>,
 }
 
+/// Object files: YAML or JSON, not hidden (editors' and atomic writers' temp files are).
+pub fn is_object_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    !hidden
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
+}
+
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| {
-                    matches!(
-                        p.extension().and_then(|e| e.to_str()),
-                        Some("yaml" | "yml" | "json")
-                    )
-                })
+                .filter(|p| is_object_file(p))
                 .collect()
         })
         .unwrap_or_default();
@@ -370,6 +378,34 @@ impl LocalStore {
                 .filter(|(p, s)| self.files.get(*p).is_none_or(|f| f.stamp != **s))
                 .map(|(p, _)| p.clone()),
         );
+        let present: BTreeSet<PathBuf> = listing.into_keys().collect();
+        self.reparse(changed_files, &present)
+    }
+
+    /// Re-reads only `paths` (names a directory watch reported). Paths that are not object
+    /// files are ignored; a file that is gone takes its objects with it.
+    pub fn refresh_files(&mut self, paths: &BTreeSet<PathBuf>) -> Option<BTreeSet<ObjectKey>> {
+        let mut changed = Vec::new();
+        let mut present = BTreeSet::new();
+        for path in paths.iter().filter(|p| is_object_file(p)) {
+            let now = stamp(path);
+            if now.is_some() {
+                present.insert(path.clone());
+            }
+            let known = self.files.get(path).map(|f| f.stamp);
+            if known != Some(now) && !(known.is_none() && now.is_none()) {
+                changed.push(path.clone());
+            }
+        }
+        self.reparse(changed, &present)
+    }
+
+    /// Drops what `changed` files defined and parses those of them in `present`.
+    fn reparse(
+        &mut self,
+        changed_files: Vec<PathBuf>,
+        present: &BTreeSet<PathBuf>,
+    ) -> Option<BTreeSet<ObjectKey>> {
         if changed_files.is_empty() {
             return None;
         }
@@ -386,7 +422,7 @@ impl LocalStore {
                     keys.insert(key);
                 }
             }
-            if listing.contains_key(&path) {
+            if present.contains(&path) {
                 let parsed = parse_file(&path);
                 for key in parsed.objects.keys() {
                     self.definers

@@ -3,12 +3,13 @@
 //! simple and correct.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead, BufReader, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
     },
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,6 +20,7 @@ use tracing::{debug, warn};
 use crate::{
     api::{Request, Response},
     daemon::Daemon,
+    local,
     metrics::{self, EventKind},
 };
 
@@ -130,21 +132,51 @@ pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
     }
 }
 
-/// Polls the local datastore directory (and the Kubernetes datastore's generation) and
-/// reloads on change; resyncs the maps against the kernel every `resync` to heal any drift.
+/// Watches the local datastore directory (inotify: only the files named in events are
+/// re-read) or polls the Kubernetes datastore's generation, and applies changes; resyncs
+/// the maps against the kernel every `resync` to heal any drift. A full directory scan runs
+/// at every resync too, and whenever the watch cannot say which files changed (queue
+/// overflow, a non-object name such as the `..data` swap of a ConfigMap volume) or could
+/// not be set up.
 pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
+    let (dir, is_local) = {
+        let d = daemon.lock().expect("daemon lock");
+        (
+            d.policy_dir().to_path_buf(),
+            d.source_generation().is_none(),
+        )
+    };
+    let mut watch = if is_local {
+        DirWatch::new(&dir)
+            .map_err(
+                |e| warn!(error = %e, dir = %dir.display(), "no inotify; polling the directory"),
+            )
+            .ok()
+    } else {
+        None
+    };
     let mut last_resync = Instant::now();
     loop {
-        std::thread::sleep(poll);
+        let change = match &mut watch {
+            Some(w) => w.wait(poll),
+            None => {
+                std::thread::sleep(poll);
+                Change::Unknown
+            }
+        };
         let detected = Instant::now();
         let mut d = daemon.lock().expect("daemon lock");
-        let is_local = d.source_generation().is_none();
-        if d.reload_objects() {
+        let changed = match &change {
+            Change::None => false,
+            Change::Files(paths) => d.reload_files(paths),
+            Change::Unknown => d.reload_objects(),
+        };
+        if changed {
             let applied = detected.elapsed();
-            // For the local datastore the event happened when the newest file was written
-            // (the poll adds up to one period); for Kubernetes, when this poll saw it.
+            // For the local datastore the event happened when the newest file was written;
+            // for Kubernetes, when this poll saw it.
             let since_write = if is_local {
-                newest_write_age(d.policy_dir())
+                newest_write_age(&dir)
             } else {
                 None
             };
@@ -155,6 +187,9 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
         }
         if last_resync.elapsed() >= resync {
             last_resync = Instant::now();
+            if is_local {
+                d.reload_objects();
+            }
             match d.resync() {
                 Ok(stats) if stats.upserts + stats.deletes > 0 => {
                     warn!(?stats, "resync corrected drift in the maps")
@@ -162,6 +197,88 @@ pub fn watch(daemon: Arc<Mutex<Daemon>>, poll: Duration, resync: Duration) {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "resync failed"),
             }
+        }
+    }
+}
+
+/// What a directory watch saw.
+enum Change {
+    None,
+    Files(BTreeSet<PathBuf>),
+    /// Something changed; which files is not known.
+    Unknown,
+}
+
+/// inotify on the local datastore directory.
+struct DirWatch {
+    dir: PathBuf,
+    inotify: nix::sys::inotify::Inotify,
+}
+
+impl DirWatch {
+    fn new(dir: &Path) -> nix::Result<Self> {
+        use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify};
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        inotify.add_watch(
+            dir,
+            F::IN_CLOSE_WRITE
+                | F::IN_MOVED_TO
+                | F::IN_MOVED_FROM
+                | F::IN_DELETE
+                | F::IN_CREATE
+                | F::IN_ATTRIB,
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            inotify,
+        })
+    }
+
+    /// Waits up to `timeout` for events, then drains them.
+    fn wait(&mut self, timeout: Duration) -> Change {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::sys::inotify::AddWatchFlags as F;
+        use std::os::fd::AsFd;
+        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) => return Change::None,
+            Ok(_) => {}
+            Err(_) => return Change::Unknown,
+        }
+        let mut paths = BTreeSet::new();
+        loop {
+            match self.inotify.read_events() {
+                Ok(events) if !events.is_empty() => {
+                    for event in events {
+                        if event.mask.contains(F::IN_Q_OVERFLOW) {
+                            return Change::Unknown;
+                        }
+                        let Some(name) = event.name else {
+                            // The directory itself.
+                            return Change::Unknown;
+                        };
+                        let path = self.dir.join(name);
+                        if local::is_object_file(&path) {
+                            paths.insert(path);
+                        } else if !path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with('.') && !n.starts_with(".."))
+                        {
+                            // Not a hidden temp file: e.g. a ConfigMap's `..data` swap.
+                            return Change::Unknown;
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        if paths.is_empty() {
+            Change::None
+        } else {
+            Change::Files(paths)
         }
     }
 }

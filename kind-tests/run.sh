@@ -280,7 +280,10 @@ spec:
   mode: audit
   defaultDeny: true
   externalGroups:
-    - {name: payments-api, cidrs: [203.0.113.0/24, "2001:db8::/32"]}'
+    - {name: payments-api, cidrs: [203.0.113.0/24, "2001:db8::/32"]}
+  egress:
+    - to: [{group: payments-api}]
+      ports: [{protocol: TCP, port: 443}]'
 kubectl apply --dry-run=server -f - <<<"$crd_valid" >/dev/null ||
   die "a valid MoatPolicy was rejected"
 info "valid object accepted"
@@ -298,6 +301,8 @@ crd_reject "malformed CIDR" 's#203.0.113.0/24#203.0.113.0#'
 crd_reject "In without values" 's/operator: In, values: \[frontend\]/operator: In/'
 crd_reject "bad group name" 's/name: payments-api/name: Payments_API/'
 crd_reject "no podSelector" '/podSelector:/,/frontend/d'
+crd_reject "rule naming an undefined group" 's/group: payments-api/group: nowhere/'
+crd_reject "unknown protocol" 's/protocol: TCP/protocol: ICMP/'
 
 # --- NetworkPolicy smoke test -------------------------------------------------
 step "NetworkPolicy smoke test (kind-tests/netpol-smoke.sh)"

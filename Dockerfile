@@ -1,14 +1,16 @@
 # syntax=docker/dockerfile:1
 #
-# Moat's node image: moatd, moatctl, moat-cni and moat-ipam.
+# Moat's node image: moatd, moatctl, moat-cni and moat-ipam (plus moat-conformance,
+# which kind-tests/conformance.sh copies out when the host has no Rust toolchain).
 #
 #   docker build -t moat:dev .
 #
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts.
-# The DaemonSet (manifests/daemonset.yaml) runs moatd from this image; moatd
-# copies moat-cni and moat-ipam from /opt/moat/bin onto each node's
-# /opt/cni/bin, so the CNI binaries run on the node's own userland: they are
-# built against Debian 12's glibc (2.36) and need a node OS at least as new.
+# The DaemonSet (manifests/daemonset.yaml) runs moatd from this image; its
+# install-cni init container copies moat-cni and moat-ipam from /opt/moat/bin
+# onto each node's /opt/cni/bin, so the CNI binaries run on the node's own
+# userland: they are built against Debian 12's glibc (2.36) and need a node
+# OS at least as new.
 
 ############################################################################
 # Builder: the same toolchain scripts/bootstrap.sh sets up on a dev machine.
@@ -54,7 +56,7 @@ RUN --mount=type=cache,id=moat-cargo-registry,target=/usr/local/cargo/registry \
     set -eux; \
     cargo build --release --workspace --bins --locked; \
     mkdir -p /out; \
-    for b in moatd moatctl moat-cni moat-ipam; do \
+    for b in moatd moatctl moat-cni moat-ipam moat-conformance; do \
       install -m 0755 "target/release/$b" "/out/$b"; \
     done
 
@@ -73,7 +75,8 @@ RUN apt-get update \
       iproute2 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# /opt/moat/bin is what moatd --install-cni-from reads (moat-cni, moat-ipam);
+# /opt/moat/bin is where the DaemonSet's install-cni init container copies moat-cni and
+# moat-ipam from (moatd --install-cni-from reads it too);
 # /usr/local/bin puts moatd and moatctl on PATH for `kubectl exec`.
 COPY --from=builder /out/ /opt/moat/bin/
 RUN for b in moatd moatctl moat-cni moat-ipam; do \

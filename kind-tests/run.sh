@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# End-to-end test of Moat as the only CNI of a kind cluster.
+# End-to-end test of Moat on a kind cluster, as the only CNI (standalone) or
+# chained after kind's kindnet.
 #
 #   kind-tests/run.sh                  build, create, install, test, delete
 #   KEEP=1 kind-tests/run.sh           keep the cluster afterwards
+#   MODE=chained kind-tests/run.sh     Moat chained after kindnet
+#   CONFORMANCE=1 kind-tests/run.sh    also the conformance cases (conformance.sh)
 #   E2E_NETPOL=1 kind-tests/run.sh     also run the upstream NetworkPolicy e2e suite
 #
 # Steps: preflight (docker, kind, kubectl, kernel >= 6.6) -> docker build of
-# the Moat image -> kind cluster without default CNI (1 control plane, 2
-# workers) -> kind load of the image -> node underlay (see below) -> apply the
-# manifests -> wait for the DaemonSet rollout, the conflist on every node,
-# nodes Ready and CoreDNS -> MoatPolicy CRD validation -> netpol-smoke.sh ->
-# optional upstream e2e. On failure, diagnostics go to $ARTIFACTS/failure-*.
-# The cluster is deleted on exit unless KEEP=1 (or REUSE_CLUSTER=1 was used).
+# the Moat image -> kind cluster (kind-standalone.yaml: no default CNI;
+# kind-chained.yaml: kindnet; 1 control plane, 2 workers) -> kind load of the
+# image -> node underlay (standalone only, see below) -> apply the manifests
+# (moat-config cni-mode set to $MODE) -> wait for the DaemonSet rollout, the
+# conflist on every node, nodes Ready and CoreDNS -> MoatPolicy CRD
+# validation -> netpol-smoke.sh -> churn-smoke.sh -> optional conformance
+# and upstream e2e. On failure, diagnostics go to $ARTIFACTS/failure-*. The
+# cluster is deleted on exit unless KEEP=1 (or REUSE_CLUSTER=1 was used).
 #
 # Environment (defaults):
+#   MODE=standalone           standalone | chained
 #   CLUSTER=moat-e2e          kind cluster name
 #   MOAT_IMAGE=moat:dev       image built, loaded and put into the manifests
 #   SKIP_BUILD=0              1: use an existing local $MOAT_IMAGE
@@ -27,11 +33,14 @@
 #   E2E_TEST=                 path to e2e.test (else looked up on PATH)
 #   E2E_PARALLEL=4            ginkgo nodes for the e2e run
 #   E2E_FOCUS, E2E_SKIP       ginkgo regexes (NetworkPolicy tests, minus SCTP)
+#   CHURN=1                   0: skip churn-smoke.sh
+#   CONFORMANCE=0             1: run conformance.sh (moat-conformance --kube)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 
+MODE=${MODE:-standalone}
 CLUSTER=${CLUSTER:-moat-e2e}
 MOAT_IMAGE=${MOAT_IMAGE:-moat:dev}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -46,7 +55,9 @@ E2E_TEST=${E2E_TEST:-}
 E2E_PARALLEL=${E2E_PARALLEL:-4}
 E2E_FOCUS=${E2E_FOCUS:-'\[Feature:NetworkPolicy\]'}
 E2E_SKIP=${E2E_SKIP:-'SCTP'}
-# Must match kind-config.yaml.
+CHURN=${CHURN:-1}
+CONFORMANCE=${CONFORMANCE:-0}
+# Must match the kind configs.
 POD_SUBNET=10.244.0.0/16
 MIN_KERNEL=(6 6)
 
@@ -62,6 +73,11 @@ die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
 need() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' not found on PATH. $2"
 }
+case $MODE in
+  standalone) CONFLIST=10-moat.conflist ;;
+  chained) CONFLIST=00-moat-chained.conflist; KIND_UNDERLAY=0 ;;
+  *) die "MODE must be standalone or chained, not '$MODE'" ;;
+esac
 step "preflight"
 need docker "Install Docker: https://docs.docker.com/engine/install/"
 need kind "Install kind (>= 0.23): https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
@@ -165,8 +181,8 @@ if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   step "reusing existing cluster $CLUSTER"
   kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
 else
-  step "creating kind cluster $CLUSTER (no default CNI; 1 control plane + 2 workers)"
-  args=(create cluster --name "$CLUSTER" --config "$HERE/kind-config.yaml" --kubeconfig "$KUBECONFIG" --wait 0s)
+  step "creating kind cluster $CLUSTER ($MODE: kind-$MODE.yaml; 1 control plane + 2 workers)"
+  args=(create cluster --name "$CLUSTER" --config "$HERE/kind-$MODE.yaml" --kubeconfig "$KUBECONFIG" --wait 0s)
   [[ -z $KIND_NODE_IMAGE ]] || args+=(--image "$KIND_NODE_IMAGE")
   CREATED=1
   kind "${args[@]}"
@@ -211,12 +227,14 @@ if [[ $KIND_UNDERLAY == 1 ]]; then
 fi
 
 # --- install Moat -------------------------------------------------------------
-step "installing Moat (manifests/moat.yaml with image $MOAT_IMAGE)"
+step "installing Moat (manifests/moat.yaml with image $MOAT_IMAGE, cni-mode $MODE)"
 had_moat=0
 kubectl -n kube-system get ds moat >/dev/null 2>&1 && had_moat=1
 bash "$REPO/manifests/build.sh" --stdout |
-  sed "s#image: moat:dev#image: ${MOAT_IMAGE}#" |
+  sed -e "s#image: moat:dev#image: ${MOAT_IMAGE}#" -e "s#^  cni-mode: standalone\$#  cni-mode: ${MODE}#" |
   kubectl apply -f -
+[[ $(kubectl -n kube-system get configmap moat-config -o jsonpath='{.data.cni-mode}') == "$MODE" ]] ||
+  die "moat-config cni-mode is not $MODE"
 if ((had_moat)); then
   # Reused cluster: the image tag may be unchanged while its content is new.
   kubectl -n kube-system rollout restart ds/moat
@@ -231,9 +249,16 @@ step "checking the CNI install on every node"
 for node in "${NODES[@]}"; do
   docker exec "$node" test -x /opt/cni/bin/moat-cni || die "$node: /opt/cni/bin/moat-cni missing"
   docker exec "$node" test -x /opt/cni/bin/moat-ipam || die "$node: /opt/cni/bin/moat-ipam missing"
-  docker exec "$node" test -s /etc/cni/net.d/10-moat.conflist || die "$node: /etc/cni/net.d/10-moat.conflist missing"
-  subnet=$(docker exec "$node" grep -o '"subnet": *"[^"]*"' /etc/cni/net.d/10-moat.conflist | head -1)
-  info "$node: moat-cni, moat-ipam, 10-moat.conflist ($subnet)"
+  # The conflist appears once moatd serves (chained: once kindnet wrote its own).
+  deadline=$((SECONDS + 120))
+  until docker exec "$node" test -s "/etc/cni/net.d/$CONFLIST"; do
+    ((SECONDS < deadline)) || die "$node: /etc/cni/net.d/$CONFLIST missing after 120s"
+    sleep 2
+  done
+  docker exec "$node" grep -q '"type": "moat-cni"' "/etc/cni/net.d/$CONFLIST" ||
+    die "$node: $CONFLIST has no moat-cni entry"
+  subnet=$(docker exec "$node" grep -o '"subnet": *"[^"]*"' "/etc/cni/net.d/$CONFLIST" | head -1)
+  info "$node: moat-cni, moat-ipam, $CONFLIST ($subnet)"
 done
 
 step "waiting for every node to be Ready (kubelet sees the CNI config)"
@@ -255,7 +280,10 @@ spec:
   mode: audit
   defaultDeny: true
   externalGroups:
-    - {name: payments-api, cidrs: [203.0.113.0/24, "2001:db8::/32"]}'
+    - {name: payments-api, cidrs: [203.0.113.0/24, "2001:db8::/32"]}
+  egress:
+    - to: [{group: payments-api}]
+      ports: [{protocol: TCP, port: 443}]'
 kubectl apply --dry-run=server -f - <<<"$crd_valid" >/dev/null ||
   die "a valid MoatPolicy was rejected"
 info "valid object accepted"
@@ -273,10 +301,24 @@ crd_reject "malformed CIDR" 's#203.0.113.0/24#203.0.113.0#'
 crd_reject "In without values" 's/operator: In, values: \[frontend\]/operator: In/'
 crd_reject "bad group name" 's/name: payments-api/name: Payments_API/'
 crd_reject "no podSelector" '/podSelector:/,/frontend/d'
+crd_reject "rule naming an undefined group" 's/group: payments-api/group: nowhere/'
+crd_reject "unknown protocol" 's/protocol: TCP/protocol: ICMP/'
 
 # --- NetworkPolicy smoke test -------------------------------------------------
 step "NetworkPolicy smoke test (kind-tests/netpol-smoke.sh)"
 KEEP=$KEEP TIMEOUT=$TIMEOUT bash "$HERE/netpol-smoke.sh"
+
+# --- churn ----------------------------------------------------------------------
+if [[ $CHURN == 1 ]]; then
+  step "churn smoke test (kind-tests/churn-smoke.sh)"
+  KEEP=$KEEP TIMEOUT=$TIMEOUT bash "$HERE/churn-smoke.sh"
+fi
+
+# --- conformance cases (optional) ----------------------------------------------
+if [[ $CONFORMANCE == 1 ]]; then
+  step "conformance cases (kind-tests/conformance.sh: moat-conformance --kube)"
+  bash "$HERE/conformance.sh"
+fi
 
 # --- upstream e2e (optional) --------------------------------------------------
 run_e2e_netpol() {

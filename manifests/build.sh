@@ -7,13 +7,15 @@
 #   manifests/build.sh --stdout   print the bundle instead of writing it
 #
 # Order: the CRD first (so the ClusterRole's moat.io rule and any MoatPolicy
-# refer to an existing type), then RBAC, then the DaemonSet that uses it.
+# refer to an existing type), then RBAC, the ConfigMap of settings, then the
+# DaemonSet that uses them.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 parts=(
   crds/moatpolicies.moat.io.yaml
   rbac.yaml
+  configmap.yaml
   daemonset.yaml
 )
 

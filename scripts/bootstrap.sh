@@ -16,6 +16,7 @@ DEB_PACKAGES=(
   iproute2 iptables nftables conntrack ethtool jq
   containernetworking-plugins podman busybox-static
   sockperf iperf3 bpftool tcpdump
+  shellcheck
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -42,6 +43,7 @@ fi
 # bpf-linker must link the nightly's own LLVM (toolchain.md): the default
 # features look for a system LLVM of another major version and fail.
 if ! bpf-linker --version >/dev/null 2>&1; then
+  # shellcheck disable=SC2012 # one glob match wanted; names are libLLVM.so.<n>
   lib=$(ls "$(rustc +nightly --print sysroot)"/lib/libLLVM.so.* | head -1)
   major=$(basename "$lib" | sed -E 's/libLLVM\.so\.([0-9]+).*/\1/')
   dir="$HOME/.local/share/bpf-linker-llvm/lib"

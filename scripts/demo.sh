@@ -6,6 +6,7 @@
 #   scripts/demo.sh [--check]      (BIN=target/release by default)
 #
 # --check turns every expectation into an assertion (make test runs it that way).
+# shellcheck disable=SC2016,SC2034 # check conditions are strings evaluated later; they read TRACE, DROPS...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

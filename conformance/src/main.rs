@@ -4,10 +4,12 @@
 //! Default: on this node, with real pods (network namespaces), a private moatd owning the eBPF
 //! datapath, real echo listeners and real probes through per-pod ClusterIP Services (iptables
 //! DNAT). `--direct` probes pod IPs instead; `--offline` judges every probe with the pure
-//! engine (no kernel; SCTP included). The last line is always `N passed, M failed, K skipped`.
+//! engine (no kernel; SCTP included). `--kube` runs them on the cluster of KUBECONFIG (Moat
+//! installed; see kube_mode.rs and kind-tests/). The last line is always `N passed, M failed, K skipped`.
 
 mod cases;
 mod cleanup;
+mod kube_mode;
 mod live;
 mod offline;
 mod report;
@@ -49,6 +51,12 @@ struct Args {
     /// Judge every probe with the pure policy engine only (no kernel, SCTP included).
     #[arg(long)]
     offline: bool,
+    /// Run on the Kubernetes cluster of KUBECONFIG (Moat installed): namespaces x, y, z,
+    /// pods, Services and policies through the API, probes with kubectl exec.
+    #[arg(long, conflicts_with = "offline")]
+    kube: bool,
+    #[command(flatten)]
+    kube_args: kube_mode::KubeArgs,
     /// Write a JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -102,6 +110,10 @@ fn run(args: Args) -> Result<bool> {
     let start = Instant::now();
     let mode = if args.offline {
         "offline (pure engine)"
+    } else if args.kube && args.direct {
+        "kubernetes, direct to pod IPs"
+    } else if args.kube {
+        "kubernetes, through per-pod ClusterIP Services"
     } else if args.direct {
         "datapath, direct to pod IPs"
     } else {
@@ -124,6 +136,15 @@ fn run(args: Args) -> Result<bool> {
             println!("{}", r.line());
             results.push(r);
         }
+    } else if args.kube {
+        let opts = kube_mode::KubeOptions::new(
+            &args.kube_args,
+            args.direct,
+            args.parallel,
+            Duration::from_millis(args.timeout_ms),
+            args.report_all,
+        );
+        (results, setup) = kube_mode::run(&file, &selected, &args.kube_args, opts)?;
     } else {
         let opts = LiveOptions {
             direct: args.direct,

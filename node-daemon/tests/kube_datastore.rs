@@ -1,8 +1,8 @@
 //! The Kubernetes datastore against an in-process API server that speaks the real list/watch
-//! protocol (see support_kube): initial sync, every kind's add/modify/delete, rejected
-//! policies, 410 Gone and relists, bookmarks, API server restarts, and churn.
+//! protocol (moat-fake-apiserver): initial sync, every kind's add/modify/delete, rejected
+//! policies, MoatPolicies (and a cluster without their CRD), 410 Gone and relists, bookmarks, API server restarts, and churn.
 
-mod support_kube;
+use moat_fake_apiserver as support_kube;
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,9 @@ use moatd::{
     local::LocalObjects,
 };
 use serde_json::json;
-use support_kube::{FakeApiServer, GoneStyle, Res, namespace, network_policy, node, pod};
+use support_kube::{
+    FakeApiServer, GoneStyle, Res, moat_policy, namespace, network_policy, node, pod,
+};
 
 const NODE: &str = "node-1";
 const WAIT: Duration = Duration::from_secs(10);
@@ -544,4 +546,96 @@ fn start_fails_on_an_unusable_url() {
         .err()
         .expect("a bad URL is refused at start");
     assert!(err.to_string().contains("URL"), "{err}");
+}
+
+fn payments_policy(mode: &str) -> serde_json::Value {
+    moat_policy(
+        "shop",
+        "payments",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "mode": mode, "defaultDeny": true,
+               "externalGroups": [{"name": "psp", "cidrs": ["203.0.113.0/24"]}],
+               "egress": [{"to": [{"group": "psp"}], "ports": [{"port": 443}]}]}),
+    )
+}
+
+#[test]
+fn moat_policies_are_watched_converted_and_rejected_when_invalid() {
+    let server = populated_server();
+    server.apply(payments_policy("audit"));
+    let ds = start(&server);
+    let objects = ds.snapshot().1;
+    let policy = &objects.moat_policies[&key("shop", "payments")];
+    assert_eq!(policy.spec.mode, Some(moat_policy::Mode::Audit));
+    assert!(policy.spec.default_deny);
+    assert_eq!(policy.spec.egress.as_ref().unwrap()[0].to[0].group, "psp");
+    assert_eq!(lists(&ds.status(), "moatpolicies"), 1);
+
+    server.apply(payments_policy("enforce"));
+    wait_for(&ds, "MoatPolicy modified", |o| {
+        o.moat_policies
+            .get(&key("shop", "payments"))
+            .is_some_and(|p| p.spec.mode == Some(moat_policy::Mode::Enforce))
+    });
+
+    // Well-typed for the schema, invalid for the engine: reported, left out.
+    server.apply(moat_policy(
+        "shop",
+        "dangling",
+        json!({"podSelector": {}, "egress": [{"to": [{"group": "nowhere"}]}]}),
+    ));
+    let g = wait_for(&ds, "invalid MoatPolicy reported", |o| {
+        o.rejected
+            .iter()
+            .any(|r| r.starts_with("MoatPolicy shop/dangling"))
+    });
+    let (_, objects) = ds.snapshot_shared();
+    assert!(
+        !objects.moat_policies.contains_key(&key("shop", "dangling")),
+        "{g}"
+    );
+    assert!(
+        objects.rejected.iter().any(|r| r.contains("nowhere")),
+        "{:?}",
+        objects.rejected
+    );
+
+    server.delete("MoatPolicy", "shop", "dangling");
+    server.delete("MoatPolicy", "shop", "payments");
+    wait_for(&ds, "MoatPolicies deleted", |o| {
+        o.moat_policies.is_empty() && o.rejected.is_empty()
+    });
+}
+
+#[test]
+fn cluster_without_the_moatpolicy_crd_is_ready_and_picks_it_up_later() {
+    let server = populated_server();
+    server.set_served(Res::MoatPolicies, false);
+    let ds = start(&server);
+    let status = ds.status();
+    let kind = status
+        .kinds
+        .iter()
+        .find(|k| k.kind == "moatpolicies")
+        .unwrap();
+    assert!(
+        kind.not_served && kind.synced && kind.healthy,
+        "{status:#?}"
+    );
+    assert!(status.connected, "{status:#?}");
+    assert!(ds.snapshot().1.moat_policies.is_empty());
+    // Everything else is served as usual.
+    assert_eq!(ds.snapshot().1.policies.len(), 1);
+
+    // The CRD gets installed and a MoatPolicy created: the retried list finds it.
+    server.set_served(Res::MoatPolicies, true);
+    server.apply(payments_policy("learn"));
+    wait_for(&ds, "MoatPolicy after the CRD appeared", |o| {
+        o.moat_policies.contains_key(&key("shop", "payments"))
+    });
+    let status = wait_status(&ds, "moatpolicies served", |s| {
+        s.kinds
+            .iter()
+            .any(|k| k.kind == "moatpolicies" && !k.not_served)
+    });
+    assert!(status.ready);
 }

@@ -8,41 +8,9 @@
 //! named external CIDR groups and rules that reference them. Both compile through the same
 //! engine; `DatapathState::modes` carries the per-pod mode MoatPolicies set.
 //!
-//! MoatPolicy's `spec.ingress` / `spec.egress` are not in the CRD schema of
-//! manifests/crds/moatpolicies.moat.io.yaml yet (the API server would prune them); the
-//! schema addition is, under `spec.properties`:
-//!
-//! ```yaml
-//! ingress:
-//!   type: array
-//!   maxItems: 64
-//!   items:
-//!     type: object
-//!     required: [from]
-//!     properties:
-//!       from:
-//!         type: array
-//!         minItems: 1
-//!         maxItems: 64
-//!         items:
-//!           type: object
-//!           required: [group]
-//!           properties:
-//!             group: {type: string, minLength: 1, maxLength: 63}
-//!       ports:            # NetworkPolicyPort, as in networking.k8s.io/v1
-//!         type: array
-//!         items:
-//!           type: object
-//!           properties:
-//!             protocol: {type: string, enum: [TCP, UDP, SCTP]}
-//!             port: {x-kubernetes-int-or-string: true}
-//!             endPort: {type: integer, minimum: 1, maximum: 65535}
-//! egress:                 # the same, with `to` instead of `from`
-//! ```
-//!
-//! plus a CEL rule on `spec` checking that every referenced group is defined:
-//! `self.?ingress.orValue([]).all(r, r.from.all(p, self.?externalGroups.orValue([]).exists(g, g.name == p.group)))`
-//! (and the same for egress).
+//! The MoatPolicy CRD (manifests/crds/moatpolicies.moat.io.yaml) is generated from the Rust
+//! types of the `moat-crds` crate, whose tests round-trip every example through that type and
+//! [`MoatPolicy`], so the schema the API server enforces and this engine's object agree.
 
 pub mod bench;
 pub mod cidr;

@@ -10,7 +10,7 @@
 //! - `spec.defaultDeny`: the selected pods are isolated for ingress and egress, even when no
 //!   NetworkPolicy selects them; allows then come from NetworkPolicies and the rules below.
 //! - `spec.externalGroups`: named CIDR sets (`{name, cidrs}`).
-//! - `spec.ingress` / `spec.egress` (an addition to the CRD schema, see the crate docs): rule
+//! - `spec.ingress` / `spec.egress`: rule
 //!   lists shaped like NetworkPolicy's, whose peers name external groups of the same object:
 //!   `ingress: [{from: [{group: payments-api}], ports: [{port: 443}]}]`. As in NetworkPolicy,
 //!   a present list isolates its direction for the selected pods (an empty one allows

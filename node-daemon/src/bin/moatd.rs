@@ -38,9 +38,19 @@ struct Args {
     /// ...into the runtime's CNI plugin directory...
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
-    /// ...and write 10-moat.conflist (IPAM over the node's pod CIDRs) here.
+    /// ...and write the CNI configuration here: 10-moat.conflist (standalone, IPAM over the
+    /// node's pod CIDRs) or 00-moat-chained.conflist (chained onto the directory's existing
+    /// configuration, kept in step with it).
     #[arg(long)]
     cni_conf_dir: Option<PathBuf>,
+    /// standalone: Moat is the cluster's CNI. chained: after the cluster's CNI (e.g. kindnet),
+    /// Moat only enforces policy.
+    #[arg(long, value_enum, default_value = "standalone")]
+    cni_mode: install::CniMode,
+    /// MTU of the pods' interfaces written into the conflist (standalone; moat-cni's default
+    /// is 1500).
+    #[arg(long)]
+    cni_mtu: Option<u32>,
     /// Where policy and workload objects (YAML) are read from (the local datastore).
     #[arg(long, default_value = "/etc/moat/policies")]
     policy_dir: PathBuf,
@@ -56,8 +66,12 @@ struct Args {
     /// bpffs directory of this installation (state lives in <dir>/v<layout>).
     #[arg(long, default_value = moat_datapath::pins::DEFAULT_ROOT)]
     pin_root: PathBuf,
-    /// Service ClusterIP ranges (repeatable).
-    #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
+    /// Service ClusterIP ranges (repeatable, or comma-separated).
+    #[arg(
+        long = "service-cidr",
+        default_value = "10.96.0.0/12",
+        value_delimiter = ','
+    )]
     service_cidrs: Vec<IpNetwork>,
     /// How often the policy directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 300)]
@@ -75,6 +89,27 @@ struct Args {
     /// Prometheus metrics endpoint (`GET /metrics`); an empty value disables it.
     #[arg(long, default_value = moatd::metrics::DEFAULT_ADDR)]
     metrics_addr: String,
+}
+
+/// Chained mode: keeps 00-moat-chained.conflist in step with the cluster's own config.
+fn chain_forever(conf_dir: &std::path::Path, moat: &serde_json::Value) {
+    let mut last: Option<Result<Option<PathBuf>, String>> = None;
+    loop {
+        let now = install::sync_chained(conf_dir, moat).map_err(|e| format!("{e:#}"));
+        if last.as_ref() != Some(&now) {
+            match &now {
+                Ok(Some(base)) => {
+                    tracing::info!(base = %base.display(), "CNI chained onto the cluster's config")
+                }
+                Ok(None) => {
+                    tracing::warn!(dir = %conf_dir.display(), "waiting for the cluster's CNI config to chain onto")
+                }
+                Err(e) => tracing::error!(error = %e, "chaining the CNI config"),
+            }
+            last = Some(now);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,16 +172,28 @@ fn main() -> anyhow::Result<()> {
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;
     }
-    if let Some(conf_dir) = &args.cni_conf_dir {
-        let cidrs = daemon.node_pod_cidrs();
-        anyhow::ensure!(
-            !cidrs.is_empty(),
-            "the node has no spec.podCIDRs; cannot write the CNI config"
-        );
-        install::write_conflist(
-            conf_dir,
-            &install::conflist(&cidrs, &socket_path, &pin_root),
-        )?;
+    match (&args.cni_conf_dir, args.cni_mode) {
+        (None, _) => {}
+        (Some(conf_dir), install::CniMode::Standalone) => {
+            let cidrs = daemon.node_pod_cidrs();
+            anyhow::ensure!(
+                !cidrs.is_empty(),
+                "the node has no spec.podCIDRs; cannot write the CNI config"
+            );
+            install::write_conflist(
+                conf_dir,
+                &install::standalone_conflist(&cidrs, &socket_path, &pin_root, args.cni_mtu),
+            )?;
+        }
+        (Some(conf_dir), install::CniMode::Chained) => {
+            let moat =
+                install::moat_plugin(install::CniMode::Chained, &socket_path, &pin_root, None);
+            let conf_dir = conf_dir.clone();
+            // The cluster's CNI may write (and rewrite) its config after moatd starts.
+            std::thread::Builder::new()
+                .name("moatd-cni-chain".into())
+                .spawn(move || chain_forever(&conf_dir, &moat))?;
+        }
     }
     let daemon = Arc::new(Mutex::new(daemon));
     let watcher = daemon.clone();

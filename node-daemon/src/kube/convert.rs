@@ -1,5 +1,5 @@
 //! Kubernetes objects to the datastore's own shapes, with no I/O: what a Pod, Namespace,
-//! NetworkPolicy or Node means to Moat. Kept apart from the watches so that it is tested in
+//! NetworkPolicy, MoatPolicy or Node means to Moat. Kept apart from the watches so that it is tested in
 //! milliseconds and the watch shell stays thin.
 
 use std::net::IpAddr;
@@ -183,6 +183,32 @@ pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, Strin
         format!("{ns}/{name}: not serializable: {e}")
     })?;
     NetworkPolicy::from_value(value).map_err(|e| e.to_string())
+}
+
+pub fn moat_policy_key(policy: &moat_crds::MoatPolicy) -> ObjectKey {
+    (
+        policy
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        policy.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The CRD type's own conversion (the engine's parser and validation behind it), so that a
+/// MoatPolicy from the API server and one from a local YAML file are judged alike.
+pub fn moat_policy(policy: &moat_crds::MoatPolicy) -> Result<moat_policy::MoatPolicy, String> {
+    policy.to_policy().map_err(|e| {
+        let (ns, name) = moat_policy_key(policy);
+        let text = e.to_string();
+        // The engine's errors already name the object; others do not.
+        if text.contains(&format!("{ns}/{name}")) {
+            text
+        } else {
+            format!("{ns}/{name}: {text}")
+        }
+    })
 }
 
 pub fn node_key(node: &Node) -> ObjectKey {

@@ -1,4 +1,5 @@
-//! The `kubernetes` datastore: Pods (all namespaces), Namespaces, NetworkPolicies and this
+//! The `kubernetes` datastore: Pods (all namespaces), Namespaces, NetworkPolicies,
+//! MoatPolicies (moat.io/v1alpha1, optional: a cluster without the CRD has none) and this
 //! node's Node, watched from the API server and kept as a snapshot in the same shape as the
 //! `local` datastore (`LocalObjects`), so that one policy engine serves both.
 //!
@@ -82,6 +83,8 @@ pub struct KindStatus {
     pub lists: u64,
     pub errors: u64,
     pub objects: usize,
+    /// The API server does not serve the kind (the MoatPolicy CRD is not installed).
+    pub not_served: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -153,6 +156,7 @@ impl Shared {
                     lists: h.lists,
                     errors: h.errors,
                     objects: state.object_count(kind),
+                    not_served: h.not_served,
                 }
             })
             .collect();

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use moat_policy::{LabelSet, NetworkPolicy};
+use moat_policy::{LabelSet, MoatPolicy, NetworkPolicy};
 
 use super::convert::{NodeInfo, ObjectKey, PodItem};
 use crate::local::{LocalObjects, PodMeta};
@@ -17,14 +17,18 @@ pub enum Kind {
     Namespaces,
     NetworkPolicies,
     Nodes,
+    MoatPolicies,
 }
 
+const KINDS: usize = 5;
+
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; KINDS] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::NetworkPolicies,
         Kind::Nodes,
+        Kind::MoatPolicies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,7 +37,14 @@ impl Kind {
             Kind::Namespaces => "namespaces",
             Kind::NetworkPolicies => "networkpolicies",
             Kind::Nodes => "nodes",
+            Kind::MoatPolicies => "moatpolicies",
         }
+    }
+
+    /// A kind whose API may not be served at all (a CRD not installed): "not found" then
+    /// means "no objects", not a failure.
+    pub fn optional(self) -> bool {
+        self == Kind::MoatPolicies
     }
 
     fn index(self) -> usize {
@@ -51,6 +62,8 @@ impl Kind {
             Some(Kind::NetworkPolicies)
         } else if path.ends_with("/api/v1/nodes") {
             Some(Kind::Nodes)
+        } else if path.ends_with("/apis/moat.io/v1alpha1/moatpolicies") {
+            Some(Kind::MoatPolicies)
         } else {
             None
         }
@@ -73,6 +86,10 @@ pub enum Item {
         name: String,
         info: NodeInfo,
     },
+    MoatPolicy {
+        key: ObjectKey,
+        policy: Result<MoatPolicy, String>,
+    },
 }
 
 impl Item {
@@ -82,6 +99,7 @@ impl Item {
             Item::Pod(_) => Kind::Pods,
             Item::Policy { .. } => Kind::NetworkPolicies,
             Item::Node { .. } => Kind::Nodes,
+            Item::MoatPolicy { .. } => Kind::MoatPolicies,
         }
     }
 }
@@ -100,6 +118,9 @@ pub enum Update {
     Error(Kind, String),
     /// A request for that kind got a successful answer: the API server is reachable again.
     Reachable(Kind),
+    /// The API server does not serve this (optional) kind: its CRD is not installed. It
+    /// counts as listed, with no objects, until a list succeeds.
+    NotServed(Kind),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -112,6 +133,8 @@ pub struct KindHealth {
     /// Full lists completed, the first one included.
     pub lists: u64,
     pub errors: u64,
+    /// The API server does not serve the kind (an optional kind whose CRD is missing).
+    pub not_served: bool,
 }
 
 #[derive(Default)]
@@ -121,14 +144,16 @@ struct Content {
     pod_warnings: BTreeMap<ObjectKey, String>,
     policies: BTreeMap<ObjectKey, NetworkPolicy>,
     policy_errors: BTreeMap<ObjectKey, String>,
+    moat_policies: BTreeMap<ObjectKey, MoatPolicy>,
+    moat_policy_errors: BTreeMap<ObjectKey, String>,
     node: Option<NodeInfo>,
 }
 
 pub struct ClusterState {
     node_name: String,
     content: Content,
-    relist: [Option<Vec<Item>>; 4],
-    health: [KindHealth; 4],
+    relist: [Option<Vec<Item>>; KINDS],
+    health: [KindHealth; KINDS],
     dirty: bool,
     /// Health changed since the last `take_health_changed`.
     health_changed: bool,
@@ -188,6 +213,9 @@ impl ClusterState {
             Kind::Namespaces => self.content.namespaces.len(),
             Kind::NetworkPolicies => self.content.policies.len() + self.content.policy_errors.len(),
             Kind::Nodes => usize::from(self.content.node.is_some()),
+            Kind::MoatPolicies => {
+                self.content.moat_policies.len() + self.content.moat_policy_errors.len()
+            }
         }
     }
 
@@ -227,7 +255,18 @@ impl ClusterState {
                 self.mark_health(kind, |h| {
                     h.synced = true;
                     h.lists += 1;
+                    h.not_served = false;
                 });
+                self.mark_reachable(kind);
+            }
+            Update::NotServed(kind) => {
+                self.relist[kind.index()] = None;
+                self.replace_all(kind, Vec::new());
+                self.mark_health(kind, |h| {
+                    h.synced = true;
+                    h.not_served = true;
+                });
+                // The API server answered: that is reachable, whatever the answer.
                 self.mark_reachable(kind);
             }
             Update::Apply(item) => {
@@ -268,6 +307,15 @@ impl ClusterState {
             }
             // Other nodes' objects are not this node's business.
             Item::Node { name, info } => name == self.node_name && replace(&mut c.node, Some(info)),
+            Item::MoatPolicy { key, policy } => {
+                let (good, bad) = match policy {
+                    Ok(p) => (Some(p), None),
+                    Err(e) => (None, Some(e)),
+                };
+                let a = set(&mut c.moat_policy_errors, key.clone(), bad);
+                let b = set(&mut c.moat_policies, key, good);
+                a | b
+            }
         };
         self.dirty |= changed;
     }
@@ -287,6 +335,11 @@ impl ClusterState {
                 a | b
             }
             Kind::Nodes => key.1 == self.node_name && c.node.take().is_some(),
+            Kind::MoatPolicies => {
+                let a = c.moat_policy_errors.remove(key).is_some();
+                let b = c.moat_policies.remove(key).is_some();
+                a | b
+            }
         };
         self.dirty |= changed;
     }
@@ -314,6 +367,11 @@ impl ClusterState {
                 a | b
             }
             Kind::Nodes => replace(&mut c.node, f.node),
+            Kind::MoatPolicies => {
+                let a = replace(&mut c.moat_policies, f.moat_policies);
+                let b = replace(&mut c.moat_policy_errors, f.moat_policy_errors);
+                a | b
+            }
         };
         self.dirty |= changed;
     }
@@ -329,14 +387,18 @@ impl ClusterState {
             .policy_errors
             .values()
             .map(|e| format!("NetworkPolicy {e}"))
+            .chain(
+                c.moat_policy_errors
+                    .values()
+                    .map(|e| format!("MoatPolicy {e}")),
+            )
             .collect();
         rejected.extend(c.pod_warnings.values().cloned());
         LocalObjects {
             namespaces: c.namespaces.clone(),
             pods: c.pods.clone(),
             policies: c.policies.clone(),
-            // MoatPolicy objects are not watched by this datastore yet.
-            moat_policies: Default::default(),
+            moat_policies: c.moat_policies.clone(),
             nodes: self
                 .node()
                 .map(|n| [(self.node_name.clone(), n.clone())].into())
@@ -391,7 +453,12 @@ mod tests {
     #[test]
     fn not_synced_until_every_kind_listed_once() {
         let mut s = ClusterState::new("n1");
-        for kind in [Kind::Pods, Kind::Namespaces, Kind::NetworkPolicies] {
+        for kind in [
+            Kind::Pods,
+            Kind::Namespaces,
+            Kind::NetworkPolicies,
+            Kind::MoatPolicies,
+        ] {
             s.apply(Update::Init(kind));
             s.apply(Update::InitDone(kind));
         }
@@ -486,6 +553,29 @@ mod tests {
         assert_eq!(s.node(), Some(&info));
         s.apply(Update::Delete(Kind::Nodes, (String::new(), "n1".into())));
         assert!(s.node().is_none());
+    }
+
+    #[test]
+    fn an_unserved_kind_counts_as_listed_and_empty() {
+        let mut s = ClusterState::new("n1");
+        for kind in [
+            Kind::Pods,
+            Kind::Namespaces,
+            Kind::NetworkPolicies,
+            Kind::Nodes,
+        ] {
+            s.apply(Update::Init(kind));
+            s.apply(Update::InitDone(kind));
+        }
+        assert!(!s.synced());
+        s.apply(Update::Init(Kind::MoatPolicies));
+        s.apply(Update::NotServed(Kind::MoatPolicies));
+        assert!(s.synced() && s.healthy());
+        assert!(s.health(Kind::MoatPolicies).not_served);
+        // Served again: a successful list clears the flag.
+        s.apply(Update::Init(Kind::MoatPolicies));
+        s.apply(Update::InitDone(Kind::MoatPolicies));
+        assert!(!s.health(Kind::MoatPolicies).not_served);
     }
 
     #[test]

@@ -96,6 +96,18 @@ pub(super) fn run(
             backoff,
         ));
         tokio::spawn(watch_kind(
+            Api::<moat_crds::MoatPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::MoatPolicies,
+            |p| Item::MoatPolicy {
+                key: convert::moat_policy_key(p),
+                policy: convert::moat_policy(p),
+            },
+            convert::moat_policy_key,
+            tx.clone(),
+            backoff,
+        ));
+        tokio::spawn(watch_kind(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
             Kind::Nodes,
@@ -156,6 +168,17 @@ fn gone_at_watch_start(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
 }
 
+/// The list itself is answered 404: the API server does not serve the resource (for a
+/// MoatPolicy, its CRD is not installed).
+fn not_served(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            if status.code == 404
+    )
+}
+
 async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -183,7 +206,14 @@ async fn watch_kind<K>(
                 Err(error) => {
                     let restart = gone_at_watch_start(&error);
                     debug!(kind = kind.name(), %error, "watch error");
-                    if tx.send(Update::Error(kind, error.to_string())).is_err() {
+                    // An optional kind that is not served is no failure: it has no objects,
+                    // and the list is retried (with backoff) in case its CRD is installed.
+                    let update = if kind.optional() && not_served(&error) {
+                        Update::NotServed(kind)
+                    } else {
+                        Update::Error(kind, error.to_string())
+                    };
+                    if tx.send(update).is_err() {
                         return;
                     }
                     if last_error.is_some_and(|t| t.elapsed() > settled) {

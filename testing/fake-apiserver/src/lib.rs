@@ -1,13 +1,15 @@
-//! An in-process fake Kubernetes API server speaking the real list/watch HTTP protocol, for
-//! the datastore's tests: a global resourceVersion, LIST with `metadata.resourceVersion`,
+//! Tests only. An in-process fake Kubernetes API server speaking the real HTTP protocol, for
+//! moatd's datastore tests and the conformance runner's kube mode: create (POST), get, replace
+//! (PUT), merge patch (PATCH), delete (a namespace takes its objects with it), a global
+//! resourceVersion, LIST with `metadata.resourceVersion`,
 //! WATCH (`?watch=true&resourceVersion=N&allowWatchBookmarks=true`) as chunked JSON lines of
 //! `{type, object}`, BOOKMARK events, and 410 Gone on a resourceVersion older than the last
 //! compaction, either as a watch ERROR event (what the real API server does) or as an HTTP
-//! 410 answer. Tests can also stop and restart it on the same port.
+//! 410 answer. Tests can also stop and restart it on the same port, stop serving a resource
+//! (a CRD that is not installed answers 404), read back every write request, and have created
+//! pods "run" at once (phase Running, Ready, an address) since no kubelet is there.
 //!
 //! Plain HTTP/1.1 over tokio TCP on 127.0.0.1, one request per connection.
-
-#![allow(dead_code)]
 
 use std::{
     collections::BTreeMap,
@@ -30,44 +32,121 @@ pub enum Res {
     Namespaces,
     NetworkPolicies,
     Nodes,
+    Services,
+    MoatPolicies,
 }
 
 impl Res {
-    fn from_path(path: &str) -> Option<Res> {
-        match path {
-            "/api/v1/pods" => Some(Res::Pods),
-            "/api/v1/namespaces" => Some(Res::Namespaces),
-            "/apis/networking.k8s.io/v1/networkpolicies" => Some(Res::NetworkPolicies),
-            "/api/v1/nodes" => Some(Res::Nodes),
-            _ => None,
+    pub const ALL: [Res; 6] = [
+        Res::Pods,
+        Res::Namespaces,
+        Res::NetworkPolicies,
+        Res::Nodes,
+        Res::Services,
+        Res::MoatPolicies,
+    ];
+
+    /// URL prefix of its API group/version, plural, namespaced.
+    fn info(self) -> (&'static str, &'static str, bool) {
+        match self {
+            Res::Pods => ("/api/v1", "pods", true),
+            Res::Namespaces => ("/api/v1", "namespaces", false),
+            Res::NetworkPolicies => ("/apis/networking.k8s.io/v1", "networkpolicies", true),
+            Res::Nodes => ("/api/v1", "nodes", false),
+            Res::Services => ("/api/v1", "services", true),
+            Res::MoatPolicies => ("/apis/moat.io/v1alpha1", "moatpolicies", true),
         }
     }
 
     fn from_kind(kind: &str) -> Res {
-        match kind {
-            "Pod" => Res::Pods,
-            "Namespace" => Res::Namespaces,
-            "NetworkPolicy" => Res::NetworkPolicies,
-            "Node" => Res::Nodes,
-            other => panic!("fake API server does not serve kind {other}"),
-        }
+        Res::ALL
+            .into_iter()
+            .find(|r| r.kind() == kind)
+            .unwrap_or_else(|| panic!("fake API server does not serve kind {kind}"))
     }
 
-    fn kind(self) -> &'static str {
+    pub fn kind(self) -> &'static str {
         match self {
             Res::Pods => "Pod",
             Res::Namespaces => "Namespace",
             Res::NetworkPolicies => "NetworkPolicy",
             Res::Nodes => "Node",
+            Res::Services => "Service",
+            Res::MoatPolicies => "MoatPolicy",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Res::NetworkPolicies => "networking.k8s.io/v1",
+            Res::MoatPolicies => "moat.io/v1alpha1",
             _ => "v1",
         }
     }
+}
+
+/// What a request path names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Route {
+    /// All objects (cluster-wide), or those of one namespace.
+    Collection { res: Res, namespace: Option<String> },
+    Item {
+        res: Res,
+        namespace: Option<String>,
+        name: String,
+    },
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        for res in Res::ALL {
+            let (prefix, plural, namespaced) = res.info();
+            let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+                continue;
+            };
+            let segments: Vec<&str> = rest.split('/').collect();
+            let route = match segments.as_slice() {
+                [p] if *p == plural => Route::Collection {
+                    res,
+                    namespace: None,
+                },
+                [p, name] if *p == plural && !namespaced => Route::Item {
+                    res,
+                    namespace: None,
+                    name: name.to_string(),
+                },
+                ["namespaces", ns, p] if *p == plural && namespaced => Route::Collection {
+                    res,
+                    namespace: Some(ns.to_string()),
+                },
+                ["namespaces", ns, p, name] if *p == plural && namespaced => Route::Item {
+                    res,
+                    namespace: Some(ns.to_string()),
+                    name: name.to_string(),
+                },
+                _ => continue,
+            };
+            return Some(route);
+        }
+        None
+    }
+
+    fn res(&self) -> Res {
+        match self {
+            Route::Collection { res, .. } | Route::Item { res, .. } => *res,
+        }
+    }
+}
+
+/// One write request the server accepted (POST, PUT, PATCH, DELETE), in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Write {
+    pub method: String,
+    pub res: Res,
+    pub namespace: String,
+    pub name: String,
+    /// The request body (the object, or the patch); Null for DELETE.
+    pub body: Value,
 }
 
 /// How a watch from a compacted resourceVersion is refused.
@@ -100,6 +179,12 @@ struct State {
     lists: BTreeMap<Res, u64>,
     watches: BTreeMap<Res, Vec<u64>>,
     gone_answers: u64,
+    not_served: Vec<Res>,
+    writes: Vec<Write>,
+    /// Created pods get phase Running, Ready and the next address of 10.244.0.0/16.
+    run_pods: bool,
+    next_pod: u32,
+    next_service: u32,
 }
 
 struct Inner {
@@ -127,6 +212,38 @@ pub struct FakeApiServer {
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Stores (or deletes) the object under a new resourceVersion and logs the event; returns the
+/// resourceVersion.
+fn record(s: &mut State, res: Res, event_type: &'static str, object: Value, logged: bool) -> u64 {
+    s.rv += 1;
+    let rv = s.rv;
+    let mut object = object;
+    object["apiVersion"] = json!(res.api_version());
+    object["kind"] = json!(res.kind());
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let key = key_of(&object);
+    if event_type == "DELETED" {
+        s.objects.entry(res).or_default().remove(&key);
+    } else {
+        s.objects
+            .entry(res)
+            .or_default()
+            .insert(key, object.clone());
+    }
+    if logged {
+        s.log.push(LogEntry {
+            rv,
+            res,
+            event_type,
+            object,
+        });
+    } else {
+        // The event is lost for good: nobody may resume from before it.
+        s.compacted = rv;
+    }
+    rv
 }
 
 fn key_of(object: &Value) -> (String, String) {
@@ -167,6 +284,11 @@ impl FakeApiServer {
                 lists: BTreeMap::new(),
                 watches: BTreeMap::new(),
                 gone_answers: 0,
+                not_served: Vec::new(),
+                writes: Vec::new(),
+                run_pods: false,
+                next_pod: 0,
+                next_service: 0,
             }),
             wake: watch::channel(0).0,
             kill: watch::channel(0).0,
@@ -248,34 +370,7 @@ impl FakeApiServer {
     }
 
     fn record(&self, res: Res, event_type: &'static str, object: Value, logged: bool) -> u64 {
-        let mut s = self.inner.lock();
-        s.rv += 1;
-        let rv = s.rv;
-        let mut object = object;
-        object["apiVersion"] = json!(res.api_version());
-        object["kind"] = json!(res.kind());
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = key_of(&object);
-        if event_type == "DELETED" {
-            s.objects.entry(res).or_default().remove(&key);
-        } else {
-            s.objects
-                .entry(res)
-                .or_default()
-                .insert(key, object.clone());
-        }
-        if logged {
-            s.log.push(LogEntry {
-                rv,
-                res,
-                event_type,
-                object,
-            });
-        } else {
-            // The event is lost for good: nobody may resume from before it.
-            s.compacted = rv;
-        }
-        drop(s);
+        let rv = record(&mut self.inner.lock(), res, event_type, object, logged);
         self.inner.wake();
         rv
     }
@@ -374,6 +469,48 @@ impl FakeApiServer {
     pub fn gone_answers(&self) -> u64 {
         self.inner.lock().gone_answers
     }
+
+    /// Answer 404 for every path of this resource (its CRD is not installed), or serve it
+    /// again.
+    pub fn set_served(&self, res: Res, served: bool) {
+        let mut s = self.inner.lock();
+        s.not_served.retain(|r| *r != res);
+        if !served {
+            s.not_served.push(res);
+        }
+    }
+
+    /// Pods created from now on run at once: phase Running, condition Ready, an address.
+    pub fn run_created_pods(&self) {
+        self.inner.lock().run_pods = true;
+    }
+
+    /// Every write request accepted so far, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.inner.lock().writes.clone()
+    }
+
+    /// The stored object, if any (an empty namespace for cluster-scoped kinds).
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let res = Res::from_kind(kind);
+        self.inner
+            .lock()
+            .objects
+            .get(&res)
+            .and_then(|m| m.get(&(namespace.to_string(), name.to_string())))
+            .cloned()
+    }
+
+    /// Every stored object of a kind, ordered by (namespace, name).
+    pub fn list(&self, kind: &str) -> Vec<Value> {
+        let res = Res::from_kind(kind);
+        self.inner
+            .lock()
+            .objects
+            .get(&res)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for FakeApiServer {
@@ -392,8 +529,10 @@ impl Drop for FakeApiServer {
 // ---------------------------------------------------------------------------------------------
 
 struct Request {
-    res: Option<Res>,
+    method: String,
+    route: Option<Route>,
     query: BTreeMap<String, String>,
+    body: Option<Value>,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -418,7 +557,10 @@ fn percent_decode(s: &str) -> String {
 async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok(None);
@@ -427,16 +569,35 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         if buf.len() > 1 << 20 {
             return Ok(None);
         }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut body = buf[head_end..].to_vec();
+    if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while body.len() < len {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(len);
+    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        body = read_chunked(stream, body).await?;
+    } else {
+        body.clear();
     }
-    let head = String::from_utf8_lossy(&buf);
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split(' ');
-    let (Some("GET"), Some(target)) = (parts.next(), parts.next()) else {
-        return Ok(Some(Request {
-            res: None,
-            query: BTreeMap::new(),
-        }));
-    };
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query = query
         .split('&')
@@ -446,10 +607,48 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
             (percent_decode(k), percent_decode(v))
         })
         .collect();
+    let body = (!body.is_empty()).then(|| serde_json::from_slice(&body).unwrap_or(Value::Null));
     Ok(Some(Request {
-        res: Res::from_path(path),
+        method,
+        route: Route::parse(path),
         query,
+        body,
     }))
+}
+
+/// Decodes a chunked body (`size CRLF data CRLF ... 0 CRLF CRLF`), reading more as needed.
+async fn read_chunked(stream: &mut TcpStream, mut raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut chunk = [0u8; 4096];
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = loop {
+            if let Some(p) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+                break at + p;
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(out);
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        };
+        let size_text = String::from_utf8_lossy(&raw[at..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return Ok(out);
+        }
+        let start = line_end + 2;
+        while raw.len() < start + size + 2 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(out);
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        out.extend_from_slice(&raw[start..start + size]);
+        at = start + size + 2;
+    }
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
@@ -491,11 +690,200 @@ fn gone_status(rv: u64, compacted: u64) -> Value {
     })
 }
 
-/// `metadata.name=X` (the one field selector the datastore uses) or nothing.
-fn selects(selector: Option<&String>, object: &Value) -> bool {
-    match selector.and_then(|s| s.strip_prefix("metadata.name=")) {
-        Some(name) => object["metadata"]["name"].as_str() == Some(name),
-        None => true,
+/// `metadata.name=X` (the one field selector the datastore uses) or nothing, within one
+/// namespace or all.
+fn selects(selector: Option<&String>, namespace: Option<&str>, object: &Value) -> bool {
+    let in_namespace =
+        namespace.is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns));
+    in_namespace
+        && match selector.and_then(|s| s.strip_prefix("metadata.name=")) {
+            Some(name) => object["metadata"]["name"].as_str() == Some(name),
+            None => true,
+        }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "reason": reason, "code": code, "message": message})
+}
+
+/// RFC 7386 JSON merge patch (what merge and strategic-merge patches of labels amount to).
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let map = target.as_object_mut().expect("an object");
+            for (k, v) in fields {
+                if v.is_null() {
+                    map.remove(k);
+                } else {
+                    merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// What the real API server adds on create: a Namespace's kubernetes.io/metadata.name label,
+/// a Service's ClusterIP; and, when asked, a running pod's status.
+fn defaults_on_create(s: &mut State, res: Res, object: &mut Value) {
+    match res {
+        Res::Namespaces => {
+            let name = object["metadata"]["name"].clone();
+            object["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
+        }
+        Res::Services
+            if object["spec"]["clusterIP"]
+                .as_str()
+                .is_none_or(str::is_empty) =>
+        {
+            s.next_service += 1;
+            let n = s.next_service;
+            object["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", n / 250, n % 250 + 1));
+        }
+        Res::Pods if s.run_pods => {
+            s.next_pod += 1;
+            let n = s.next_pod;
+            let ip = format!("10.244.{}.{}", n / 250, n % 250 + 1);
+            if object["spec"]["nodeName"].is_null() {
+                object["spec"]["nodeName"] = json!("node-1");
+            }
+            object["status"] = json!({
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]
+            });
+        }
+        _ => {}
+    }
+}
+
+/// POST, GET (one object), PUT, PATCH and DELETE. Returns the HTTP status and body.
+fn write_or_get(inner: &Inner, request: &Request) -> (&'static str, Value) {
+    let route = request.route.clone().expect("routed");
+    let mut s = inner.lock();
+    let res = route.res();
+    let stored = |s: &State, ns: &str, name: &str| {
+        s.objects
+            .get(&res)
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .cloned()
+    };
+    let log_write = |s: &mut State, ns: &str, name: &str| {
+        s.writes.push(Write {
+            method: request.method.clone(),
+            res,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            body: request.body.clone().unwrap_or(Value::Null),
+        })
+    };
+    match (request.method.as_str(), route) {
+        ("POST", Route::Collection { namespace, .. }) => {
+            let Some(mut object) = request.body.clone().filter(Value::is_object) else {
+                return (
+                    "400 Bad Request",
+                    status(400, "BadRequest", "no object".into()),
+                );
+            };
+            if let Some(ns) = &namespace {
+                object["metadata"]["namespace"] = json!(ns);
+            }
+            let ns = namespace.unwrap_or_default();
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                return (
+                    "422 Unprocessable Entity",
+                    status(422, "Invalid", "metadata.name: Required value".into()),
+                );
+            };
+            if stored(&s, &ns, &name).is_some() {
+                let message = format!("{} \"{name}\" already exists", res.kind());
+                return ("409 Conflict", status(409, "AlreadyExists", message));
+            }
+            log_write(&mut s, &ns, &name);
+            defaults_on_create(&mut s, res, &mut object);
+            record(&mut s, res, "ADDED", object, true);
+            let created = stored(&s, &ns, &name).expect("just stored");
+            drop(s);
+            inner.wake();
+            ("201 Created", created)
+        }
+        (
+            method,
+            Route::Item {
+                namespace, name, ..
+            },
+        ) => {
+            let ns = namespace.unwrap_or_default();
+            let Some(current) = stored(&s, &ns, &name) else {
+                let message = format!("{} \"{name}\" not found", res.kind());
+                return ("404 Not Found", status(404, "NotFound", message));
+            };
+            let (event, object) = match method {
+                "GET" => return ("200 OK", current),
+                "PUT" => {
+                    let Some(mut object) = request.body.clone().filter(Value::is_object) else {
+                        return (
+                            "400 Bad Request",
+                            status(400, "BadRequest", "no object".into()),
+                        );
+                    };
+                    if res == Res::Namespaces {
+                        object["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+                    }
+                    ("MODIFIED", object)
+                }
+                "PATCH" => {
+                    let mut object = current.clone();
+                    merge_patch(&mut object, request.body.as_ref().unwrap_or(&Value::Null));
+                    if res == Res::Namespaces {
+                        object["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+                    }
+                    ("MODIFIED", object)
+                }
+                "DELETE" => ("DELETED", current.clone()),
+                _ => {
+                    return (
+                        "405 Method Not Allowed",
+                        status(405, "MethodNotAllowed", method.into()),
+                    );
+                }
+            };
+            log_write(&mut s, &ns, &name);
+            if res == Res::Namespaces && event == "DELETED" {
+                // Namespace deletion takes the namespace's objects with it.
+                for other in Res::ALL.into_iter().filter(|r| r.info().2) {
+                    let doomed: Vec<Value> = s
+                        .objects
+                        .get(&other)
+                        .map(|m| {
+                            m.iter()
+                                .filter(|((o_ns, _), _)| *o_ns == name)
+                                .map(|(_, v)| v.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for object in doomed {
+                        record(&mut s, other, "DELETED", object, true);
+                    }
+                }
+            }
+            record(&mut s, res, event, object, true);
+            let answer = if event == "DELETED" {
+                current
+            } else {
+                stored(&s, &ns, &name).expect("just stored")
+            };
+            drop(s);
+            inner.wake();
+            ("200 OK", answer)
+        }
+        (method, Route::Collection { .. }) => (
+            "405 Method Not Allowed",
+            status(405, "MethodNotAllowed", method.into()),
+        ),
     }
 }
 
@@ -511,14 +899,30 @@ async fn handle_connection(
     let Some(request) = request else {
         return Ok(());
     };
-    let Some(res) = request.res else {
+    let served = request
+        .route
+        .as_ref()
+        .is_some_and(|r| !inner.lock().not_served.contains(&r.res()));
+    if !served {
         return respond(
             &mut stream,
             "404 Not Found",
-            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource".into(),
+            ),
         )
         .await;
+    }
+    let (res, namespace) = match request.route.clone() {
+        Some(Route::Collection { res, namespace }) if request.method == "GET" => (res, namespace),
+        _ => {
+            let (code, body) = write_or_get(&inner, &request);
+            return respond(&mut stream, code, &body).await;
+        }
     };
+    let namespace = namespace.as_deref();
     let selector = request.query.get("fieldSelector");
     if request.query.get("watch").map(String::as_str) != Some("true") {
         let body = {
@@ -529,7 +933,7 @@ async fn handle_connection(
                 .get(&res)
                 .into_iter()
                 .flat_map(|m| m.values())
-                .filter(|o| selects(selector, o))
+                .filter(|o| selects(selector, namespace, o))
                 .map(|o| {
                     // Like the real API server, list items carry no apiVersion/kind.
                     let mut o = o.clone();
@@ -587,7 +991,7 @@ async fn handle_connection(
                     .get(&res)
                     .into_iter()
                     .flat_map(|m| m.values())
-                    .filter(|o| selects(selector, o))
+                    .filter(|o| selects(selector, namespace, o))
                     .map(|o| json!({"type": "ADDED", "object": o}))
                     .collect();
                 Start::Stream(s.rv, initial, s.expire_epoch, s.bookmark_epoch)
@@ -619,7 +1023,7 @@ async fn handle_connection(
             let start = s.log.partition_point(|e| e.rv <= cursor);
             let events: Vec<Value> = s.log[start..]
                 .iter()
-                .filter(|e| e.res == res && selects(selector, &e.object))
+                .filter(|e| e.res == res && selects(selector, namespace, &e.object))
                 .map(|e| json!({"type": e.event_type, "object": e.object}))
                 .collect();
             cursor = cursor.max(s.rv);
@@ -682,4 +1086,10 @@ pub fn node(name: &str, pod_cidrs: &[&str], internal_ip: &str) -> Value {
            "status": {"addresses": [
                {"type": "InternalIP", "address": internal_ip},
                {"type": "Hostname", "address": name}]}})
+}
+
+pub fn moat_policy(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "moat.io/v1alpha1", "kind": "MoatPolicy",
+           "metadata": {"name": name, "namespace": namespace},
+           "spec": spec})
 }

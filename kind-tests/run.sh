@@ -25,7 +25,7 @@
 #   SKIP_BUILD=0              1: use an existing local $MOAT_IMAGE
 #   KIND_NODE_IMAGE=          kindest/node image (kind's default if empty)
 #   REUSE_CLUSTER=0           1: use an existing cluster $CLUSTER (never deleted)
-#   KIND_UNDERLAY=1           routes between nodes' pod CIDRs + masquerade (below)
+#   KIND_UNDERLAY=1           masquerade of pod traffic leaving the cluster (below)
 #   KEEP=0                    1: keep the cluster (and the smoke namespaces)
 #   TIMEOUT=300s              each readiness wait
 #   ARTIFACTS=kind-tests/_artifacts   kubeconfig, diagnostics, e2e reports
@@ -47,6 +47,8 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-}
 REUSE_CLUSTER=${REUSE_CLUSTER:-0}
 KIND_UNDERLAY=${KIND_UNDERLAY:-1}
+# Routes between nodes: moatd's (standalone) or kindnet's (chained).
+ROUTING=direct
 KEEP=${KEEP:-0}
 TIMEOUT=${TIMEOUT:-300s}
 ARTIFACTS=${ARTIFACTS:-$HERE/_artifacts}
@@ -75,7 +77,7 @@ need() {
 }
 case $MODE in
   standalone) CONFLIST=10-moat.conflist ;;
-  chained) CONFLIST=00-moat-chained.conflist; KIND_UNDERLAY=0 ;;
+  chained) CONFLIST=00-moat-chained.conflist; KIND_UNDERLAY=0; ROUTING=none ;;
   *) die "MODE must be standalone or chained, not '$MODE'" ;;
 esac
 step "preflight"
@@ -194,13 +196,11 @@ step "loading $MOAT_IMAGE into the nodes"
 kind load docker-image "$MOAT_IMAGE" --name "$CLUSTER"
 
 # --- underlay -----------------------------------------------------------------
-# kind's default CNI (kindnet) also routes each node's pod CIDR to that node
-# and masquerades pod traffic leaving the cluster. moatd in standalone mode
-# wires pods to their own node only, so on kind this script provides that
-# underlay: on every node, a route to every other node's pod CIDR via that
-# node's address on the kind Docker network, and SNAT for pod traffic to
-# addresses outside the pod subnet that leaves by eth0. KIND_UNDERLAY=0 skips
-# it (e.g. once Moat programs inter-node routes itself).
+# kind's default CNI (kindnet) also masquerades pod traffic leaving the
+# cluster. moatd in standalone mode routes between nodes itself (--routing
+# direct: every other node's pod CIDR via its InternalIP) but does not SNAT,
+# so on kind this script adds SNAT for pod traffic to addresses outside the
+# pod subnet that leaves by eth0. KIND_UNDERLAY=0 skips it.
 setup_underlay() {
   local deadline=$((SECONDS + 120)) rows missing
   while :; do
@@ -210,19 +210,15 @@ setup_underlay() {
     ((SECONDS < deadline)) || die "nodes without a pod CIDR or address after 120s:"$'\n'"$rows"
     sleep 2
   done
-  local name cidr ip peer pcidr pip
+  local name cidr ip
   while read -r name cidr ip; do
     info "$name: pod CIDR $cidr, address $ip"
-    while read -r peer pcidr pip; do
-      [[ $peer != "$name" ]] || continue
-      docker exec "$name" ip route replace "$pcidr" via "$pip"
-    done <<<"$rows"
     docker exec "$name" sh -c "iptables -w -t nat -C POSTROUTING -s $POD_SUBNET ! -d $POD_SUBNET -o eth0 -j MASQUERADE 2>/dev/null ||
       iptables -w -t nat -A POSTROUTING -s $POD_SUBNET ! -d $POD_SUBNET -o eth0 -j MASQUERADE"
   done <<<"$rows"
 }
 if [[ $KIND_UNDERLAY == 1 ]]; then
-  step "node underlay: inter-node pod routes and masquerade (KIND_UNDERLAY=0 skips)"
+  step "node underlay: masquerade of pod traffic leaving the cluster (KIND_UNDERLAY=0 skips)"
   setup_underlay
 fi
 
@@ -231,7 +227,8 @@ step "installing Moat (manifests/moat.yaml with image $MOAT_IMAGE, cni-mode $MOD
 had_moat=0
 kubectl -n kube-system get ds moat >/dev/null 2>&1 && had_moat=1
 bash "$REPO/manifests/build.sh" --stdout |
-  sed -e "s#image: moat:dev#image: ${MOAT_IMAGE}#" -e "s#^  cni-mode: standalone\$#  cni-mode: ${MODE}#" |
+  sed -e "s#image: moat:dev#image: ${MOAT_IMAGE}#" -e "s#^  cni-mode: standalone\$#  cni-mode: ${MODE}#" \
+    -e "s#^  routing: direct\$#  routing: ${ROUTING}#" |
   kubectl apply -f -
 [[ $(kubectl -n kube-system get configmap moat-config -o jsonpath='{.data.cni-mode}') == "$MODE" ]] ||
   die "moat-config cni-mode is not $MODE"

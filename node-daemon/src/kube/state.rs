@@ -146,7 +146,8 @@ struct Content {
     policy_errors: BTreeMap<ObjectKey, String>,
     moat_policies: BTreeMap<ObjectKey, MoatPolicy>,
     moat_policy_errors: BTreeMap<ObjectKey, String>,
-    node: Option<NodeInfo>,
+    /// Every node: this node's pod CIDRs, and the others' for routes between nodes.
+    nodes: BTreeMap<String, NodeInfo>,
 }
 
 pub struct ClusterState {
@@ -212,7 +213,7 @@ impl ClusterState {
             Kind::Pods => self.content.pods.len(),
             Kind::Namespaces => self.content.namespaces.len(),
             Kind::NetworkPolicies => self.content.policies.len() + self.content.policy_errors.len(),
-            Kind::Nodes => usize::from(self.content.node.is_some()),
+            Kind::Nodes => self.content.nodes.len(),
             Kind::MoatPolicies => {
                 self.content.moat_policies.len() + self.content.moat_policy_errors.len()
             }
@@ -305,8 +306,7 @@ impl ClusterState {
                 let b = set(&mut c.policies, key, good);
                 a | b
             }
-            // Other nodes' objects are not this node's business.
-            Item::Node { name, info } => name == self.node_name && replace(&mut c.node, Some(info)),
+            Item::Node { name, info } => set(&mut c.nodes, name, Some(info)),
             Item::MoatPolicy { key, policy } => {
                 let (good, bad) = match policy {
                     Ok(p) => (Some(p), None),
@@ -334,7 +334,7 @@ impl ClusterState {
                 let b = c.policies.remove(key).is_some();
                 a | b
             }
-            Kind::Nodes => key.1 == self.node_name && c.node.take().is_some(),
+            Kind::Nodes => c.nodes.remove(&key.1).is_some(),
             Kind::MoatPolicies => {
                 let a = c.moat_policy_errors.remove(key).is_some();
                 let b = c.moat_policies.remove(key).is_some();
@@ -366,7 +366,7 @@ impl ClusterState {
                 let b = replace(&mut c.policy_errors, f.policy_errors);
                 a | b
             }
-            Kind::Nodes => replace(&mut c.node, f.node),
+            Kind::Nodes => replace(&mut c.nodes, f.nodes),
             Kind::MoatPolicies => {
                 let a = replace(&mut c.moat_policies, f.moat_policies);
                 let b = replace(&mut c.moat_policy_errors, f.moat_policy_errors);
@@ -376,8 +376,9 @@ impl ClusterState {
         self.dirty |= changed;
     }
 
+    /// This node's Node object, once seen.
     pub fn node(&self) -> Option<&NodeInfo> {
-        self.content.node.as_ref()
+        self.content.nodes.get(&self.node_name)
     }
 
     /// The snapshot in the local datastore's shape.
@@ -399,10 +400,7 @@ impl ClusterState {
             pods: c.pods.clone(),
             policies: c.policies.clone(),
             moat_policies: c.moat_policies.clone(),
-            nodes: self
-                .node()
-                .map(|n| [(self.node_name.clone(), n.clone())].into())
-                .unwrap_or_default(),
+            nodes: c.nodes.clone(),
             rejected,
         }
     }
@@ -535,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn only_this_nodes_object_is_kept() {
+    fn every_node_is_kept_and_this_one_is_known() {
         let mut s = synced_state();
         let info = NodeInfo {
             pod_cidrs: vec!["10.0.0.0/24".parse().unwrap()],
@@ -545,14 +543,21 @@ mod tests {
             name: "other".into(),
             info: info.clone(),
         }));
-        assert!(s.node().is_none() && !s.take_dirty());
+        assert!(s.node().is_none() && s.take_dirty());
+        assert_eq!(
+            s.objects().nodes.len(),
+            1,
+            "other nodes are kept for routing"
+        );
         s.apply(Update::Apply(Item::Node {
             name: "n1".into(),
             info: info.clone(),
         }));
         assert_eq!(s.node(), Some(&info));
+        assert_eq!(s.objects().nodes.len(), 2);
         s.apply(Update::Delete(Kind::Nodes, (String::new(), "n1".into())));
         assert!(s.node().is_none());
+        assert_eq!(s.objects().nodes.len(), 1);
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub(super) fn run(
         ));
         tokio::spawn(watch_kind(
             Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+            // Every node: the others' pod CIDRs and addresses are routed to (--routing direct).
+            watcher::Config::default(),
             Kind::Nodes,
             |n| Item::Node {
                 name: convert::node_key(n).1,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make bench` (after `make build`): the datapath benchmarks. Writes the "datapath" section of
-# bench/results.json and keeps any other section already in that file (the binary merges).
+# `make bench` (after `make build`): every benchmark, each writing its own section of
+# bench/results.json ("datapath", "policy", "churn", "cni") and keeping the others.
 #
 #   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
 #   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /
@@ -49,6 +49,9 @@ trap cleanup EXIT
 out=${BENCH_OUT:-bench/results.json}
 # shellcheck disable=SC2086 # BENCH_DATAPATH_ARGS is a list of flags
 cargo run --release -p moat-bench -- datapath --out "$out" ${BENCH_DATAPATH_ARGS:-}
+# The policy engine alone: compiling 1,000 policies over 10,000 pods from scratch, and the
+# incremental update costs (section "policy"; about 30 seconds).
+cargo run --release -p moat-bench -- policy --out "$out"
 # Control-plane churn at 10,000 pods / 1,000 policies on a real moatd core (section "churn";
 # about 2 to 3 minutes). BENCH_CHURN_ARGS for extra flags, e.g. "--secs 20".
 # shellcheck disable=SC2086 # BENCH_CHURN_ARGS is a list of flags

@@ -107,7 +107,7 @@ pub fn main(args: &[String]) -> ExitCode {
         eprintln!("moat-bench churn: {e:#}");
         section.insert("fatal_error".into(), json!(format!("{e:#}")));
     }
-    if let Err(e) = write_merged(&args.out, Value::Object(section.clone())) {
+    if let Err(e) = crate::util::write_section(&args.out, "churn", Value::Object(section.clone())) {
         eprintln!("moat-bench: writing {}: {e:#}", args.out.display());
         return ExitCode::FAILURE;
     }
@@ -544,26 +544,5 @@ fn sustained(
         "churn: sustained {} events/s for {}s: {done} of {due_at_end} due applied, backlog max {}",
         args.rate, args.secs, backlog_max
     );
-    Ok(())
-}
-
-fn write_merged(path: &Path, churn: Value) -> Result<()> {
-    let mut root = match std::fs::read_to_string(path) {
-        Ok(text) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
-        },
-        Err(_) => Map::new(),
-    };
-    root.insert("churn".into(), churn);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.churn.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_string_pretty(&Value::Object(root))? + "\n",
-    )?;
-    std::fs::rename(&tmp, path)?;
     Ok(())
 }

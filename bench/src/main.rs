@@ -11,6 +11,7 @@
 
 mod churn;
 mod cni;
+mod compile;
 mod fill;
 mod perpacket;
 mod traffic;
@@ -84,6 +85,9 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("churn") {
         return churn::main(&argv[2..]);
+    }
+    if argv.get(1).map(String::as_str) == Some("policy") {
+        return compile::main(&argv[2..]);
     }
     if argv.get(1).map(String::as_str) == Some("cni") {
         return cni::main();

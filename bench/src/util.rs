@@ -368,3 +368,26 @@ impl Rng {
         lo + self.next() % (hi - lo)
     }
 }
+
+/// Replaces one section of the results file, keeping the others (atomically).
+pub fn write_section(path: &std::path::Path, name: &str, section: serde_json::Value) -> Result<()> {
+    use serde_json::{Map, Value};
+    let mut root = match std::fs::read_to_string(path) {
+        Ok(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        },
+        Err(_) => Map::new(),
+    };
+    root.insert(name.into(), section);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("json.{name}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&Value::Object(root))? + "\n",
+    )?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! Compile-time benchmark on a synthetic cluster; prints one JSON object.
+//! `moat-bench policy`: the policy engine's compile cost on a synthetic cluster (pure, no
+//! kernel), written to the "policy" section of bench/results.json.
 //!
-//!   cargo run --release -p moat-policy --example compile_bench [pods policies namespaces samples]
+//!   moat-bench policy [--out FILE] [--pods N] [--policies N] [--namespaces N] [--samples N]
 //!
 //! Defaults: 10,000 pods, 1,000 NetworkPolicies, 500 namespaces, 200 samples per kind of
 //! incremental update. Incremental kinds:
@@ -10,13 +11,55 @@
 //!   NetworkPolicy added, then deleted.
 //!
 //! Pod samples are undone afterwards (the undo is timed as well); at the end the engine's
-//! state is checked against a from-scratch compile.
+//! state is checked against a from-scratch compile. Figures are the engine's alone; the
+//! end-to-end figures (engine + maps + durable registry) are the "churn" section's.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context, Result, bail};
 use moat_policy::bench::{Rng, apps_per_namespace, namespace_name, pod, policy, synthetic};
 use moat_policy::{Delta, Engine, NetworkPolicy, compile};
-use serde_json::json;
+use serde_json::{Value, json};
+
+const USAGE: &str = "usage: moat-bench policy [--out FILE] [--pods N] [--policies N] [--namespaces N] [--samples N]";
+
+pub fn main(args: &[String]) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat-bench policy: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let mut out = PathBuf::from("bench/results.json");
+    let (mut pods, mut policies, mut namespaces, mut samples) = (10_000, 1_000, 500, 200);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--out" => out = PathBuf::from(value),
+            "--pods" => pods = value.parse()?,
+            "--policies" => policies = value.parse()?,
+            "--namespaces" => namespaces = value.parse()?,
+            "--samples" => samples = value.parse()?,
+            _ => bail!("unknown flag {flag}\n{USAGE}"),
+        }
+    }
+    let section = measure(pods, policies, namespaces, samples.max(1));
+    println!("{}", serde_json::to_string_pretty(&section)?);
+    crate::util::write_section(&out, "policy", section)?;
+    println!("\nwritten: {} (section \"policy\")", out.display());
+    Ok(())
+}
 
 fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
     samples.sort();
@@ -43,14 +86,7 @@ fn size(d: &Delta) -> usize {
         + d.cidr_v6.deletes.len()
 }
 
-fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("numbers"))
-        .collect();
-    let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
-    let (pods, policies, namespaces, samples) =
-        (arg(0, 10_000), arg(1, 1_000), arg(2, 500), arg(3, 200));
+fn measure(pods: usize, policies: usize, namespaces: usize, samples: usize) -> Value {
     let seed = 42;
     let inputs = synthetic(pods, policies, namespaces, seed);
 
@@ -151,9 +187,14 @@ fn main() {
         "incremental result equals from scratch"
     );
 
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json!({
+    let p99_ms = |v: &Value| v["p99_us"].as_f64().map(|us| (us / 10.0).round() / 100.0);
+    let summary = json!({
+        "compile_from_scratch_ms": (scratch[1].as_secs_f64() * 1e4).round() / 10.0,
+        "pod_existing_identity_p99_ms": p99_ms(&existing["upsert"]),
+        "pod_new_identity_p99_ms": p99_ms(&new_identity["upsert"]),
+        "policy_update_p99_ms": p99_ms(&policy_change["update"]),
+    });
+    json!({
             "cluster": {
                 "pods": pods, "policies": policies, "namespaces": namespaces, "seed": seed,
                 "identities": state.identities.len(),
@@ -174,7 +215,6 @@ fn main() {
                 "policy_change": policy_change,
             },
             "incremental_equals_from_scratch": true,
-        }))
-        .expect("json")
-    );
+            "summary": summary,
+    })
 }

@@ -56,7 +56,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         secs: 60,
         samples: 300,
         new_samples: 150,
-        policy_samples: 30,
+        policy_samples: 200,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {

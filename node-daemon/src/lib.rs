@@ -2,7 +2,6 @@
 //! current as endpoints and policies change, and serves the local API that moat-cni and
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
-pub mod api;
 pub mod churn;
 pub mod daemon;
 pub mod desired;
@@ -14,3 +13,7 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod suggest;
+
+/// The local API lives in its own light crate (shared with moat-cni); `crate::api` keeps its
+/// old path for moatd's modules and tools.
+pub use moat_api as api;

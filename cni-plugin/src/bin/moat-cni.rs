@@ -7,8 +7,6 @@
 mod config;
 #[path = "moat-cni/delegate.rs"]
 mod delegate;
-#[path = "moat-cni/moatd.rs"]
-mod moatd;
 #[path = "moat-cni/netlink.rs"]
 mod netlink;
 #[path = "moat-cni/plugin.rs"]

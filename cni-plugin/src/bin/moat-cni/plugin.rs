@@ -6,6 +6,7 @@
 use std::{net::IpAddr, path::Path};
 
 use ipnetwork::IpNetwork;
+use moat_api::{self as api, ClientError, EndpointSpec, EndpointStatus, Request, Response};
 use moat_cni::protocol::{
     AttachmentRequest, CniError, ErrorCode, Interface, IpConfig, NetworkRequest, Plugin, Route,
     SuccessResult, args::CniArgs,
@@ -15,7 +16,6 @@ use moat_datapath::{PinDir, attach::attached_interfaces, attach_endpoint, detach
 use crate::{
     config::{MoatConfig, Mode},
     delegate::Delegate,
-    moatd::{self as api, ClientError, EndpointSpec, EndpointStatus, Request, Response},
     netlink::{self, GATEWAY_V4, GATEWAY_V6, LinkInfo, mac_string},
 };
 
@@ -143,7 +143,7 @@ impl<'a> Ctx<'a> {
 
     fn register(&self, spec: EndpointSpec) -> Result<(), CniError> {
         match self.call(&Request::Register { endpoint: spec }) {
-            Ok(Response::Registered {}) => Ok(()),
+            Ok(Response::Registered(_)) => Ok(()),
             Ok(other) => Err(CniError::new(
                 ErrorCode::Plugin(CODE_MOATD_REFUSED),
                 "unexpected answer from moatd to register",

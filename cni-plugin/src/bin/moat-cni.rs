@@ -11,6 +11,8 @@ mod delegate;
 mod netlink;
 #[path = "moat-cni/plugin.rs"]
 mod plugin;
+#[path = "moat-cni/test_hook.rs"]
+mod test_hook;
 
 use moat_cni::protocol::run_as_process;
 

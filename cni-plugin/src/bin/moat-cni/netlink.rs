@@ -35,6 +35,25 @@ pub struct LinkInfo {
     /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
     pub peer_index: Option<u32>,
     pub kind_veth: bool,
+    /// IFLA_IFALIAS: on the host veths Moat creates, the owning network and attachment
+    /// (see [`veth_alias`]).
+    pub alias: Option<String>,
+    /// IFF_UP.
+    pub up: bool,
+}
+
+/// The alias standalone ADD gives its host veth: "moat-cni <network> <containerID> <ifname>".
+/// GC uses it to tell this network's veths from another network's with the same prefix.
+pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("moat-cni {network} {container_id} {ifname}")
+}
+
+/// The network named by a host veth's alias, if it is a Moat alias.
+pub fn alias_network(alias: &str) -> Option<&str> {
+    let mut words = alias.split(' ');
+    (words.next() == Some("moat-cni"))
+        .then(|| words.next())
+        .flatten()
 }
 
 pub fn mac_string(mac: &[u8]) -> String {
@@ -85,6 +104,11 @@ fn link_info(message: LinkMessage) -> LinkInfo {
         mtu: None,
         peer_index: None,
         kind_veth: false,
+        alias: None,
+        up: message
+            .header
+            .flags
+            .contains(netlink_packet_route::link::LinkFlags::Up),
     };
     for attribute in message.attributes {
         match attribute {
@@ -92,6 +116,7 @@ fn link_info(message: LinkMessage) -> LinkInfo {
             LinkAttribute::Address(mac) => info.mac = Some(mac),
             LinkAttribute::Mtu(mtu) => info.mtu = Some(mtu),
             LinkAttribute::Link(peer) => info.peer_index = Some(peer),
+            LinkAttribute::IfAlias(alias) => info.alias = Some(alias),
             LinkAttribute::LinkInfo(infos) => {
                 info.kind_veth = infos.iter().any(|i| {
                     matches!(
@@ -160,6 +185,22 @@ pub fn host_peer_of(netns: &Path, ifname: &str) -> Result<LinkInfo> {
     Ok(host)
 }
 
+/// Host-namespace veths whose name starts with `prefix` (one netlink dump).
+pub fn host_veths_with_prefix(prefix: &str) -> Result<Vec<LinkInfo>> {
+    let prefix = prefix.to_string();
+    run_in(None, move |h| async move {
+        let mut out = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(message) = links.try_next().await? {
+            let link = link_info(message);
+            if link.kind_veth && link.name.starts_with(&prefix) {
+                out.push(link);
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// Deletes a host link by name; a missing link is fine.
 pub fn delete_host_link(name: &str) -> Result<()> {
     let name = name.to_string();
@@ -179,6 +220,8 @@ pub fn delete_host_link(name: &str) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct VethPlan {
     pub host_ifname: String,
+    /// Set on the host end (see [`veth_alias`]).
+    pub host_alias: String,
     pub container_ifname: String,
     pub mtu: u32,
     pub addresses: Vec<IpAddr>,
@@ -216,6 +259,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             .await
             .with_context(|| format!("creating veth {}", p.host_ifname))?;
         drop(ns_file);
+        crate::test_hook::abort_point("veth-pair-created");
         let host = link_by_name(&h, &p.host_ifname)
             .await?
             .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))?;
@@ -226,8 +270,15 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             format!("/proc/sys/net/ipv6/conf/{}/accept_dad", p.host_ifname),
             "0",
         );
+        // Up and alias in one message: the kernel ignores IFLA_IFALIAS on RTM_NEWLINK, and a
+        // veth of ours that is up always carries its owner (GC relies on it).
         h.link()
-            .set(LinkUnspec::new_with_index(host.index).up().build())
+            .set(
+                LinkUnspec::new_with_index(host.index)
+                    .up()
+                    .alias(p.host_alias.clone())
+                    .build(),
+            )
             .execute()
             .await
             .context("setting the host veth up")?;

@@ -17,6 +17,7 @@ use crate::{
     config::{MoatConfig, Mode},
     delegate::Delegate,
     netlink::{self, GATEWAY_V4, GATEWAY_V6, LinkInfo, mac_string},
+    test_hook::abort_point,
 };
 
 /// moatd answered but refused the request.
@@ -179,6 +180,7 @@ impl<'a> Ctx<'a> {
     /// Register, then attach; on failure undo both. Returns only when enforcement is live.
     fn enforce(&self, host: &LinkInfo, ips: Vec<IpAddr>) -> Result<(), CniError> {
         self.register(self.endpoint_spec(host, ips))?;
+        abort_point("registered");
         if let Err(e) = self.attach(&host.name) {
             self.unregister_best_effort();
             let _ = detach_endpoint(&self.pins, &host.name);
@@ -231,6 +233,24 @@ impl<'a> Ctx<'a> {
     fn add_standalone(&self) -> Result<SuccessResult, CniError> {
         let netns = self.netns()?;
         let ifname = self.request.ifname.clone();
+        let host_ifname = self
+            .config
+            .host_veth_name(&self.request.container_id, &ifname);
+        // A host veth under this attachment's deterministic name comes from an earlier ADD
+        // of the same attachment. With both programs attached (the last step) that ADD got
+        // through: this is a repeated ADD, refused below as "interface exists" (spec), and
+        // the runtime's DEL removes it. Without them it died midway (kill -9, node crash):
+        // remove the veth, its pod end with it, so this ADD starts clean. Its registration and
+        // address need nothing here: re-registering replaces it, and IPAM hands the same
+        // attachment the same addresses.
+        if Path::new("/sys/class/net").join(&host_ifname).exists()
+            && !moat_datapath::is_attached(&self.pins, &host_ifname)
+        {
+            let _ = detach_endpoint(&self.pins, &host_ifname);
+            netlink::delete_host_link(&host_ifname).map_err(|e| {
+                netlink_error("cannot remove the veth an interrupted ADD left behind", e)
+            })?;
+        }
         match netlink::container_link(netns, &ifname) {
             Ok(None) => {}
             Ok(Some(_)) => {
@@ -252,9 +272,7 @@ impl<'a> Ctx<'a> {
                 return Err(e);
             }
         };
-        let host_ifname = self
-            .config
-            .host_veth_name(&self.request.container_id, &ifname);
+        abort_point("ipam-allocated");
         let rollback = |error: CniError| -> CniError {
             self.unregister_best_effort();
             let _ = detach_endpoint(&self.pins, &host_ifname);
@@ -273,14 +291,21 @@ impl<'a> Ctx<'a> {
             .map_err(|e| rollback(netlink_error("cannot enable forwarding", e)))?;
         let plan = netlink::VethPlan {
             host_ifname: host_ifname.clone(),
+            host_alias: netlink::veth_alias(
+                &self.request.config.name,
+                &self.request.container_id,
+                &ifname,
+            ),
             container_ifname: ifname.clone(),
             mtu: self.config.mtu,
             addresses: addresses.clone(),
         };
         let veth = netlink::create_veth(netns, &plan)
             .map_err(|e| rollback(netlink_error("cannot create the pod veth", e)))?;
+        abort_point("veth-configured");
         self.enforce(&veth.host, addresses.clone())
             .map_err(rollback)?;
+        abort_point("attached");
 
         let mut result = SuccessResult::new(self.request.version);
         result.interfaces.push(Interface {
@@ -604,6 +629,19 @@ impl Plugin for MoatPlugin {
                             errors.push(netlink_error("deleting a stale host veth failed", e));
                         }
                     }
+                    if config.mode == Mode::Standalone {
+                        let live: Vec<String> = valid
+                            .iter()
+                            .map(|a| config.host_veth_name(&a.container_id, &a.ifname))
+                            .collect();
+                        sweep_orphan_veths(
+                            &config,
+                            &request.config.name,
+                            &live,
+                            &pins,
+                            &mut errors,
+                        );
+                    }
                     // Pins for interfaces that are gone and that no endpoint owns.
                     let owned: Vec<&str> = endpoints
                         .iter()
@@ -636,6 +674,40 @@ impl Plugin for MoatPlugin {
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+/// Standalone GC of host veths moatd does not know: an ADD killed between creating the veth
+/// and registering it leaves one. A veth is this network's when its alias names the network,
+/// or when it has no alias and is down: ADD sets the alias in the same message that sets the
+/// veth up, so a down veth without alias is an ADD that never got that far (GC never runs
+/// concurrently with ADD on the same runtime, spec). Veths of valid attachments stay.
+fn sweep_orphan_veths(
+    config: &MoatConfig,
+    network: &str,
+    live: &[String],
+    pins: &PinDir,
+    errors: &mut Vec<CniError>,
+) {
+    let veths = match netlink::host_veths_with_prefix(&config.host_veth_prefix) {
+        Ok(veths) => veths,
+        Err(e) => {
+            errors.push(netlink_error("listing host veths failed", e));
+            return;
+        }
+    };
+    for veth in veths {
+        let ours = match veth.alias.as_deref() {
+            Some(alias) if !alias.is_empty() => netlink::alias_network(alias) == Some(network),
+            _ => !veth.up,
+        };
+        if !ours || live.contains(&veth.name) {
+            continue;
+        }
+        let _ = detach_endpoint(pins, &veth.name);
+        if let Err(e) = netlink::delete_host_link(&veth.name) {
+            errors.push(netlink_error("deleting a stale host veth failed", e));
         }
     }
 }

@@ -3,8 +3,6 @@
 //! The protocol dispatcher (`moat_cni::protocol`) validates the invocation; `plugin` wires
 //! ADD/DEL/CHECK/STATUS/GC to moatd (registration), the datapath (TCX attach) and netlink.
 
-#[path = "moat-cni/config.rs"]
-mod config;
 #[path = "moat-cni/delegate.rs"]
 mod delegate;
 #[path = "moat-cni/netlink.rs"]

@@ -13,8 +13,9 @@ use moat_cni::protocol::{
 };
 use moat_datapath::{PinDir, attach::attached_interfaces, attach_endpoint, detach_endpoint};
 
+use moat_cni::config::{MoatConfig, Mode};
+
 use crate::{
-    config::{MoatConfig, Mode},
     delegate::Delegate,
     netlink::{self, GATEWAY_V4, GATEWAY_V6, LinkInfo, mac_string},
     test_hook::abort_point,

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use moat_cni::protocol::{CniError, NetworkConfig};
+use crate::protocol::{CniError, NetworkConfig};
 use serde::Deserialize;
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/moat";

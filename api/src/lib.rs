@@ -83,6 +83,48 @@ pub enum Request {
     Reload,
 }
 
+/// Requests moatd's server answers around the daemon's state rather than inside it; their
+/// `op` tags differ from every [`Request`]'s, so one line decodes as exactly one of the two.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostRequest {
+    /// Standalone DEL: forget the endpoint exactly like [`Request::Unregister`] (answered with
+    /// `Unregistered` once the maps no longer hold it, so the programs still on its veth drop
+    /// everything), then delete the host veth in the background. Deleting a veth that carries
+    /// TCX programs takes the kernel tens of milliseconds (an RCU grace period per hook, then
+    /// an RCU barrier before the device is freed), which DEL does not need to wait for: the
+    /// veth is isolated from the answer on. moatd deletes it by ifindex, and only while that
+    /// index still has the expected name, so a veth re-created under the same name by a
+    /// later ADD is never touched.
+    UnregisterAndDeleteLink {
+        container_id: String,
+        ifname: String,
+        host_ifname: String,
+        host_ifindex: u32,
+    },
+}
+
+impl HostRequest {
+    /// The daemon-state part of the request.
+    pub fn unregister(&self) -> Request {
+        match self {
+            HostRequest::UnregisterAndDeleteLink {
+                container_id,
+                ifname,
+                ..
+            } => Request::Unregister {
+                container_id: container_id.clone(),
+                ifname: ifname.clone(),
+            },
+        }
+    }
+}
+
+/// A client request of either kind, serialized the same way.
+pub trait ClientRequest: Serialize {}
+impl ClientRequest for Request {}
+impl ClientRequest for HostRequest {}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registered {
     pub identity: u32,
@@ -190,7 +232,11 @@ pub enum ClientError {
 }
 
 /// One request, one response, with a bounded wait.
-pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
+pub fn call(
+    socket: &Path,
+    request: &impl ClientRequest,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let unreachable = |source| ClientError::Unreachable {
         path: socket.to_path_buf(),
         source,
@@ -354,6 +400,32 @@ mod tests {
             serde_json::from_value::<EndpointSpec>(without_uid).unwrap(),
             spec
         );
+    }
+
+    #[test]
+    fn host_requests_never_decode_as_daemon_requests() {
+        let line = serde_json::to_string(&HostRequest::UnregisterAndDeleteLink {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            host_ifname: "moat0123456789a".into(),
+            host_ifindex: 9,
+        })
+        .unwrap();
+        assert!(
+            line.contains(r#""op":"unregister_and_delete_link""#),
+            "{line}"
+        );
+        assert!(serde_json::from_str::<Request>(&line).is_err());
+        let back: HostRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            back.unregister(),
+            Request::Unregister {
+                container_id: "c".into(),
+                ifname: "eth0".into()
+            }
+        );
+        let daemon_line = serde_json::to_string(&Request::Status).unwrap();
+        assert!(serde_json::from_str::<HostRequest>(&daemon_line).is_err());
     }
 
     #[test]

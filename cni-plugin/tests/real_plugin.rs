@@ -334,10 +334,15 @@ fn standalone_dual_stack_builds_routes_enforces_and_cleans_up() {
     for (netns, inv, result, host_if, v4, _) in &pods {
         list.del(&world, inv, Some(result), &json!({}))
             .expect("DEL");
-        assert!(!link_exists(host_if), "host veth deleted by DEL");
+        // At once: the veth passes nothing (down, or already gone), no route leads to it,
+        // no pins; moatd deletes the veth, and the pod's end with it, right after.
+        assert!(!link_up(host_if), "host veth down when DEL returns");
         assert!(!is_attached(&world.pins(), host_if));
         assert!(!sh("ip route").contains(&format!("{v4} ")));
-        assert!(!netns.exec("ip link").contains("eth0"));
+        wait_until("host veth deleted", || !link_exists(host_if));
+        wait_until("eth0 gone from the pod", || {
+            !netns.exec("ip link").contains("eth0")
+        });
         list.del(&world, inv, Some(result), &json!({}))
             .expect("repeated DEL");
         netns.delete();

@@ -82,6 +82,25 @@ pub fn detach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes both link pins without detaching first, for a device that is being deleted: the
+/// kernel detaches TCX programs when it unregisters the device, and an explicit detach would
+/// make the caller wait for an RCU grace period per hook. Idempotent.
+pub fn unpin_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
+    for (hook, _, _) in HOOKS {
+        let path = pins.link(ifname, hook);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("removing link pin {}", path.display()))
+                    .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Both link pins exist for this interface name.
 pub fn is_attached(pins: &PinDir, ifname: &str) -> bool {
     HOOKS

@@ -8,6 +8,7 @@ pub mod desired;
 pub mod flows;
 pub mod install;
 pub mod kube;
+pub mod links;
 pub mod local;
 pub mod metrics;
 pub mod server;

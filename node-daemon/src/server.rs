@@ -17,7 +17,7 @@ use anyhow::Context;
 use tracing::{debug, warn};
 
 use crate::{
-    api::{Request, Response},
+    api::{HostRequest, Request, Response},
     daemon::Daemon,
     local,
     metrics::{self, EventKind},
@@ -89,6 +89,12 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
         if line.trim().is_empty() {
             continue;
         }
+        if let Ok(host) = serde_json::from_str::<HostRequest>(&line) {
+            let mut out = serde_json::to_vec(&serve_host_request(daemon, host))?;
+            out.push(b'\n');
+            writer.write_all(&out)?;
+            continue;
+        }
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 // From the request's arrival (lock wait included) to the maps updated.
@@ -113,6 +119,31 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
         writer.write_all(&out)?;
     }
     Ok(())
+}
+
+/// A [`HostRequest`]: the daemon-state part goes through the daemon like any request; the
+/// rest happens here, after the maps are updated.
+fn serve_host_request(daemon: &Mutex<Daemon>, request: HostRequest) -> Response {
+    let started = Instant::now();
+    let response = daemon
+        .lock()
+        .expect("daemon lock")
+        .handle(request.unregister());
+    if matches!(response, Response::Error { .. }) {
+        return response;
+    }
+    metrics::global().observe_event(EventKind::Unregister, started.elapsed());
+    match request {
+        HostRequest::UnregisterAndDeleteLink {
+            host_ifname,
+            host_ifindex,
+            ..
+        } => crate::links::delete_later(crate::links::DoomedLink {
+            ifindex: host_ifindex,
+            name: host_ifname,
+        }),
+    }
+    response
 }
 
 pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {

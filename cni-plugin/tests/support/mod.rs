@@ -532,6 +532,14 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// IFF_UP set on the host link (false when it does not exist).
+pub fn link_up(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
+        .ok()
+        .and_then(|t| u32::from_str_radix(t.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|flags| flags & 1 != 0)
+}
+
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -588,6 +596,17 @@ pub fn ipam_state(world: &World, network: &str) -> Vec<(String, String)> {
 /// in the pod namespace but loopback, no IPAM allocation or temp file, no pinned link, no
 /// moatd endpoint, no endpoint or ipcache map entry.
 pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
+    // A standalone DEL leaves the host veth down for moatd to delete right after it answers;
+    // give that (and the pod end, which goes with it) a bounded moment.
+    for t in traces {
+        wait_until(&format!("{} deleted", t.host_if), || {
+            !link_exists(&t.host_if)
+                && sh(&format!("ip -n {} -o link show", t.netns))
+                    .lines()
+                    .count()
+                    <= 1
+        });
+    }
     let endpoints = world.endpoints();
     let attached = world.attached();
     let allocations = ipam_state(world, network);

@@ -6,12 +6,18 @@
 use std::{net::IpAddr, path::Path};
 
 use ipnetwork::IpNetwork;
-use moat_api::{self as api, ClientError, EndpointSpec, EndpointStatus, Request, Response};
+use moat_api::{
+    self as api, ClientError, EndpointSpec, EndpointStatus, HostRequest, Request, Response,
+};
 use moat_cni::protocol::{
     AttachmentRequest, CniError, ErrorCode, Interface, IpConfig, NetworkRequest, Plugin, Route,
     SuccessResult, args::CniArgs,
 };
-use moat_datapath::{PinDir, attach::attached_interfaces, attach_endpoint, detach_endpoint};
+use moat_datapath::{
+    PinDir,
+    attach::{attached_interfaces, unpin_endpoint},
+    attach_endpoint, detach_endpoint, rtnl,
+};
 
 use moat_cni::config::{MoatConfig, Mode};
 
@@ -358,22 +364,53 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Standalone DEL: the host veth goes first. Without it the pod has no connectivity at
-    /// all, so nothing is ever reachable without enforcement, and the kernel drops the TCX
-    /// programs with the device (moatd's detach of the now defunct links is then cheap, no
-    /// RCU grace period per link). Then moatd forgets the endpoint (or the DEL is queued when
-    /// moatd is down), leftover pins are removed, and the address goes back to IPAM last, so
-    /// it is never handed out while the old endpoint still exists anywhere.
+    /// Standalone DEL. The host veth is set down first: from then on the pod passes no
+    /// traffic at all (its end loses carrier, the host routes through the veth are flushed),
+    /// so nothing is reachable without enforcement whatever happens next. moatd then forgets
+    /// the endpoint and deletes the veth after answering: a veth with TCX programs takes the
+    /// kernel tens of milliseconds to delete (an RCU grace period per hook, then an RCU
+    /// barrier), which a DEL does not need to wait for once the veth is down. When moatd is
+    /// down (or too old for that request) the veth is deleted here and the unregister queued.
+    /// The link pins are unlinked, without an explicit detach, while the veth is down (the
+    /// kernel detaches with the device), and the address goes back to IPAM last, when no route
+    /// leads to the old veth any more.
     fn del_standalone(&self) -> Result<(), CniError> {
         let cid = self.request.container_id.clone();
         let ifname = self.request.ifname.clone();
         let host = self.config.host_veth_name(&cid, &ifname);
         let mut errors: Vec<CniError> = Vec::new();
-        if let Err(e) = netlink::delete_host_link(&host) {
-            errors.push(netlink_error("deleting the host veth failed", e));
+        let index = rtnl::ifindex_of(&host);
+        // Down is enough for what follows; if even that fails, delete it now (slow); if that
+        // fails too, stop here with everything still enforced, and let the runtime retry.
+        let deleted_now = match index {
+            Some(index) => match rtnl::set_link_down(index) {
+                Ok(()) => false,
+                Err(down) => rtnl::delete_link(index).map(|()| true).map_err(|e| {
+                    netlink_error(
+                        "neither setting the host veth down nor deleting it worked",
+                        anyhow::Error::from(e).context(format!("down: {down}")),
+                    )
+                })?,
+            },
+            None => false,
+        };
+        // Before moatd hears of the DEL: moatd detaches explicitly what is still pinned, and
+        // on a live device each detach waits for an RCU grace period.
+        if let Err(e) = unpin_endpoint(&self.pins, &host) {
+            errors.push(
+                CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    format!("removing the link pins of {host} failed"),
+                )
+                .with_details(format!("{e:#}")),
+            );
         }
-        self.unregister_or_queue(&cid, &ifname, &mut errors);
-        self.detach(&host, &mut errors);
+        match index {
+            Some(index) if !deleted_now => {
+                self.unregister_and_delete(&cid, &ifname, &host, index, &mut errors)
+            }
+            _ => self.unregister_or_queue(&cid, &ifname, &mut errors),
+        }
         if let Err(e) = self.delegate().run("DEL") {
             errors.push(e);
         }
@@ -381,6 +418,43 @@ impl<'a> Ctx<'a> {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// moatd forgets the endpoint and deletes the (down) veth in the background; if moatd
+    /// cannot take that request, the veth is deleted here first, then the unregister is sent
+    /// or queued.
+    fn unregister_and_delete(
+        &self,
+        cid: &str,
+        ifname: &str,
+        host: &str,
+        index: u32,
+        errors: &mut Vec<CniError>,
+    ) {
+        let request = HostRequest::UnregisterAndDeleteLink {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+            host_ifname: host.to_string(),
+            host_ifindex: index,
+        };
+        match api::call(&self.config.socket, &request, self.config.timeout) {
+            Ok(_) => return,
+            // Unreachable, or a moatd that does not know the request (it refuses with "bad
+            // request"): the old way.
+            Err(
+                ClientError::Unreachable { .. }
+                | ClientError::Io { .. }
+                | ClientError::Refused(_)
+                | ClientError::Protocol(_),
+            ) => {}
+        }
+        if let Err(e) = rtnl::delete_link(index) {
+            errors.push(netlink_error(
+                "deleting the host veth failed",
+                anyhow::Error::from(e),
+            ));
+        }
+        self.unregister_or_queue(cid, ifname, errors);
     }
 
     /// Chained DEL: the interface belongs to an earlier plugin (deleted after us, in reverse

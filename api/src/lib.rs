@@ -91,9 +91,10 @@ pub enum HostRequest {
     /// Standalone DEL: forget the endpoint exactly like [`Request::Unregister`] (answered with
     /// `Unregistered` once the maps no longer hold it, so the programs still on its veth drop
     /// everything), then delete the host veth in the background. Deleting a veth that carries
-    /// TCX programs takes the kernel tens of milliseconds (an RCU grace period per hook, then
-    /// an RCU barrier before the device is freed), which DEL does not need to wait for: the
-    /// veth is isolated from the answer on. moatd deletes it by ifindex, and only while that
+    /// TCX programs takes the kernel tens of milliseconds (an RCU grace period per hook under
+    /// RTNL, then an RCU barrier before the device is freed), which DEL does not need to wait
+    /// for: the veth is isolated from the answer on. moatd sets the link pins aside (they keep
+    /// the programs on until the device goes) and deletes the veth by ifindex, only while that
     /// index still has the expected name, so a veth re-created under the same name by a
     /// later ADD is never touched.
     UnregisterAndDeleteLink {

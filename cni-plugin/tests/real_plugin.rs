@@ -334,15 +334,22 @@ fn standalone_dual_stack_builds_routes_enforces_and_cleans_up() {
     for (netns, inv, result, host_if, v4, _) in &pods {
         list.del(&world, inv, Some(result), &json!({}))
             .expect("DEL");
-        // At once: the veth passes nothing (down, or already gone), no route leads to it,
-        // no pins; moatd deletes the veth, and the pod's end with it, right after.
-        assert!(!link_up(host_if), "host veth down when DEL returns");
+        // At once: moatd no longer knows the endpoint (its programs drop everything on the
+        // veth) and no live pins name the veth; moatd deletes the veth, and the pod's end and
+        // the host route with it, right after answering.
+        assert!(
+            world
+                .endpoints()
+                .iter()
+                .all(|(c, _, _)| *c != inv.container_id),
+            "endpoint forgotten when DEL returns"
+        );
         assert!(!is_attached(&world.pins(), host_if));
-        assert!(!sh("ip route").contains(&format!("{v4} ")));
         wait_until("host veth deleted", || !link_exists(host_if));
         wait_until("eth0 gone from the pod", || {
             !netns.exec("ip link").contains("eth0")
         });
+        assert!(!sh("ip route").contains(&format!("{v4} ")));
         list.del(&world, inv, Some(result), &json!({}))
             .expect("repeated DEL");
         netns.delete();

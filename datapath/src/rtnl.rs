@@ -20,6 +20,14 @@ pub fn ifindex_of(name: &str) -> Option<u32> {
         .ok()
 }
 
+/// IFF_UP of the link `name` in the caller's namespace (sysfs), None when there is none.
+pub fn link_is_up(name: &str) -> Option<bool> {
+    ifindex_of(name)?;
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).ok()?;
+    let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & libc::IFF_UP as u32 != 0)
+}
+
 /// Sets the link down: it passes no traffic from the answer on (its veth peer loses carrier,
 /// IPv4 routes through it are flushed), at the cost of one expedited RCU sync in the kernel,
 /// not the grace periods and barrier a deletion waits for. ENODEV counts as success.
@@ -154,15 +162,12 @@ mod tests {
         let up = Command::new("ip").args(["link", "set", &a, "up"]).status();
         assert!(up.unwrap().success());
         let index = ifindex_of(&a).unwrap();
-        let flags = |name: &str| {
-            let text = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap();
-            u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).unwrap()
-        };
-        assert_ne!(flags(&a) & libc::IFF_UP as u32, 0);
+        assert_eq!(link_is_up(&a), Some(true));
         set_link_down(index).unwrap();
-        assert_eq!(flags(&a) & libc::IFF_UP as u32, 0);
+        assert_eq!(link_is_up(&a), Some(false));
         delete_link(index).unwrap();
         assert!(ifindex_of(&a).is_none() && ifindex_of(&b).is_none());
+        assert_eq!(link_is_up(&a), None);
         // Gone: both are no-ops.
         delete_link(index).unwrap();
         set_link_down(index).unwrap();

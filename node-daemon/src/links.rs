@@ -8,15 +8,32 @@
 
 use std::sync::{OnceLock, mpsc};
 
-use moat_datapath::rtnl::{delete_link, ifindex_of};
+use moat_datapath::{
+    PinDir,
+    attach::{drop_set_aside_links, set_aside_links_list},
+    rtnl::{delete_link, ifindex_of},
+};
 
 use tracing::{debug, warn};
 
-/// A host veth to delete: by index, and only while that index still has this name.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A host veth to delete: by index, and only while that index still has this name. Its link
+/// pins were set aside (`attach::set_aside_links`) and go once the device is gone.
+#[derive(Clone, Debug)]
 pub struct DoomedLink {
     pub ifindex: u32,
     pub name: String,
+    pub pins: PinDir,
+}
+
+/// At start: finishes deletions a previous moatd had queued (their pins are still set aside).
+pub fn resume(pins: &PinDir) {
+    for (ifindex, name) in set_aside_links_list(pins) {
+        delete_later(DoomedLink {
+            ifindex,
+            name,
+            pins: pins.clone(),
+        });
+    }
 }
 
 static WORKER: OnceLock<mpsc::Sender<DoomedLink>> = OnceLock::new();
@@ -43,17 +60,21 @@ pub fn delete_later(link: DoomedLink) {
     }
 }
 
-/// Deletes the link if `ifindex` still names it; a link already gone is fine.
+/// Deletes the link if `ifindex` still names it (a link already gone is fine), then drops its
+/// set-aside pins. A failed deletion keeps the pins: the programs stay on, dropping
+/// everything, and a restarted moatd tries again.
 pub fn delete_now(link: &DoomedLink) {
-    if ifindex_of(&link.name) != Some(link.ifindex) {
-        debug!(name = %link.name, ifindex = link.ifindex, "link already gone or replaced");
-        return;
-    }
-    match delete_link(link.ifindex) {
-        Ok(()) => debug!(name = %link.name, ifindex = link.ifindex, "host veth deleted"),
-        Err(e) => {
-            warn!(name = %link.name, ifindex = link.ifindex, error = %e, "deleting a host veth failed")
+    if ifindex_of(&link.name) == Some(link.ifindex) {
+        match delete_link(link.ifindex) {
+            Ok(()) => debug!(name = %link.name, ifindex = link.ifindex, "host veth deleted"),
+            Err(e) => {
+                warn!(name = %link.name, ifindex = link.ifindex, error = %e, "deleting a host veth failed");
+                return;
+            }
         }
+    }
+    if let Err(e) = drop_set_aside_links(&link.pins, link.ifindex, &link.name) {
+        warn!(name = %link.name, error = %e, "removing set-aside link pins failed");
     }
 }
 
@@ -79,22 +100,37 @@ mod tests {
         let _ = Command::new("ip").args(["link", "del", &a]).status();
         ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
         let index = ifindex_of(&a).unwrap();
-        // Same index, other name: refused, the link stays.
+        let root = tempfile::tempdir().unwrap();
+        let pins = PinDir::new(root.path());
+        // Stand-ins for set-aside pins (plain files: only their removal is checked).
+        std::fs::create_dir_all(pins.doomed_links()).unwrap();
+        let marker = pins.doomed_link(index, &a, "from");
+        std::fs::write(&marker, b"").unwrap();
+        // Same index, other name: the link stays (and so do its pins).
         delete_now(&DoomedLink {
             ifindex: index,
             name: b.clone(),
+            pins: pins.clone(),
         });
         assert!(exists(&a));
+        assert!(marker.exists());
+        assert_eq!(set_aside_links_list(&pins), vec![(index, a.clone())]);
         delete_now(&DoomedLink {
             ifindex: index,
             name: a.clone(),
+            pins: pins.clone(),
         });
         assert!(!exists(&a) && !exists(&b), "both ends of the pair go");
+        assert!(
+            !marker.exists(),
+            "set-aside pins dropped once the device is gone"
+        );
         // Gone already: nothing to do, no error.
         assert!(delete_link(index).is_ok());
         delete_now(&DoomedLink {
             ifindex: index,
             name: a.clone(),
+            pins,
         });
     }
 }

@@ -596,8 +596,8 @@ pub fn ipam_state(world: &World, network: &str) -> Vec<(String, String)> {
 /// in the pod namespace but loopback, no IPAM allocation or temp file, no pinned link, no
 /// moatd endpoint, no endpoint or ipcache map entry.
 pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
-    // A standalone DEL leaves the host veth down for moatd to delete right after it answers;
-    // give that (and the pod end, which goes with it) a bounded moment.
+    // A standalone DEL leaves the host veth (isolated) for moatd to delete right after it
+    // answers; give that (and the pod end, which goes with it) a bounded moment.
     for t in traces {
         wait_until(&format!("{} deleted", t.host_if), || {
             !link_exists(&t.host_if)
@@ -605,6 +605,9 @@ pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
                     .lines()
                     .count()
                     <= 1
+                && moat_datapath::attach::set_aside_links_list(&world.pins())
+                    .iter()
+                    .all(|(index, _)| *index != t.host_ifindex || t.host_ifindex == 0)
         });
     }
     let endpoints = world.endpoints();
@@ -665,6 +668,13 @@ pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
             "{cid}: pinned links for {} left",
             t.host_if
         );
+        if t.host_ifindex != 0 {
+            let aside = moat_datapath::attach::set_aside_links_list(&world.pins());
+            assert!(
+                aside.iter().all(|(index, _)| *index != t.host_ifindex),
+                "{cid}: set-aside link pins left: {aside:?}"
+            );
+        }
         assert!(
             endpoints.iter().all(|(c, _, _)| c != cid),
             "{cid}: moatd still knows the endpoint: {endpoints:?}"

@@ -220,26 +220,19 @@ pub fn delete_host_link(name: &str) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct VethPlan {
     pub host_ifname: String,
-    /// Set on the host end (see [`veth_alias`]).
+    /// Set on the host end when it comes up (see [`veth_alias`]).
     pub host_alias: String,
     pub container_ifname: String,
     pub mtu: u32,
-    pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Clone, Debug)]
-pub struct VethResult {
-    pub host: LinkInfo,
-    pub container: LinkInfo,
-}
-
-/// Creates the pair with the container end directly inside `netns`, then addresses, routes
-/// and neighbours in the pod, and /32 + /128 routes on the host.
-pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
+/// Step 1 of standalone ADD: the pair, the container end created directly inside `netns`,
+/// both ends down (no traffic can pass before the programs are attached).
+pub fn create_pair(netns: &Path, plan: &VethPlan) -> Result<LinkInfo> {
     let ns_file =
         File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
     let p = plan.clone();
-    let host = run_in(None, move |h| async move {
+    run_in(None, move |h| async move {
         if link_by_name(&h, &p.host_ifname).await?.is_some() {
             bail!("host interface {} already exists", p.host_ifname);
         }
@@ -260,9 +253,6 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             .with_context(|| format!("creating veth {}", p.host_ifname))?;
         drop(ns_file);
         crate::test_hook::abort_point("veth-pair-created");
-        let host = link_by_name(&h, &p.host_ifname)
-            .await?
-            .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))?;
         // The host side's link-local address is what answers the pod's and the host's
         // neighbour discovery; without DAD it is usable the moment the link is up, so the
         // pod's first IPv6 packet does not wait a second or two for it.
@@ -270,32 +260,29 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             format!("/proc/sys/net/ipv6/conf/{}/accept_dad", p.host_ifname),
             "0",
         );
-        // Up and alias in one message: the kernel ignores IFLA_IFALIAS on RTM_NEWLINK, and a
-        // veth of ours that is up always carries its owner (GC relies on it).
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(host.index)
-                    .up()
-                    .alias(p.host_alias.clone())
-                    .build(),
-            )
-            .execute()
-            .await
-            .context("setting the host veth up")?;
-        Ok(host)
-    })?;
+        link_by_name(&h, &p.host_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))
+    })
+}
 
-    let host_mac = host
-        .mac
-        .clone()
-        .ok_or_else(|| anyhow!("host veth has no MAC"))?;
+/// Step 2: inside the pod, the addresses (/32, /128), the interface up, and the default
+/// routes through the link-local gateways, answered by `host_mac` (permanent neighbours).
+pub fn configure_pod(
+    netns: &Path,
+    plan: &VethPlan,
+    host_mac: &[u8],
+    addresses: &[IpAddr],
+) -> Result<LinkInfo> {
     let p = plan.clone();
-    let container = run_in(Some(netns), move |h| async move {
+    let host_mac = host_mac.to_vec();
+    let addresses = addresses.to_vec();
+    run_in(Some(netns), move |h| async move {
         let link = link_by_name(&h, &p.container_ifname)
             .await?
             .ok_or_else(|| anyhow!("{} not created in the pod", p.container_ifname))?;
         let index = link.index;
-        for address in &p.addresses {
+        for address in &addresses {
             let prefix = if address.is_ipv4() { 32 } else { 128 };
             let mut request = h.address().add(index, *address, prefix);
             if address.is_ipv6() {
@@ -314,7 +301,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             .execute()
             .await
             .context("setting the pod interface up")?;
-        if p.addresses.iter().any(IpAddr::is_ipv4) {
+        if addresses.iter().any(IpAddr::is_ipv4) {
             let gateway = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(GATEWAY_V4, 32)
                 .output_interface(index)
@@ -341,7 +328,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
                 .await
                 .context("adding the IPv4 default route")?;
         }
-        if p.addresses.iter().any(IpAddr::is_ipv6) {
+        if addresses.iter().any(IpAddr::is_ipv6) {
             h.neighbours()
                 .add(index, IpAddr::V6(GATEWAY_V6))
                 .link_layer_address(&host_mac)
@@ -361,12 +348,27 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
         link_by_name(&h, &p.container_ifname)
             .await?
             .ok_or_else(|| anyhow!("{} vanished", p.container_ifname))
-    })?;
+    })
+}
 
+/// Step 3, once the programs are attached: the host end up, with its alias (one message: the
+/// kernel ignores IFLA_IFALIAS on RTM_NEWLINK, and a veth of ours that is up always carries its
+/// owner, which GC relies on), then the /32 and /128 routes to the pod.
+pub fn activate_host(plan: &VethPlan, host_index: u32, addresses: &[IpAddr]) -> Result<()> {
     let p = plan.clone();
-    let host_index = host.index;
+    let addresses = addresses.to_vec();
     run_in(None, move |h| async move {
-        for address in &p.addresses {
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(host_index)
+                    .up()
+                    .alias(p.host_alias.clone())
+                    .build(),
+            )
+            .execute()
+            .await
+            .context("setting the host veth up")?;
+        for address in &addresses {
             let message = match address {
                 IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(*v4, 32)
@@ -386,8 +388,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
                 .with_context(|| format!("adding the host route to {address}"))?;
         }
         Ok(())
-    })?;
-    Ok(VethResult { host, container })
+    })
 }
 
 /// Addresses on `ifname` inside `netns`.

@@ -184,16 +184,39 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// Register, then attach; on failure undo both. Returns only when enforcement is live.
+    /// Attaches both programs to `host` on a scoped thread while `meanwhile` runs, and
+    /// returns once both are done. Each TCX attachment costs the kernel an RCU grace period
+    /// (under RTNL), the bulk of an ADD; IPAM and the registration with moatd need neither,
+    /// so they run in that time. The first error wins; undoing is the caller's.
+    fn attach_while<T>(
+        &self,
+        host: &str,
+        meanwhile: impl FnOnce() -> Result<T, CniError>,
+    ) -> Result<T, CniError> {
+        std::thread::scope(|scope| {
+            let attaching = scope.spawn(|| self.attach(host));
+            let done = meanwhile();
+            let attached = attaching.join().unwrap_or_else(|_| {
+                Err(CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    "the attaching thread panicked",
+                ))
+            });
+            let value = done?;
+            attached?;
+            Ok(value)
+        })
+    }
+
+    /// Chained: register and attach; on failure undo both. Returns only when enforcement is
+    /// live (programs attached, endpoint in the maps).
     fn enforce(&self, host: &LinkInfo, ips: Vec<IpAddr>) -> Result<(), CniError> {
-        self.register(self.endpoint_spec(host, ips))?;
-        abort_point("registered");
-        if let Err(e) = self.attach(&host.name) {
-            self.unregister_best_effort();
-            let _ = detach_endpoint(&self.pins, &host.name);
-            return Err(e);
-        }
-        Ok(())
+        let spec = self.endpoint_spec(host, ips);
+        self.attach_while(&host.name, || self.register(spec))
+            .inspect_err(|_| {
+                self.unregister_best_effort();
+                let _ = detach_endpoint(&self.pins, &host.name);
+            })
     }
 
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
@@ -244,15 +267,15 @@ impl<'a> Ctx<'a> {
             .config
             .host_veth_name(&self.request.container_id, &ifname);
         // A host veth under this attachment's deterministic name comes from an earlier ADD
-        // of the same attachment. With both programs attached (the last step) that ADD got
-        // through: this is a repeated ADD, refused below as "interface exists" (spec), and
-        // the runtime's DEL removes it. Without them it died midway (kill -9, node crash):
-        // remove the veth, its pod end with it, so this ADD starts clean. Its registration and
-        // address need nothing here: re-registering replaces it, and IPAM hands the same
-        // attachment the same addresses.
-        if Path::new("/sys/class/net").join(&host_ifname).exists()
-            && !moat_datapath::is_attached(&self.pins, &host_ifname)
-        {
+        // of the same attachment. Up with both programs attached (its last step), that ADD
+        // got through: this is a repeated ADD, refused below as "interface exists" (spec),
+        // and the runtime's DEL removes it. Otherwise it died midway (kill -9, node crash) or
+        // is a DEL's veth moatd has not deleted yet: remove it, its pod end with it, so this
+        // ADD starts clean. Registration and address need nothing here: re-registering
+        // replaces the record, and IPAM hands the same attachment the same addresses.
+        let complete = rtnl::link_is_up(&host_ifname) == Some(true)
+            && moat_datapath::is_attached(&self.pins, &host_ifname);
+        if rtnl::ifindex_of(&host_ifname).is_some() && !complete {
             let _ = detach_endpoint(&self.pins, &host_ifname);
             netlink::delete_host_link(&host_ifname).map_err(|e| {
                 netlink_error("cannot remove the veth an interrupted ADD left behind", e)
@@ -270,32 +293,11 @@ impl<'a> Ctx<'a> {
             Err(e) => return Err(netlink_error("cannot inspect the container namespace", e)),
         }
         self.require_moatd_ready()?;
+        netlink::ensure_forwarding().map_err(|e| netlink_error("cannot enable forwarding", e))?;
 
-        let delegate = self.delegate();
-        let ipam = match delegate.add() {
-            Ok(result) => result,
-            Err(e) => {
-                let _ = delegate.run("DEL");
-                return Err(e);
-            }
-        };
-        abort_point("ipam-allocated");
-        let rollback = |error: CniError| -> CniError {
-            self.unregister_best_effort();
-            let _ = detach_endpoint(&self.pins, &host_ifname);
-            let _ = netlink::delete_host_link(&host_ifname);
-            let _ = delegate.run("DEL");
-            error
-        };
-        let addresses: Vec<IpAddr> = ipam.ips.iter().map(|ip| ip.address.ip()).collect();
-        if addresses.is_empty() {
-            return Err(rollback(CniError::new(
-                ErrorCode::Plugin(CODE_NETLINK),
-                "the IPAM plugin returned no address",
-            )));
-        }
-        netlink::ensure_forwarding()
-            .map_err(|e| rollback(netlink_error("cannot enable forwarding", e)))?;
+        // The pair first, both ends down; then the programs go on while IPAM allocates and
+        // moatd registers; then the pod side is configured and the host end comes up. Nothing
+        // passes before the programs are attached and the endpoint is known.
         let plan = netlink::VethPlan {
             host_ifname: host_ifname.clone(),
             host_alias: netlink::veth_alias(
@@ -305,26 +307,57 @@ impl<'a> Ctx<'a> {
             ),
             container_ifname: ifname.clone(),
             mtu: self.config.mtu,
-            addresses: addresses.clone(),
         };
-        let veth = netlink::create_veth(netns, &plan)
-            .map_err(|e| rollback(netlink_error("cannot create the pod veth", e)))?;
-        abort_point("veth-configured");
-        self.enforce(&veth.host, addresses.clone())
+        let delegate = self.delegate();
+        let rollback = |error: CniError| -> CniError {
+            self.unregister_best_effort();
+            let _ = detach_endpoint(&self.pins, &host_ifname);
+            let _ = netlink::delete_host_link(&host_ifname);
+            let _ = delegate.run("DEL");
+            error
+        };
+        let host = netlink::create_pair(netns, &plan).map_err(|e| {
+            let _ = netlink::delete_host_link(&host_ifname);
+            netlink_error("cannot create the pod veth", e)
+        })?;
+        let host_mac = host
+            .mac
+            .clone()
+            .ok_or_else(|| rollback(netlink_error("no MAC", anyhow::anyhow!("host veth"))))?;
+        let (ipam, addresses) = self
+            .attach_while(&host.name, || {
+                let ipam = delegate.add()?;
+                abort_point("ipam-allocated");
+                let addresses: Vec<IpAddr> = ipam.ips.iter().map(|ip| ip.address.ip()).collect();
+                if addresses.is_empty() {
+                    return Err(CniError::new(
+                        ErrorCode::Plugin(CODE_NETLINK),
+                        "the IPAM plugin returned no address",
+                    ));
+                }
+                self.register(self.endpoint_spec(&host, addresses.clone()))?;
+                abort_point("registered");
+                Ok((ipam, addresses))
+            })
             .map_err(rollback)?;
         abort_point("attached");
+        let container = netlink::configure_pod(netns, &plan, &host_mac, &addresses)
+            .map_err(|e| rollback(netlink_error("cannot configure the pod interface", e)))?;
+        netlink::activate_host(&plan, host.index, &addresses)
+            .map_err(|e| rollback(netlink_error("cannot bring the host veth up", e)))?;
+        abort_point("veth-configured");
 
         let mut result = SuccessResult::new(self.request.version);
         result.interfaces.push(Interface {
-            name: veth.host.name.clone(),
-            mac: veth.host.mac.as_deref().map(mac_string),
-            mtu: veth.host.mtu,
+            name: host.name.clone(),
+            mac: Some(mac_string(&host_mac)),
+            mtu: host.mtu,
             ..Interface::default()
         });
         result.interfaces.push(Interface {
             name: ifname,
-            mac: veth.container.mac.as_deref().map(mac_string),
-            mtu: veth.container.mtu,
+            mac: container.mac.as_deref().map(mac_string),
+            mtu: container.mtu,
             sandbox: Some(self.netns_string()),
             ..Interface::default()
         });
@@ -364,52 +397,26 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Standalone DEL. The host veth is set down first: from then on the pod passes no
-    /// traffic at all (its end loses carrier, the host routes through the veth are flushed),
-    /// so nothing is reachable without enforcement whatever happens next. moatd then forgets
-    /// the endpoint and deletes the veth after answering: a veth with TCX programs takes the
-    /// kernel tens of milliseconds to delete (an RCU grace period per hook, then an RCU
-    /// barrier), which a DEL does not need to wait for once the veth is down. When moatd is
-    /// down (or too old for that request) the veth is deleted here and the unregister queued.
-    /// The link pins are unlinked, without an explicit detach, while the veth is down (the
-    /// kernel detaches with the device), and the address goes back to IPAM last, when no route
-    /// leads to the old veth any more.
+    /// Standalone DEL. moatd takes the veth over: it sets the link pins aside (the programs
+    /// stay on), forgets the endpoint (from then on the programs drop everything on the veth)
+    /// and answers; it deletes the veth in the background. A veth with TCX programs takes the
+    /// kernel tens of milliseconds to delete (an RCU grace period per hook under RTNL, then an
+    /// RCU barrier), which DEL does not wait for, and DEL itself needs no RTNL at all. When
+    /// moatd is down (or too old for the request) the veth is deleted here first, then the
+    /// unregister is queued. The address goes back to IPAM last: a new pod that gets it
+    /// replaces the host route to the old veth, whose programs drop everything meanwhile.
     fn del_standalone(&self) -> Result<(), CniError> {
         let cid = self.request.container_id.clone();
         let ifname = self.request.ifname.clone();
         let host = self.config.host_veth_name(&cid, &ifname);
         let mut errors: Vec<CniError> = Vec::new();
-        let index = rtnl::ifindex_of(&host);
-        // Down is enough for what follows; if even that fails, delete it now (slow); if that
-        // fails too, stop here with everything still enforced, and let the runtime retry.
-        let deleted_now = match index {
-            Some(index) => match rtnl::set_link_down(index) {
-                Ok(()) => false,
-                Err(down) => rtnl::delete_link(index).map(|()| true).map_err(|e| {
-                    netlink_error(
-                        "neither setting the host veth down nor deleting it worked",
-                        anyhow::Error::from(e).context(format!("down: {down}")),
-                    )
-                })?,
-            },
-            None => false,
-        };
-        // Before moatd hears of the DEL: moatd detaches explicitly what is still pinned, and
-        // on a live device each detach waits for an RCU grace period.
-        if let Err(e) = unpin_endpoint(&self.pins, &host) {
-            errors.push(
-                CniError::new(
-                    ErrorCode::Plugin(CODE_ATTACH),
-                    format!("removing the link pins of {host} failed"),
-                )
-                .with_details(format!("{e:#}")),
-            );
-        }
-        match index {
-            Some(index) if !deleted_now => {
-                self.unregister_and_delete(&cid, &ifname, &host, index, &mut errors)
+        match rtnl::ifindex_of(&host) {
+            Some(index) => self.hand_over_veth(&cid, &ifname, &host, index, &mut errors)?,
+            None => {
+                // No device: leftover pins hold defunct links, dropping them detaches nothing.
+                self.unpin(&host, &mut errors);
+                self.unregister_or_queue(&cid, &ifname, &mut errors);
             }
-            _ => self.unregister_or_queue(&cid, &ifname, &mut errors),
         }
         if let Err(e) = self.delegate().run("DEL") {
             errors.push(e);
@@ -420,17 +427,17 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// moatd forgets the endpoint and deletes the (down) veth in the background; if moatd
-    /// cannot take that request, the veth is deleted here first, then the unregister is sent
-    /// or queued.
-    fn unregister_and_delete(
+    /// moatd forgets the endpoint and deletes the veth; if moatd cannot take that request,
+    /// the veth is deleted here (if that fails, DEL stops with everything still enforced and
+    /// the runtime retries), its pins dropped, and the unregister sent or queued.
+    fn hand_over_veth(
         &self,
         cid: &str,
         ifname: &str,
         host: &str,
         index: u32,
         errors: &mut Vec<CniError>,
-    ) {
+    ) -> Result<(), CniError> {
         let request = HostRequest::UnregisterAndDeleteLink {
             container_id: cid.to_string(),
             ifname: ifname.to_string(),
@@ -438,7 +445,7 @@ impl<'a> Ctx<'a> {
             host_ifindex: index,
         };
         match api::call(&self.config.socket, &request, self.config.timeout) {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             // Unreachable, or a moatd that does not know the request (it refuses with "bad
             // request"): the old way.
             Err(
@@ -448,13 +455,23 @@ impl<'a> Ctx<'a> {
                 | ClientError::Protocol(_),
             ) => {}
         }
-        if let Err(e) = rtnl::delete_link(index) {
-            errors.push(netlink_error(
-                "deleting the host veth failed",
-                anyhow::Error::from(e),
-            ));
-        }
+        rtnl::delete_link(index)
+            .map_err(|e| netlink_error("deleting the host veth failed", anyhow::Error::from(e)))?;
+        self.unpin(host, errors);
         self.unregister_or_queue(cid, ifname, errors);
+        Ok(())
+    }
+
+    fn unpin(&self, host: &str, errors: &mut Vec<CniError>) {
+        if let Err(e) = unpin_endpoint(&self.pins, host) {
+            errors.push(
+                CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    format!("removing the link pins of {host} failed"),
+                )
+                .with_details(format!("{e:#}")),
+            );
+        }
     }
 
     /// Chained DEL: the interface belongs to an earlier plugin (deleted after us, in reverse

@@ -1,5 +1,6 @@
-//! Crash points for tests. Steps of a standalone ADD, in order: `ipam-allocated`,
-//! `veth-pair-created`, `veth-configured`, `registered`, `attached`.
+//! Crash points for tests. Steps of a standalone ADD, in order: `veth-pair-created`,
+//! `ipam-allocated` and `registered` (while the programs are being attached), `attached`,
+//! `veth-configured` (the last step before the result is printed).
 //! Built with the `test-hooks` feature (only the crate's own tests
 //! enable it, through a dev-dependency on itself), `MOAT_CNI_TEST_ABORT_AT=<step>` makes the
 //! process SIGKILL itself when it reaches the named step, so a test can stop an ADD at each

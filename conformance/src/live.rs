@@ -1,5 +1,6 @@
-//! The datapath run: real pods (network namespaces wired by `moat_datapath::lab`), a private
-//! moatd that owns the eBPF datapath and reads Namespace/Pod/NetworkPolicy objects from its own
+//! The datapath run: real pods (network namespaces wired by the real moat-cni binary in
+//! standalone mode, with moat-ipam, as a runtime would call it), a private moatd that owns
+//! the eBPF datapath and reads Namespace/Pod/NetworkPolicy objects from its own
 //! directory, real TCP/UDP echo listeners in every pod, optional per-pod ClusterIP Services
 //! (iptables DNAT, as kube-proxy installs them), and probes made with real sockets from inside
 //! the client pod. The model is built once; each case only rewrites objects and reloads.
@@ -22,10 +23,10 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use moat_common::{FlowEvent, reason, v4_from_raw};
 use moat_datapath::{
-    EventReader, PinDir, attach_endpoint, detach_endpoint,
+    EventReader, PinDir,
     lab::{Lab, LabPod, sh},
 };
-use moatd::api::{EndpointSpec, Request};
+use moatd::api::Request;
 use nix::sched::{CloneFlags, setns};
 use serde_json::json;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -361,6 +362,140 @@ fn fresh_lab() -> Result<Lab> {
     bail!("no free lab subnet 10.77.<n>.0/24 found")
 }
 
+/// One pod's attachment as the runtime describes it to the plugin.
+#[derive(Clone, Debug)]
+struct Attachment {
+    container_id: String,
+    netns: String,
+    args: String,
+}
+
+/// The real moat-cni (standalone, moat-ipam) as a runtime runs it: a CNI_PATH with both
+/// binaries (from next to moatd) and one network configuration.
+#[derive(Clone, Debug)]
+struct Cni {
+    bin_dir: PathBuf,
+    config: serde_json::Value,
+}
+
+impl Cni {
+    fn new(
+        workdir: &Path,
+        moatd: &Path,
+        socket: &Path,
+        pin_root: &Path,
+        lab_id: u32,
+    ) -> Result<Cni> {
+        let from = moatd.parent().context("moatd has no directory")?;
+        let bin_dir = workdir.join("cni-bin");
+        std::fs::create_dir_all(&bin_dir)?;
+        for plugin in ["moat-cni", "moat-ipam"] {
+            let binary = from.join(plugin);
+            anyhow::ensure!(
+                binary.is_file(),
+                "{} not found next to moatd (build it: cargo build --release --workspace --bins)",
+                binary.display()
+            );
+            let link = bin_dir.join(plugin);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&binary, &link)?;
+        }
+        let config = json!({
+            "cniVersion": "1.1.0",
+            "name": "moat-conformance",
+            "type": "moat-cni",
+            "mode": "standalone",
+            "socket": socket,
+            "pinRoot": pin_root,
+            "pendingDir": workdir.join("pending"),
+            "hostVethPrefix": "mcf",
+            "ipam": {
+                "type": "moat-ipam",
+                "dataDir": workdir.join("ipam"),
+                "ranges": [
+                    [{"subnet": format!("10.77.{lab_id}.0/24")}],
+                    [{"subnet": format!("fd77:{lab_id:x}::/64")}]
+                ]
+            }
+        });
+        Ok(Cni { bin_dir, config })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "network namespaces wired by moat-cni (standalone) with moat-ipam, run as a runtime does (ADD at setup, DEL at teardown); CNI_PATH {}; config {}",
+            self.bin_dir.display(),
+            self.config
+        )
+    }
+
+    /// Runs one command; the result on success, the plugin's error document otherwise.
+    fn run(&self, command: &str, attachment: &Attachment) -> Result<serde_json::Value> {
+        let mut child = Command::new(self.bin_dir.join("moat-cni"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &attachment.container_id)
+            .env("CNI_NETNS", &attachment.netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.bin_dir)
+            .env("CNI_ARGS", &attachment.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running moat-cni")?;
+        child
+            .stdin
+            .take()
+            .context("moat-cni stdin")?
+            .write_all(&serde_json::to_vec(&self.config)?)?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "moat-cni {command} failed ({}): {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if out.stdout.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// The pod as probes and evidence see it, from moat-cni's ADD result.
+fn lab_pod_from_result(key: &str, netns: &str, result: &serde_json::Value) -> Result<LabPod> {
+    let host_if = result["interfaces"]
+        .as_array()
+        .and_then(|list| list.iter().find(|i| i.get("sandbox").is_none()))
+        .and_then(|i| i["name"].as_str())
+        .context("no host interface in the result")?
+        .to_string();
+    let address = |v6: bool| -> Option<IpAddr> {
+        result["ips"].as_array()?.iter().find_map(|ip| {
+            let a: IpAddr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
+            (a.is_ipv6() == v6).then_some(a)
+        })
+    };
+    let (Some(IpAddr::V4(v4)), Some(IpAddr::V6(v6))) = (address(false), address(true)) else {
+        bail!("the result lacks an IPv4 or IPv6 address");
+    };
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?
+        .trim()
+        .parse()?;
+    Ok(LabPod {
+        name: key.replace('/', "-"),
+        netns: netns.to_string(),
+        host_if,
+        ifindex,
+        v4,
+        v6,
+    })
+}
+
 impl Node {
     pub fn setup(file: &CaseFile, opts: LiveOptions) -> Result<Self> {
         anyhow::ensure!(
@@ -393,44 +528,31 @@ impl Node {
         let pins = PinDir::new(&pin_root);
         let socket = workdir.join("moatd.sock");
 
-        // Pods.
-        let mut lab = fresh_lab()?;
+        // Pods: a network namespace each (the runtime's part); moat-cni wires them once moatd
+        // runs. The lab only reserves a free 10.77.<id>.0/24 and a name tag.
+        let lab = fresh_lab()?;
         let lab_id = lab.id;
-        let mut pods = BTreeMap::new();
-        for (index, key) in file.model.pod_order.iter().enumerate() {
-            let lab_name = key.replace('/', "-");
-            let lab_pod = lab
-                .add_pod(&lab_name)
-                .with_context(|| format!("creating pod {key}"))?;
+        let mut namespaces = Vec::new();
+        for key in &file.model.pod_order {
+            let netns = format!("{}-{}", lab.tag, key.replace('/', "-"));
+            sh(&format!(
+                "ip netns del {netns} 2>/dev/null; ip netns add {netns} && ip -n {netns} link set lo up"
+            ))
+            .with_context(|| format!("creating the namespace of pod {key}"))?;
             {
-                let (netns, host_if) = (lab_pod.netns.clone(), lab_pod.host_if.clone());
-                cleanup::register(format!("pod {key}"), move || {
+                let netns = netns.clone();
+                cleanup::register(format!("netns {key}"), move || {
                     let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-                    let _ = Command::new("ip").args(["link", "del", &host_if]).output();
                 });
             }
-            let netns = Arc::new(File::open(format!("/run/netns/{}", lab_pod.netns))?);
-            let cluster_ip = Ipv4Addr::new(10, 100, lab_id as u8, index as u8 + 1);
-            pods.insert(
-                key.clone(),
-                LivePod {
-                    key: key.clone(),
-                    lab: lab_pod,
-                    netns,
-                    cluster_ip,
-                    next_port: AtomicU32::new((pid.wrapping_mul(7919)) % SRC_PORT_SPAN),
-                },
-            );
+            namespaces.push((key.clone(), netns));
         }
-        setup.insert(
-            "pods".into(),
-            "moat_datapath::lab::Lab (veth + netns, standalone-CNI wiring); moat-cni not used"
-                .into(),
-        );
+        let cni = Cni::new(&workdir, &opts.moatd, &socket, &pin_root, lab_id)?;
+        setup.insert("pods".into(), cni.describe());
         setup.insert("lab_subnet".into(), lab.v4_subnet());
 
         let mut node = Node {
-            pods,
+            pods: BTreeMap::new(),
             lab: Some(lab),
             workdir,
             socket,
@@ -450,7 +572,7 @@ impl Node {
         let first_case = None::<&Case>;
         node.write_model_objects(file, first_case)?;
         node.start_moatd(&pin_root)?;
-        node.register_pods()?;
+        node.add_pods(&cni, namespaces, lab_id)?;
 
         // Listeners.
         for pod in node.pods.values() {
@@ -569,36 +691,45 @@ impl Node {
         }
     }
 
-    fn register_pods(&mut self) -> Result<()> {
+    /// CNI ADD for every pod through moat-cni (which registers the endpoint with moatd and
+    /// attaches the programs before it answers); DEL registered for teardown. Then every
+    /// endpoint must be known with an identity.
+    fn add_pods(
+        &mut self,
+        cni: &Cni,
+        namespaces: Vec<(String, String)>,
+        lab_id: u32,
+    ) -> Result<()> {
         let pid = std::process::id();
-        for pod in self.pods.values() {
-            let (ns, name) = pod.key.split_once('/').context("pod key ns/name")?;
-            let spec = EndpointSpec {
+        for (index, (key, netns)) in namespaces.into_iter().enumerate() {
+            let (ns, name) = key.split_once('/').context("pod key ns/name")?;
+            let attachment = Attachment {
                 container_id: format!("conformance-{pid}-{ns}-{name}"),
-                ifname: "eth0".into(),
-                netns: format!("/run/netns/{}", pod.lab.netns),
-                host_ifname: pod.lab.host_if.clone(),
-                host_ifindex: pod.lab.ifindex,
-                ips: pod.lab.addrs().to_vec(),
-                pod_namespace: ns.into(),
-                pod_name: name.into(),
-                pod_uid: None,
+                netns: format!("/run/netns/{netns}"),
+                args: format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
             };
-            let answer = call(
-                &self.socket,
-                &Request::Register { endpoint: spec },
-                Duration::from_secs(30),
-            )
-            .with_context(|| format!("registering {}", pod.key))?;
-            if answer["result"] != "registered" {
-                bail!("registering {}: {answer}", pod.key);
+            let result = cni
+                .run("ADD", &attachment)
+                .with_context(|| format!("CNI ADD of pod {key}"))?;
+            {
+                let (cni, attachment) = (cni.clone(), attachment.clone());
+                cleanup::register(format!("CNI DEL {key}"), move || {
+                    let _ = cni.run("DEL", &attachment);
+                });
             }
-            attach_endpoint(&self.pins, &pod.lab.host_if)
-                .map_err(|e| anyhow!("attaching {}: {e}", pod.lab.host_if))?;
-            let (pins, host_if) = (self.pins.clone(), pod.lab.host_if.clone());
-            cleanup::register(format!("detach {host_if}"), move || {
-                let _ = detach_endpoint(&pins, &host_if);
-            });
+            let lab = lab_pod_from_result(&key, &netns, &result)
+                .with_context(|| format!("pod {key}: CNI result {result}"))?;
+            let netns_file = Arc::new(File::open(format!("/run/netns/{netns}"))?);
+            self.pods.insert(
+                key.clone(),
+                LivePod {
+                    key: key.clone(),
+                    lab,
+                    netns: netns_file,
+                    cluster_ip: Ipv4Addr::new(10, 100, lab_id as u8, index as u8 + 1),
+                    next_port: AtomicU32::new((pid.wrapping_mul(7919)) % SRC_PORT_SPAN),
+                },
+            );
         }
         // Every endpoint known with an identity.
         let answer = call(
@@ -612,7 +743,7 @@ impl Node {
                 && endpoints
                     .iter()
                     .all(|e| e["identity"].as_u64().unwrap_or(0) != 0),
-            "moatd endpoints after registration: {answer}"
+            "moatd endpoints after CNI ADD: {answer}"
         );
         Ok(())
     }

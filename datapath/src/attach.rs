@@ -82,6 +82,81 @@ pub fn detach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes both link pins without detaching first, for a device that is being deleted: the
+/// kernel detaches TCX programs when it unregisters the device, and an explicit detach would
+/// make the caller wait for an RCU grace period per hook. Idempotent.
+pub fn unpin_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
+    for (hook, _, _) in HOOKS {
+        let path = pins.link(ifname, hook);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("removing link pin {}", path.display()))
+                    .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves both link pins of `ifname` aside, keyed by the device's `ifindex`, for a veth about
+/// to be deleted: the programs stay attached (the pins keep the links alive) until the kernel
+/// detaches them with the device, while the interface name is free of pins at once, so
+/// nothing detaches them explicitly (a detach on a live device waits for an RCU grace
+/// period). A missing pin is fine.
+pub fn set_aside_links(pins: &PinDir, ifname: &str, ifindex: u32) -> Result<()> {
+    fs::create_dir_all(pins.doomed_links()).context("creating the doomed link directory")?;
+    for (hook, _, _) in HOOKS {
+        match fs::rename(
+            pins.link(ifname, hook),
+            pins.doomed_link(ifindex, ifname, hook),
+        ) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("setting aside the link pins of {ifname}"))
+                    .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the set-aside pins of device `ifindex` (once it is gone). Idempotent.
+pub fn drop_set_aside_links(pins: &PinDir, ifindex: u32, ifname: &str) -> Result<()> {
+    for (hook, _, _) in HOOKS {
+        match fs::remove_file(pins.doomed_link(ifindex, ifname, hook)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("removing set-aside link pins of #{ifindex}"))
+                    .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Devices (ifindex, interface name) with set-aside link pins.
+pub fn set_aside_links_list(pins: &PinDir) -> Vec<(u32, String)> {
+    let mut out = std::collections::BTreeSet::new();
+    if let Ok(entries) = fs::read_dir(pins.doomed_links()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let mut parts = name.to_str().unwrap_or_default().splitn(3, '-');
+            let (_, index, ifname) = (parts.next(), parts.next(), parts.next());
+            if let (Some(index), Some(ifname)) = (index.and_then(|i| i.parse().ok()), ifname) {
+                out.insert((index, ifname.to_string()));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// Both link pins exist for this interface name.
 pub fn is_attached(pins: &PinDir, ifname: &str) -> bool {
     HOOKS

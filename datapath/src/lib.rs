@@ -11,6 +11,7 @@ pub mod loader;
 pub mod maps;
 pub mod packet;
 pub mod pins;
+pub mod rtnl;
 pub mod testrun;
 
 pub use attach::{attach_endpoint, detach_endpoint, is_attached};

@@ -56,6 +56,19 @@ impl PinDir {
         self.links().join(format!("{hook}-{ifname}"))
     }
 
+    /// Link pins of veths being deleted, set aside by ifindex (see `attach::set_aside_links`);
+    /// outside `links()`, so nothing that walks the live attachments sees them.
+    pub fn doomed_links(&self) -> PathBuf {
+        self.base.join("doomed-links")
+    }
+
+    /// `<hook>-<ifindex>-<ifname>`: the index says which device, the name lets a restarted
+    /// moatd check that the index still is that device.
+    pub fn doomed_link(&self, ifindex: u32, ifname: &str, hook: &str) -> PathBuf {
+        self.doomed_links()
+            .join(format!("{hook}-{ifindex}-{ifname}"))
+    }
+
     /// Splits a link pin file name back into (hook, interface name).
     pub fn parse_link_name(file_name: &str) -> Option<(&str, &str)> {
         file_name.split_once('-')

@@ -62,7 +62,7 @@ pub fn release(
     }
     let mut pool = LockedPool::open(&dir)?;
     if pool.state.release(container_id, ifname) > 0 {
-        pool.commit()?;
+        pool.commit_release()?;
     }
     Ok(())
 }

@@ -9,33 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
-
-/// One explained verdict.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowRecord {
-    /// Unix time in milliseconds.
-    pub time_ms: u64,
-    pub verdict: String,
-    pub reason: String,
-    pub direction: String,
-    pub mode: String,
-    pub protocol: String,
-    pub source: String,
-    pub destination: String,
-    pub source_port: u16,
-    pub destination_port: u16,
-    /// The endpoint whose perimeter decided (namespace/name), when known.
-    pub endpoint: Option<String>,
-    /// The peer (namespace/name, a reserved identity name, or "world").
-    pub peer: Option<String>,
-    pub local_identity: u32,
-    pub remote_identity: u32,
-    pub rule_id: u32,
-    /// "namespace/policy direction[index]", "default deny (selected by: ...)", or a reason.
-    pub rule: String,
-    pub bytes: u32,
-}
+pub use moat_api::FlowRecord;
 
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
@@ -150,45 +124,7 @@ impl Journal {
     }
 }
 
-/// Which records a reader wants.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowFilter {
-    /// "dropped" | "allowed" | "audit"
-    pub verdict: Option<String>,
-    /// namespace/name: matches either side.
-    pub pod: Option<String>,
-    /// Only records newer than this many seconds.
-    pub since_secs: Option<u64>,
-    /// At most this many (the newest).
-    pub limit: Option<usize>,
-}
-
-impl FlowFilter {
-    pub fn matches(&self, r: &FlowRecord, now: u64) -> bool {
-        if let Some(v) = &self.verdict {
-            let want = match v.as_str() {
-                "dropped" | "drop" => "dropped",
-                "allowed" | "allow" => "allowed",
-                other => other,
-            };
-            if r.verdict != want {
-                return false;
-            }
-        }
-        if let Some(pod) = &self.pod
-            && r.endpoint.as_deref() != Some(pod)
-            && r.peer.as_deref() != Some(pod)
-        {
-            return false;
-        }
-        if let Some(secs) = self.since_secs
-            && r.time_ms + secs * 1000 < now
-        {
-            return false;
-        }
-        true
-    }
-}
+pub use moat_api::FlowFilter;
 
 /// Reads the journal oldest first, applying the filter and the age limit.
 pub fn read(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<FlowRecord> {

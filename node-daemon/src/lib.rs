@@ -2,16 +2,20 @@
 //! current as endpoints and policies change, and serves the local API that moat-cni and
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
-pub mod api;
 pub mod churn;
 pub mod daemon;
 pub mod desired;
 pub mod flows;
 pub mod install;
 pub mod kube;
+pub mod links;
 pub mod local;
 pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod store;
 pub mod suggest;
+
+/// The local API lives in its own light crate (shared with moat-cni); `crate::api` keeps its
+/// old path for moatd's modules and tools.
+pub use moat_api as api;

@@ -18,7 +18,7 @@ use anyhow::Context;
 use tracing::{debug, warn};
 
 use crate::{
-    api::{Request, Response},
+    api::{HostRequest, Request, Response},
     daemon::Daemon,
     local,
     metrics::{self, EventKind},
@@ -90,6 +90,12 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
         if line.trim().is_empty() {
             continue;
         }
+        if let Ok(host) = serde_json::from_str::<HostRequest>(&line) {
+            let mut out = serde_json::to_vec(&serve_host_request(daemon, host))?;
+            out.push(b'\n');
+            writer.write_all(&out)?;
+            continue;
+        }
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 // From the request's arrival (lock wait included) to the maps updated.
@@ -116,7 +122,46 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
     Ok(())
 }
 
+/// A [`HostRequest`]: the veth's link pins are set aside first (the programs stay on until
+/// the kernel removes them with the device, and the daemon's unregister finds nothing to
+/// detach, which on a live device would wait for an RCU grace period per hook); then the
+/// daemon forgets the endpoint like any unregister, so the programs drop everything on the
+/// veth; the answer goes out and the veth is deleted in the background.
+fn serve_host_request(daemon: &Mutex<Daemon>, request: HostRequest) -> Response {
+    let started = Instant::now();
+    let HostRequest::UnregisterAndDeleteLink {
+        host_ifname,
+        host_ifindex,
+        ..
+    } = &request;
+    let mut guard = daemon.lock().expect("daemon lock");
+    let pins = guard.pins().clone();
+    // Only the pins of that very device: a veth re-created under the name keeps its own.
+    let ours = moat_datapath::rtnl::ifindex_of(host_ifname) == Some(*host_ifindex);
+    if ours
+        && let Err(e) = moat_datapath::attach::set_aside_links(&pins, host_ifname, *host_ifindex)
+    {
+        warn!(ifname = %host_ifname, error = %e, "setting link pins aside failed");
+    }
+    let response = guard.handle(request.unregister());
+    drop(guard);
+    if matches!(response, Response::Error { .. }) {
+        return response;
+    }
+    metrics::global().observe_event(EventKind::Unregister, started.elapsed());
+    if ours {
+        crate::links::delete_later(crate::links::DoomedLink {
+            ifindex: *host_ifindex,
+            name: host_ifname.clone(),
+            pins,
+        });
+    }
+    response
+}
+
 pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
+    let pins = daemon.lock().expect("daemon lock").pins().clone();
+    crate::links::resume(&pins);
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {

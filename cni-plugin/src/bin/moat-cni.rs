@@ -3,16 +3,14 @@
 //! The protocol dispatcher (`moat_cni::protocol`) validates the invocation; `plugin` wires
 //! ADD/DEL/CHECK/STATUS/GC to moatd (registration), the datapath (TCX attach) and netlink.
 
-#[path = "moat-cni/config.rs"]
-mod config;
 #[path = "moat-cni/delegate.rs"]
 mod delegate;
-#[path = "moat-cni/moatd.rs"]
-mod moatd;
 #[path = "moat-cni/netlink.rs"]
 mod netlink;
 #[path = "moat-cni/plugin.rs"]
 mod plugin;
+#[path = "moat-cni/test_hook.rs"]
+mod test_hook;
 
 use moat_cni::protocol::run_as_process;
 

@@ -261,6 +261,8 @@ pub struct Invocation {
     pub netns: Option<PathBuf>,
     pub ifname: String,
     pub args: String,
+    /// Extra environment for the plugins (test hooks).
+    pub env: Vec<(String, String)>,
 }
 
 impl Invocation {
@@ -272,6 +274,7 @@ impl Invocation {
             args: format!(
                 "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_UID=uid-{pod_name}"
             ),
+            env: Vec::new(),
         }
     }
 }
@@ -283,6 +286,17 @@ pub fn exec_plugin(
     inv: Option<&Invocation>,
     config: &Value,
 ) -> Outcome {
+    exec_plugin_status(cni_path, plugin_type, command, inv, config).0
+}
+
+/// Like [`exec_plugin`], also returning how the process ended.
+pub fn exec_plugin_status(
+    cni_path: &Path,
+    plugin_type: &str,
+    command: &str,
+    inv: Option<&Invocation>,
+    config: &Value,
+) -> (Outcome, std::process::ExitStatus) {
     let mut cmd = Command::new(cni_path.join(plugin_type));
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -291,7 +305,8 @@ pub fn exec_plugin(
     if let Some(inv) = inv {
         cmd.env("CNI_CONTAINERID", &inv.container_id)
             .env("CNI_IFNAME", &inv.ifname)
-            .env("CNI_ARGS", &inv.args);
+            .env("CNI_ARGS", &inv.args)
+            .envs(inv.env.iter().map(|(k, v)| (k, v)));
         if let Some(netns) = &inv.netns {
             cmd.env("CNI_NETNS", netns);
         }
@@ -320,11 +335,12 @@ pub fn exec_plugin(
             )
         })
     };
-    if output.status.success() {
+    let outcome = if output.status.success() {
         Ok(parsed)
     } else {
         Err(parsed)
-    }
+    };
+    (outcome, output.status)
 }
 
 /// A network configuration list, run the way libcni runs one.
@@ -343,7 +359,7 @@ impl Conflist {
         }
     }
 
-    fn plugin_config(&self, plugin: &Value, prev: Option<&Value>, extra: &Value) -> Value {
+    pub fn plugin_config(&self, plugin: &Value, prev: Option<&Value>, extra: &Value) -> Value {
         let mut config = plugin.clone();
         config["name"] = json!(self.name);
         config["cniVersion"] = json!(self.version);
@@ -516,6 +532,14 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// IFF_UP set on the host link (false when it does not exist).
+pub fn link_up(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
+        .ok()
+        .and_then(|t| u32::from_str_radix(t.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|flags| flags & 1 != 0)
+}
+
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -525,4 +549,168 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out waiting until {what}");
+}
+
+/// What one attachment may leave behind anywhere, as a test knows it.
+pub struct Trace {
+    pub container_id: String,
+    pub netns: String,
+    pub host_if: String,
+    /// The host veth's ifindex while it existed (0 if it never did).
+    pub host_ifindex: u32,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Host veth ifindex, 0 when absent.
+pub fn ifindex_of(name: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Allocations (address, container id) in moat-ipam's state for `network`.
+pub fn ipam_state(world: &World, network: &str) -> Vec<(String, String)> {
+    let path = world.ipam_dir().join(network).join("state.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let state: Value = serde_json::from_str(&text).unwrap();
+            state["allocations"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|a| {
+                            (
+                                a["address"].as_str().unwrap().to_string(),
+                                a["containerID"].as_str().unwrap().to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Asserts that nothing of these attachments is left: no host veth, no interface or address
+/// in the pod namespace but loopback, no IPAM allocation or temp file, no pinned link, no
+/// moatd endpoint, no endpoint or ipcache map entry.
+pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
+    // A standalone DEL leaves the host veth (isolated) for moatd to delete right after it
+    // answers; give that (and the pod end, which goes with it) a bounded moment.
+    for t in traces {
+        wait_until(&format!("{} deleted", t.host_if), || {
+            !link_exists(&t.host_if)
+                && sh(&format!("ip -n {} -o link show", t.netns))
+                    .lines()
+                    .count()
+                    <= 1
+                && moat_datapath::attach::set_aside_links_list(&world.pins())
+                    .iter()
+                    .all(|(index, _)| *index != t.host_ifindex || t.host_ifindex == 0)
+        });
+    }
+    let endpoints = world.endpoints();
+    let attached = world.attached();
+    let allocations = ipam_state(world, network);
+    let maps = moat_datapath::Maps::open(&world.pins()).expect("moatd's pinned maps");
+    let endpoint_keys: Vec<u32> = maps.endpoints.keys().filter_map(Result::ok).collect();
+    let ipcache: Vec<(IpAddr, u32, u32)> = maps
+        .ipcache_v4
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (IpAddr::from(k.data().addr), k.prefix_len(), v.ifindex))
+        .chain(
+            maps.ipcache_v6
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (IpAddr::from(k.data().addr), k.prefix_len(), v.ifindex)),
+        )
+        .collect();
+    for t in traces {
+        let cid = &t.container_id;
+        assert!(
+            !link_exists(&t.host_if),
+            "{cid}: host veth {} left",
+            t.host_if
+        );
+        let pod_links = sh(&format!("ip -n {} -o link show", t.netns));
+        assert_eq!(
+            pod_links.lines().count(),
+            1,
+            "{cid}: only lo may be left in {}: {pod_links}",
+            t.netns
+        );
+        let pod_addrs = sh(&format!("ip -n {} -o addr show", t.netns));
+        assert!(
+            pod_addrs.lines().all(|l| l.contains(" lo ")),
+            "{cid}: addresses left in {}: {pod_addrs}",
+            t.netns
+        );
+        assert!(
+            allocations.iter().all(|(_, owner)| owner != cid),
+            "{cid}: IPAM allocation left: {allocations:?}"
+        );
+        for ip in &t.ips {
+            assert!(
+                allocations.iter().all(|(a, _)| a != &ip.to_string()),
+                "{cid}: {ip} still allocated"
+            );
+            assert!(
+                ipcache
+                    .iter()
+                    .all(|(addr, len, _)| !(addr == ip && (*len == 32 || *len == 128))),
+                "{cid}: ipcache entry for {ip} left"
+            );
+        }
+        assert!(
+            !attached.contains(&t.host_if),
+            "{cid}: pinned links for {} left",
+            t.host_if
+        );
+        if t.host_ifindex != 0 {
+            let aside = moat_datapath::attach::set_aside_links_list(&world.pins());
+            assert!(
+                aside.iter().all(|(index, _)| *index != t.host_ifindex),
+                "{cid}: set-aside link pins left: {aside:?}"
+            );
+        }
+        assert!(
+            endpoints.iter().all(|(c, _, _)| c != cid),
+            "{cid}: moatd still knows the endpoint: {endpoints:?}"
+        );
+        if t.host_ifindex != 0 {
+            assert!(
+                !endpoint_keys.contains(&t.host_ifindex),
+                "{cid}: endpoint map entry for ifindex {} left",
+                t.host_ifindex
+            );
+            assert!(
+                ipcache
+                    .iter()
+                    .all(|(_, _, ifindex)| *ifindex != t.host_ifindex),
+                "{cid}: ipcache entry pointing at ifindex {} left",
+                t.host_ifindex
+            );
+        }
+    }
+    let network_dir = world.ipam_dir().join(network);
+    if let Ok(entries) = std::fs::read_dir(&network_dir) {
+        let names: Vec<String> = entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "state.json" && n != "lock")
+            .collect();
+        assert!(names.is_empty(), "stray IPAM files: {names:?}");
+    }
+}
+
+/// The host veth name standalone ADD derives, computed independently of the plugin:
+/// prefix + leading hex digits of FNV-1a 64 of "containerID/ifname", 15 bytes in all.
+pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("{container_id}/{ifname}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{prefix}{}", &format!("{hash:016x}")[..15 - prefix.len()])
 }

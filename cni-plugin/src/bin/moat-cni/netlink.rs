@@ -35,6 +35,25 @@ pub struct LinkInfo {
     /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
     pub peer_index: Option<u32>,
     pub kind_veth: bool,
+    /// IFLA_IFALIAS: on the host veths Moat creates, the owning network and attachment
+    /// (see [`veth_alias`]).
+    pub alias: Option<String>,
+    /// IFF_UP.
+    pub up: bool,
+}
+
+/// The alias standalone ADD gives its host veth: "moat-cni <network> <containerID> <ifname>".
+/// GC uses it to tell this network's veths from another network's with the same prefix.
+pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("moat-cni {network} {container_id} {ifname}")
+}
+
+/// The network named by a host veth's alias, if it is a Moat alias.
+pub fn alias_network(alias: &str) -> Option<&str> {
+    let mut words = alias.split(' ');
+    (words.next() == Some("moat-cni"))
+        .then(|| words.next())
+        .flatten()
 }
 
 pub fn mac_string(mac: &[u8]) -> String {
@@ -85,6 +104,11 @@ fn link_info(message: LinkMessage) -> LinkInfo {
         mtu: None,
         peer_index: None,
         kind_veth: false,
+        alias: None,
+        up: message
+            .header
+            .flags
+            .contains(netlink_packet_route::link::LinkFlags::Up),
     };
     for attribute in message.attributes {
         match attribute {
@@ -92,6 +116,7 @@ fn link_info(message: LinkMessage) -> LinkInfo {
             LinkAttribute::Address(mac) => info.mac = Some(mac),
             LinkAttribute::Mtu(mtu) => info.mtu = Some(mtu),
             LinkAttribute::Link(peer) => info.peer_index = Some(peer),
+            LinkAttribute::IfAlias(alias) => info.alias = Some(alias),
             LinkAttribute::LinkInfo(infos) => {
                 info.kind_veth = infos.iter().any(|i| {
                     matches!(
@@ -160,6 +185,22 @@ pub fn host_peer_of(netns: &Path, ifname: &str) -> Result<LinkInfo> {
     Ok(host)
 }
 
+/// Host-namespace veths whose name starts with `prefix` (one netlink dump).
+pub fn host_veths_with_prefix(prefix: &str) -> Result<Vec<LinkInfo>> {
+    let prefix = prefix.to_string();
+    run_in(None, move |h| async move {
+        let mut out = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(message) = links.try_next().await? {
+            let link = link_info(message);
+            if link.kind_veth && link.name.starts_with(&prefix) {
+                out.push(link);
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// Deletes a host link by name; a missing link is fine.
 pub fn delete_host_link(name: &str) -> Result<()> {
     let name = name.to_string();
@@ -179,24 +220,19 @@ pub fn delete_host_link(name: &str) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct VethPlan {
     pub host_ifname: String,
+    /// Set on the host end when it comes up (see [`veth_alias`]).
+    pub host_alias: String,
     pub container_ifname: String,
     pub mtu: u32,
-    pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Clone, Debug)]
-pub struct VethResult {
-    pub host: LinkInfo,
-    pub container: LinkInfo,
-}
-
-/// Creates the pair with the container end directly inside `netns`, then addresses, routes
-/// and neighbours in the pod, and /32 + /128 routes on the host.
-pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
+/// Step 1 of standalone ADD: the pair, the container end created directly inside `netns`,
+/// both ends down (no traffic can pass before the programs are attached).
+pub fn create_pair(netns: &Path, plan: &VethPlan) -> Result<LinkInfo> {
     let ns_file =
         File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
     let p = plan.clone();
-    let host = run_in(None, move |h| async move {
+    run_in(None, move |h| async move {
         if link_by_name(&h, &p.host_ifname).await?.is_some() {
             bail!("host interface {} already exists", p.host_ifname);
         }
@@ -216,9 +252,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             .await
             .with_context(|| format!("creating veth {}", p.host_ifname))?;
         drop(ns_file);
-        let host = link_by_name(&h, &p.host_ifname)
-            .await?
-            .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))?;
+        crate::test_hook::abort_point("veth-pair-created");
         // The host side's link-local address is what answers the pod's and the host's
         // neighbour discovery; without DAD it is usable the moment the link is up, so the
         // pod's first IPv6 packet does not wait a second or two for it.
@@ -226,25 +260,29 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             format!("/proc/sys/net/ipv6/conf/{}/accept_dad", p.host_ifname),
             "0",
         );
-        h.link()
-            .set(LinkUnspec::new_with_index(host.index).up().build())
-            .execute()
-            .await
-            .context("setting the host veth up")?;
-        Ok(host)
-    })?;
+        link_by_name(&h, &p.host_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("veth {} vanished", p.host_ifname))
+    })
+}
 
-    let host_mac = host
-        .mac
-        .clone()
-        .ok_or_else(|| anyhow!("host veth has no MAC"))?;
+/// Step 2: inside the pod, the addresses (/32, /128), the interface up, and the default
+/// routes through the link-local gateways, answered by `host_mac` (permanent neighbours).
+pub fn configure_pod(
+    netns: &Path,
+    plan: &VethPlan,
+    host_mac: &[u8],
+    addresses: &[IpAddr],
+) -> Result<LinkInfo> {
     let p = plan.clone();
-    let container = run_in(Some(netns), move |h| async move {
+    let host_mac = host_mac.to_vec();
+    let addresses = addresses.to_vec();
+    run_in(Some(netns), move |h| async move {
         let link = link_by_name(&h, &p.container_ifname)
             .await?
             .ok_or_else(|| anyhow!("{} not created in the pod", p.container_ifname))?;
         let index = link.index;
-        for address in &p.addresses {
+        for address in &addresses {
             let prefix = if address.is_ipv4() { 32 } else { 128 };
             let mut request = h.address().add(index, *address, prefix);
             if address.is_ipv6() {
@@ -263,7 +301,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
             .execute()
             .await
             .context("setting the pod interface up")?;
-        if p.addresses.iter().any(IpAddr::is_ipv4) {
+        if addresses.iter().any(IpAddr::is_ipv4) {
             let gateway = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(GATEWAY_V4, 32)
                 .output_interface(index)
@@ -290,7 +328,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
                 .await
                 .context("adding the IPv4 default route")?;
         }
-        if p.addresses.iter().any(IpAddr::is_ipv6) {
+        if addresses.iter().any(IpAddr::is_ipv6) {
             h.neighbours()
                 .add(index, IpAddr::V6(GATEWAY_V6))
                 .link_layer_address(&host_mac)
@@ -310,12 +348,27 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
         link_by_name(&h, &p.container_ifname)
             .await?
             .ok_or_else(|| anyhow!("{} vanished", p.container_ifname))
-    })?;
+    })
+}
 
+/// Step 3, once the programs are attached: the host end up, with its alias (one message: the
+/// kernel ignores IFLA_IFALIAS on RTM_NEWLINK, and a veth of ours that is up always carries its
+/// owner, which GC relies on), then the /32 and /128 routes to the pod.
+pub fn activate_host(plan: &VethPlan, host_index: u32, addresses: &[IpAddr]) -> Result<()> {
     let p = plan.clone();
-    let host_index = host.index;
+    let addresses = addresses.to_vec();
     run_in(None, move |h| async move {
-        for address in &p.addresses {
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(host_index)
+                    .up()
+                    .alias(p.host_alias.clone())
+                    .build(),
+            )
+            .execute()
+            .await
+            .context("setting the host veth up")?;
+        for address in &addresses {
             let message = match address {
                 IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(*v4, 32)
@@ -335,8 +388,7 @@ pub fn create_veth(netns: &Path, plan: &VethPlan) -> Result<VethResult> {
                 .with_context(|| format!("adding the host route to {address}"))?;
         }
         Ok(())
-    })?;
-    Ok(VethResult { host, container })
+    })
 }
 
 /// Addresses on `ifname` inside `netns`.

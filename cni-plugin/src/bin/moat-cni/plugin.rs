@@ -6,17 +6,25 @@
 use std::{net::IpAddr, path::Path};
 
 use ipnetwork::IpNetwork;
+use moat_api::{
+    self as api, ClientError, EndpointSpec, EndpointStatus, HostRequest, Request, Response,
+};
 use moat_cni::protocol::{
     AttachmentRequest, CniError, ErrorCode, Interface, IpConfig, NetworkRequest, Plugin, Route,
     SuccessResult, args::CniArgs,
 };
-use moat_datapath::{PinDir, attach::attached_interfaces, attach_endpoint, detach_endpoint};
+use moat_datapath::{
+    PinDir,
+    attach::{attached_interfaces, unpin_endpoint},
+    attach_endpoint, detach_endpoint, rtnl,
+};
+
+use moat_cni::config::{MoatConfig, Mode};
 
 use crate::{
-    config::{MoatConfig, Mode},
     delegate::Delegate,
-    moatd::{self as api, ClientError, EndpointSpec, EndpointStatus, Request, Response},
     netlink::{self, GATEWAY_V4, GATEWAY_V6, LinkInfo, mac_string},
+    test_hook::abort_point,
 };
 
 /// moatd answered but refused the request.
@@ -143,7 +151,7 @@ impl<'a> Ctx<'a> {
 
     fn register(&self, spec: EndpointSpec) -> Result<(), CniError> {
         match self.call(&Request::Register { endpoint: spec }) {
-            Ok(Response::Registered {}) => Ok(()),
+            Ok(Response::Registered(_)) => Ok(()),
             Ok(other) => Err(CniError::new(
                 ErrorCode::Plugin(CODE_MOATD_REFUSED),
                 "unexpected answer from moatd to register",
@@ -176,15 +184,39 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// Register, then attach; on failure undo both. Returns only when enforcement is live.
+    /// Attaches both programs to `host` on a scoped thread while `meanwhile` runs, and
+    /// returns once both are done. Each TCX attachment costs the kernel an RCU grace period
+    /// (under RTNL), the bulk of an ADD; IPAM and the registration with moatd need neither,
+    /// so they run in that time. The first error wins; undoing is the caller's.
+    fn attach_while<T>(
+        &self,
+        host: &str,
+        meanwhile: impl FnOnce() -> Result<T, CniError>,
+    ) -> Result<T, CniError> {
+        std::thread::scope(|scope| {
+            let attaching = scope.spawn(|| self.attach(host));
+            let done = meanwhile();
+            let attached = attaching.join().unwrap_or_else(|_| {
+                Err(CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    "the attaching thread panicked",
+                ))
+            });
+            let value = done?;
+            attached?;
+            Ok(value)
+        })
+    }
+
+    /// Chained: register and attach; on failure undo both. Returns only when enforcement is
+    /// live (programs attached, endpoint in the maps).
     fn enforce(&self, host: &LinkInfo, ips: Vec<IpAddr>) -> Result<(), CniError> {
-        self.register(self.endpoint_spec(host, ips))?;
-        if let Err(e) = self.attach(&host.name) {
-            self.unregister_best_effort();
-            let _ = detach_endpoint(&self.pins, &host.name);
-            return Err(e);
-        }
-        Ok(())
+        let spec = self.endpoint_spec(host, ips);
+        self.attach_while(&host.name, || self.register(spec))
+            .inspect_err(|_| {
+                self.unregister_best_effort();
+                let _ = detach_endpoint(&self.pins, &host.name);
+            })
     }
 
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
@@ -231,6 +263,24 @@ impl<'a> Ctx<'a> {
     fn add_standalone(&self) -> Result<SuccessResult, CniError> {
         let netns = self.netns()?;
         let ifname = self.request.ifname.clone();
+        let host_ifname = self
+            .config
+            .host_veth_name(&self.request.container_id, &ifname);
+        // A host veth under this attachment's deterministic name comes from an earlier ADD
+        // of the same attachment. Up with both programs attached (its last step), that ADD
+        // got through: this is a repeated ADD, refused below as "interface exists" (spec),
+        // and the runtime's DEL removes it. Otherwise it died midway (kill -9, node crash) or
+        // is a DEL's veth moatd has not deleted yet: remove it, its pod end with it, so this
+        // ADD starts clean. Registration and address need nothing here: re-registering
+        // replaces the record, and IPAM hands the same attachment the same addresses.
+        let complete = rtnl::link_is_up(&host_ifname) == Some(true)
+            && moat_datapath::is_attached(&self.pins, &host_ifname);
+        if rtnl::ifindex_of(&host_ifname).is_some() && !complete {
+            let _ = detach_endpoint(&self.pins, &host_ifname);
+            netlink::delete_host_link(&host_ifname).map_err(|e| {
+                netlink_error("cannot remove the veth an interrupted ADD left behind", e)
+            })?;
+        }
         match netlink::container_link(netns, &ifname) {
             Ok(None) => {}
             Ok(Some(_)) => {
@@ -243,18 +293,22 @@ impl<'a> Ctx<'a> {
             Err(e) => return Err(netlink_error("cannot inspect the container namespace", e)),
         }
         self.require_moatd_ready()?;
+        netlink::ensure_forwarding().map_err(|e| netlink_error("cannot enable forwarding", e))?;
 
-        let delegate = self.delegate();
-        let ipam = match delegate.add() {
-            Ok(result) => result,
-            Err(e) => {
-                let _ = delegate.run("DEL");
-                return Err(e);
-            }
+        // The pair first, both ends down; then the programs go on while IPAM allocates and
+        // moatd registers; then the pod side is configured and the host end comes up. Nothing
+        // passes before the programs are attached and the endpoint is known.
+        let plan = netlink::VethPlan {
+            host_ifname: host_ifname.clone(),
+            host_alias: netlink::veth_alias(
+                &self.request.config.name,
+                &self.request.container_id,
+                &ifname,
+            ),
+            container_ifname: ifname.clone(),
+            mtu: self.config.mtu,
         };
-        let host_ifname = self
-            .config
-            .host_veth_name(&self.request.container_id, &ifname);
+        let delegate = self.delegate();
         let rollback = |error: CniError| -> CniError {
             self.unregister_best_effort();
             let _ = detach_endpoint(&self.pins, &host_ifname);
@@ -262,37 +316,48 @@ impl<'a> Ctx<'a> {
             let _ = delegate.run("DEL");
             error
         };
-        let addresses: Vec<IpAddr> = ipam.ips.iter().map(|ip| ip.address.ip()).collect();
-        if addresses.is_empty() {
-            return Err(rollback(CniError::new(
-                ErrorCode::Plugin(CODE_NETLINK),
-                "the IPAM plugin returned no address",
-            )));
-        }
-        netlink::ensure_forwarding()
-            .map_err(|e| rollback(netlink_error("cannot enable forwarding", e)))?;
-        let plan = netlink::VethPlan {
-            host_ifname: host_ifname.clone(),
-            container_ifname: ifname.clone(),
-            mtu: self.config.mtu,
-            addresses: addresses.clone(),
-        };
-        let veth = netlink::create_veth(netns, &plan)
-            .map_err(|e| rollback(netlink_error("cannot create the pod veth", e)))?;
-        self.enforce(&veth.host, addresses.clone())
+        let host = netlink::create_pair(netns, &plan).map_err(|e| {
+            let _ = netlink::delete_host_link(&host_ifname);
+            netlink_error("cannot create the pod veth", e)
+        })?;
+        let host_mac = host
+            .mac
+            .clone()
+            .ok_or_else(|| rollback(netlink_error("no MAC", anyhow::anyhow!("host veth"))))?;
+        let (ipam, addresses) = self
+            .attach_while(&host.name, || {
+                let ipam = delegate.add()?;
+                abort_point("ipam-allocated");
+                let addresses: Vec<IpAddr> = ipam.ips.iter().map(|ip| ip.address.ip()).collect();
+                if addresses.is_empty() {
+                    return Err(CniError::new(
+                        ErrorCode::Plugin(CODE_NETLINK),
+                        "the IPAM plugin returned no address",
+                    ));
+                }
+                self.register(self.endpoint_spec(&host, addresses.clone()))?;
+                abort_point("registered");
+                Ok((ipam, addresses))
+            })
             .map_err(rollback)?;
+        abort_point("attached");
+        let container = netlink::configure_pod(netns, &plan, &host_mac, &addresses)
+            .map_err(|e| rollback(netlink_error("cannot configure the pod interface", e)))?;
+        netlink::activate_host(&plan, host.index, &addresses)
+            .map_err(|e| rollback(netlink_error("cannot bring the host veth up", e)))?;
+        abort_point("veth-configured");
 
         let mut result = SuccessResult::new(self.request.version);
         result.interfaces.push(Interface {
-            name: veth.host.name.clone(),
-            mac: veth.host.mac.as_deref().map(mac_string),
-            mtu: veth.host.mtu,
+            name: host.name.clone(),
+            mac: Some(mac_string(&host_mac)),
+            mtu: host.mtu,
             ..Interface::default()
         });
         result.interfaces.push(Interface {
             name: ifname,
-            mac: veth.container.mac.as_deref().map(mac_string),
-            mtu: veth.container.mtu,
+            mac: container.mac.as_deref().map(mac_string),
+            mtu: container.mtu,
             sandbox: Some(self.netns_string()),
             ..Interface::default()
         });
@@ -332,28 +397,80 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Standalone DEL: the host veth goes first. Without it the pod has no connectivity at
-    /// all, so nothing is ever reachable without enforcement, and the kernel drops the TCX
-    /// programs with the device (moatd's detach of the now defunct links is then cheap, no
-    /// RCU grace period per link). Then moatd forgets the endpoint (or the DEL is queued when
-    /// moatd is down), leftover pins are removed, and the address goes back to IPAM last, so
-    /// it is never handed out while the old endpoint still exists anywhere.
+    /// Standalone DEL. moatd takes the veth over: it sets the link pins aside (the programs
+    /// stay on), forgets the endpoint (from then on the programs drop everything on the veth)
+    /// and answers; it deletes the veth in the background. A veth with TCX programs takes the
+    /// kernel tens of milliseconds to delete (an RCU grace period per hook under RTNL, then an
+    /// RCU barrier), which DEL does not wait for, and DEL itself needs no RTNL at all. When
+    /// moatd is down (or too old for the request) the veth is deleted here first, then the
+    /// unregister is queued. The address goes back to IPAM last: a new pod that gets it
+    /// replaces the host route to the old veth, whose programs drop everything meanwhile.
     fn del_standalone(&self) -> Result<(), CniError> {
         let cid = self.request.container_id.clone();
         let ifname = self.request.ifname.clone();
         let host = self.config.host_veth_name(&cid, &ifname);
         let mut errors: Vec<CniError> = Vec::new();
-        if let Err(e) = netlink::delete_host_link(&host) {
-            errors.push(netlink_error("deleting the host veth failed", e));
+        match rtnl::ifindex_of(&host) {
+            Some(index) => self.hand_over_veth(&cid, &ifname, &host, index, &mut errors)?,
+            None => {
+                // No device: leftover pins hold defunct links, dropping them detaches nothing.
+                self.unpin(&host, &mut errors);
+                self.unregister_or_queue(&cid, &ifname, &mut errors);
+            }
         }
-        self.unregister_or_queue(&cid, &ifname, &mut errors);
-        self.detach(&host, &mut errors);
         if let Err(e) = self.delegate().run("DEL") {
             errors.push(e);
         }
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// moatd forgets the endpoint and deletes the veth; if moatd cannot take that request,
+    /// the veth is deleted here (if that fails, DEL stops with everything still enforced and
+    /// the runtime retries), its pins dropped, and the unregister sent or queued.
+    fn hand_over_veth(
+        &self,
+        cid: &str,
+        ifname: &str,
+        host: &str,
+        index: u32,
+        errors: &mut Vec<CniError>,
+    ) -> Result<(), CniError> {
+        let request = HostRequest::UnregisterAndDeleteLink {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+            host_ifname: host.to_string(),
+            host_ifindex: index,
+        };
+        match api::call(&self.config.socket, &request, self.config.timeout) {
+            Ok(_) => return Ok(()),
+            // Unreachable, or a moatd that does not know the request (it refuses with "bad
+            // request"): the old way.
+            Err(
+                ClientError::Unreachable { .. }
+                | ClientError::Io { .. }
+                | ClientError::Refused(_)
+                | ClientError::Protocol(_),
+            ) => {}
+        }
+        rtnl::delete_link(index)
+            .map_err(|e| netlink_error("deleting the host veth failed", anyhow::Error::from(e)))?;
+        self.unpin(host, errors);
+        self.unregister_or_queue(cid, ifname, errors);
+        Ok(())
+    }
+
+    fn unpin(&self, host: &str, errors: &mut Vec<CniError>) {
+        if let Err(e) = unpin_endpoint(&self.pins, host) {
+            errors.push(
+                CniError::new(
+                    ErrorCode::Plugin(CODE_ATTACH),
+                    format!("removing the link pins of {host} failed"),
+                )
+                .with_details(format!("{e:#}")),
+            );
         }
     }
 
@@ -604,6 +721,19 @@ impl Plugin for MoatPlugin {
                             errors.push(netlink_error("deleting a stale host veth failed", e));
                         }
                     }
+                    if config.mode == Mode::Standalone {
+                        let live: Vec<String> = valid
+                            .iter()
+                            .map(|a| config.host_veth_name(&a.container_id, &a.ifname))
+                            .collect();
+                        sweep_orphan_veths(
+                            &config,
+                            &request.config.name,
+                            &live,
+                            &pins,
+                            &mut errors,
+                        );
+                    }
                     // Pins for interfaces that are gone and that no endpoint owns.
                     let owned: Vec<&str> = endpoints
                         .iter()
@@ -636,6 +766,40 @@ impl Plugin for MoatPlugin {
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+/// Standalone GC of host veths moatd does not know: an ADD killed between creating the veth
+/// and registering it leaves one. A veth is this network's when its alias names the network,
+/// or when it has no alias and is down: ADD sets the alias in the same message that sets the
+/// veth up, so a down veth without alias is an ADD that never got that far (GC never runs
+/// concurrently with ADD on the same runtime, spec). Veths of valid attachments stay.
+fn sweep_orphan_veths(
+    config: &MoatConfig,
+    network: &str,
+    live: &[String],
+    pins: &PinDir,
+    errors: &mut Vec<CniError>,
+) {
+    let veths = match netlink::host_veths_with_prefix(&config.host_veth_prefix) {
+        Ok(veths) => veths,
+        Err(e) => {
+            errors.push(netlink_error("listing host veths failed", e));
+            return;
+        }
+    };
+    for veth in veths {
+        let ours = match veth.alias.as_deref() {
+            Some(alias) if !alias.is_empty() => netlink::alias_network(alias) == Some(network),
+            _ => !veth.up,
+        };
+        if !ours || live.contains(&veth.name) {
+            continue;
+        }
+        let _ = detach_endpoint(pins, &veth.name);
+        if let Err(e) = netlink::delete_host_link(&veth.name) {
+            errors.push(netlink_error("deleting a stale host veth failed", e));
         }
     }
 }

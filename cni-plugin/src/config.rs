@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use moat_cni::protocol::{CniError, NetworkConfig};
+use crate::protocol::{CniError, NetworkConfig};
 use serde::Deserialize;
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/moat";
@@ -87,13 +87,13 @@ impl MoatConfig {
             mode,
             socket: raw
                 .socket
-                .unwrap_or_else(|| PathBuf::from(crate::moatd::DEFAULT_SOCKET)),
+                .unwrap_or_else(|| PathBuf::from(moat_api::DEFAULT_SOCKET)),
             pin_root: raw
                 .pin_root
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
             pending_dir: raw
                 .pending_dir
-                .unwrap_or_else(|| PathBuf::from(crate::moatd::DEFAULT_PENDING_DIR)),
+                .unwrap_or_else(|| PathBuf::from(moat_api::DEFAULT_PENDING_DIR)),
             timeout: Duration::from_millis(
                 raw.registration_timeout_ms
                     .unwrap_or(DEFAULT_TIMEOUT_MS)

@@ -1,0 +1,484 @@
+//! The local API between moatd and its clients (moat-cni, moatctl): one JSON request per line
+//! on a unix socket, one JSON response per line. moatd (the server) and every client link this
+//! one crate, so the wire format has a single definition.
+//!
+//! Blocking and dependency-light on purpose (serde, serde_json, thiserror): the CNI plugin
+//! runs once per pod start and must pay neither for an async runtime nor for the Kubernetes
+//! client that moatd carries.
+//!
+//! Compatibility across versions (a moat-cni binary on a node may be older or newer than the
+//! running moatd): fields added to answers carry `#[serde(default)]`, and an answer kind this
+//! build does not know decodes as [`Response::Other`] instead of failing.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/moat/moatd.sock";
+
+/// Directory where moat-cni leaves DEL requests that could not reach moatd; moatd processes
+/// them when it starts, so a pod removed while the daemon is down leaves nothing behind.
+pub const DEFAULT_PENDING_DIR: &str = "/var/lib/moat/pending-del";
+
+/// A workload attachment, as moat-cni saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    pub container_id: String,
+    /// Interface name inside the container (CNI_IFNAME).
+    pub ifname: String,
+    pub netns: String,
+    /// Host-side veth that carries the programs.
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ips: Vec<IpAddr>,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Register an endpoint; answered once its identity, policy and ipcache entries are in
+    /// the maps (first packet correct).
+    Register { endpoint: EndpointSpec },
+    /// Forget an endpoint (idempotent).
+    Unregister {
+        container_id: String,
+        ifname: String,
+    },
+    /// Is the daemon ready to register endpoints?
+    Status,
+    /// Everything moatd knows about its endpoints.
+    ListEndpoints,
+    /// Policy state: identities, rules, rejected objects.
+    Policy,
+    /// Would a new flow be allowed, and why: computed by the pure engine and cross-checked
+    /// against the maps. `from`/`to` are `namespace/pod` or an address.
+    Trace {
+        from: String,
+        to: String,
+        port: u16,
+        protocol: String,
+    },
+    /// Flow history from the journal.
+    Flows { filter: FlowFilter },
+    /// The effective rules of one pod, per direction, each with the policy rule it came from.
+    PolicyGet { pod: String },
+    /// NetworkPolicy YAML that allows exactly the flows learn/audit mode observed in a
+    /// namespace.
+    PolicySuggest {
+        namespace: String,
+        since_secs: Option<u64>,
+    },
+    /// Re-read the datastore now and answer once the result is in the maps (the watcher
+    /// does the same on its own; this makes a change's application observable).
+    Reload,
+}
+
+/// Requests moatd's server answers around the daemon's state rather than inside it; their
+/// `op` tags differ from every [`Request`]'s, so one line decodes as exactly one of the two.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostRequest {
+    /// Standalone DEL: forget the endpoint exactly like [`Request::Unregister`] (answered with
+    /// `Unregistered` once the maps no longer hold it, so the programs still on its veth drop
+    /// everything), then delete the host veth in the background. Deleting a veth that carries
+    /// TCX programs takes the kernel tens of milliseconds (an RCU grace period per hook under
+    /// RTNL, then an RCU barrier before the device is freed), which DEL does not need to wait
+    /// for: the veth is isolated from the answer on. moatd sets the link pins aside (they keep
+    /// the programs on until the device goes) and deletes the veth by ifindex, only while that
+    /// index still has the expected name, so a veth re-created under the same name by a
+    /// later ADD is never touched.
+    UnregisterAndDeleteLink {
+        container_id: String,
+        ifname: String,
+        host_ifname: String,
+        host_ifindex: u32,
+    },
+}
+
+impl HostRequest {
+    /// The daemon-state part of the request.
+    pub fn unregister(&self) -> Request {
+        match self {
+            HostRequest::UnregisterAndDeleteLink {
+                container_id,
+                ifname,
+                ..
+            } => Request::Unregister {
+                container_id: container_id.clone(),
+                ifname: ifname.clone(),
+            },
+        }
+    }
+}
+
+/// A client request of either kind, serialized the same way.
+pub trait ClientRequest: Serialize {}
+impl ClientRequest for Request {}
+impl ClientRequest for HostRequest {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub identity: u32,
+    pub policy_id: u32,
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub spec: EndpointSpec,
+    pub identity: u32,
+    pub policy_id: u32,
+    pub mode: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Only `ready` is required on the wire: the rest is informational, so a client decodes the
+/// status of a moatd that reports fewer (or more) fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub ready: bool,
+    #[serde(default)]
+    pub datastore: String,
+    #[serde(default)]
+    pub endpoints: usize,
+    #[serde(default)]
+    pub identities: usize,
+    #[serde(default)]
+    pub policies: usize,
+    /// Objects the datastore refused, with the reason; the last good state stays in force.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+    #[serde(default)]
+    pub pin_dir: String,
+    /// Incremented by every datastore reload that reached the maps.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Registered(Registered),
+    Unregistered {
+        found: bool,
+    },
+    Status(DaemonStatus),
+    Endpoints {
+        endpoints: Vec<EndpointStatus>,
+    },
+    Policy {
+        document: serde_json::Value,
+    },
+    Flows {
+        flows: Vec<FlowRecord>,
+    },
+    Trace {
+        trace: serde_json::Value,
+    },
+    PolicyRules {
+        rules: Vec<EffectiveRule>,
+    },
+    Suggestion {
+        yaml: String,
+    },
+    Error {
+        message: String,
+    },
+    /// An answer kind this build does not know (a newer moatd); never sent by moatd.
+    #[serde(other)]
+    Other,
+}
+
+/// One effective rule of a pod (a map entry, explained).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EffectiveRule {
+    pub direction: String,
+    /// "any", "identity 1234 (k=v,...)", or a CIDR.
+    pub peer: String,
+    pub protocol: String,
+    /// "any", "80", or "1000-2000".
+    pub ports: String,
+    pub action: String,
+    pub rule: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("moatd is not reachable at {path}: {source} (is moatd running?)")]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to moatd at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("moatd sent an unreadable answer: {0}")]
+    Protocol(String),
+    #[error("moatd refused: {0}")]
+    Refused(String),
+}
+
+/// One request, one response, with a bounded wait.
+pub fn call(
+    socket: &Path,
+    request: &impl ClientRequest,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let unreachable = |source| ClientError::Unreachable {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io)?;
+    if answer.is_empty() {
+        return Err(ClientError::Protocol("moatd closed the connection".into()));
+    }
+    let response: Response = serde_json::from_str(&answer)
+        .map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))?;
+    if let Response::Error { message } = response {
+        return Err(ClientError::Refused(message));
+    }
+    Ok(response)
+}
+
+/// Records a DEL for moatd to process at its next start (moatd down): the file format moatd's
+/// queue reader expects. Idempotent per attachment.
+pub fn queue_pending_unregister(
+    dir: &Path,
+    container_id: &str,
+    ifname: &str,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let request = Request::Unregister {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    let body = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
+    let final_path = dir.join(format!("{container_id}-{ifname}.json"));
+    let tmp = dir.join(format!(".{container_id}-{ifname}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&body)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &final_path)?;
+    Ok(())
+}
+
+// ---- flow history (moatctl flows) ----
+
+/// One explained verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    pub verdict: String,
+    pub reason: String,
+    pub direction: String,
+    pub mode: String,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// The endpoint whose perimeter decided (namespace/name), when known.
+    pub endpoint: Option<String>,
+    /// The peer (namespace/name, a reserved identity name, or "world").
+    pub peer: Option<String>,
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub rule_id: u32,
+    /// "namespace/policy direction[index]", "default deny (selected by: ...)", or a reason.
+    pub rule: String,
+    pub bytes: u32,
+}
+
+/// Which records a reader wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowFilter {
+    /// "dropped" | "allowed" | "audit"
+    pub verdict: Option<String>,
+    /// namespace/name: matches either side.
+    pub pod: Option<String>,
+    /// Only records newer than this many seconds.
+    pub since_secs: Option<u64>,
+    /// At most this many (the newest).
+    pub limit: Option<usize>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, r: &FlowRecord, now: u64) -> bool {
+        if let Some(v) = &self.verdict {
+            let want = match v.as_str() {
+                "dropped" | "drop" => "dropped",
+                "allowed" | "allow" => "allowed",
+                other => other,
+            };
+            if r.verdict != want {
+                return false;
+            }
+        }
+        if let Some(pod) = &self.pod
+            && r.endpoint.as_deref() != Some(pod)
+            && r.peer.as_deref() != Some(pod)
+        {
+            return false;
+        }
+        if let Some(secs) = self.since_secs
+            && r.time_ms + secs * 1000 < now
+        {
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exact bytes on the wire: moatd, moat-cni builds and queued DEL files on disk all
+    /// depend on them, so a serde attribute change must show up here.
+    #[test]
+    fn requests_have_a_stable_wire_format() {
+        assert_eq!(
+            serde_json::to_value(Request::Unregister {
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap(),
+            serde_json::json!({"op":"unregister","container_id":"c","ifname":"eth0"})
+        );
+        assert_eq!(
+            serde_json::to_value(Request::ListEndpoints).unwrap(),
+            serde_json::json!({"op":"list_endpoints"})
+        );
+        let spec = EndpointSpec {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            host_ifname: "moat0123456789a".into(),
+            host_ifindex: 7,
+            ips: vec!["10.1.2.3".parse().unwrap()],
+            pod_namespace: "ns".into(),
+            pod_name: "p".into(),
+            pod_uid: None,
+        };
+        let register = serde_json::to_value(Request::Register {
+            endpoint: spec.clone(),
+        })
+        .unwrap();
+        assert_eq!(register["op"], "register");
+        assert_eq!(register["endpoint"]["host_ifindex"], 7);
+        assert_eq!(register["endpoint"]["ips"], serde_json::json!(["10.1.2.3"]));
+        // pod_uid may be absent (older clients).
+        let mut without_uid = register["endpoint"].clone();
+        without_uid.as_object_mut().unwrap().remove("pod_uid");
+        assert_eq!(
+            serde_json::from_value::<EndpointSpec>(without_uid).unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn host_requests_never_decode_as_daemon_requests() {
+        let line = serde_json::to_string(&HostRequest::UnregisterAndDeleteLink {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            host_ifname: "moat0123456789a".into(),
+            host_ifindex: 9,
+        })
+        .unwrap();
+        assert!(
+            line.contains(r#""op":"unregister_and_delete_link""#),
+            "{line}"
+        );
+        assert!(serde_json::from_str::<Request>(&line).is_err());
+        let back: HostRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            back.unregister(),
+            Request::Unregister {
+                container_id: "c".into(),
+                ifname: "eth0".into()
+            }
+        );
+        let daemon_line = serde_json::to_string(&Request::Status).unwrap();
+        assert!(serde_json::from_str::<HostRequest>(&daemon_line).is_err());
+    }
+
+    #[test]
+    fn answers_from_another_version_still_decode() {
+        let status: Response = serde_json::from_str(
+            r#"{"result":"status","ready":true,"datastore":"local","endpoints":0,"generation":3}"#,
+        )
+        .unwrap();
+        let Response::Status(status) = status else {
+            panic!("status expected")
+        };
+        assert!(status.ready);
+        assert_eq!(status.generation, 3);
+        assert!(status.rejected.is_empty());
+        let unknown: Response =
+            serde_json::from_str(r#"{"result":"something_new","x":1}"#).unwrap();
+        assert_eq!(unknown, Response::Other);
+        let registered: Response = serde_json::from_str(
+            r#"{"result":"registered","identity":5,"policy_id":2,"mode":"enforce"}"#,
+        )
+        .unwrap();
+        assert!(matches!(registered, Response::Registered(r) if r.identity == 5));
+    }
+
+    #[test]
+    fn queued_del_is_an_unregister_request_on_disk() {
+        let dir = std::env::temp_dir().join(format!("moat-api-queue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        queue_pending_unregister(&dir, "cid", "eth0").unwrap();
+        queue_pending_unregister(&dir, "cid", "eth0").unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["cid-eth0.json".to_string()]);
+        let request: Request =
+            serde_json::from_slice(&std::fs::read(dir.join("cid-eth0.json")).unwrap()).unwrap();
+        assert_eq!(
+            request,
+            Request::Unregister {
+                container_id: "cid".into(),
+                ifname: "eth0".into()
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn call_reports_an_absent_daemon_as_unreachable() {
+        let socket =
+            std::env::temp_dir().join(format!("moat-api-none-{}.sock", std::process::id()));
+        let error = call(&socket, &Request::Status, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(error, ClientError::Unreachable { .. }), "{error}");
+    }
+}

@@ -13,5 +13,6 @@ pub mod local;
 pub mod metrics;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod suggest;

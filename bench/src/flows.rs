@@ -18,7 +18,7 @@
 //! `target_events_per_s` (50,000) and one row per rate.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -292,17 +292,7 @@ fn run(args: &Args) -> Result<Value> {
     let mut stderr = follower.0.stderr.take().context("follower stderr")?;
     {
         let (lines, bad_lines) = (lines.clone(), bad_lines.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::with_capacity(1 << 20, stdout).lines() {
-                let Ok(line) = line else { break };
-                // A full parse of every line would cost this process as much CPU as the
-                // follower spends; the shape check is cheap and catches broken output.
-                if !(line.starts_with('{') && line.ends_with('}') && line.contains("\"verdict\"")) {
-                    bad_lines.fetch_add(1, Ordering::Relaxed);
-                }
-                lines.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        std::thread::spawn(move || count_lines(stdout, &lines, &bad_lines));
     }
     // Warm-up: one drop must come through before measuring.
     let to = SocketAddr::new(IpAddr::V4(sink.v4), SINK_PORT);
@@ -441,6 +431,49 @@ fn status_with_full_conntrack(pins: &PinDir, socket: &Path) -> Result<Value> {
         "status_request_ms_p50": util::median(&status_ms).map(|v| round(v, 1)),
         "key_walk_ms_p50": util::median(&walk_ms).map(|v| round(v, 1)),
     }))
+}
+
+/// Counts the follower's lines on raw bytes: parsing every line would cost this process as
+/// much CPU as the follower spends, on the same two cores. Each line must look like a flow
+/// record: every line starts with `{` and ends with `}`, and the first complete line of each
+/// read is checked for `"verdict":"dropped"`.
+fn count_lines(mut from: impl Read, lines: &AtomicU64, bad: &AtomicU64) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at_line_start = true;
+    let mut prev = b'\n';
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let mut count = 0;
+        for &b in chunk {
+            if at_line_start && b != b'{' {
+                bad.fetch_add(1, Ordering::Relaxed);
+            }
+            at_line_start = b == b'\n';
+            if at_line_start {
+                if prev != b'}' {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                count += 1;
+            }
+            prev = b;
+        }
+        // The first complete line of the chunk is checked for content.
+        let mut newlines = chunk
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i);
+        if let (Some(i), Some(j)) = (newlines.next(), newlines.next())
+            && !String::from_utf8_lossy(&chunk[i + 1..j]).contains("\"verdict\":\"dropped\"")
+        {
+            bad.fetch_add(1, Ordering::Relaxed);
+        }
+        lines.fetch_add(count, Ordering::Relaxed);
+    }
 }
 
 /// Waits until `lines` has not moved for `quiet` (at most `max`).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench` (after `make build`): every benchmark, each writing its own section of
-# bench/results.json ("datapath", "policy", "churn", "cni") and keeping the others.
+# bench/results.json ("datapath", "policy", "churn", "cni", "flows") and keeping the others.
 #
 #   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
 #   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /
@@ -26,7 +26,7 @@ done
 # The binary undoes everything it creates, also on errors and on SIGINT/SIGTERM. This is the
 # safety net for a hard kill: only names the benchmark itself uses.
 cleanup() {
-  rm -rf /sys/fs/bpf/moat-bench /sys/fs/bpf/moat-bench-cni 2>/dev/null || true
+  rm -rf /sys/fs/bpf/moat-bench /sys/fs/bpf/moat-bench-cni /sys/fs/bpf/moat-bench-flows 2>/dev/null || true
   # moat-bench cni: namespaces mbc<pid>-<n>, bridges mbcni0/mbcni2 (its moatd dies with it).
   local rules
   rules=$(iptables -w -S FORWARD 2>/dev/null | grep -E -- '--comment "?moat-bench' |
@@ -36,11 +36,11 @@ cleanup() {
   fi
   local ns link
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' |
-    grep -E '^(mbn[0-9]+-(client|server)|mbc[0-9]+-[0-9])$' || true); do
+    grep -E '^(mbn[0-9]+-(client|server)|mbc[0-9]+-[0-9]|mbf[0-9]+-(sender|sink))$' || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
-    grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+|mbcni[02])$' || true); do
+    grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+|mbcni[02]|mbf[0-9]+h[0-9]+)$' || true); do
     ip link del "$link" 2>/dev/null || true
   done
 }
@@ -64,3 +64,9 @@ cargo run --release -p moat-bench -- churn --out "$out" ${BENCH_CHURN_ARGS:-}
 cargo build --release -p moat-cni -p moat-ipam -p moat-node-daemon --bins
 # shellcheck disable=SC2086 # BENCH_CNI_ARGS is a list of flags
 cargo run --release -p moat-bench -- cni --out "$out" ${BENCH_CNI_ARGS:-}
+# flows --follow against the ring buffer (section "flows"; about 1 minute): a real moatd and a
+# real `moatctl flows --follow`, default-deny drops at 10k..300k events/s; reports the highest
+# rate the follower printed without loss (target 50,000/s). BENCH_FLOWS_ARGS for extra flags,
+# e.g. "--secs 3 --rates 10000,50000".
+# shellcheck disable=SC2086 # BENCH_FLOWS_ARGS is a list of flags
+cargo run --release -p moat-bench -- flows --out "$out" ${BENCH_FLOWS_ARGS:-}

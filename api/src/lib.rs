@@ -81,6 +81,10 @@ pub enum Request {
     /// Re-read the datastore now and answer once the result is in the maps (the watcher
     /// does the same on its own; this makes a change's application observable).
     Reload,
+    /// A stream: the journal's matching history as one `Flows` line, then every new
+    /// matching record as it is journaled (`Flows` lines, an empty one as a heartbeat) and
+    /// `FlowsLost` when this client fell behind. Ends when the client disconnects.
+    FollowFlows { filter: FlowFilter },
 }
 
 /// Requests moatd's server answers around the daemon's state rather than inside it; their
@@ -163,6 +167,59 @@ pub struct DaemonStatus {
     /// Incremented by every datastore reload that reached the maps.
     #[serde(default)]
     pub generation: u64,
+    /// Programs, maps and the event path (absent from a daemon that predates it).
+    #[serde(default)]
+    pub datapath: Option<DatapathStatus>,
+}
+
+/// What the kernel runs and holds for this installation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    /// Map layout version (the `v<N>` of the pin directory).
+    pub layout_version: u32,
+    /// True when the maps pinned by an earlier moatd were adopted (not created) at start.
+    pub maps_adopted: bool,
+    /// Pinned endpoint links moved onto this daemon's programs at start.
+    pub links_updated: usize,
+    pub programs: Vec<ProgramStatus>,
+    pub maps: Vec<MapFillStatus>,
+    pub events: EventLoss,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    /// Kernel program id (changes on every load).
+    pub id: u32,
+    /// Hash of the instructions, hex (the same build gives the same tag).
+    pub tag: String,
+    /// When the kernel loaded it (Unix ms), 0 if unknown.
+    pub loaded_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFillStatus {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Verdict events not journaled, by where they were lost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventLoss {
+    /// The kernel's per-CPU token bucket (events/s per CPU and burst) in force.
+    pub rate_per_cpu: u32,
+    pub burst: u32,
+    /// Not emitted: the per-CPU rate limit was exhausted (kernel counter, all CPUs).
+    pub rate_limited: u64,
+    /// Not emitted: the ring buffer was full, moatd fell behind (kernel counter).
+    pub ring_full: u64,
+    /// Read from the ring by this daemon since it started.
+    pub received: u64,
+    /// Read but not written to the journal (write errors).
+    pub journal_write_failed: u64,
+    /// Journaled but not delivered to a `flows --follow` client that fell behind.
+    pub follower_dropped: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +250,11 @@ pub enum Response {
     },
     Error {
         message: String,
+    },
+    /// In a `FollowFlows` stream: this many records were skipped because the client did
+    /// not keep up.
+    FlowsLost {
+        lost: u64,
     },
     /// An answer kind this build does not know (a newer moatd); never sent by moatd.
     #[serde(other)]

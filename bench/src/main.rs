@@ -13,6 +13,7 @@ mod churn;
 mod cni;
 mod compile;
 mod fill;
+mod flows;
 mod perpacket;
 mod traffic;
 mod util;
@@ -91,6 +92,9 @@ fn main() -> ExitCode {
     }
     if argv.get(1).map(String::as_str) == Some("cni") {
         return cni::main();
+    }
+    if argv.get(1).map(String::as_str) == Some("flows") {
+        return flows::main(&argv[2..]);
     }
     let args = match parse_args() {
         Ok(a) => a,

@@ -1053,6 +1053,9 @@ impl Node {
             .into_iter()
             .map(|r| r.expect("every probe ran"))
             .collect();
+        for (r, _) in results.iter_mut() {
+            self.cross_check_trace(r);
+        }
 
         // Evidence for failures: the datapath's events for the failing flows.
         if results
@@ -1071,6 +1074,36 @@ impl Node {
             }
         }
         results.into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// `moatctl trace` must agree with what the probe saw: the offline explanation
+    /// (engine, cross-checked with the maps by moatd) against real packets. A disagreement,
+    /// or a trace moatd refuses, fails the probe.
+    fn cross_check_trace(&self, r: &mut ProbeResult) {
+        let Some(observed) = r.observed else { return };
+        if r.loopback || r.outcome == crate::report::Outcome::Skipped {
+            return;
+        }
+        let request = Request::Trace {
+            from: r.from.clone(),
+            to: r.to.clone(),
+            port: r.port,
+            protocol: r.protocol.clone(),
+        };
+        let traced = call(&self.socket, &request, Duration::from_secs(10))
+            .map(|answer| answer["trace"]["verdict"].as_str().map(str::to_string));
+        let seen = if observed { "allowed" } else { "denied" };
+        let problem = match traced {
+            Ok(Some(v)) if v == seen => return,
+            Ok(Some(v)) => format!("trace says {v}, the probe was {seen}"),
+            Ok(None) => "trace answered without a verdict".to_string(),
+            Err(e) => format!("trace failed: {e:#}"),
+        };
+        let detail = match r.detail.take() {
+            Some(d) => format!("{problem}; {d}"),
+            None => problem,
+        };
+        *r = r.clone().failed(&detail);
     }
 
     fn rule_texts(&self) -> BTreeMap<u32, String> {

@@ -1,7 +1,9 @@
 //! moat-conformance end to end: the whole shared file through the pure engine, and a diverse
 //! subset of cases through the real datapath (pods, moatd, eBPF), both to pod IPs and through
-//! per-pod ClusterIP Services. A doctored file checks that the runner really detects wrong
-//! expectations and rejected objects (a runner that always passes would pass nothing here).
+//! per-pod ClusterIP Services; the runner also fails any probe whose outcome `moatctl trace`
+//! (the engine's explanation, cross-checked with the maps) does not predict. A doctored file
+//! checks that the runner really detects wrong expectations and rejected objects (a runner
+//! that always passes would pass nothing here).
 
 use std::{
     path::{Path, PathBuf},

@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod events;
+pub mod fill;
 pub mod lab;
 pub mod layout;
 pub mod loader;

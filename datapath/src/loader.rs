@@ -193,3 +193,29 @@ fn replace_pin(program: &mut SchedClassifier, path: &Path) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("renaming pin to {}", path.display()))?;
     Ok(())
 }
+
+/// A pinned program as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedProgram {
+    pub name: &'static str,
+    pub id: u32,
+    pub tag: u64,
+    /// When the kernel loaded it.
+    pub loaded_at: Option<std::time::SystemTime>,
+}
+
+/// The installation's pinned programs (those found).
+pub fn pinned_programs(pins: &PinDir) -> Vec<PinnedProgram> {
+    [program_name::FROM_CONTAINER, program_name::TO_CONTAINER]
+        .into_iter()
+        .filter_map(|name| {
+            let info = aya::programs::ProgramInfo::from_pin(pins.program(name)).ok()?;
+            Some(PinnedProgram {
+                name,
+                id: info.id(),
+                tag: info.tag(),
+                loaded_at: info.loaded_at(),
+            })
+        })
+        .collect()
+}

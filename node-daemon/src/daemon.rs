@@ -1044,6 +1044,11 @@ impl Daemon {
             rejected: self.rejected.clone(),
             pin_dir: self.pins.base().display().to_string(),
             generation: self.generation,
+            datapath: Some(crate::status::datapath_status(
+                &self.pins,
+                &self.maps,
+                &self._datapath,
+            )),
         }
     }
 
@@ -1101,6 +1106,9 @@ impl Daemon {
                 self.reload_objects();
                 Response::Status(self.status())
             }
+            Request::FollowFlows { .. } => Response::Error {
+                message: "flows --follow is a stream, served by the connection".into(),
+            },
             Request::ListEndpoints => {
                 let state = self.engine.state();
                 let endpoints = self

@@ -1,11 +1,21 @@
 //! The flow journal: verdict events from the ring buffer, explained (pods, identities, rule)
 //! and kept on disk as JSON lines in a few rotating files, so history outlives the ring buffer
 //! and a restart. Size and age are bounded by configuration.
+//!
+//! Every journaled record gets a sequence number (stored as the first field of its line and
+//! carried on across restarts), so a `flows --follow` client can be handed the history and
+//! then the live stream with nothing missing and nothing twice. Live records reach followers
+//! through the [`FlowHub`]: the journal thread publishes each batch after writing it.
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -37,6 +47,10 @@ pub struct Journal {
     cfg: JournalConfig,
     current: File,
     current_bytes: u64,
+    /// Sequence number of the next record.
+    next_seq: u64,
+    /// Reused encoding buffer.
+    buf: Vec<u8>,
 }
 
 pub fn now_ms() -> u64 {
@@ -56,26 +70,44 @@ impl Journal {
         let path = numbered(&cfg.dir, 0);
         let current = OpenOptions::new().create(true).append(true).open(&path)?;
         let current_bytes = current.metadata()?.len();
+        let next_seq = last_seq(&cfg) + 1;
         Ok(Self {
             cfg,
             current,
             current_bytes,
+            next_seq,
+            buf: Vec::new(),
         })
     }
 
+    /// The sequence number the next appended record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Writes the records (numbered from `next_seq()`), one write per file touched. Files
+    /// rotate at a record boundary once they reach the size limit, so no file exceeds it by
+    /// more than one record. The numbers are used up even when writing fails, so followers
+    /// and the journal never disagree on them.
     pub fn append(&mut self, records: &[FlowRecord]) -> std::io::Result<()> {
-        if records.is_empty() {
-            return Ok(());
+        let first = self.next_seq;
+        self.next_seq += records.len() as u64;
+        self.buf.clear();
+        for (seq, r) in (first..).zip(records) {
+            encode_line(&mut self.buf, seq, r)?;
+            if self.current_bytes + self.buf.len() as u64 >= self.cfg.max_file_bytes {
+                self.write_buf()?;
+                self.rotate()?;
+            }
         }
-        let mut buf = Vec::new();
-        for r in records {
-            serde_json::to_writer(&mut buf, r)?;
-            buf.push(b'\n');
-        }
-        self.current.write_all(&buf)?;
-        self.current_bytes += buf.len() as u64;
-        if self.current_bytes >= self.cfg.max_file_bytes {
-            self.rotate()?;
+        self.write_buf()
+    }
+
+    fn write_buf(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.current.write_all(&self.buf)?;
+            self.current_bytes += self.buf.len() as u64;
+            self.buf.clear();
         }
         Ok(())
     }
@@ -124,10 +156,141 @@ impl Journal {
     }
 }
 
+/// One journal line: `{"seq":N,` followed by the record's own fields.
+fn encode_line(buf: &mut Vec<u8>, seq: u64, r: &FlowRecord) -> std::io::Result<()> {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, r)?;
+    // The record is an object: replace its `{` with the sequence field.
+    let prefix = format!("{{\"seq\":{seq},");
+    buf.splice(start..start + 1, prefix.bytes());
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// The sequence number of a journal line, 0 for lines written before numbering.
+fn line_seq(line: &str) -> u64 {
+    line.strip_prefix("{\"seq\":")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The highest sequence number on disk (the newest non-empty file's last line).
+fn last_seq(cfg: &JournalConfig) -> u64 {
+    for n in 0..cfg.max_files {
+        let Ok(mut file) = File::open(numbered(&cfg.dir, n)) else {
+            continue;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len == 0 {
+            continue;
+        }
+        let tail = len.min(64 << 10);
+        let mut text = String::new();
+        if file.seek(SeekFrom::Start(len - tail)).is_err()
+            || file.read_to_string(&mut text).is_err()
+        {
+            continue;
+        }
+        if let Some(seq) = text.lines().rev().map(line_seq).find(|s| *s > 0) {
+            return seq;
+        }
+    }
+    0
+}
+
+/// Counters of the userspace half of the event path.
+#[derive(Debug, Default)]
+pub struct PathStats {
+    /// Events read from the ring.
+    pub received: AtomicU64,
+    /// Records that could not be written to the journal.
+    pub journal_write_failed: AtomicU64,
+    /// Records not delivered to followers that fell behind.
+    pub follower_dropped: AtomicU64,
+}
+
+/// A batch of journaled records with their sequence numbers.
+pub type Batch = Arc<Vec<(u64, FlowRecord)>>;
+
+/// Batches a follower may have queued before it counts as fallen behind.
+const FOLLOWER_QUEUE: usize = 4096;
+
+struct Follower {
+    tx: SyncSender<Batch>,
+    lost: Arc<AtomicU64>,
+}
+
+/// Live distribution of journaled records to `flows --follow` clients.
+#[derive(Default)]
+pub struct FlowHub {
+    followers: Mutex<Vec<Follower>>,
+    pub stats: PathStats,
+}
+
+/// A follower's end: batches in journal order, and how many records it missed.
+pub struct Subscription {
+    pub batches: Receiver<Batch>,
+    pub lost: Arc<AtomicU64>,
+}
+
+impl FlowHub {
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, batches) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Follower {
+                tx,
+                lost: lost.clone(),
+            });
+        Subscription { batches, lost }
+    }
+
+    /// Never blocks: a follower whose queue is full misses the batch (and is told so);
+    /// one that went away is forgotten.
+    pub fn publish(&self, batch: Batch) {
+        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        followers.retain(|f| match f.tx.try_send(batch.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(b)) => {
+                f.lost.fetch_add(b.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .follower_dropped
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    pub fn followers(&self) -> usize {
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// The process's hub (one journal per daemon).
+pub fn hub() -> &'static FlowHub {
+    static HUB: OnceLock<FlowHub> = OnceLock::new();
+    HUB.get_or_init(FlowHub::default)
+}
+
 pub use moat_api::FlowFilter;
 
 /// Reads the journal oldest first, applying the filter and the age limit.
 pub fn read(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<FlowRecord> {
+    read_sequenced(cfg, filter)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// As [`read`], with each record's sequence number.
+pub fn read_sequenced(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<(u64, FlowRecord)> {
     let now = now_ms();
     let oldest = now.saturating_sub(cfg.max_age.as_millis() as u64);
     let mut out = Vec::new();
@@ -140,7 +303,7 @@ pub fn read(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<FlowRecord> {
                 && r.time_ms >= oldest
                 && filter.matches(&r, now)
             {
-                out.push(r);
+                out.push((line_seq(&line), r));
             }
         }
     }
@@ -217,6 +380,63 @@ mod tests {
         let again = Journal::open(cfg.clone()).unwrap();
         assert!(again.disk_bytes() > 0);
         assert!(!read(&cfg, &FlowFilter::default()).is_empty());
+    }
+
+    #[test]
+    fn sequence_numbers_continue_across_reopen_and_rotation_and_files_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = JournalConfig::new(dir.path().to_path_buf());
+        cfg.max_file_bytes = 2048;
+        cfg.max_files = 2;
+        let mut journal = Journal::open(cfg.clone()).unwrap();
+        assert_eq!(journal.next_seq(), 1);
+        let now = now_ms();
+        let batch: Vec<_> = (0..40)
+            .map(|_| record("dropped", "prod/web", now))
+            .collect();
+        journal.append(&batch).unwrap();
+        assert_eq!(journal.next_seq(), 41);
+        let line_len = {
+            let mut b = Vec::new();
+            encode_line(&mut b, 41, &batch[0]).unwrap();
+            b.len() as u64
+        };
+        for n in 0..cfg.max_files {
+            let len = fs::metadata(numbered(&cfg.dir, n))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            assert!(len < cfg.max_file_bytes + line_len, "file {n}: {len} bytes");
+        }
+        let seqs: Vec<u64> = read_sequenced(&cfg, &FlowFilter::default())
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(*seqs.last().unwrap(), 40);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        drop(journal);
+        let mut again = Journal::open(cfg.clone()).unwrap();
+        assert_eq!(again.next_seq(), 41, "numbering continues after a restart");
+        again.append(&batch[..1]).unwrap();
+        let last = read_sequenced(&cfg, &FlowFilter::default());
+        assert_eq!(last.last().unwrap().0, 41);
+        assert_eq!(last.last().unwrap().1, batch[0]);
+    }
+
+    #[test]
+    fn hub_delivers_in_order_and_counts_what_a_full_follower_misses() {
+        let hub = FlowHub::default();
+        let sub = hub.subscribe();
+        let r = record("dropped", "prod/web", now_ms());
+        for seq in 0..(FOLLOWER_QUEUE as u64 + 3) {
+            hub.publish(Arc::new(vec![(seq, r.clone())]));
+        }
+        assert_eq!(sub.lost.load(Ordering::Relaxed), 3);
+        assert_eq!(hub.stats.follower_dropped.load(Ordering::Relaxed), 3);
+        let got: Vec<u64> = sub.batches.try_iter().map(|b| b[0].0).collect();
+        assert_eq!(got, (0..FOLLOWER_QUEUE as u64).collect::<Vec<_>>());
+        drop(sub);
+        hub.publish(Arc::new(vec![(99, r)]));
+        assert_eq!(hub.followers(), 0, "a gone follower is forgotten");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod local;
 pub mod metrics;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod suggest;
 

@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context;
 use moat_common::{
     DIRECTION_INGRESS, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL, VERDICT_AUDIT,
-    VERDICT_DROP, map_size, reason,
+    VERDICT_DROP, reason,
 };
 use moat_datapath::{Maps, PinDir};
 use prometheus_client::{
@@ -198,51 +198,12 @@ fn verdict_name(v: u8) -> &'static str {
     }
 }
 
-/// Entries in each map with its capacity. Counting walks the keys (one syscall per entry):
-/// a few milliseconds per 10,000 entries, done without holding the daemon lock.
-fn map_fill(maps: &Maps) -> Vec<(&'static str, u64, u64)> {
-    vec![
-        (
-            "endpoints",
-            maps.endpoints.keys().count() as u64,
-            map_size::ENDPOINTS as u64,
-        ),
-        (
-            "ipcache_v4",
-            maps.ipcache_v4.keys().count() as u64,
-            map_size::IPCACHE as u64,
-        ),
-        (
-            "ipcache_v6",
-            maps.ipcache_v6.keys().count() as u64,
-            map_size::IPCACHE as u64,
-        ),
-        (
-            "policy",
-            maps.policy.keys().count() as u64,
-            map_size::POLICY as u64,
-        ),
-        (
-            "port_ranges",
-            maps.port_ranges.keys().count() as u64,
-            map_size::PORT_RANGES as u64,
-        ),
-        (
-            "cidr_v4",
-            maps.cidr_v4.keys().count() as u64,
-            map_size::CIDR as u64,
-        ),
-        (
-            "cidr_v6",
-            maps.cidr_v6.keys().count() as u64,
-            map_size::CIDR as u64,
-        ),
-        (
-            "conntrack",
-            maps.conntrack.keys().count() as u64,
-            map_size::CONNTRACK as u64,
-        ),
-    ]
+/// Entries in each map with its capacity (see moat_datapath::fill for how it counts cheaply).
+fn map_fill(pins: &PinDir) -> Vec<(&'static str, u64, u64)> {
+    moat_datapath::fill::map_fill(pins)
+        .into_iter()
+        .map(|f| (f.name, f.entries, f.capacity))
+        .collect()
 }
 
 struct Snapshot {
@@ -270,7 +231,7 @@ impl StateCollector {
                 counters: maps.counters()?,
                 rate_limited: maps.special_counter(METRIC_EVENTS_RATE_LIMITED)?,
                 ring_full: maps.special_counter(METRIC_EVENTS_RING_FULL)?,
-                fill: map_fill(maps),
+                fill: map_fill(&self.pins),
             })
         };
         match read() {

@@ -10,7 +10,7 @@ use std::{
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -97,6 +97,11 @@ fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Resul
             continue;
         }
         let response = match serde_json::from_str::<Request>(&line) {
+            // A stream, served without the daemon lock for as long as the client stays.
+            Ok(Request::FollowFlows { filter }) => {
+                let cfg = daemon.lock().expect("daemon lock").journal_config().clone();
+                return follow_flows(&cfg, writer, filter);
+            }
             Ok(request) => {
                 // From the request's arrival (lock wait included) to the maps updated.
                 let started = Instant::now();
@@ -340,6 +345,25 @@ fn newest_write_age(dir: &Path) -> Option<Duration> {
     std::time::SystemTime::now().duration_since(newest).ok()
 }
 
+/// Writes the kernel's event rate limit (per CPU) into the config map; the other settings
+/// there are kept.
+pub fn configure_events(
+    pins: &moat_datapath::PinDir,
+    rate_per_cpu: u32,
+    burst: u32,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rate_per_cpu > 0 && burst > 0,
+        "the event rate and burst must be at least 1"
+    );
+    let mut maps = moat_datapath::Maps::open(pins)?;
+    let mut config = maps.config.get(&0, 0).unwrap_or_default();
+    config.events_per_second = rate_per_cpu;
+    config.events_burst = burst;
+    maps.set_config(&config)?;
+    Ok(())
+}
+
 /// Drains the datapath's event ring into the flow journal, explaining each event.
 pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
     let (pins, journal_cfg) = {
@@ -372,6 +396,10 @@ pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
         if events.is_empty() {
             continue;
         }
+        let hub = crate::flows::hub();
+        hub.stats
+            .received
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         let mono = monotonic_ns();
         let wall = crate::flows::now_ms();
         let records: Vec<_> = {
@@ -379,9 +407,88 @@ pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
             events.iter().map(|e| d.describe(e, mono, wall)).collect()
         };
         metrics::global().journaled(&records);
+        let first = journal.next_seq();
         if let Err(e) = journal.append(&records) {
             warn!(error = %e, "writing flow journal");
+            hub.stats
+                .journal_write_failed
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
         }
+        if hub.followers() > 0 {
+            hub.publish(Arc::new((first..).zip(records).collect()));
+        }
+    }
+}
+
+/// Records per `Flows` line of a follow stream (bounds a line's size).
+const FOLLOW_LINE_RECORDS: usize = 4096;
+
+/// Serves a `FollowFlows` stream: subscribe first, then read the history, so that every
+/// record is in the history or in the stream; the sequence numbers drop the overlap.
+fn follow_flows(
+    cfg: &crate::flows::JournalConfig,
+    stream: UnixStream,
+    filter: crate::flows::FlowFilter,
+) -> anyhow::Result<()> {
+    use crate::flows::{self, FlowFilter};
+    let subscription = flows::hub().subscribe();
+    let history = flows::read_sequenced(cfg, &filter);
+    let mut last = history.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stream);
+    fn send(out: &mut std::io::BufWriter<UnixStream>, response: &Response) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut *out, response)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    }
+    send(
+        &mut out,
+        &Response::Flows {
+            flows: history.into_iter().map(|(_, r)| r).collect(),
+        },
+    )?;
+    out.flush()?;
+    // Live records are new by definition: no age or count limit.
+    let live = FlowFilter {
+        since_secs: None,
+        limit: None,
+        ..filter
+    };
+    loop {
+        let first = match subscription.batches.recv_timeout(Duration::from_secs(2)) {
+            Ok(batch) => batch,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // A heartbeat: finds out when the client has gone.
+                send(&mut out, &Response::Flows { flows: Vec::new() })?;
+                out.flush()?;
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        // Everything queued goes out now, in lines of bounded size, then one flush.
+        let mut batch = Some(first);
+        while let Some(b) = batch.take() {
+            let mut flows = Vec::new();
+            for (seq, r) in b.iter() {
+                if *seq > last && live.matches(r, 0) {
+                    flows.push(r.clone());
+                }
+                last = last.max(*seq);
+            }
+            for chunk in flows.chunks(FOLLOW_LINE_RECORDS) {
+                send(
+                    &mut out,
+                    &Response::Flows {
+                        flows: chunk.to_vec(),
+                    },
+                )?;
+            }
+            batch = subscription.batches.try_recv().ok();
+        }
+        let lost = subscription.lost.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            send(&mut out, &Response::FlowsLost { lost })?;
+        }
+        out.flush()?;
     }
 }
 

@@ -488,7 +488,10 @@ fn two_nodes_route_pod_cidrs_and_enforce_policy_across_them() {
     }
     for node in &c.nodes {
         assert_eq!(node.status().endpoints, 0, "{}", node.name);
-        let links = sh(&format!("ip -n {} -o link show type veth", node.netns));
-        assert_eq!(links.lines().count(), 1, "only eth0 is left: {links}");
+        // moatd deletes a DELed pod's veth in the background: bounded wait.
+        let veths = || sh(&format!("ip -n {} -o link show type veth", node.netns));
+        eventually("only eth0 is left", Duration::from_secs(10), || {
+            veths().lines().count() == 1
+        });
     }
 }

@@ -389,19 +389,28 @@ fn kill_9_under_churn_never_gives_a_wrong_verdict_and_leaves_nothing() {
         attached_interfaces(&env.pins()).unwrap(),
         Vec::<String>::new()
     );
-    let links = Command::new("ip")
-        .args(["-o", "link", "show", "type", "veth"])
-        .output()
-        .unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    let ours: Vec<&str> = links
-        .lines()
-        .filter(|l| {
-            namespaces
-                .0
-                .iter()
-                .any(|ns| l.contains(&format!("link-netns {ns}")))
-        })
-        .collect();
-    assert!(ours.is_empty(), "veths left: {ours:?}");
+    // moatd deletes a DELed pod's veth in the background (the kernel's teardown of a veth
+    // with TCX programs takes tens of milliseconds); bounded wait.
+    let ours = || -> Vec<String> {
+        let links = Command::new("ip")
+            .args(["-o", "link", "show", "type", "veth"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter(|l| {
+                namespaces
+                    .0
+                    .iter()
+                    .any(|ns| l.contains(&format!("link-netns {ns}")))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ours().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = ours();
+    assert!(left.is_empty(), "veths left: {left:?}");
 }

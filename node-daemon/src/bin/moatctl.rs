@@ -1,11 +1,7 @@
 //! moatctl: the node-level troubleshooting CLI. Talks to moatd's socket (and reads the pinned
 //! maps directly for `bpf` dumps). Output follows kubectl: `-o table|wide|json|yaml`, where
 //! JSON and YAML are the same structs the table is printed from.
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use moat_common::*;
@@ -260,53 +256,77 @@ const FLOW_COLUMNS: &[&str] = &[
 const FLOW_WIDE: &[&str] = &["SOURCE", "DESTINATION", "DIRECTION", "MODE", "RULE-ID"];
 
 fn flows(args: &Args, follow: bool, filter: FlowFilter) {
-    let fetch = |filter: &FlowFilter| match call(
-        args,
-        Request::Flows {
-            filter: filter.clone(),
-        },
-    ) {
+    if follow {
+        return follow_flows(args, filter);
+    }
+    let records = match call(args, Request::Flows { filter }) {
         Response::Flows { flows } => flows,
         other => fail(format!("unexpected answer {other:?}")),
     };
-    let records = fetch(&filter);
     print(args.output, &records, FLOW_COLUMNS, FLOW_WIDE, flow_cells);
-    if !follow {
-        return;
+}
+
+/// `flows --follow`: one `FollowFlows` stream from moatd (the history, then every new
+/// record as it is journaled). JSON output is one record per line; a table prints its
+/// header with the history and then a row per record.
+fn follow_flows(args: &Args, filter: FlowFilter) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(&args.socket).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot reach moatd at {} ({e}); start it (moatd --help) or pass --socket",
+            args.socket.display()
+        ))
+    });
+    let mut request = serde_json::to_vec(&Request::FollowFlows { filter }).unwrap_or_default();
+    request.push(b'\n');
+    if let Err(e) = stream.write_all(&request) {
+        fail(format!("talking to moatd: {e}"));
     }
-    let mut last = records.last().map(|r| r.time_ms).unwrap_or(0);
-    let mut seen_at_last: Vec<FlowRecord> = records
-        .iter()
-        .filter(|r| r.time_ms == last)
-        .cloned()
-        .collect();
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let started = Instant::now();
-        let mut f = filter.clone();
-        f.limit = None;
-        f.since_secs = Some((moatd::flows::now_ms().saturating_sub(last) / 1000 + 2).max(2));
-        let new: Vec<FlowRecord> = fetch(&f)
-            .into_iter()
-            .filter(|r| r.time_ms > last || (r.time_ms == last && !seen_at_last.contains(r)))
-            .collect();
-        if let Some(newest) = new.last().map(|r| r.time_ms) {
-            for r in &new {
-                let row = flow_cells(r);
-                match args.output {
-                    Output::Json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
-                    Output::Yaml => print!("---\n{}", serde_yaml::to_string(r).unwrap_or_default()),
-                    _ => println!("{}", row.join("  ")),
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut first = true;
+    for line in BufReader::with_capacity(1 << 20, stream).lines() {
+        let line = line.unwrap_or_else(|e| fail(format!("reading from moatd: {e}")));
+        let response: Response = serde_json::from_str(&line)
+            .unwrap_or_else(|e| fail(format!("moatd sent an unreadable answer: {e}")));
+        match response {
+            Response::Flows { flows } => {
+                if first && matches!(args.output, Output::Table | Output::Wide) {
+                    // The history as an aligned table (the header too).
+                    drop(out);
+                    print(args.output, &flows, FLOW_COLUMNS, FLOW_WIDE, flow_cells);
+                    out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+                } else {
+                    for r in &flows {
+                        let written = match args.output {
+                            Output::Json => serde_json::to_writer(&mut out, r)
+                                .map_err(std::io::Error::from)
+                                .and_then(|()| out.write_all(b"\n")),
+                            Output::Yaml => {
+                                write!(out, "---\n{}", serde_yaml::to_string(r).unwrap_or_default())
+                            }
+                            Output::Table => writeln!(out, "{}", flow_cells(r)[..8].join("  ")),
+                            Output::Wide => writeln!(out, "{}", flow_cells(r).join("  ")),
+                        };
+                        if written.is_err() {
+                            // stdout closed (e.g. `| head`): done.
+                            return;
+                        }
+                    }
+                }
+                first = false;
+                if out.flush().is_err() {
+                    return;
                 }
             }
-            if newest > last {
-                seen_at_last.clear();
+            Response::FlowsLost { lost } => {
+                eprintln!("moatctl: {lost} flows not shown: this client did not keep up");
             }
-            last = newest;
-            seen_at_last.extend(new.into_iter().filter(|r| r.time_ms == newest));
+            Response::Error { message } => fail(format!("moatd refused: {message}")),
+            other => fail(format!("unexpected answer {other:?}")),
         }
-        let _ = started;
     }
+    fail("moatd closed the stream (did it stop?)");
 }
 
 #[derive(Serialize)]
@@ -486,31 +506,105 @@ fn bpf(args: &Args, what: &BpfCmd) {
     });
 }
 
+fn unix_ms_text(ms: u64) -> String {
+    if ms == 0 {
+        return "unknown".into();
+    }
+    let ago = moatd::flows::now_ms().saturating_sub(ms) / 1000;
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02} UTC ({ago}s ago)",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// `status`: JSON/YAML are the API struct itself; the table is printed from it.
+fn print_status(output: Output, s: &api::DaemonStatus) {
+    if matches!(output, Output::Json | Output::Yaml) {
+        print_value(output, &serde_json::to_value(s).unwrap_or_default());
+        return;
+    }
+    println!("ready:       {}", s.ready);
+    println!("datastore:   {}", s.datastore);
+    println!("pin dir:     {}", s.pin_dir);
+    println!("endpoints:   {}", s.endpoints);
+    println!("identities:  {}", s.identities);
+    println!("policies:    {}", s.policies);
+    println!("generation:  {}", s.generation);
+    if s.rejected.is_empty() {
+        println!("rejected:    none");
+    } else {
+        println!("rejected:");
+        for r in &s.rejected {
+            println!("  {r}");
+        }
+    }
+    let Some(dp) = &s.datapath else {
+        println!("datapath:    not reported by this moatd");
+        return;
+    };
+    println!(
+        "layout:      v{} (pinned maps {}; {} endpoint links moved onto these programs)",
+        dp.layout_version,
+        if dp.maps_adopted {
+            "adopted from an earlier run"
+        } else {
+            "created by this run"
+        },
+        dp.links_updated
+    );
+    println!();
+    print(
+        output,
+        &dp.programs,
+        &["PROGRAM", "ID", "TAG", "LOADED"],
+        &[],
+        |p| {
+            vec![
+                p.name.clone(),
+                p.id.to_string(),
+                p.tag.clone(),
+                unix_ms_text(p.loaded_ms),
+            ]
+        },
+    );
+    println!();
+    print(
+        output,
+        &dp.maps,
+        &["MAP", "ENTRIES", "CAPACITY", "FILL"],
+        &[],
+        |m| {
+            vec![
+                m.name.clone(),
+                m.entries.to_string(),
+                m.capacity.to_string(),
+                format!(
+                    "{:.1}%",
+                    m.entries as f64 * 100.0 / m.capacity.max(1) as f64
+                ),
+            ]
+        },
+    );
+    let e = &dp.events;
+    println!();
+    println!(
+        "events:      limit {}/s per CPU (burst {}); received {}",
+        e.rate_per_cpu, e.burst, e.received
+    );
+    println!(
+        "event loss:  rate-limited {}, ring full {}, journal write failed {}, follower dropped {}",
+        e.rate_limited, e.ring_full, e.journal_write_failed, e.follower_dropped
+    );
+}
+
 fn main() {
     let args = Args::parse();
     match &args.command {
         Command::Status => match call(&args, Request::Status) {
-            Response::Status(s) => {
-                if matches!(args.output, Output::Json | Output::Yaml) {
-                    print_value(args.output, &serde_json::to_value(&s).unwrap_or_default());
-                } else {
-                    println!("ready:       {}", s.ready);
-                    println!("datastore:   {}", s.datastore);
-                    println!("pin dir:     {}", s.pin_dir);
-                    println!("endpoints:   {}", s.endpoints);
-                    println!("identities:  {}", s.identities);
-                    println!("policies:    {}", s.policies);
-                    println!("generation:  {}", s.generation);
-                    if s.rejected.is_empty() {
-                        println!("rejected:    none");
-                    } else {
-                        println!("rejected:");
-                        for r in &s.rejected {
-                            println!("  {r}");
-                        }
-                    }
-                }
-            }
+            Response::Status(s) => print_status(args.output, &s),
             other => fail(format!("unexpected answer {other:?}")),
         },
         Command::Endpoint { what } => {

@@ -83,6 +83,13 @@ struct Args {
     journal_files: usize,
     #[arg(long, default_value_t = 86_400)]
     journal_max_age_secs: u64,
+    /// Verdict events each CPU may put into the ring per second (the kernel's token bucket);
+    /// what exceeds it is counted as rate-limited (`moatctl status`), not reported.
+    #[arg(long, default_value_t = moat_common::DEFAULT_EVENTS_PER_SECOND)]
+    event_rate_per_cpu: u32,
+    /// Events each CPU may emit in a burst above that rate.
+    #[arg(long, default_value_t = moat_common::DEFAULT_EVENTS_BURST)]
+    event_burst: u32,
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
@@ -156,6 +163,7 @@ fn main() -> anyhow::Result<()> {
     };
     let socket_path = args.socket.clone();
     let pin_root = args.pin_root.clone();
+    let (event_rate, event_burst) = (args.event_rate_per_cpu, args.event_burst);
     let daemon = Daemon::start(DaemonConfig {
         datastore,
         journal,
@@ -168,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         node_name: args.node_name,
         routing,
     })?;
+    server::configure_events(daemon.pins(), event_rate, event_burst)?;
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;

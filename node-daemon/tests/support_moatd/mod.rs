@@ -72,8 +72,14 @@ impl Env {
     }
 
     pub fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    /// Starts moatd with extra flags (journal limits, event rate, ...).
+    pub fn start_with(&self, extra: &[&str]) -> Daemon {
         let daemon = Daemon(
             Command::new(env!("CARGO_BIN_EXE_moatd"))
+                .args(extra)
                 .arg("--policy-dir")
                 .arg(self.policies())
                 .arg("--state-dir")

@@ -11,8 +11,9 @@
 //! a Node removed from the datastore takes its routes with it; moatd killed with -9 leaves
 //! routes and enforcement in place, and after a restart DEL leaves nothing behind.
 
+mod support_cni;
+
 use std::{
-    io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -33,18 +34,6 @@ fn sh(cmd: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// target/debug/, where cargo puts the workspace binaries (`make test` builds them first).
-fn workspace_bin(name: &str) -> PathBuf {
-    let moatd = PathBuf::from(env!("CARGO_BIN_EXE_moatd"));
-    let path = moatd.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (make test does)",
-        path.display()
-    );
-    path
 }
 
 fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -145,38 +134,15 @@ impl Node {
 
     /// Runs moat-cni inside this node, as a kubelet on it would.
     fn cni(&self, command: &str, bin: &Path, pod: &PodSpot) -> Value {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .arg(bin.join("moat-cni"))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("mn-{}", pod.name))
-            .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE=mn;K8S_POD_NAME={}", pod.name),
-            )
-            .env("CNI_PATH", bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(self.conf().to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{command} {}: {} {}",
-            pod.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        let container_id = format!("mn-{}", pod.name);
+        let call = support_cni::CniPod {
+            container_id: &container_id,
+            netns: &pod.netns,
+            namespace: "mn",
+            name: pod.name,
+        };
+        support_cni::run(Some(&self.netns), bin, &self.conf(), command, &call)
+            .unwrap_or_else(|e| panic!("{command} {}: {e}", pod.name))
     }
 }
 
@@ -337,21 +303,10 @@ impl Drop for Cluster {
     }
 }
 
-fn result_ip(result: &Value, v6: bool) -> Option<IpAddr> {
-    result["ips"].as_array()?.iter().find_map(|ip| {
-        let addr: IpAddr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
-        (addr.is_ipv6() == v6).then_some(addr)
-    })
-}
-
 #[test]
 fn two_nodes_route_pod_cidrs_and_enforce_policy_across_them() {
     let mut c = Cluster::new();
-    let bin_dir = c.dir.path().join("bin");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    for name in ["moat-cni", "moat-ipam"] {
-        std::os::unix::fs::symlink(workspace_bin(name), bin_dir.join(name)).unwrap();
-    }
+    let bin_dir = support_cni::cni_path(c.dir.path());
     let nodes_yaml = Cluster::node_yaml(&c.nodes[0]) + &Cluster::node_yaml(&c.nodes[1]);
     c.write("00-cluster.yaml", &format!(
         "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: mn\n  labels: {{kubernetes.io/metadata.name: mn}}\n{nodes_yaml}"
@@ -403,11 +358,11 @@ fn two_nodes_route_pod_cidrs_and_enforce_policy_across_them() {
         let node = &c.nodes[c.pods[i].node];
         let result = node.cni("ADD", &bin_dir, &c.pods[i]);
         let pod = &mut c.pods[i];
-        pod.v4 = match result_ip(&result, false) {
+        pod.v4 = match support_cni::result_ip(&result, false) {
             Some(IpAddr::V4(v4)) => Some(v4),
             _ => panic!("no IPv4 in {result}"),
         };
-        pod.v6 = match result_ip(&result, true) {
+        pod.v6 = match support_cni::result_ip(&result, true) {
             Some(IpAddr::V6(v6)) => Some(v6),
             _ => panic!("no IPv6 in {result}"),
         };

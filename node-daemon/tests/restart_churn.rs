@@ -13,13 +13,14 @@
 //! the churn loop then sends DEL, as a runtime does after a failed ADD, and DELs while moatd
 //! is down are queued for its return.
 
+mod support_cni;
 mod support_moatd;
 
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -42,17 +43,6 @@ const NETWORK: &str = "restart-churn";
 const CHURN_SLOTS: usize = 6;
 const KILLS: usize = 5;
 
-fn workspace_bin(name: &str) -> PathBuf {
-    let moatd = PathBuf::from(env!("CARGO_BIN_EXE_moatd"));
-    let path = moatd.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (make test does)",
-        path.display()
-    );
-    path
-}
-
 struct Cni {
     bin: PathBuf,
     conf: Value,
@@ -65,11 +55,6 @@ struct CniPod {
 
 impl Cni {
     fn new(env: &Env) -> Self {
-        let bin = env.root().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for name in ["moat-cni", "moat-ipam"] {
-            std::os::unix::fs::symlink(workspace_bin(name), bin.join(name)).unwrap();
-        }
         let conf = json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
@@ -85,51 +70,27 @@ impl Cni {
                 "ranges": [[{"subnet": "10.94.0.0/24"}], [{"subnet": "fd94::/64"}]]
             }
         });
-        Self { bin, conf }
+        Self {
+            bin: support_cni::cni_path(env.root()),
+            conf,
+        }
     }
 
     /// Runs moat-cni; Ok(result) on success, Err(output) on a CNI error.
     fn run(&self, command: &str, pod: &CniPod) -> Result<Value, String> {
-        let mut child = Command::new(self.bin.join("moat-cni"))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("rc-{}", pod.name))
-            .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE=rc;K8S_POD_NAME={}", pod.name),
-            )
-            .env("CNI_PATH", &self.bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(self.conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
-        } else {
-            Err(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
+        let container_id = format!("rc-{}", pod.name);
+        let call = support_cni::CniPod {
+            container_id: &container_id,
+            netns: &pod.netns,
+            namespace: "rc",
+            name: &pod.name,
+        };
+        support_cni::run(None, &self.bin, &self.conf, command, &call)
     }
 }
 
 fn result_ip(result: &Value, v6: bool) -> IpAddr {
-    result["ips"]
-        .as_array()
-        .and_then(|ips| {
-            ips.iter().find_map(|ip| {
-                let addr: IpAddr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
-                (addr.is_ipv6() == v6).then_some(addr)
-            })
-        })
-        .unwrap_or_else(|| panic!("no address in {result}"))
+    support_cni::result_ip(result, v6).unwrap_or_else(|| panic!("no address in {result}"))
 }
 
 fn host_if(result: &Value) -> String {

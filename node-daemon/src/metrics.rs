@@ -301,31 +301,24 @@ impl Collector for StateCollector {
         let Some(snap) = self.datapath() else {
             return Ok(());
         };
-        {
-            let mut packets = encoder.encode_descriptor(
+        type Count = fn(&moat_datapath::maps::Counter) -> u64;
+        let verdict_counters: [(&str, &str, Count); 2] = [
+            (
                 "moat_datapath_packets",
                 "Packets judged by the datapath, by verdict, reason and direction (per-CPU \
                  counters summed)",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for c in &snap.counters {
-                let labels = VerdictLabels {
-                    verdict: verdict_name(c.verdict),
-                    reason: reason::name(c.reason),
-                    direction: if c.direction == DIRECTION_INGRESS {
-                        "ingress"
-                    } else {
-                        "egress"
-                    },
-                };
-                ConstCounter::new(c.packets).encode(packets.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut bytes = encoder.encode_descriptor(
+                |c| c.packets,
+            ),
+            (
                 "moat_datapath_bytes",
                 "Bytes judged by the datapath, by verdict, reason and direction",
+                |c| c.bytes,
+            ),
+        ];
+        for (name, help, count) in verdict_counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
@@ -339,7 +332,7 @@ impl Collector for StateCollector {
                         "egress"
                     },
                 };
-                ConstCounter::new(c.bytes).encode(bytes.encode_family(&labels)?)?;
+                ConstCounter::new(count(c)).encode(family.encode_family(&labels)?)?;
             }
         }
         {

@@ -968,17 +968,9 @@ impl Node {
     pub fn run_case(&mut self, file: &CaseFile, case: &Case) -> CaseResult {
         let start = Instant::now();
         if let Err(e) = self.apply_case(file, case) {
-            let msg = format!("{e:#}");
-            let results = case
-                .probes
-                .iter()
-                .map(|p| ProbeResult::new(p).failed(&format!("not run: {msg}")))
-                .collect();
-            return CaseResult::new(
-                &case.id,
-                &case.name,
-                results,
-                Some(msg),
+            return CaseResult::not_run(
+                case,
+                format!("{e:#}"),
                 start.elapsed(),
                 self.opts.keep_all,
             );

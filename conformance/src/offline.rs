@@ -88,20 +88,7 @@ pub fn run_case(
     let engine = match build_engine(file, case, served) {
         Ok(e) => e,
         Err(e) => {
-            let msg = format!("{e:#}");
-            let results = case
-                .probes
-                .iter()
-                .map(|p| ProbeResult::new(p).failed(&format!("not run: {msg}")))
-                .collect();
-            return CaseResult::new(
-                &case.id,
-                &case.name,
-                results,
-                Some(msg),
-                start.elapsed(),
-                keep_all,
-            );
+            return CaseResult::not_run(case, format!("{e:#}"), start.elapsed(), keep_all);
         }
     };
     let state = engine.state();

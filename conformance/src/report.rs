@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Serialize;
 
-use crate::cases::Probe;
+use crate::cases::{Case, Probe};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,6 +146,23 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
+    /// A case whose setup failed: every probe fails with the reason, none is run.
+    pub fn not_run(case: &Case, error: String, elapsed: Duration, keep_all: bool) -> Self {
+        let results = case
+            .probes
+            .iter()
+            .map(|p| ProbeResult::new(p).failed(&format!("not run: {error}")))
+            .collect();
+        Self::new(
+            &case.id,
+            &case.name,
+            results,
+            Some(error),
+            elapsed,
+            keep_all,
+        )
+    }
+
     pub fn new(
         id: &str,
         name: &str,

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::netpol::{
     NormalizedPolicy, ObjectMeta, Peer, PolicyPort, Rule, deserialize_object, normalize_ports,
-    parse_cidr, validate_port,
+    parse_all_yaml, parse_cidr, parse_json, parse_one_yaml, validate_port,
 };
 use crate::selector::LabelSelector;
 
@@ -167,42 +167,17 @@ impl MoatPolicy {
     }
 
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Parse {
-            object: "<document>".into(),
-            path: ".".into(),
-            message: e.to_string(),
-        })?;
-        Self::from_value(value)
+        parse_json(text, Self::from_value)
     }
 
     /// One YAML document.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
-        let mut all = Self::all_from_yaml(text)?;
-        match all.len() {
-            1 => Ok(all.remove(0)),
-            n => Err(Error::Parse {
-                object: "<document>".into(),
-                path: ".".into(),
-                message: format!("expected one MoatPolicy, found {n} documents"),
-            }),
-        }
+        parse_one_yaml(text, "MoatPolicy", Self::from_value)
     }
 
     /// Every MoatPolicy of a multi-document YAML stream (empty documents are skipped).
     pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, Error> {
-        let mut out = Vec::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Parse {
-                object: format!("<document {i}>"),
-                path: ".".into(),
-                message: e.to_string(),
-            })?;
-            if value.is_null() {
-                continue;
-            }
-            out.push(Self::from_value(value)?);
-        }
-        Ok(out)
+        parse_all_yaml(text, Self::from_value)
     }
 
     pub fn namespace(&self) -> &str {

@@ -201,6 +201,56 @@ pub(crate) fn deserialize_object<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A JSON document, parsed as one object by `from_value`.
+pub(crate) fn parse_json<T>(
+    text: &str,
+    from_value: fn(serde_json::Value) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+        object: "<document>".into(),
+        path: ".".into(),
+        message: e.to_string(),
+    })?;
+    from_value(value)
+}
+
+/// Exactly one `kind` object in a YAML stream.
+pub(crate) fn parse_one_yaml<T>(
+    text: &str,
+    kind: &str,
+    from_value: fn(serde_json::Value) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut all = parse_all_yaml(text, from_value)?;
+    match all.len() {
+        1 => Ok(all.remove(0)),
+        n => Err(Error::Parse {
+            object: "<document>".into(),
+            path: ".".into(),
+            message: format!("expected one {kind}, found {n} documents"),
+        }),
+    }
+}
+
+/// Every object of a multi-document YAML stream (empty documents are skipped).
+pub(crate) fn parse_all_yaml<T>(
+    text: &str,
+    from_value: fn(serde_json::Value) -> Result<T, Error>,
+) -> Result<Vec<T>, Error> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Parse {
+            object: format!("<document {i}>"),
+            path: ".".into(),
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        out.push(from_value(value)?);
+    }
+    Ok(out)
+}
+
 impl NetworkPolicy {
     /// Parses and validates one object from an already generic JSON value.
     pub fn from_value(value: serde_json::Value) -> Result<Self, Error> {
@@ -210,42 +260,17 @@ impl NetworkPolicy {
     }
 
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Parse {
-            object: "<document>".into(),
-            path: ".".into(),
-            message: e.to_string(),
-        })?;
-        Self::from_value(value)
+        parse_json(text, Self::from_value)
     }
 
     /// One YAML document.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
-        let mut all = Self::all_from_yaml(text)?;
-        match all.len() {
-            1 => Ok(all.remove(0)),
-            n => Err(Error::Parse {
-                object: "<document>".into(),
-                path: ".".into(),
-                message: format!("expected one NetworkPolicy, found {n} documents"),
-            }),
-        }
+        parse_one_yaml(text, "NetworkPolicy", Self::from_value)
     }
 
     /// Every NetworkPolicy of a multi-document YAML stream (empty documents are skipped).
     pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, Error> {
-        let mut out = Vec::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Parse {
-                object: format!("<document {i}>"),
-                path: ".".into(),
-                message: e.to_string(),
-            })?;
-            if value.is_null() {
-                continue;
-            }
-            out.push(Self::from_value(value)?);
-        }
-        Ok(out)
+        parse_all_yaml(text, Self::from_value)
     }
 
     pub fn namespace(&self) -> &str {

@@ -112,21 +112,6 @@ pub fn reconcile(desired: &BTreeMap<IpNetwork, IpAddr>) -> anyhow::Result<RouteS
     })
 }
 
-/// moatd's routes as the kernel holds them.
-pub fn current() -> anyhow::Result<BTreeMap<IpNetwork, IpAddr>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    runtime.block_on(async {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().context("opening a netlink socket")?;
-        let task = tokio::spawn(connection);
-        let result = ours(&handle).await;
-        task.abort();
-        Ok(result?.into_iter().map(|(k, (gw, _))| (k, gw)).collect())
-    })
-}
-
 async fn reconcile_with(
     handle: &rtnetlink::Handle,
     desired: &BTreeMap<IpNetwork, IpAddr>,

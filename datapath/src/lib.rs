@@ -13,9 +13,10 @@ pub mod maps;
 pub mod packet;
 pub mod pins;
 pub mod rtnl;
+pub mod tc;
 pub mod testrun;
 
-pub use attach::{attach_endpoint, detach_endpoint, is_attached};
+pub use attach::{AttachMode, attach_endpoint, attach_endpoint_with, detach_endpoint, is_attached};
 pub use events::EventReader;
 pub use loader::Datapath;
 pub use maps::Maps;

@@ -22,7 +22,8 @@ pub struct Datapath {
     pins: PinDir,
     /// True when pinned maps from an earlier run were found and reused.
     pub adopted: bool,
-    /// Pinned endpoint links moved onto the freshly loaded programs.
+    /// Endpoint attachments (pinned TCX links and tc filters) moved onto the freshly loaded
+    /// programs.
     pub links_updated: usize,
 }
 
@@ -33,6 +34,8 @@ impl Datapath {
         }
         let existing = layout::check_all(pins)?;
         check_meta(pins)?;
+        // The programs tc filters may run from an earlier start: moved onto the new ones below.
+        let previous: Vec<u32> = pinned_programs(pins).iter().map(|p| p.id).collect();
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
@@ -58,6 +61,7 @@ impl Datapath {
             links_updated: 0,
         };
         dp.links_updated = dp.update_pinned_links()?;
+        dp.links_updated += crate::tc::replace_programs(&mut dp.ebpf, &previous)?;
         dp.write_meta()?;
         info!(
             pin_dir = %pins.base().display(),

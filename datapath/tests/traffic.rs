@@ -1,5 +1,5 @@
 //! Real traffic between pods (network namespaces behind host veths) through the real kernel,
-//! with Moat's programs attached by TCX: TCP, UDP and ICMP over IPv4 and IPv6, allowed and
+//! with Moat's programs attached by TCX (and, where it says so, by tc): TCP, UDP and ICMP over IPv4 and IPv6, allowed and
 //! denied by policy entries; replies; spoofing; audit and learn; and enforcement that
 //! survives the loading process being killed and restarted.
 
@@ -14,7 +14,7 @@ use std::{
 
 use moat_common::*;
 use moat_datapath::{
-    EventReader, Maps, attach_endpoint, detach_endpoint, is_attached,
+    AttachMode, EventReader, Maps, attach_endpoint_with, detach_endpoint, is_attached,
     lab::{Lab, LabPod, probe},
 };
 use support::{LoadedDatapath, endpoint};
@@ -61,6 +61,10 @@ fn allow(
 /// client (CLIENT) may send anything; server (SERVER) admits TCP and UDP 8080 and ICMP from
 /// the client; nobody admits anything else.
 fn setup(dp: &LoadedDatapath, tag: &str) -> Pods {
+    setup_with(dp, tag, AttachMode::Tcx)
+}
+
+fn setup_with(dp: &LoadedDatapath, tag: &str, mode: AttachMode) -> Pods {
     let mut lab = Lab::new(tag).unwrap();
     let client = lab.add_pod("client").unwrap();
     let server = lab.add_pod("server").unwrap();
@@ -121,8 +125,10 @@ fn setup(dp: &LoadedDatapath, tag: &str) -> Pods {
         DIRECTION_INGRESS,
         504,
     );
-    attach_endpoint(&dp.pins, &client.host_if).unwrap();
-    attach_endpoint(&dp.pins, &server.host_if).unwrap();
+    attach_endpoint_with(&dp.pins, &client.host_if, mode).unwrap();
+    attach_endpoint_with(&dp.pins, &server.host_if, mode).unwrap();
+    assert!(is_attached(&dp.pins, &client.host_if));
+    assert!(is_attached(&dp.pins, &server.host_if));
     Pods {
         lab,
         client,
@@ -133,7 +139,19 @@ fn setup(dp: &LoadedDatapath, tag: &str) -> Pods {
 #[test]
 fn tcp_udp_icmp_on_both_families_are_allowed_and_denied_by_policy() {
     let dp = LoadedDatapath::new("traffic");
-    let pods = setup(&dp, "tr");
+    policy_is_enforced(&dp, setup(&dp, "tr"));
+}
+
+#[test]
+fn tc_attached_endpoints_enforce_the_same_policy() {
+    let dp = LoadedDatapath::new("traffic-tc");
+    let pods = setup_with(&dp, "tt", AttachMode::Tc);
+    // Nothing was pinned: the filters belong to the devices.
+    assert!(!dp.pins.link(&pods.server.host_if, "from").exists());
+    policy_is_enforced(&dp, pods);
+}
+
+fn policy_is_enforced(dp: &LoadedDatapath, pods: Pods) {
     let _s8080 = probe::EchoServer::start(&pods.server, 8080).unwrap();
     let _s8081 = probe::EchoServer::start(&pods.server, 8081).unwrap();
     let _c8080 = probe::EchoServer::start(&pods.client, 8080).unwrap();
@@ -313,7 +331,21 @@ fn audit_and_learn_modes_allow_and_report() {
 #[test]
 fn detaching_an_endpoint_removes_its_hooks() {
     let dp = LoadedDatapath::new("detach");
-    let pods = setup(&dp, "dt");
+    drop(detach_removes_hooks(&dp, setup(&dp, "dt")).lab);
+}
+
+#[test]
+fn detaching_a_tc_attached_endpoint_removes_its_filters() {
+    let dp = LoadedDatapath::new("detach-tc");
+    let pods = setup_with(&dp, "dc", AttachMode::Tc);
+    let pods = detach_removes_hooks(&dp, pods);
+    let ifindex = moat_datapath::rtnl::ifindex_of(&pods.server.host_if).unwrap();
+    assert_eq!(moat_datapath::tc::filters(ifindex).unwrap(), vec![]);
+    drop(pods.lab);
+}
+
+/// Returns the pods so that the caller can look at the veths before they go.
+fn detach_removes_hooks(dp: &LoadedDatapath, pods: Pods) -> Pods {
     let _srv = probe::EchoServer::start(&pods.server, 8081).unwrap();
     let to = IpAddr::V4(pods.server.v4);
     assert!(!probe::tcp(&pods.client, to, 8081, SHORT));
@@ -325,13 +357,16 @@ fn detaching_an_endpoint_removes_its_hooks() {
     );
     // Detach is idempotent.
     detach_endpoint(&dp.pins, &pods.server.host_if).unwrap();
+    pods
 }
 
 // --- the loading process dies; enforcement does not ----------------------------------------
 
-fn loader(root: &std::path::Path, attach: &[&str], hold: bool) -> Child {
+fn loader(root: &std::path::Path, attach: &[&str], hold: bool, mode: &str) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat-loader"));
-    cmd.arg("--pin-root").arg(root);
+    cmd.arg("--pin-root")
+        .arg(root)
+        .args(["--attach-mode", mode]);
     for ifname in attach {
         cmd.args(["--attach", ifname]);
     }
@@ -356,22 +391,31 @@ fn loader_report(child: &mut Child) -> String {
 
 #[test]
 fn enforcement_survives_a_killed_loader_and_a_restart_adopts_without_a_gap() {
+    survives_a_killed_loader("tcx");
+}
+
+#[test]
+fn tc_enforcement_survives_a_killed_loader_and_a_restart_moves_the_filters() {
+    survives_a_killed_loader("tc");
+}
+
+fn survives_a_killed_loader(mode: &str) {
     support::require_root();
     support::ensure_bpffs();
     let root = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/moat-test/{}",
-        support::unique_tag("kill")
+        support::unique_tag(&format!("kill-{mode}"))
     ));
     let _ = std::fs::remove_dir_all(&root);
     let pins = moat_datapath::PinDir::new(&root);
-    let mut lab = Lab::new("kl").unwrap();
+    let mut lab = Lab::new(&format!("k{mode}")).unwrap();
     let client = lab.add_pod("client").unwrap();
     let server = lab.add_pod("server").unwrap();
     let _s8080 = probe::EchoServer::start(&server, 8080).unwrap();
     let _s8081 = probe::EchoServer::start(&server, 8081).unwrap();
 
     // First loader: loads, attaches both pods, holds; then it is SIGKILLed.
-    let mut first = loader(&root, &[&client.host_if, &server.host_if], true);
+    let mut first = loader(&root, &[&client.host_if, &server.host_if], true, mode);
     let report = loader_report(&mut first);
     assert!(report.contains("\"adopted\":false"), "{report}");
     let mut maps = Maps::open(&pins).unwrap();
@@ -430,11 +474,19 @@ fn enforcement_survives_a_killed_loader_and_a_restart_adopts_without_a_gap() {
     // A restarted loader re-adopts the pinned maps and moves both pods' links onto its
     // programs; nothing is flushed, the open connection keeps working throughout.
     let entries_before = Maps::open(&pins).unwrap().policy.keys().count();
-    let mut second = loader(&root, &[], false);
+    let programs_before = moat_datapath::loader::pinned_programs(&pins);
+    let mut second = loader(&root, &[], false, mode);
     let report = loader_report(&mut second);
     assert!(second.wait().unwrap().success());
     assert!(report.contains("\"adopted\":true"), "{report}");
     assert!(report.contains("\"links_updated\":4"), "{report}");
+    // Both pods' hooks run the new programs (is_attached compares program ids for tc).
+    assert_ne!(
+        moat_datapath::loader::pinned_programs(&pins),
+        programs_before
+    );
+    assert!(is_attached(&pins, &client.host_if));
+    assert!(is_attached(&pins, &server.host_if));
     assert_eq!(
         Maps::open(&pins).unwrap().policy.keys().count(),
         entries_before

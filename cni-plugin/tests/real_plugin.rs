@@ -334,9 +334,10 @@ fn standalone_dual_stack_builds_routes_enforces_and_cleans_up() {
     for (netns, inv, result, host_if, v4, _) in &pods {
         list.del(&world, inv, Some(result), &json!({}))
             .expect("DEL");
-        // At once: moatd no longer knows the endpoint (its programs drop everything on the
-        // veth) and no live pins name the veth; moatd deletes the veth, and the pod's end and
-        // the host route with it, right after answering.
+        // At once: moatd no longer knows the endpoint, and the veth keeps its (tc) filters,
+        // which now drop everything, for as long as it exists: never a moment unfiltered.
+        // moatd deletes the veth, and the pod's end and the host route with it, right after
+        // answering.
         assert!(
             world
                 .endpoints()
@@ -344,7 +345,10 @@ fn standalone_dual_stack_builds_routes_enforces_and_cleans_up() {
                 .all(|(c, _, _)| *c != inv.container_id),
             "endpoint forgotten when DEL returns"
         );
-        assert!(!is_attached(&world.pins(), host_if));
+        assert!(
+            is_attached(&world.pins(), host_if) || !link_exists(host_if),
+            "{host_if} exists without its filters"
+        );
         wait_until("host veth deleted", || !link_exists(host_if));
         wait_until("eth0 gone from the pod", || {
             !netns.exec("ip link").contains("eth0")

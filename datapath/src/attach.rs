@@ -99,10 +99,18 @@ fn attach_one(
 /// Detaches both hooks, whichever mechanism put them there. Idempotent: a missing pin or
 /// filter, or a vanished veth, is not an error.
 pub fn detach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
+    detach_links(pins, ifname)?;
+    crate::tc::detach(ifname)
+}
+
+/// Detaches only what is pinned in `pins` (TCX links), leaving tc filters, which belong to
+/// the device: moatd uses this when it forgets an endpoint whose device may be on its way
+/// out, where taking the filters off would let the veth pass traffic unjudged until then.
+pub fn detach_links(pins: &PinDir, ifname: &str) -> Result<()> {
     for (hook, _, _) in HOOKS {
         remove_pin(&pins.link(ifname, hook))?;
     }
-    crate::tc::detach(ifname)
+    Ok(())
 }
 
 /// Removes both link pins without detaching first, for a device that is being deleted: the
@@ -124,13 +132,30 @@ pub fn unpin_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Marker "hook" of a tc-attached device set aside for deletion (see `set_aside_links`).
+const TC_MARKER: &str = "tc";
+
 /// Moves both link pins of `ifname` aside, keyed by the device's `ifindex`, for a veth about
 /// to be deleted: the programs stay attached (the pins keep the links alive) until the kernel
 /// detaches them with the device, while the interface name is free of pins at once, so
 /// nothing detaches them explicitly (a detach on a live device waits for an RCU grace
 /// period). A missing pin is fine.
+///
+/// A tc-attached device has no link pins, yet a restarted moatd must still find it to finish
+/// the deletion; bpffs holds nothing but pinned objects, so the program is pinned once more
+/// under the device's doomed name as that durable marker.
 pub fn set_aside_links(pins: &PinDir, ifname: &str, ifindex: u32) -> Result<()> {
     fs::create_dir_all(pins.doomed_links()).context("creating the doomed link directory")?;
+    if crate::tc::filters(ifindex).is_ok_and(|f| !f.is_empty()) {
+        let marker = pins.doomed_link(ifindex, ifname, TC_MARKER);
+        if !marker.exists() {
+            let mut program = SchedClassifier::from_pin(pins.program(program_name::FROM_CONTAINER))
+                .context("opening the pinned program for a doomed-device marker")?;
+            program
+                .pin(&marker)
+                .with_context(|| format!("pinning the marker {}", marker.display()))?;
+        }
+    }
     for (hook, _, _) in HOOKS {
         match fs::rename(
             pins.link(ifname, hook),
@@ -150,7 +175,8 @@ pub fn set_aside_links(pins: &PinDir, ifname: &str, ifindex: u32) -> Result<()> 
 
 /// Removes the set-aside pins of device `ifindex` (once it is gone). Idempotent.
 pub fn drop_set_aside_links(pins: &PinDir, ifindex: u32, ifname: &str) -> Result<()> {
-    for (hook, _, _) in HOOKS {
+    let hooks = HOOKS.iter().map(|(hook, _, _)| *hook);
+    for hook in hooks.chain([TC_MARKER]) {
         match fs::remove_file(pins.doomed_link(ifindex, ifname, hook)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::Context;
 use ipnetwork::IpNetwork;
-use moat_datapath::{Datapath, Maps, PinDir, attach::attached_interfaces, detach_endpoint};
+use moat_datapath::{
+    Datapath, Maps, PinDir,
+    attach::{attached_interfaces, detach_links},
+};
 use moat_policy::{Engine, LabelSet, Pod, PodRef};
 use tracing::{info, warn};
 
@@ -647,7 +650,7 @@ impl Daemon {
         for key in gone {
             info!(endpoint = %key, "host veth gone; forgetting endpoint");
             if let Some(r) = self.endpoints.remove(&key) {
-                let _ = detach_endpoint(&self.pins, &r.spec.host_ifname);
+                let _ = detach_links(&self.pins, &r.spec.host_ifname);
             }
         }
     }
@@ -686,7 +689,7 @@ impl Daemon {
             for name in names {
                 if !owned.contains(name.as_str()) {
                     info!(ifname = %name, "detaching orphan link");
-                    let _ = detach_endpoint(&self.pins, &name);
+                    let _ = detach_links(&self.pins, &name);
                 }
             }
         }
@@ -1023,7 +1026,10 @@ impl Daemon {
         if let Err(e) = self.reconcile() {
             warn!(error = %e, "reconcile after unregister failed");
         }
-        let _ = detach_endpoint(&self.pins, &record.spec.host_ifname);
+        // Pins only: tc filters stay with the device, dropping everything now that the
+        // endpoint is gone, until whoever owns the device deletes it (moatd itself after a
+        // standalone DEL, the interface plugin in a chain).
+        let _ = detach_links(&self.pins, &record.spec.host_ifname);
         if let Err(e) = self.store.remove(&key, &self.endpoints) {
             warn!(error = %e, "saving endpoints");
         }

@@ -1,7 +1,7 @@
 //! Host veths that standalone DEL hands over for deletion ([`moat_api::HostRequest`]).
 //!
-//! The kernel takes tens of milliseconds to delete a veth that carries TCX programs (an RCU
-//! grace period per hook, then an RCU barrier before the device is freed), all inside the
+//! The kernel takes tens of milliseconds to delete a veth (an RCU barrier before the device
+//! is freed, plus a grace period per hook when TCX programs are on it), all inside the
 //! deleting thread's netlink call. By the time a link arrives here moatd has already removed
 //! its endpoint from the maps, so the programs drop everything on it: it only has to go away,
 //! which one worker thread does in the background, in arrival order.
@@ -17,7 +17,8 @@ use moat_datapath::{
 use tracing::{debug, warn};
 
 /// A host veth to delete: by index, and only while that index still has this name. Its link
-/// pins were set aside (`attach::set_aside_links`) and go once the device is gone.
+/// pins (or, tc-attached, its marker pin) were set aside (`attach::set_aside_links`) and go
+/// once the device is gone.
 #[derive(Clone, Debug)]
 pub struct DoomedLink {
     pub ifindex: u32,

@@ -228,12 +228,16 @@ impl Cluster {
             std::fs::create_dir_all(&node_dir).unwrap();
             let v4 = Ipv4Addr::new(192, 168, 251, n);
             let v6: Ipv6Addr = format!("fd51::{n}").parse().unwrap();
+            // No DAD on the node's link: while its link-local address is tentative the node
+            // cannot resolve its peer's IPv6 address, and the first cross-node v6 packets
+            // would be lost for a second or two after start (real nodes are long up).
             sh(&format!(
                 "ip netns add {netns} && \
                  ip -n {netns} link set lo up && \
                  ip link add {root_if} netns {fabric} type veth peer name eth0 netns {netns} && \
                  ip -n {fabric} link set {root_if} master br0 up && \
-                 ip netns exec {netns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+                 ip netns exec {netns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                     net.ipv6.conf.eth0.accept_dad=0 && \
                  ip -n {netns} addr add {v4}/24 dev eth0 && \
                  ip -n {netns} addr add {v6}/64 dev eth0 nodad && \
                  ip -n {netns} link set eth0 up"

@@ -16,7 +16,7 @@ use moat_cni::protocol::{
 use moat_datapath::{
     PinDir,
     attach::{attached_interfaces, unpin_endpoint},
-    attach_endpoint, detach_endpoint, rtnl,
+    attach_endpoint_with, detach_endpoint, rtnl,
 };
 
 use moat_cni::config::{MoatConfig, Mode};
@@ -169,7 +169,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn attach(&self, host_ifname: &str) -> Result<(), CniError> {
-        attach_endpoint(&self.pins, host_ifname).map_err(|e| {
+        attach_endpoint_with(&self.pins, host_ifname, self.config.attach).map_err(|e| {
             let text = format!("{e:#}");
             let code = if text.contains("is moatd running") {
                 ErrorCode::TryAgainLater
@@ -185,9 +185,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// Attaches both programs to `host` on a scoped thread while `meanwhile` runs, and
-    /// returns once both are done. Each TCX attachment costs the kernel an RCU grace period
-    /// (under RTNL), the bulk of an ADD; IPAM and the registration with moatd need neither,
-    /// so they run in that time. The first error wins; undoing is the caller's.
+    /// returns once both are done. A TCX attachment (`"attach": "tcx"`) costs the kernel an
+    /// RCU grace period under RTNL, the bulk of such an ADD; IPAM and the registration with
+    /// moatd need neither, so they run in that time. The first error wins; undoing is the
+    /// caller's.
     fn attach_while<T>(
         &self,
         host: &str,

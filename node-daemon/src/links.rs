@@ -134,4 +134,42 @@ mod tests {
             pins,
         });
     }
+
+    /// Needs root and bpffs. A tc-attached veth has no link pins; setting it aside leaves a
+    /// marker pin by which a restarted moatd (`resume`) still deletes it, filters on until then.
+    #[test]
+    fn a_doomed_tc_attached_veth_is_deleted_by_a_restarted_daemon() {
+        let a = format!("mlt{}a", std::process::id() % 100_000);
+        let b = format!("mlt{}b", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["link", "del", &a]).status();
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        let index = ifindex_of(&a).unwrap();
+        let root = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/moat-test/links-tc-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let pins = PinDir::new(&root);
+        let datapath = moat_datapath::Datapath::load(&pins).unwrap();
+        moat_datapath::attach_endpoint_with(&pins, &a, moat_datapath::AttachMode::Tc).unwrap();
+
+        moat_datapath::attach::set_aside_links(&pins, &a, index).unwrap();
+        assert_eq!(set_aside_links_list(&pins), vec![(index, a.clone())]);
+        assert!(
+            moat_datapath::is_attached(&pins, &a),
+            "the filters stay on until the device goes"
+        );
+        // The daemon that set it aside is gone; the next one finishes the job.
+        drop(datapath);
+        resume(&pins);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while (exists(&a) || !set_aside_links_list(&pins).is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!exists(&a) && !exists(&b), "doomed veth deleted");
+        assert_eq!(set_aside_links_list(&pins), vec![], "marker dropped");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

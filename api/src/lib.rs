@@ -54,8 +54,12 @@ pub enum Request {
         container_id: String,
         ifname: String,
     },
-    /// Is the daemon ready to register endpoints?
+    /// The daemon's state for operators: readiness, counts, programs, map fill (which walks
+    /// every map, so it costs time in proportion to their size).
     Status,
+    /// Is the daemon ready to register endpoints? Answered without reading any map: moat-cni
+    /// asks it on every pod start.
+    Ready,
     /// Everything moatd knows about its endpoints.
     ListEndpoints,
     /// Policy state: identities, rules, rejected objects.
@@ -230,6 +234,9 @@ pub enum Response {
         found: bool,
     },
     Status(DaemonStatus),
+    Ready {
+        ready: bool,
+    },
     Endpoints {
         endpoints: Vec<EndpointStatus>,
     },
@@ -437,6 +444,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(Request::ListEndpoints).unwrap(),
             serde_json::json!({"op":"list_endpoints"})
+        );
+        assert_eq!(
+            serde_json::to_value(Request::Ready).unwrap(),
+            serde_json::json!({"op":"ready"})
+        );
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"result":"ready","ready":false}"#).unwrap(),
+            Response::Ready { ready: false }
         );
         let spec = EndpointSpec {
             container_id: "c".into(),

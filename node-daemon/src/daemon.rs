@@ -1073,6 +1073,9 @@ impl Daemon {
                 found: self.forget(&container_id, &ifname),
             },
             Request::Status => Response::Status(self.status()),
+            Request::Ready => Response::Ready {
+                ready: self.ready(),
+            },
             Request::Trace {
                 from,
                 to,

@@ -113,18 +113,18 @@ impl<'a> Ctx<'a> {
 
     /// Fails fast, before anything is created, when moatd cannot register endpoints.
     fn require_moatd_ready(&self) -> Result<(), CniError> {
-        match self.call(&Request::Status) {
-            Ok(Response::Status(status)) if status.ready => Ok(()),
-            Ok(Response::Status(_)) => Err(CniError::new(
+        match moatd_ready(&self.config) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CniError::new(
                 ErrorCode::TryAgainLater,
                 "moatd is not ready to register endpoints",
             )),
-            Ok(other) => Err(CniError::new(
+            Err(ReadyError::Unexpected(answer)) => Err(CniError::new(
                 ErrorCode::Plugin(CODE_MOATD_REFUSED),
                 "unexpected answer from moatd",
             )
-            .with_details(format!("{other:?}"))),
-            Err(e) => Err(moatd_error(e, ErrorCode::TryAgainLater)),
+            .with_details(answer)),
+            Err(ReadyError::Client(e)) => Err(moatd_error(e, ErrorCode::TryAgainLater)),
         }
     }
 
@@ -613,6 +613,20 @@ impl<'a> Ctx<'a> {
 
 /// Addresses of the container interface in a result: those whose `interface` points at the
 /// entry for (`ifname`, `netns`); when no interface matches, every address.
+enum ReadyError {
+    Client(ClientError),
+    Unexpected(String),
+}
+
+/// moatd's readiness (`Request::Ready`: no map is read, unlike `Status`).
+fn moatd_ready(config: &MoatConfig) -> Result<bool, ReadyError> {
+    match api::call(&config.socket, &Request::Ready, config.timeout) {
+        Ok(Response::Ready { ready }) => Ok(ready),
+        Ok(other) => Err(ReadyError::Unexpected(format!("{other:?}"))),
+        Err(e) => Err(ReadyError::Client(e)),
+    }
+}
+
 fn container_ips(result: &SuccessResult, ifname: &str, netns: &str) -> Vec<IpAddr> {
     let index = result
         .interfaces
@@ -659,22 +673,22 @@ impl Plugin for MoatPlugin {
 
     fn status(&self, request: &NetworkRequest) -> Result<(), CniError> {
         let config = MoatConfig::from_network(&request.config)?;
-        match api::call(&config.socket, &Request::Status, config.timeout) {
-            Ok(Response::Status(status)) if status.ready => {}
-            Ok(Response::Status(_)) => {
+        match moatd_ready(&config) {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(CniError::new(
                     ErrorCode::PluginNotAvailable,
                     "moatd is not ready",
                 ));
             }
-            Ok(other) => {
+            Err(ReadyError::Unexpected(answer)) => {
                 return Err(CniError::new(
                     ErrorCode::PluginNotAvailable,
                     "unexpected answer from moatd",
                 )
-                .with_details(format!("{other:?}")));
+                .with_details(answer));
             }
-            Err(e) => {
+            Err(ReadyError::Client(e)) => {
                 return Err(
                     CniError::new(ErrorCode::PluginNotAvailable, "moatd is not reachable")
                         .with_details(e.to_string()),

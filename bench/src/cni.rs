@@ -444,6 +444,23 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Devices whose tc filters run one of the programs pinned in `pins`.
+fn tc_attached_veths(pins: &moat_datapath::PinDir) -> usize {
+    let ours: Vec<u32> = moat_datapath::loader::pinned_programs(pins)
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    moat_datapath::tc::attached_devices()
+        .iter()
+        .filter(|(ifindex, _)| {
+            moat_datapath::tc::filters(*ifindex)
+                .unwrap_or_default()
+                .iter()
+                .any(|f| f.program_id.is_some_and(|id| ours.contains(&id)))
+        })
+        .count()
+}
+
 fn host_local_allocations(dir: &Path) -> usize {
     // host-local keeps one file per address (plus last_reserved_ip.* and lock).
     std::fs::read_dir(dir)
@@ -552,9 +569,22 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
     let endpoints = world
         .moatd(&json!({"op": "list_endpoints"}))
         .and_then(|v| v["endpoints"].as_array().map(Vec::len));
-    let pins = moat_datapath::attach::attached_interfaces(&moat_datapath::PinDir::new(PIN_ROOT))
+    let pin_dir = moat_datapath::PinDir::new(PIN_ROOT);
+    let pins = moat_datapath::attach::attached_interfaces(&pin_dir)
         .map(|v| v.len())
         .unwrap_or(0);
+    // Veths still carrying this moatd's tc filters: standalone DEL leaves the veth to moatd,
+    // which deletes it right after answering, so allow that a bounded moment.
+    let tc_veths = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = tc_attached_veths(&pin_dir);
+            if left == 0 || Instant::now() >= deadline {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     let moat_ipam = std::fs::read_to_string(world.dir.join("moat-ipam/mbcni-moat/state.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -564,10 +594,15 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
     let leaks = json!({
         "moatd_endpoints": endpoints,
         "attached_pins": pins,
+        "tc_attached_veths": tc_veths,
         "moat_ipam_allocations": moat_ipam,
         "host_local_allocations": host_local,
     });
-    let clean = endpoints == Some(0) && pins == 0 && moat_ipam == Some(0) && host_local == 0;
+    let clean = endpoints == Some(0)
+        && pins == 0
+        && tc_veths == 0
+        && moat_ipam == Some(0)
+        && host_local == 0;
     section.insert("left_behind".into(), leaks);
 
     let mut configs = Map::new();

@@ -393,7 +393,8 @@ pub const CT_FLAG_NOT_ENFORCED: u8 = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) after which the entry is dead.
+    /// CLOCK_MONOTONIC time (read coarse, bpf_ktime_get_coarse_ns) after which the entry is
+    /// dead.
     pub expires_ns: u64,
     pub rule_id: u32,
     pub remote_identity: u32,

@@ -97,8 +97,8 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         return drop_judged(&cfg, &pkt, &j, now);
     }
 
-    let key = conntrack::forward_key(ifindex, &pkt);
-    match conntrack::lookup_and_update(&key, &pkt, now) {
+    let flow = conntrack::flow_key(ifindex, &pkt);
+    match conntrack::lookup_and_update(&flow, &pkt, now) {
         Lookup::Established => return pass(reason::ESTABLISHED, direction, pkt.len),
         Lookup::Reply => return pass(reason::REPLY, direction, pkt.len),
         Lookup::Miss => {}
@@ -160,8 +160,8 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     let Some(ep) = endpoint::endpoint_ref(ifindex) else {
         return TC_ACT_SHOT;
     };
-    let flow_key = conntrack::forward_key(ifindex, pkt);
-    let key = &flow_key;
+    let flow = conntrack::flow_key(ifindex, pkt);
+    let key = &flow;
     let cfg = events::config();
     let remote_addr = if direction == DIRECTION_EGRESS {
         pkt.daddr

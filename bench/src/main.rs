@@ -34,7 +34,8 @@ use util::{check_interrupted, median, round};
 
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
 const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
-                     [--repeat N] [--batches N] [--entries N] [--iptables-rules N]";
+                     [--repeat N] [--batches N] [--entries N] [--iptables-rules N] \
+                     [--per-packet-only]";
 
 struct Args {
     out: PathBuf,
@@ -44,6 +45,8 @@ struct Args {
     batches: usize,
     entries: usize,
     iptables_rules: usize,
+    /// Skip the traffic part: a quick loop for tuning the programs' per-packet cost.
+    per_packet_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -60,8 +63,13 @@ fn parse_args() -> Result<Args> {
         batches: 7,
         entries: 100_000,
         iptables_rules: 10_000,
+        per_packet_only: false,
     };
     while let Some(flag) = it.next() {
+        if flag == "--per-packet-only" {
+            args.per_packet_only = true;
+            continue;
+        }
         let value = it
             .next()
             .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
@@ -194,6 +202,9 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         per_packet.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
     );
     check_interrupted()?;
+    if args.per_packet_only {
+        return Ok(());
+    }
 
     // --- 2. real traffic ------------------------------------------------------------------
     eprintln!("moat-bench: pod-to-pod traffic");

@@ -255,12 +255,20 @@ impl Maps {
             .map_err(map_err("writing config"))
     }
 
-    /// Conntrack entries of one endpoint (by host-side ifindex).
+    /// Conntrack entries of one endpoint (by host-side ifindex), each keyed by the tuple of the
+    /// flow's first packet (the map stores one end order for both directions; see `CtKey`).
     pub fn conntrack_entries(&self, ifindex: Option<u32>) -> Vec<(CtKey, CtValue)> {
         self.conntrack
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(k, _)| ifindex.is_none_or(|i| k.ifindex == i))
+            .map(|(k, v)| {
+                if v.flags & CT_FLAG_KEY_REVERSED != 0 {
+                    (k.reversed(), v)
+                } else {
+                    (k, v)
+                }
+            })
             .collect()
     }
 

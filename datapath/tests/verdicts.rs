@@ -507,6 +507,55 @@ fn tcp_state_follows_syn_fin_and_rst() {
     assert_eq!(state(&f, 41001).state, CT_STATE_CLOSING);
 }
 
+/// Both directions of a flow share one entry under an ordered key. Which end sorts first (here
+/// the pod's address is the lower one) must change nothing: established and reply, FIN
+/// tracking, and the initiator's tuple in `conntrack_entries`.
+#[test]
+fn a_flow_is_tracked_alike_whichever_end_sorts_first() {
+    let mut f = Fixture::new("ctorder");
+    f.allow_out(PEER, 80, PROTO_TCP, 170);
+    f.rule(PEER, 8080, PROTO_TCP, DIRECTION_INGRESS, ACTION_ALLOW, 171);
+    // Started by the lower end (the pod).
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 42000, 80)), TC_ACT_OK);
+    let synack = Packet::tcp(peer_v4(), pod_v4(), 80, 42000, TCP_SYN | TCP_ACK);
+    assert_eq!(f.to_pod(&synack), TC_ACT_OK);
+    // Started by the higher end (the peer), then closed from both sides.
+    assert_eq!(f.to_pod(&syn(peer_v4(), pod_v4(), 43000, 8080)), TC_ACT_OK);
+    let synack = Packet::tcp(pod_v4(), peer_v4(), 8080, 43000, TCP_SYN | TCP_ACK);
+    assert_eq!(f.out(&synack), TC_ACT_OK);
+    let ack = Packet::tcp(peer_v4(), pod_v4(), 43000, 8080, TCP_ACK);
+    assert_eq!(f.to_pod(&ack), TC_ACT_OK);
+    let fin = Packet::tcp(peer_v4(), pod_v4(), 43000, 8080, TCP_FIN | TCP_ACK);
+    assert_eq!(f.to_pod(&fin), TC_ACT_OK);
+    let fin_back = Packet::tcp(pod_v4(), peer_v4(), 8080, 43000, TCP_FIN | TCP_ACK);
+    assert_eq!(f.out(&fin_back), TC_ACT_OK);
+
+    assert_eq!(f.count(VERDICT_ALLOW, reason::REPLY, DIRECTION_INGRESS), 1);
+    assert_eq!(f.count(VERDICT_ALLOW, reason::REPLY, DIRECTION_EGRESS), 2);
+    assert_eq!(
+        f.count(VERDICT_ALLOW, reason::ESTABLISHED, DIRECTION_INGRESS),
+        2
+    );
+    let entries = f.maps.conntrack_entries(Some(f.ifindex));
+    assert_eq!(
+        entries.len(),
+        2,
+        "one entry per flow, not one per direction"
+    );
+    let by_initiator = |sport: u16| {
+        entries
+            .iter()
+            .find(|(k, _)| k.sport == sport)
+            .unwrap_or_else(|| panic!("no entry keyed by the initiator's port {sport}"))
+    };
+    let (key, value) = by_initiator(42000);
+    assert_eq!((key.dport, value.direction), (80, DIRECTION_EGRESS));
+    assert_eq!((value.state, value.rule_id), (CT_STATE_ESTABLISHED, 170));
+    let (key, value) = by_initiator(43000);
+    assert_eq!((key.dport, value.direction), (8080, DIRECTION_INGRESS));
+    assert_eq!((value.state, value.rule_id), (CT_STATE_CLOSING, 171));
+}
+
 #[test]
 fn a_policy_change_stops_new_connections_but_not_established_ones() {
     let mut f = Fixture::new("change");

@@ -492,7 +492,8 @@ fn follow_flows(
     }
 }
 
-/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.
+/// CLOCK_MONOTONIC, the clock the programs read (coarsely: bpf_ktime_get_coarse_ns() lags it by
+/// at most a tick, so their timestamps are at most a tick early).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -7,7 +7,7 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Bumped on any change to a type below. Pinned state of another layout is never reused.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Identities
@@ -366,6 +366,9 @@ pub struct CidrKeyV6 {
 // flow between two local pods is judged by both perimeters independently.
 // ---------------------------------------------------------------------------------------------
 
+/// A flow's key. Its two ends are stored in a fixed order (the lower address, then the lower
+/// port, as source), so that a packet finds its flow in one lookup whichever way it runs;
+/// `CT_FLAG_KEY_REVERSED` in the value tells which end started the flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -379,6 +382,19 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+impl CtKey {
+    /// The same flow seen from its other end.
+    pub fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            ..*self
+        }
+    }
+}
+
 pub const CT_STATE_SYN_SENT: u8 = 1;
 pub const CT_STATE_ESTABLISHED: u8 = 2;
 pub const CT_STATE_CLOSING: u8 = 3;
@@ -389,11 +405,15 @@ pub const CT_FLAG_FIN_FORWARD: u8 = 2;
 pub const CT_FLAG_FIN_REPLY: u8 = 4;
 /// Allowed only because of audit or learn mode.
 pub const CT_FLAG_NOT_ENFORCED: u8 = 8;
+/// The flow's first packet ran from the key's destination to its source: the initiator's
+/// tuple is the key reversed.
+pub const CT_FLAG_KEY_REVERSED: u8 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) after which the entry is dead.
+    /// CLOCK_MONOTONIC time (read coarse, bpf_ktime_get_coarse_ns) after which the entry is
+    /// dead.
     pub expires_ns: u64,
     pub rule_id: u32,
     pub remote_identity: u32,

@@ -9,12 +9,8 @@ use moat_common::{
 
 use crate::maps::{ENDPOINTS, IPCACHE_V4, IPCACHE_V6};
 
-#[inline(always)]
-pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
-    unsafe { ENDPOINTS.get(&ifindex) }.copied()
-}
-
-/// The endpoint entry in place (no copy: the policy stage is short of stack).
+/// The endpoint entry in place: a copy costs stack the verifier does not have to give, and
+/// time on every packet.
 #[inline(always)]
 pub fn endpoint_ref(ifindex: u32) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&ifindex) }

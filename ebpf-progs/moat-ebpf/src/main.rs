@@ -76,13 +76,13 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         return pass(reason::NEIGHBOR, direction, pkt.len);
     }
     let now = conntrack::now_ns();
-    let Some(ep) = endpoint::endpoint(ifindex) else {
+    let Some(ep) = endpoint::endpoint_ref(ifindex) else {
         // Programs without an endpoint entry: registration has not finished, or teardown
         // has begun. Never fail open.
         let cfg = events::config();
         return drop_judged(&cfg, &pkt, &unknown_endpoint(ifindex, direction), now);
     };
-    if direction == DIRECTION_EGRESS && !endpoint::owns_address(&ep, pkt.family, &pkt.saddr) {
+    if direction == DIRECTION_EGRESS && !endpoint::owns_address(ep, pkt.family, &pkt.saddr) {
         let cfg = events::config();
         let j = Judgement {
             ifindex,
@@ -97,8 +97,8 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         return drop_judged(&cfg, &pkt, &j, now);
     }
 
-    let key = conntrack::forward_key(ifindex, &pkt);
-    match conntrack::lookup_and_update(&key, &pkt, now) {
+    let flow = conntrack::flow_key(ifindex, &pkt);
+    match conntrack::lookup_and_update(&flow, &pkt, now) {
         Lookup::Established => return pass(reason::ESTABLISHED, direction, pkt.len),
         Lookup::Reply => return pass(reason::REPLY, direction, pkt.len),
         Lookup::Miss => {}
@@ -107,10 +107,14 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         return pass(reason::RELATED, direction, pkt.len);
     }
     // Hand the packet over through scratch memory: see scratch.rs for why.
-    let Some(slot) = scratch::SCRATCH_PACKET.get_ptr_mut(0) else {
+    let Some(slot) = scratch::SCRATCH_NEW_FLOW.get_ptr_mut(0) else {
         return drop_unjudged(reason::STATE_MAP_FULL, direction, pkt.len);
     };
-    scratch::put(slot, pkt);
+    unsafe {
+        scratch::put(&raw mut (*slot).pkt, pkt);
+        scratch::put(&raw mut (*slot).ep, *ep);
+        scratch::put(&raw mut (*slot).now, now);
+    }
     NEEDS_POLICY
 }
 
@@ -148,20 +152,19 @@ fn unknown_endpoint(ifindex: u32, direction: u8) -> Judgement {
     }
 }
 
-/// Judges the first packet of a flow (left in SCRATCH_PACKET) against policy.
+/// Judges the first packet of a flow (left in SCRATCH_NEW_FLOW) against policy.
 #[inline(never)]
 fn new_flow(ifindex: u32, direction: u8) -> i32 {
-    let Some(slot) = scratch::SCRATCH_PACKET.get_ptr(0) else {
+    let Some(slot) = scratch::SCRATCH_NEW_FLOW.get_ptr(0) else {
         return TC_ACT_SHOT;
     };
     // Read in place: a copy would cost stack the verifier does not have to give.
-    let pkt: &Packet = unsafe { &*slot };
-    let now = conntrack::now_ns();
-    let Some(ep) = endpoint::endpoint_ref(ifindex) else {
-        return TC_ACT_SHOT;
-    };
-    let flow_key = conntrack::forward_key(ifindex, pkt);
-    let key = &flow_key;
+    let handover = unsafe { &*slot };
+    let pkt: &Packet = &handover.pkt;
+    let ep = &handover.ep;
+    let now = handover.now;
+    let flow = conntrack::flow_key(ifindex, pkt);
+    let key = &flow;
     let cfg = events::config();
     let remote_addr = if direction == DIRECTION_EGRESS {
         pkt.daddr

@@ -1,7 +1,8 @@
 //! Packet parsing: Ethernet, IPv4, IPv6 (with extension headers), TCP, UDP, SCTP, ICMP and
-//! ICMPv6, plus IP fragments. Every read goes through `bpf_skb_load_bytes` (`ctx.load`), which
-//! fails cleanly on a short packet, so a truncated header becomes `Parsed::Malformed` instead
-//! of an out-of-bounds access.
+//! ICMPv6, plus IP fragments. Reads come straight from the packet's linear area when the bytes
+//! are there (no helper call); otherwise from `bpf_skb_load_bytes` (`ctx.load`), which fails
+//! cleanly on a short packet, so a truncated header becomes `Parsed::Malformed` instead of an
+//! out-of-bounds access.
 
 use aya_ebpf::programs::TcContext;
 use moat_common::{
@@ -70,8 +71,23 @@ pub enum Parsed {
     FragmentStateFull,
 }
 
+/// Reads a `T` at `offset`. Headers almost always sit in the linear area, where a bounds check
+/// against data_end is all a read costs; a helper call per header was most of the cost of
+/// parsing (measured: 3 calls, ~75 ns of a conntrack hit). Bytes past the linear area (paged
+/// skbs) or past the end of the packet go through `bpf_skb_load_bytes`, which reads the
+/// former and refuses the latter, so the outcome is the same either way.
+///
+/// Never a single byte: LLVM turns `start + 1 <= data_end` into `data_end > start`, from which
+/// the verifier grants no range at all.
 #[inline(always)]
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    const { assert!(core::mem::size_of::<T>() >= 2) };
+    let start = ctx.data() + offset;
+    if start + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie between data and data_end (checked just above, and the verifier
+        // checks it again); packet data has no alignment guarantee, hence the unaligned read.
+        return Ok(unsafe { core::ptr::read_unaligned(start as *const T) });
+    }
     ctx.load::<T>(offset).map_err(|_| ())
 }
 
@@ -122,8 +138,8 @@ fn be16(b: &[u8], at: usize) -> u16 {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
-    // One helper call for the whole fixed header: each load is a call, and calls are what a
-    // packet's cost is mostly made of.
+    // One read for the whole fixed header: a bounds check each, or a helper call each when the
+    // header is not in the linear area.
     let h: [u8; 20] = load(ctx, ETH_HLEN)?;
     let version_ihl = h[0];
     if version_ihl >> 4 != 4 {
@@ -297,18 +313,22 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), ()> 
 
 #[inline(always)]
 fn parse_inner(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), ()> {
+    // Only the fields that matter, in reads of at least two bytes (see `load`); together they
+    // need the same bytes as the whole header, so the same quotes are refused.
     let l4_offset = if pkt.family == FAMILY_V4 {
-        let version_ihl: u8 = load(ctx, offset)?;
-        let header_len = ((version_ihl & 0x0f) as usize) * 4;
-        if version_ihl >> 4 != 4 || header_len < 20 {
+        let version_tos: [u8; 2] = load(ctx, offset)?;
+        let header_len = ((version_tos[0] & 0x0f) as usize) * 4;
+        if version_tos[0] >> 4 != 4 || header_len < 20 {
             return Err(());
         }
-        pkt.inner.proto = load(ctx, offset + 9)?;
+        let ttl_proto: [u8; 2] = load(ctx, offset + 8)?;
+        pkt.inner.proto = ttl_proto[1];
         pkt.inner.saddr = [load(ctx, offset + 12)?, 0, 0, 0];
         pkt.inner.daddr = [load(ctx, offset + 16)?, 0, 0, 0];
         offset + header_len
     } else {
-        pkt.inner.proto = load(ctx, offset + 6)?;
+        let next_hop: [u8; 2] = load(ctx, offset + 6)?;
+        pkt.inner.proto = next_hop[0];
         pkt.inner.saddr = load(ctx, offset + 8)?;
         pkt.inner.daddr = load(ctx, offset + 24)?;
         offset + 40
@@ -320,9 +340,9 @@ fn parse_inner(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), (
             pkt.inner.dport = u16::from_be(ports[1]);
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let type_code: [u8; 2] = load(ctx, l4_offset)?;
-            let ident = u16::from_be(load::<u16>(ctx, l4_offset + 4)?);
-            let (sport, dport) = icmp_ports(pkt.family == FAMILY_V6, type_code[0], ident);
+            // Type, code, checksum, identifier.
+            let h: [u8; 6] = load(ctx, l4_offset)?;
+            let (sport, dport) = icmp_ports(pkt.family == FAMILY_V6, h[0], be16(&h, 4));
             pkt.inner.sport = sport;
             pkt.inner.dport = dport;
         }

@@ -8,6 +8,7 @@
 //! volatile so the compiler cannot short-circuit the round trip.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
+use moat_common::EndpointInfo;
 
 use crate::parse::Packet;
 
@@ -21,8 +22,17 @@ pub struct Lookups {
     pub decision: u64,
 }
 
+/// What the first stage hands the second about a new flow. The endpoint entry travels as a
+/// copy (an array slot costs no hash lookup) and the clock is read once per packet.
+#[repr(C)]
+pub struct NewFlow {
+    pub pkt: Packet,
+    pub ep: EndpointInfo,
+    pub now: u64,
+}
+
 #[map]
-pub static SCRATCH_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH_NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static SCRATCH_LOOKUPS: PerCpuArray<Lookups> = PerCpuArray::with_max_entries(1, 0);

@@ -266,10 +266,22 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
         traffic::register(&mut maps, &client, traffic::CLIENT)?;
         traffic::register(&mut maps, &server, traffic::SERVER)?;
         traffic::install_policy(&mut maps)?;
+        let hints = traffic::apply_lookup_hints(
+            &mut maps,
+            &[(&client, traffic::CLIENT), (&server, traffic::SERVER)],
+        )?;
         let (policy, ipcache) = fill::counts(&maps)?;
         entries.insert(
             label.into(),
-            json!({"policy": policy, "ipcache_v4": ipcache, "ipcache_v6": maps.ipcache_v6.keys().count()}),
+            json!({
+                "policy": policy,
+                "ipcache_v4": ipcache,
+                "ipcache_v6": maps.ipcache_v6.keys().count(),
+                "endpoint_lookup_hints": hints
+                    .iter()
+                    .map(|(id, h)| (id.to_string(), json!(h)))
+                    .collect::<Map<String, Value>>(),
+            }),
         );
     }
     let mut servers = traffic::Servers::start(&server)?;
@@ -418,8 +430,12 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
                 tag = format!("{}-<pid>", util::IPTABLES_TAG),
                 n = args.iptables_rules
             ),
-            "moat": "moat_to_container/moat_from_container attached by TCX (pinned links) to \
-                     both pods' host-side veths; the other datapath's links are detached",
+            "moat": "moat_to_container/moat_from_container attached to both pods' host-side \
+                     veths as moat-cni attaches them by default (tc clsact + cls_bpf); the other \
+                     datapath's filters are removed. Endpoint lookup hints \
+                     (ENDPOINT_FLAG_NO_DENY/NO_RANGES/NO_CIDR) are set as moatd sets them, from \
+                     the entries each policy id has in that datapath's maps, filler included \
+                     (see entries.*.endpoint_lookup_hints)",
         },
     }))
 }

@@ -57,6 +57,55 @@ pub fn register(maps: &mut Maps, pod: &LabPod, identity: u32) -> Result<()> {
     Ok(pod.register(maps, identity)?)
 }
 
+/// Sets each endpoint's ENDPOINT_FLAG_NO_* lookup hints as moatd sets them: from the entries
+/// its policy id has (no deny entry, no port-range entry, no CIDR entry), here read back from
+/// the maps, filler included. Returns the hints by policy id, for the report.
+pub fn apply_lookup_hints(maps: &mut Maps, pods: &[(&LabPod, u32)]) -> Result<Vec<(u32, u8)>> {
+    let mut out = Vec::new();
+    for (pod, policy_id) in pods {
+        let mut needs = 0u8;
+        for entry in maps.policy.iter() {
+            let (key, value) = entry?;
+            if key.policy_id == *policy_id && value.action == ACTION_DENY {
+                needs |= ENDPOINT_FLAG_NO_DENY;
+            }
+        }
+        let rule_set_needs = |set: &PortRuleSet, table: u8| {
+            let rules = &set.rules[..(set.count as usize).min(MAX_PORT_RULES)];
+            table
+                | if rules.iter().any(|r| r.action == ACTION_DENY) {
+                    ENDPOINT_FLAG_NO_DENY
+                } else {
+                    0
+                }
+        };
+        for entry in maps.port_ranges.iter() {
+            let (key, set) = entry?;
+            if key.policy_id == *policy_id {
+                needs |= rule_set_needs(&set, ENDPOINT_FLAG_NO_RANGES);
+            }
+        }
+        for entry in maps.cidr_v4.iter() {
+            let (key, set) = entry?;
+            if key.data().policy_id == policy_id.to_be_bytes() {
+                needs |= rule_set_needs(&set, ENDPOINT_FLAG_NO_CIDR);
+            }
+        }
+        for entry in maps.cidr_v6.iter() {
+            let (key, set) = entry?;
+            if key.data().policy_id == policy_id.to_be_bytes() {
+                needs |= rule_set_needs(&set, ENDPOINT_FLAG_NO_CIDR);
+            }
+        }
+        let hints = ENDPOINT_HINT_FLAGS & !needs;
+        let mut ep = maps.endpoints.get(&pod.ifindex, 0)?;
+        ep.flags = (ep.flags & !ENDPOINT_HINT_FLAGS) | hints;
+        maps.upsert_endpoint(pod.ifindex, &ep)?;
+        out.push((*policy_id, hints));
+    }
+    Ok(out)
+}
+
 /// The policy that admits the benchmark's flows: the client may send anything (not isolated
 /// for egress); the server admits TCP from the client on any port. Replies pass on conntrack.
 pub fn install_policy(maps: &mut Maps) -> Result<()> {

@@ -208,7 +208,8 @@ impl Drop for VethGuard {
     }
 }
 
-/// Moat's programs attached to some host-side veths; detached on drop.
+/// Moat's programs attached to some host-side veths the way moat-cni attaches a pod's by
+/// default (`AttachMode::default()`, tc); detached on drop.
 pub struct AttachGuard {
     pins: PinDir,
     ifnames: Vec<String>,
@@ -221,7 +222,7 @@ impl AttachGuard {
             ifnames: Vec::new(),
         };
         for ifname in ifnames {
-            moat_datapath::attach_endpoint(pins, ifname)
+            moat_datapath::attach_endpoint_with(pins, ifname, moat_datapath::AttachMode::default())
                 .with_context(|| format!("attaching {ifname}"))?;
             guard.ifnames.push(ifname.to_string());
         }

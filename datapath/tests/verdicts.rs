@@ -503,6 +503,37 @@ fn tcp_state_follows_syn_fin_and_rst() {
     ));
     let established = state(&f, 41001);
     assert!(established.expires_ns > closing.expires_ns + 3600 * 1_000_000_000);
+
+    // A packet that changes nothing leaves the entry unwritten unless its expiry would move
+    // by a second or more (the entry is shared by both directions' CPUs). Marked expiries
+    // half a second and two seconds off what the program computes show both cases.
+    let set_expiry = |f: &mut Fixture, expires_ns: u64| {
+        let (key, mut value) = f
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(k, _)| k.ifindex == f.ifindex && (k.sport == 41001 || k.dport == 41001))
+            .unwrap();
+        value.expires_ns = expires_ns;
+        f.maps.conntrack.insert(key, value, 0).unwrap();
+    };
+    let ack = Packet::tcp(pod_v4(), peer_v4(), 41001, 80, TCP_ACK);
+    let near = established.expires_ns + 500_000_000;
+    set_expiry(&mut f, near);
+    assert_eq!(f.out(&ack), TC_ACT_OK);
+    assert_eq!(
+        state(&f, 41001).expires_ns,
+        near,
+        "rewritten within the second"
+    );
+    let stale = established.expires_ns - 2_000_000_000;
+    set_expiry(&mut f, stale);
+    assert_eq!(f.out(&ack), TC_ACT_OK);
+    assert!(
+        state(&f, 41001).expires_ns >= established.expires_ns,
+        "refreshed once off by more than a second"
+    );
     f.to_pod(&Packet::tcp(peer_v4(), pod_v4(), 80, 41001, TCP_RST));
     assert_eq!(state(&f, 41001).state, CT_STATE_CLOSING);
 }

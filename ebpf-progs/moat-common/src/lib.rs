@@ -422,7 +422,9 @@ pub struct CtValue {
     /// Direction of the flow's first packet, as seen by this endpoint.
     pub direction: u8,
     pub _pad: u8,
-    pub packets: u32,
+    /// Was a packet count; entries are no longer written on every packet (see the datapath's
+    /// `conntrack::advance`), so there is none to keep.
+    pub _reserved: u32,
 }
 
 /// Timeouts, in seconds, from the first and every later packet of a flow.

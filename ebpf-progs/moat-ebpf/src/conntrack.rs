@@ -164,7 +164,7 @@ pub fn create(
         flags,
         direction,
         _pad: 0,
-        packets: 0,
+        _reserved: 0,
     };
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && pkt.tcp_flags & TCP_ACK == 0 {
         entry.state = CT_STATE_SYN_SENT;
@@ -176,31 +176,40 @@ pub fn create(
     CONNTRACK.insert(&flow.key, &entry, 0).map_err(|_| ())
 }
 
+/// An expiry is rewritten only when it moves by at least this much (or the state changes).
+const EXPIRY_REFRESH_NS: u64 = NS_PER_SEC;
+
+/// Advances the entry's TCP state and refreshes its expiry, storing only what changed. A
+/// flow's entry is read by the CPUs of both its directions; a store on every packet would
+/// move its cache line between them on every packet. In the steady state of a flow nothing
+/// changes but the expiry, which is then written about once a second (a timeout may end up
+/// to a second short of its nominal length; the shortest is 10 s).
 #[inline(always)]
 fn advance(entry: &mut CtValue, pkt: &Packet, is_reply: bool, now: u64) {
-    entry.packets = entry.packets.wrapping_add(1);
+    let mut state = entry.state;
+    let mut flags = entry.flags;
     let timeout = match pkt.proto {
         PROTO_TCP => {
-            let flags = pkt.tcp_flags;
-            if flags & TCP_RST != 0 {
-                entry.state = CT_STATE_CLOSING;
+            let tcp = pkt.tcp_flags;
+            if tcp & TCP_RST != 0 {
+                state = CT_STATE_CLOSING;
             } else {
-                if flags & TCP_FIN != 0 {
-                    entry.flags |= if is_reply {
+                if tcp & TCP_FIN != 0 {
+                    flags |= if is_reply {
                         CT_FLAG_FIN_REPLY
                     } else {
                         CT_FLAG_FIN_FORWARD
                     };
                 }
-                if entry.flags & (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY)
+                if flags & (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY)
                     == (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY)
                 {
-                    entry.state = CT_STATE_CLOSING;
-                } else if entry.state == CT_STATE_SYN_SENT && is_reply {
-                    entry.state = CT_STATE_ESTABLISHED;
+                    state = CT_STATE_CLOSING;
+                } else if state == CT_STATE_SYN_SENT && is_reply {
+                    state = CT_STATE_ESTABLISHED;
                 }
             }
-            match entry.state {
+            match state {
                 CT_STATE_SYN_SENT => ct_timeout::TCP_SYN,
                 CT_STATE_CLOSING => ct_timeout::TCP_CLOSING,
                 _ => ct_timeout::TCP_ESTABLISHED,
@@ -210,5 +219,13 @@ fn advance(entry: &mut CtValue, pkt: &Packet, is_reply: bool, now: u64) {
         PROTO_ICMP | PROTO_ICMPV6 => ct_timeout::ICMP,
         _ => ct_timeout::OTHER,
     };
-    entry.expires_ns = now + timeout * NS_PER_SEC;
+    let changed = state != entry.state || flags != entry.flags;
+    if changed {
+        entry.state = state;
+        entry.flags = flags;
+    }
+    let expires = now + timeout * NS_PER_SEC;
+    if changed || expires.abs_diff(entry.expires_ns) >= EXPIRY_REFRESH_NS {
+        entry.expires_ns = expires;
+    }
 }

@@ -462,11 +462,10 @@ fn bpf(args: &Args, what: &BpfCmd) {
                         k.dport
                     ),
                     value: format!(
-                        "state {} rule {} remote {} packets {} expires in {}s",
+                        "state {} rule {} remote {} expires in {}s",
                         v.state,
                         v.rule_id,
                         v.remote_identity,
-                        v.packets,
                         (v.expires_ns - now) / 1_000_000_000
                     ),
                 });

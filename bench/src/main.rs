@@ -35,7 +35,7 @@ use util::{check_interrupted, median, round};
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
 const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
                      [--repeat N] [--batches N] [--entries N] [--iptables-rules N] \
-                     [--per-packet-only]";
+                     [--attach tc|tcx] [--per-packet-only]";
 
 struct Args {
     out: PathBuf,
@@ -47,6 +47,8 @@ struct Args {
     iptables_rules: usize,
     /// Skip the traffic part: a quick loop for tuning the programs' per-packet cost.
     per_packet_only: bool,
+    /// How the traffic part attaches the programs (default: as moat-cni does).
+    attach: moat_datapath::AttachMode,
 }
 
 fn parse_args() -> Result<Args> {
@@ -57,13 +59,14 @@ fn parse_args() -> Result<Args> {
     }
     let mut args = Args {
         out: PathBuf::from("bench/results.json"),
-        rounds: 5,
-        secs: 3,
+        rounds: 15,
+        secs: 1,
         repeat: 200_000,
         batches: 7,
         entries: 100_000,
         iptables_rules: 10_000,
         per_packet_only: false,
+        attach: moat_datapath::AttachMode::default(),
     };
     while let Some(flag) = it.next() {
         if flag == "--per-packet-only" {
@@ -81,6 +84,13 @@ fn parse_args() -> Result<Args> {
             "--batches" => args.batches = value.parse()?,
             "--entries" => args.entries = value.parse()?,
             "--iptables-rules" => args.iptables_rules = value.parse()?,
+            "--attach" => {
+                args.attach = match value.as_str() {
+                    "tc" => moat_datapath::AttachMode::Tc,
+                    "tcx" => moat_datapath::AttachMode::Tcx,
+                    other => bail!("--attach takes tc or tcx, not {other:?}"),
+                }
+            }
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
     }
@@ -254,6 +264,27 @@ struct Sample {
     iptables_load_ms: Option<f64>,
 }
 
+impl Sample {
+    /// Takes every figure `other` has.
+    fn merge(&mut self, other: Sample) {
+        self.latency_usec = other.latency_usec.or(self.latency_usec);
+        self.latency_p50_usec = other.latency_p50_usec.or(self.latency_p50_usec);
+        self.connrate_per_s = other.connrate_per_s.or(self.connrate_per_s);
+        self.conn_errors = other.conn_errors.or(self.conn_errors);
+        self.throughput_gbit_s = other.throughput_gbit_s.or(self.throughput_gbit_s);
+        self.iptables_load_ms = other.iptables_load_ms.or(self.iptables_load_ms);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Metric {
+    Latency,
+    Connrate,
+    Throughput,
+}
+
+const METRICS: [Metric; 3] = [Metric::Latency, Metric::Connrate, Metric::Throughput];
+
 fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
     let mut lab = Lab::new("mbn")?;
     let client = lab.add_pod("client")?;
@@ -291,6 +322,7 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
         small,
         large,
         iptables_rules: args.iptables_rules,
+        attach: args.attach,
     };
 
     let mut rounds: Vec<BTreeMap<&'static str, Sample>> = Vec::new();
@@ -300,18 +332,23 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
         let mut order = CONFIGS;
         order.rotate_left(r % CONFIGS.len());
         orders.push(order.iter().map(|c| c.name()).collect::<Vec<_>>());
-        let mut row = BTreeMap::new();
-        for config in order {
-            check_interrupted()?;
-            servers.check_alive()?;
-            eprintln!(
-                "moat-bench: round {}/{} {}",
-                r + 1,
-                args.rounds,
-                config.name()
-            );
-            let sample = measure_config(config, &setup, args.secs, r, &mut errors);
-            row.insert(config.name(), sample);
+        let mut row: BTreeMap<&'static str, Sample> = BTreeMap::new();
+        // One metric at a time across all configurations, so that each configuration's
+        // figure and the `none` figure it is compared with are taken seconds apart: the
+        // shared machine's slow drifts then cancel in the paired overhead.
+        for metric in METRICS {
+            for config in order {
+                check_interrupted()?;
+                servers.check_alive()?;
+                eprintln!(
+                    "moat-bench: round {}/{} {metric:?} {}",
+                    r + 1,
+                    args.rounds,
+                    config.name()
+                );
+                let sample = measure_config(config, &setup, args.secs, r, metric, &mut errors);
+                row.entry(config.name()).or_default().merge(sample);
+            }
         }
         rounds.push(row);
     }
@@ -430,12 +467,12 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
                 tag = format!("{}-<pid>", util::IPTABLES_TAG),
                 n = args.iptables_rules
             ),
-            "moat": "moat_to_container/moat_from_container attached to both pods' host-side \
-                     veths as moat-cni attaches them by default (tc clsact + cls_bpf); the other \
-                     datapath's filters are removed. Endpoint lookup hints \
+            "moat": format!("moat_to_container/moat_from_container attached to both pods' \
+                     host-side veths by {:?} (--attach; the default is what moat-cni does by \
+                     default, tc clsact + cls_bpf); the other datapath's attachment is removed. Endpoint lookup hints \
                      (ENDPOINT_FLAG_NO_DENY/NO_RANGES/NO_CIDR) are set as moatd sets them, from \
                      the entries each policy id has in that datapath's maps, filler included \
-                     (see entries.*.endpoint_lookup_hints)",
+                     (see entries.*.endpoint_lookup_hints)", args.attach),
         },
     }))
 }
@@ -445,6 +482,7 @@ fn measure_config(
     setup: &traffic::Setup,
     secs: u64,
     round_index: usize,
+    metric: Metric,
     errors: &mut Vec<Value>,
 ) -> Sample {
     let mut sample = Sample::default();
@@ -476,23 +514,25 @@ fn measure_config(
         record("probe", e);
         return sample;
     }
-    match traffic::latency(setup.client, setup.server, secs) {
-        Ok(l) => {
-            sample.latency_usec = Some(l.avg_usec);
-            sample.latency_p50_usec = l.p50_usec;
-        }
-        Err(e) => record("latency", e),
-    }
-    match traffic::connrate(setup.client, setup.server, secs) {
-        Ok(c) => {
-            sample.connrate_per_s = Some(c.per_second);
-            sample.conn_errors = Some(c.errors);
-        }
-        Err(e) => record("connrate", e),
-    }
-    match traffic::throughput(setup.client, setup.server, secs) {
-        Ok(t) => sample.throughput_gbit_s = Some(t),
-        Err(e) => record("throughput", e),
+    match metric {
+        Metric::Latency => match traffic::latency(setup.client, setup.server, secs) {
+            Ok(l) => {
+                sample.latency_usec = Some(l.avg_usec);
+                sample.latency_p50_usec = l.p50_usec;
+            }
+            Err(e) => record("latency", e),
+        },
+        Metric::Connrate => match traffic::connrate(setup.client, setup.server, secs) {
+            Ok(c) => {
+                sample.connrate_per_s = Some(c.per_second);
+                sample.conn_errors = Some(c.errors);
+            }
+            Err(e) => record("connrate", e),
+        },
+        Metric::Throughput => match traffic::throughput(setup.client, setup.server, secs) {
+            Ok(t) => sample.throughput_gbit_s = Some(t),
+            Err(e) => record("throughput", e),
+        },
     }
     drop(applied);
     sample
@@ -506,20 +546,25 @@ fn get_f64(v: &Value, path: &str) -> Option<f64> {
     v.pointer(path).and_then(Value::as_f64)
 }
 
-/// Overhead of `config` vs `none` in percent, positive when worse.
+/// Overhead of `config` vs `none` in percent, positive when worse: the median over rounds of
+/// the overhead within each round (each figure paired with that round's `none`, measured
+/// seconds apart), which a burst on the shared machine moves far less than a ratio of
+/// medians taken minutes apart.
 fn overhead(section: &Map<String, Value>, config: &str, metric: &str) -> Option<f64> {
-    let v = Value::Object(section.clone());
-    let base = get_f64(&v, &format!("/traffic/medians/none/{metric}"))?;
-    let x = get_f64(&v, &format!("/traffic/medians/{config}/{metric}"))?;
-    if base <= 0.0 {
-        return None;
-    }
-    let pct = if metric == "latency_usec" {
-        (x - base) / base * 100.0
-    } else {
-        (base - x) / base * 100.0
+    let key = match metric {
+        "latency_usec" => "latency_pct",
+        "connrate_per_s" => "connrate_pct",
+        _ => "throughput_pct",
     };
-    Some(round(pct, 2))
+    let rounds = section
+        .get("traffic")?
+        .get("per_round_overheads_vs_none_pct")?
+        .as_array()?;
+    let paired: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.get(config)?.get(key)?.as_f64())
+        .collect();
+    median(&paired).map(|m| round(m, 2))
 }
 
 fn summarize(section: &mut Map<String, Value>) {
@@ -552,8 +597,9 @@ fn summarize(section: &mut Map<String, Value>) {
         "overheads_vs_none_pct".into(),
         json!({
             "definition": "latency: (x - none) / none * 100; connrate and throughput: \
-                           (none - x) / none * 100; medians over rounds of the same run; \
-                           positive = slower",
+                           (none - x) / none * 100; computed within each round (every \
+                           configuration measured one metric after another, seconds apart), \
+                           then the median over rounds; positive = slower",
             "by_config": all,
         }),
     );

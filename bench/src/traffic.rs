@@ -155,6 +155,7 @@ pub struct Setup<'a> {
     pub small: &'a PinDir,
     pub large: &'a PinDir,
     pub iptables_rules: usize,
+    pub attach: moat_datapath::AttachMode,
 }
 
 pub fn apply(config: Config, s: &Setup) -> Result<Applied> {
@@ -165,11 +166,11 @@ pub fn apply(config: Config, s: &Setup) -> Result<Applied> {
             iptables: None,
         },
         Config::Moat1 => Applied {
-            _attach: Some(AttachGuard::attach(s.small, &ifs)?),
+            _attach: Some(AttachGuard::attach(s.small, &ifs, s.attach)?),
             iptables: None,
         },
         Config::Moat100k => Applied {
-            _attach: Some(AttachGuard::attach(s.large, &ifs)?),
+            _attach: Some(AttachGuard::attach(s.large, &ifs, s.attach)?),
             iptables: None,
         },
         Config::Iptables10k => Applied {

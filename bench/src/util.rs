@@ -208,21 +208,24 @@ impl Drop for VethGuard {
     }
 }
 
-/// Moat's programs attached to some host-side veths the way moat-cni attaches a pod's by
-/// default (`AttachMode::default()`, tc); detached on drop.
+/// Moat's programs attached to some host-side veths; detached on drop.
 pub struct AttachGuard {
     pins: PinDir,
     ifnames: Vec<String>,
 }
 
 impl AttachGuard {
-    pub fn attach(pins: &PinDir, ifnames: &[&str]) -> Result<Self> {
+    pub fn attach(
+        pins: &PinDir,
+        ifnames: &[&str],
+        mode: moat_datapath::AttachMode,
+    ) -> Result<Self> {
         let mut guard = Self {
             pins: pins.clone(),
             ifnames: Vec::new(),
         };
         for ifname in ifnames {
-            moat_datapath::attach_endpoint_with(pins, ifname, moat_datapath::AttachMode::default())
+            moat_datapath::attach_endpoint_with(pins, ifname, mode)
                 .with_context(|| format!("attaching {ifname}"))?;
             guard.ifnames.push(ifname.to_string());
         }

@@ -450,15 +450,7 @@ fn tc_attached_veths(pins: &moat_datapath::PinDir) -> usize {
         .iter()
         .map(|p| p.id)
         .collect();
-    moat_datapath::tc::attached_devices()
-        .iter()
-        .filter(|(ifindex, _)| {
-            moat_datapath::tc::filters(*ifindex)
-                .unwrap_or_default()
-                .iter()
-                .any(|f| f.program_id.is_some_and(|id| ours.contains(&id)))
-        })
-        .count()
+    moat_datapath::tc::devices_running(&ours).len()
 }
 
 fn host_local_allocations(dir: &Path) -> usize {

@@ -202,11 +202,8 @@ pub fn is_attached(pins: &PinDir, ifname: &str) -> bool {
 /// other installations (other pin directories, as in parallel tests) are left alone.
 pub(crate) fn replace_programs(ebpf: &mut aya::Ebpf, previous: &[u32]) -> Result<usize> {
     let mut replaced = 0;
-    for (ifindex, ifname) in attached_devices() {
-        for filter in filters(ifindex)? {
-            if !filter.program_id.is_some_and(|id| previous.contains(&id)) {
-                continue;
-            }
+    for (ifname, ours) in devices_running(previous) {
+        for filter in ours {
             let (name, attach_type) = match filter.attach_type {
                 Direction::Ingress => (program_name::FROM_CONTAINER, TcAttachType::Ingress),
                 Direction::Egress => (program_name::TO_CONTAINER, TcAttachType::Egress),
@@ -338,8 +335,9 @@ fn dump_filters(ifindex: u32, direction: Direction) -> Result<Vec<TcMessage>> {
     }
 }
 
-/// Devices in the caller's namespace that carry Moat's tc filters, by (ifindex, name).
-pub fn attached_devices() -> Vec<(u32, String)> {
+/// Devices in the caller's namespace whose Moat filters run one of `program_ids`, by name,
+/// each with those filters (one filter dump per device).
+pub fn devices_running(program_ids: &[u32]) -> Vec<(String, Vec<MoatFilter>)> {
     let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
         return Vec::new();
     };
@@ -351,10 +349,15 @@ pub fn attached_devices() -> Vec<(u32, String)> {
         let Some(ifindex) = rtnl::ifindex_of(&name) else {
             continue;
         };
-        if filters(ifindex).is_ok_and(|f| !f.is_empty()) {
-            out.push((ifindex, name));
+        let ours: Vec<MoatFilter> = filters(ifindex)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.program_id.is_some_and(|id| program_ids.contains(&id)))
+            .collect();
+        if !ours.is_empty() {
+            out.push((name, ours));
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }

@@ -66,19 +66,10 @@ pub fn apply_lookup_hints(maps: &mut Maps, pods: &[(&LabPod, u32)]) -> Result<Ve
         let mut needs = 0u8;
         for entry in maps.policy.iter() {
             let (key, value) = entry?;
-            if key.policy_id == *policy_id && value.action == ACTION_DENY {
-                needs |= ENDPOINT_FLAG_NO_DENY;
+            if key.policy_id == *policy_id {
+                needs |= policy_entry_needs(&value);
             }
         }
-        let rule_set_needs = |set: &PortRuleSet, table: u8| {
-            let rules = &set.rules[..(set.count as usize).min(MAX_PORT_RULES)];
-            table
-                | if rules.iter().any(|r| r.action == ACTION_DENY) {
-                    ENDPOINT_FLAG_NO_DENY
-                } else {
-                    0
-                }
-        };
         for entry in maps.port_ranges.iter() {
             let (key, set) = entry?;
             if key.policy_id == *policy_id {

@@ -145,22 +145,6 @@ pub fn build(
     }
 }
 
-/// Which lookups an entry makes necessary (the ENDPOINT_FLAG_NO_* bits it clears).
-fn policy_entry_needs(value: &PolicyValue) -> u8 {
-    if value.action == ACTION_DENY {
-        ENDPOINT_FLAG_NO_DENY
-    } else {
-        0
-    }
-}
-
-fn rule_set_needs(set: &PortRuleSet, table: u8) -> u8 {
-    let has_deny = set.rules[..(set.count as usize).min(MAX_PORT_RULES)]
-        .iter()
-        .any(|r| r.action == ACTION_DENY);
-    table | if has_deny { ENDPOINT_FLAG_NO_DENY } else { 0 }
-}
-
 /// ENDPOINT_FLAG_NO_* hints per policy id: which lookups can never match for it. A policy id
 /// with no entries at all gets every hint (its verdict is default deny either way).
 fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {

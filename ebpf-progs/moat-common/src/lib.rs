@@ -221,6 +221,30 @@ pub const ENDPOINT_FLAG_NO_CIDR: u8 = 8;
 pub const ENDPOINT_HINT_FLAGS: u8 =
     ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
 
+/// The ENDPOINT_FLAG_NO_* hints a policy entry rules out for its policy id (a deny entry
+/// makes deny lookups necessary).
+pub fn policy_entry_needs(value: &PolicyValue) -> u8 {
+    if value.action == ACTION_DENY {
+        ENDPOINT_FLAG_NO_DENY
+    } else {
+        0
+    }
+}
+
+/// The hints a port-range or CIDR rule set (`table`: ENDPOINT_FLAG_NO_RANGES or
+/// ENDPOINT_FLAG_NO_CIDR) rules out for its policy id: its table, and deny lookups when one
+/// of its rules denies.
+pub fn rule_set_needs(set: &PortRuleSet, table: u8) -> u8 {
+    let count = (set.count as usize).min(MAX_PORT_RULES);
+    let mut i = 0;
+    let mut has_deny = false;
+    while i < count {
+        has_deny |= set.rules[i].action == ACTION_DENY;
+        i += 1;
+    }
+    table | if has_deny { ENDPOINT_FLAG_NO_DENY } else { 0 }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {

@@ -611,8 +611,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// Addresses of the container interface in a result: those whose `interface` points at the
-/// entry for (`ifname`, `netns`); when no interface matches, every address.
+/// Why moatd's readiness could not be read.
 enum ReadyError {
     Client(ClientError),
     Unexpected(String),
@@ -627,6 +626,8 @@ fn moatd_ready(config: &MoatConfig) -> Result<bool, ReadyError> {
     }
 }
 
+/// Addresses of the container interface in a result: those whose `interface` points at the
+/// entry for (`ifname`, `netns`); when no interface matches, every address.
 fn container_ips(result: &SuccessResult, ifname: &str, netns: &str) -> Vec<IpAddr> {
     let index = result
         .interfaces

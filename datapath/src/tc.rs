@@ -31,8 +31,6 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-use moat_common::program_name;
-
 use crate::{PinDir, Result, attach::HOOKS, rtnl};
 
 /// Filter priority: the lowest number runs first, so Moat judges before other filters.
@@ -63,6 +61,15 @@ impl Direction {
             TcAttachType::Egress => Direction::Egress,
             _ => Direction::Ingress,
         }
+    }
+
+    /// The program this direction runs and its attach type (from `attach::HOOKS`).
+    fn hook(self) -> (&'static str, TcAttachType) {
+        let (_, name, attach_type) = HOOKS
+            .into_iter()
+            .find(|(_, _, t)| Direction::of(*t) == self)
+            .expect("HOOKS has both directions");
+        (name, attach_type)
     }
 
     fn parent_minor(self) -> u16 {
@@ -153,11 +160,7 @@ pub fn detach(ifname: &str) -> Result<()> {
         return Ok(());
     };
     for filter in filters(ifindex)? {
-        let attach_type = match filter.attach_type {
-            Direction::Ingress => TcAttachType::Ingress,
-            Direction::Egress => TcAttachType::Egress,
-        };
-        detach_one(ifname, attach_type)?;
+        detach_one(ifname, filter.attach_type.hook().1)?;
     }
     Ok(())
 }
@@ -204,10 +207,7 @@ pub(crate) fn replace_programs(ebpf: &mut aya::Ebpf, previous: &[u32]) -> Result
     let mut replaced = 0;
     for (ifname, ours) in devices_running(previous) {
         for filter in ours {
-            let (name, attach_type) = match filter.attach_type {
-                Direction::Ingress => (program_name::FROM_CONTAINER, TcAttachType::Ingress),
-                Direction::Egress => (program_name::TO_CONTAINER, TcAttachType::Egress),
-            };
+            let (name, attach_type) = filter.attach_type.hook();
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .context("program missing")?

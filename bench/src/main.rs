@@ -35,7 +35,8 @@ use util::{check_interrupted, median, round};
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
 const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
                      [--repeat N] [--batches N] [--entries N] [--iptables-rules N] \
-                     [--attach tc|tcx] [--per-packet-only]";
+                     [--attach tc|tcx] [--metrics latency,connrate,throughput] \
+                     [--configs none,moat_1,moat_100k,iptables_10k] [--per-packet-only]";
 
 struct Args {
     out: PathBuf,
@@ -49,6 +50,10 @@ struct Args {
     per_packet_only: bool,
     /// How the traffic part attaches the programs (default: as moat-cni does).
     attach: moat_datapath::AttachMode,
+    /// A subset of the metrics and configurations, for a quick loop on one figure. `none`
+    /// is always measured: every overhead is paired with it.
+    metrics: Vec<Metric>,
+    configs: Vec<Config>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -67,6 +72,8 @@ fn parse_args() -> Result<Args> {
         iptables_rules: 10_000,
         per_packet_only: false,
         attach: moat_datapath::AttachMode::default(),
+        metrics: METRICS.to_vec(),
+        configs: CONFIGS.to_vec(),
     };
     while let Some(flag) = it.next() {
         if flag == "--per-packet-only" {
@@ -90,6 +97,30 @@ fn parse_args() -> Result<Args> {
                     "tcx" => moat_datapath::AttachMode::Tcx,
                     other => bail!("--attach takes tc or tcx, not {other:?}"),
                 }
+            }
+            "--metrics" => {
+                args.metrics = value
+                    .split(',')
+                    .map(|m| match m {
+                        "latency" => Ok(Metric::Latency),
+                        "connrate" => Ok(Metric::Connrate),
+                        "throughput" => Ok(Metric::Throughput),
+                        other => bail!("--metrics: unknown metric {other:?}"),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--configs" => {
+                let wanted: Vec<&str> = value.split(',').collect();
+                if let Some(bad) = wanted
+                    .iter()
+                    .find(|w| !CONFIGS.iter().any(|c| c.name() == **w))
+                {
+                    bail!("--configs: unknown configuration {bad:?}");
+                }
+                args.configs = CONFIGS
+                    .into_iter()
+                    .filter(|c| *c == Config::None || wanted.contains(&c.name()))
+                    .collect();
             }
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
@@ -329,15 +360,15 @@ fn traffic(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
     let mut errors: Vec<Value> = Vec::new();
     let mut orders = Vec::new();
     for r in 0..args.rounds {
-        let mut order = CONFIGS;
-        order.rotate_left(r % CONFIGS.len());
+        let mut order = args.configs.clone();
+        order.rotate_left(r % args.configs.len());
         orders.push(order.iter().map(|c| c.name()).collect::<Vec<_>>());
         let mut row: BTreeMap<&'static str, Sample> = BTreeMap::new();
         // One metric at a time across all configurations, so that each configuration's
         // figure and the `none` figure it is compared with are taken seconds apart: the
         // shared machine's slow drifts then cancel in the paired overhead.
-        for metric in METRICS {
-            for config in order {
+        for &metric in &args.metrics {
+            for &config in &order {
                 check_interrupted()?;
                 servers.check_alive()?;
                 eprintln!(

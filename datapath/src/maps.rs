@@ -52,6 +52,9 @@ fn map_err(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Er
 }
 
 /// A key that is not there is not an error when removing: removal is idempotent.
+/// The map update flag that only replaces an existing entry (uapi BPF_EXIST).
+const BPF_EXIST: u64 = 2;
+
 fn ignore_missing(
     result: std::result::Result<(), aya::maps::MapError>,
 ) -> std::result::Result<(), aya::maps::MapError> {
@@ -273,18 +276,32 @@ impl Maps {
     }
 
     /// Drops an endpoint's connection state (on DEL): nothing of a gone pod stays behind.
+    /// Entries of other endpoints linked to it (`CtValue::peer_ifindex`) are unlinked, so
+    /// that no packet is marked as admitted by a perimeter that no longer exists.
     pub fn flush_conntrack(&mut self, ifindex: u32) -> Result<usize> {
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.ifindex == ifindex)
-            .collect();
-        for key in &keys {
+        let mut own = Vec::new();
+        let mut linked = Vec::new();
+        for (key, value) in self.conntrack.iter().filter_map(|r| r.ok()) {
+            if key.ifindex == ifindex {
+                own.push(key);
+            } else if value.peer_ifindex == ifindex {
+                linked.push((key, value));
+            }
+        }
+        for key in &own {
             ignore_missing(self.conntrack.remove(key))
                 .map_err(map_err("removing conntrack entry"))?;
         }
-        Ok(keys.len())
+        for (key, value) in linked {
+            let unlinked = CtValue {
+                peer_ifindex: 0,
+                ..value
+            };
+            // BPF_EXIST: an entry evicted meanwhile is not brought back.
+            ignore_missing(self.conntrack.insert(key, unlinked, BPF_EXIST))
+                .map_err(map_err("unlinking conntrack entry"))?;
+        }
+        Ok(own.len())
     }
 
     /// Every non-zero counter, summed over CPUs.

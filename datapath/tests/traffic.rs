@@ -178,6 +178,19 @@ fn policy_is_enforced(dp: &LoadedDatapath, pods: Pods) {
         assert!(!probe::ping(&pods.server, to), "reverse ping to {to}");
     }
     let maps = dp.maps();
+    // The direct TCP connections were admitted by both perimeters, whose entries are linked:
+    // from then on each packet was judged at its sender's hook only.
+    for family in [FAMILY_V4, FAMILY_V6] {
+        for (pod, peer) in [(&pods.server, &pods.client), (&pods.client, &pods.server)] {
+            let linked = maps
+                .conntrack_entries(Some(pod.ifindex))
+                .iter()
+                .any(|(k, v)| {
+                    k.family == family && k.proto == PROTO_TCP && v.peer_ifindex == peer.ifindex
+                });
+            assert!(linked, "no TCP entry of {} linked to its peer", pod.host_if);
+        }
+    }
     assert!(
         maps.count(VERDICT_ALLOW, reason::REPLY, DIRECTION_INGRESS)
             .unwrap()

@@ -746,6 +746,224 @@ fn a_local_senders_egress_policy_is_judged_at_the_receiver() {
     assert_eq!(f.to_pod(&syn(peer_v4(), pod_v4(), 44001, 80)), TC_ACT_OK);
 }
 
+/// Two endpoints of this node (POD on the fixture's device, PEER on `sender`) that may
+/// talk on TCP port 80 from PEER to POD.
+fn two_local_pods(f: &mut Fixture) -> DummyLink {
+    let sender = DummyLink::new();
+    f.maps
+        .upsert_endpoint(sender.ifindex, &endpoint(PEER, &[peer_v4()]))
+        .unwrap();
+    f.maps
+        .upsert_ipcache(
+            net("10.1.0.2/32"),
+            &IpcacheValue {
+                identity: PEER,
+                ifindex: sender.ifindex,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    f.maps
+        .upsert_ipcache(
+            net("10.1.0.1/32"),
+            &IpcacheValue {
+                identity: POD,
+                ifindex: f.ifindex,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    f.rule(PEER, 80, PROTO_TCP, DIRECTION_INGRESS, ACTION_ALLOW, 190);
+    f.maps
+        .upsert_policy(
+            &PolicyKey {
+                policy_id: PEER,
+                remote_identity: POD,
+                dport: 80,
+                proto: PROTO_TCP,
+                direction: DIRECTION_EGRESS,
+            },
+            &PolicyValue {
+                rule_id: 191,
+                action: ACTION_ALLOW,
+                _pad: [0; 3],
+            },
+        )
+        .unwrap();
+    sender
+}
+
+fn only_entry(f: &Fixture, ifindex: u32) -> CtValue {
+    let entries = f.maps.conntrack_entries(Some(ifindex));
+    assert_eq!(entries.len(), 1, "entries of {ifindex}: {entries:?}");
+    entries[0].1
+}
+
+#[test]
+fn a_direct_tcp_flow_between_local_pods_is_judged_once_per_packet() {
+    let mut f = Fixture::new("peer");
+    let sender = two_local_pods(&mut f);
+    let send = |from: u32, pkt: &Packet, mark: u32| {
+        f.runner
+            .run_marked(Hook::FromContainer, from, &pkt.bytes(), 1, mark)
+            .unwrap()
+    };
+    let receive = |at: u32, pkt: &Packet, mark: u32| {
+        f.runner
+            .run_marked(Hook::ToContainer, at, &pkt.bytes(), 1, mark)
+            .unwrap()
+    };
+    // The SYN is judged by both perimeters, which links their entries.
+    let open = syn(peer_v4(), pod_v4(), 45000, 80);
+    let sent = send(sender.ifindex, &open, 0);
+    assert_eq!((sent.verdict, sent.mark), (TC_ACT_OK, 0));
+    assert_eq!(receive(f.ifindex, &open, 0).verdict, TC_ACT_OK);
+    assert_eq!(only_entry(&f, f.ifindex).peer_ifindex, sender.ifindex);
+    assert_eq!(only_entry(&f, sender.ifindex).peer_ifindex, f.ifindex);
+
+    // The SYN-ACK moves the sender's state from the receiver's hook and is marked as a
+    // reply for the sender.
+    let synack = Packet::tcp(pod_v4(), peer_v4(), 80, 45000, TCP_SYN | TCP_ACK);
+    let sent = send(f.ifindex, &synack, 0);
+    assert_eq!(sent.verdict, TC_ACT_OK);
+    assert_eq!(Some(sent.mark), peer_mark(sender.ifindex, true));
+    assert_eq!(only_entry(&f, sender.ifindex).state, CT_STATE_ESTABLISHED);
+    let delivered = receive(sender.ifindex, &synack, sent.mark);
+    assert_eq!((delivered.verdict, delivered.mark), (TC_ACT_OK, 0));
+
+    // Data from the initiator is marked for the receiver, whose hook trusts the mark.
+    let data = Packet::tcp(peer_v4(), pod_v4(), 45000, 80, TCP_ACK);
+    let sent = send(sender.ifindex, &data, 0);
+    assert_eq!(Some(sent.mark), peer_mark(f.ifindex, false));
+    let before = f.count(VERDICT_ALLOW, reason::ESTABLISHED, DIRECTION_INGRESS);
+    let delivered = receive(f.ifindex, &data, sent.mark);
+    assert_eq!((delivered.verdict, delivered.mark), (TC_ACT_OK, 0));
+    assert_eq!(
+        f.count(VERDICT_ALLOW, reason::ESTABLISHED, DIRECTION_INGRESS),
+        before + 1
+    );
+
+    // A FIN advances the receiver's entry from the sender's hook, as the receiver's own
+    // hook would have.
+    let fin = Packet::tcp(peer_v4(), pod_v4(), 45000, 80, TCP_FIN | TCP_ACK);
+    let sent = send(sender.ifindex, &fin, 0);
+    assert_eq!(Some(sent.mark), peer_mark(f.ifindex, false));
+    assert_ne!(only_entry(&f, f.ifindex).flags & CT_FLAG_FIN_FORWARD, 0);
+
+    // A mark meant for the receiver opens nothing else: a flow the receiver never admitted
+    // is judged in full and dropped.
+    let stranger = syn(peer_v4(), pod_v4(), 45001, 22);
+    assert_eq!(
+        receive(
+            f.ifindex,
+            &stranger,
+            peer_mark(sender.ifindex, false).unwrap()
+        )
+        .verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        receive(
+            f.ifindex,
+            &stranger,
+            peer_mark(f.ifindex, false).unwrap() | 0x4000
+        )
+        .verdict,
+        TC_ACT_SHOT
+    );
+
+    // The sender goes away: its entries go, and the receiver's entry is unlinked, so its
+    // packets are no longer marked for a perimeter that is gone.
+    f.maps.flush_conntrack(sender.ifindex).unwrap();
+    assert!(f.maps.conntrack_entries(Some(sender.ifindex)).is_empty());
+    assert_eq!(only_entry(&f, f.ifindex).peer_ifindex, 0);
+    let answer = Packet::tcp(pod_v4(), peer_v4(), 80, 45000, TCP_ACK);
+    let sent = send(f.ifindex, &answer, 0);
+    assert_eq!((sent.verdict, sent.mark), (TC_ACT_OK, 0));
+}
+
+#[test]
+fn udp_flows_between_local_pods_are_not_linked() {
+    let mut f = Fixture::new("nolink");
+    let sender = two_local_pods(&mut f);
+    f.rule(PEER, 53, PROTO_UDP, DIRECTION_INGRESS, ACTION_ALLOW, 192);
+    f.maps
+        .upsert_policy(
+            &PolicyKey {
+                policy_id: PEER,
+                remote_identity: POD,
+                dport: 53,
+                proto: PROTO_UDP,
+                direction: DIRECTION_EGRESS,
+            },
+            &PolicyValue {
+                rule_id: 193,
+                action: ACTION_ALLOW,
+                _pad: [0; 3],
+            },
+        )
+        .unwrap();
+    let query = Packet::udp(peer_v4(), pod_v4(), 5353, 53);
+    let hook = |h: Hook, at: u32| f.runner.run(h, at, &query.bytes(), 1).unwrap();
+    assert_eq!(hook(Hook::FromContainer, sender.ifindex).verdict, TC_ACT_OK);
+    assert_eq!(hook(Hook::ToContainer, f.ifindex).verdict, TC_ACT_OK);
+    assert_eq!(only_entry(&f, f.ifindex).peer_ifindex, 0);
+    let again = hook(Hook::FromContainer, sender.ifindex);
+    assert_eq!((again.verdict, again.mark), (TC_ACT_OK, 0));
+}
+
+#[test]
+fn a_pod_cannot_borrow_its_peers_address_by_answering_its_own_flow() {
+    let mut f = Fixture::new("borrow");
+    f.allow_out(PEER, 80, PROTO_TCP, 160);
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 40000, 80)), TC_ACT_OK);
+    // Sent by the pod, shaped as the peer's answer: the flow's entry matches, but it proves
+    // nothing about this source.
+    let forged = Packet::tcp(peer_v4(), pod_v4(), 80, 40000, TCP_SYN | TCP_ACK);
+    assert_eq!(f.out(&forged), TC_ACT_SHOT);
+    let events = f.drained();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, reason::SPOOFED_SOURCE);
+    // The real answer still comes in, and the pod's own packets still go out.
+    assert_eq!(f.to_pod(&forged), TC_ACT_OK);
+    let ack = Packet::tcp(pod_v4(), peer_v4(), 40000, 80, TCP_ACK);
+    assert_eq!(f.out(&ack), TC_ACT_OK);
+}
+
+#[test]
+fn an_answer_to_a_packet_addressed_to_someone_else_gets_the_source_check() {
+    let mut f = Fixture::new("foreign");
+    f.rule(
+        IDENTITY_ANY,
+        0,
+        0,
+        DIRECTION_INGRESS,
+        ACTION_ALLOW,
+        rule::NOT_ISOLATED,
+    );
+    // A packet flooded to this pod, addressed to another one: admitted by policy, but its
+    // entry is marked so that it cannot vouch for the pod's answers.
+    let elsewhere = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 50));
+    assert_eq!(f.to_pod(&syn(peer_v4(), elsewhere, 41000, 80)), TC_ACT_OK);
+    let entries = f.maps.conntrack_entries(Some(f.ifindex));
+    assert_eq!(entries.len(), 1);
+    assert_ne!(entries[0].1.flags & CT_FLAG_FOREIGN_DEST, 0);
+    let answer = Packet::tcp(elsewhere, peer_v4(), 80, 41000, TCP_SYN | TCP_ACK);
+    assert_eq!(f.out(&answer), TC_ACT_SHOT);
+    assert_eq!(f.drained()[0].reason, reason::SPOOFED_SOURCE);
+    // Addressed to the pod itself: the entry vouches for the answer.
+    assert_eq!(f.to_pod(&syn(peer_v4(), pod_v4(), 41001, 80)), TC_ACT_OK);
+    let own = f
+        .maps
+        .conntrack_entries(Some(f.ifindex))
+        .into_iter()
+        .find(|(k, _)| k.sport == 41001)
+        .unwrap();
+    assert_eq!(own.1.flags & CT_FLAG_FOREIGN_DEST, 0);
+    let answer = Packet::tcp(pod_v4(), peer_v4(), 80, 41001, TCP_SYN | TCP_ACK);
+    assert_eq!(f.out(&answer), TC_ACT_OK);
+}
+
 #[test]
 fn traffic_from_the_node_itself_is_always_allowed_in() {
     let f = Fixture::new("host");

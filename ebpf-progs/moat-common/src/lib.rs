@@ -432,6 +432,10 @@ pub const CT_FLAG_NOT_ENFORCED: u8 = 8;
 /// The flow's first packet ran from the key's destination to its source: the initiator's
 /// tuple is the key reversed.
 pub const CT_FLAG_KEY_REVERSED: u8 = 16;
+/// The flow's first packet came in to the endpoint addressed to none of the endpoint's own
+/// addresses (a flooded or misrouted packet). Packets the endpoint sends in such a flow get
+/// the full source-address check: the entry proves nothing about their source.
+pub const CT_FLAG_FOREIGN_DEST: u8 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -446,9 +450,47 @@ pub struct CtValue {
     /// Direction of the flow's first packet, as seen by this endpoint.
     pub direction: u8,
     pub _pad: u8,
-    /// Was a packet count; entries are no longer written on every packet (see the datapath's
-    /// `conntrack::advance`), so there is none to keep.
-    pub _reserved: u32,
+    /// For a TCP flow between two endpoints of this node that both perimeters admitted
+    /// under the same tuple: the other endpoint's host-side ifindex (0 otherwise). Packets
+    /// this endpoint sends in the flow then carry a `peer_mark` telling the other endpoint's
+    /// hook that its perimeter already admitted them (see `peer_mark`). Was a packet count
+    /// (always 0 since layout 2), so entries written before read as unlinked.
+    pub peer_ifindex: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer marks: a same-node flow judged once per packet instead of twice.
+// ---------------------------------------------------------------------------------------------
+
+/// The low byte of a peer mark.
+pub const PEER_MARK_MAGIC: u32 = 0x6d;
+/// Set when the packet answers the flow's first packet, as the receiving endpoint sees it.
+pub const PEER_MARK_REPLY: u32 = 1 << 8;
+/// Bits 14 and 15 are kube-proxy's (masquerade and drop marks) and are never set.
+pub const PEER_MARK_FOREIGN_BITS: u32 = 0x0000_c000;
+/// The largest ifindex a mark can carry: 5 bits below kube-proxy's, 16 above.
+pub const PEER_MARK_MAX_IFINDEX: u32 = (1 << 21) - 1;
+
+/// The skb mark for a packet whose receiving endpoint `ifindex` already admitted its flow.
+/// None when the ifindex does not fit: the receiving hook then judges the packet itself.
+#[inline(always)]
+pub fn peer_mark(ifindex: u32, reply: bool) -> Option<u32> {
+    if ifindex == 0 || ifindex > PEER_MARK_MAX_IFINDEX {
+        return None;
+    }
+    let reply = if reply { PEER_MARK_REPLY } else { 0 };
+    Some(PEER_MARK_MAGIC | reply | ((ifindex & 0x1f) << 9) | ((ifindex >> 5) << 16))
+}
+
+/// Reads a mark at endpoint `ifindex`'s receiving hook: Some(reply) when the mark says
+/// this endpoint's perimeter already admitted the packet's flow, None for any other mark.
+#[inline(always)]
+pub fn read_peer_mark(mark: u32, ifindex: u32) -> Option<bool> {
+    let reply = mark & PEER_MARK_REPLY != 0;
+    match peer_mark(ifindex, reply) {
+        Some(expected) if expected == mark => Some(reply),
+        _ => None,
+    }
 }
 
 /// Timeouts, in seconds, from the first and every later packet of a flow.
@@ -630,4 +672,55 @@ mod pod {
     unsafe impl aya::Pod for RateLimitState {}
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_mark_round_trips_and_never_uses_kube_proxys_bits() {
+        for ifindex in [
+            1,
+            2,
+            31,
+            32,
+            33,
+            1000,
+            65_535,
+            65_536,
+            PEER_MARK_MAX_IFINDEX,
+        ] {
+            for reply in [false, true] {
+                let mark = peer_mark(ifindex, reply).unwrap();
+                assert_eq!(mark & PEER_MARK_FOREIGN_BITS, 0, "ifindex {ifindex}");
+                assert_eq!(mark & 0xff, PEER_MARK_MAGIC);
+                assert_eq!(read_peer_mark(mark, ifindex), Some(reply));
+                // Meant for someone else: not ours.
+                assert_eq!(read_peer_mark(mark, ifindex ^ 1), None);
+                assert_eq!(read_peer_mark(mark, ifindex + 1), None);
+            }
+        }
+        // Distinct endpoints get distinct marks.
+        let mut previous = 0;
+        for ifindex in 1..5000 {
+            let mark = peer_mark(ifindex, false).unwrap();
+            for other in [ifindex - 1, ifindex + 1] {
+                assert_ne!(Some(mark), peer_mark(other, false));
+            }
+            assert_ne!(mark, previous);
+            previous = mark;
+        }
+    }
+
+    #[test]
+    fn no_peer_mark_for_an_ifindex_it_cannot_carry_and_no_match_for_other_marks() {
+        assert_eq!(peer_mark(0, false), None);
+        assert_eq!(peer_mark(PEER_MARK_MAX_IFINDEX + 1, false), None);
+        assert_eq!(read_peer_mark(0, 0), None);
+        assert_eq!(read_peer_mark(0, 7), None);
+        // kube-proxy's masquerade bit added on the way: no longer ours.
+        let mark = peer_mark(7, false).unwrap();
+        assert_eq!(read_peer_mark(mark | 0x4000, 7), None);
+    }
 }

@@ -10,9 +10,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use moat_common::{
-    CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_KEY_REVERSED, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtKey, CtValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, ct_timeout,
+    CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_FOREIGN_DEST, CT_FLAG_KEY_REVERSED,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtKey, CtValue, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ct_timeout,
 };
 
 use crate::{
@@ -25,7 +25,6 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 pub enum Lookup {
     Established,
     Reply,
-    Miss,
 }
 
 /// CLOCK_MONOTONIC_COARSE: a plain read of the time kept at the last tick, where
@@ -99,17 +98,40 @@ fn is_reply(entry: &CtValue, reversed: bool) -> bool {
     reversed != (entry.flags & CT_FLAG_KEY_REVERSED != 0)
 }
 
-/// Finds the packet's flow and advances its state. An expired entry counts as a miss, so
-/// the packet is judged afresh by current policy.
+/// The packet's live flow, if any. An expired entry counts as none, so the packet is judged
+/// afresh by current policy.
 #[inline(always)]
-pub fn lookup_and_update(flow: &FlowKey, pkt: &Packet, now: u64) -> Lookup {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) else {
-        return Lookup::Miss;
-    };
-    let entry = unsafe { &mut *entry };
+pub fn find(flow: &FlowKey, now: u64) -> Option<&'static mut CtValue> {
+    let entry = unsafe { &mut *CONNTRACK.get_ptr_mut(&flow.key)? };
     if entry.expires_ns <= now {
-        return Lookup::Miss;
+        return None;
     }
+    Some(entry)
+}
+
+/// True when a live entry alone proves the packet may pass at this hook, without looking at
+/// the endpoint entry. Going in, any packet of an admitted flow may. Going out, the source
+/// must be the endpoint's own, which the entry proves in two cases: the packet runs the way
+/// of a first packet that went out (whose source passed the check), or it answers a first
+/// packet that came in addressed to one of the endpoint's addresses. Anything else (a
+/// "reply" to the endpoint's own outgoing flow, an answer to a flooded packet) takes the
+/// full path, where the source check drops a spoofed packet.
+#[inline(always)]
+pub fn proves_source(entry: &CtValue, flow: &FlowKey, direction: u8) -> bool {
+    if direction != DIRECTION_EGRESS {
+        return true;
+    }
+    let reply = is_reply(entry, flow.reversed);
+    if reply {
+        entry.direction == DIRECTION_INGRESS && entry.flags & CT_FLAG_FOREIGN_DEST == 0
+    } else {
+        entry.direction == DIRECTION_EGRESS
+    }
+}
+
+/// Advances a live flow's state with this packet and says which way the packet runs.
+#[inline(always)]
+pub fn update(entry: &mut CtValue, flow: &FlowKey, pkt: &Packet, now: u64) -> Lookup {
     let reply = is_reply(entry, flow.reversed);
     advance(entry, pkt, reply, now);
     if reply {
@@ -119,14 +141,15 @@ pub fn lookup_and_update(flow: &FlowKey, pkt: &Packet, now: u64) -> Lookup {
     }
 }
 
-/// True when endpoint `ifindex` has a live flow that this packet's tuple started.
+/// Endpoint `ifindex`'s live entry for a flow this packet's tuple started, if any.
 #[inline(always)]
-pub fn is_tracked(ifindex: u32, pkt: &Packet, now: u64) -> bool {
+pub fn started(ifindex: u32, pkt: &Packet, now: u64) -> Option<&'static mut CtValue> {
     let flow = flow_key(ifindex, pkt);
-    match unsafe { CONNTRACK.get(&flow.key) } {
-        Some(entry) => entry.expires_ns > now && !is_reply(entry, flow.reversed),
-        None => false,
+    let entry = find(&flow, now)?;
+    if is_reply(entry, flow.reversed) {
+        return None;
     }
+    Some(entry)
 }
 
 /// True when the tuple quoted by an ICMP error belongs to a flow this endpoint tracks.
@@ -145,26 +168,28 @@ pub fn is_related(ifindex: u32, pkt: &Packet, now: u64) -> bool {
     }
 }
 
+/// What a perimeter decided about a new flow, as its entry records it.
+pub struct Admission {
+    pub direction: u8,
+    pub remote_identity: u32,
+    pub rule_id: u32,
+    pub flags: u8,
+    /// See `CtValue::peer_ifindex`.
+    pub peer_ifindex: u32,
+}
+
 /// Records an admitted new flow. Err means the map refused the entry: the caller drops.
 #[inline(always)]
-pub fn create(
-    flow: &FlowKey,
-    pkt: &Packet,
-    now: u64,
-    direction: u8,
-    remote_identity: u32,
-    rule_id: u32,
-    flags: u8,
-) -> Result<(), ()> {
+pub fn create(flow: &FlowKey, pkt: &Packet, now: u64, admission: &Admission) -> Result<(), ()> {
     let mut entry = CtValue {
         expires_ns: 0,
-        rule_id,
-        remote_identity,
+        rule_id: admission.rule_id,
+        remote_identity: admission.remote_identity,
         state: CT_STATE_ESTABLISHED,
-        flags,
-        direction,
+        flags: admission.flags,
+        direction: admission.direction,
         _pad: 0,
-        _reserved: 0,
+        peer_ifindex: admission.peer_ifindex,
     };
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && pkt.tcp_flags & TCP_ACK == 0 {
         entry.state = CT_STATE_SYN_SENT;

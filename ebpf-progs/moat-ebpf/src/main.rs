@@ -20,15 +20,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use moat_common::{
-    CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, ENDPOINT_FLAG_LOG_ALLOWS, EndpointInfo, IDENTITY_HOST, IPCACHE_FLAG_SERVICE,
-    MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, reason, rule,
+    CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_LOG_ALLOWS, EndpointInfo, IDENTITY_HOST,
+    IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP, peer_mark, read_peer_mark, reason, rule,
 };
 
 use crate::{
-    conntrack::Lookup,
+    conntrack::{Admission, Lookup},
     events::EventFields,
-    parse::{Packet, Parsed},
+    parse::{Packet, Parsed, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[classifier]
@@ -38,6 +39,19 @@ pub fn moat_from_container(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn moat_to_container(ctx: TcContext) -> i32 {
+    // A packet whose sender's hook, on this node, found this endpoint's admission in the
+    // flow's linked entry: judged once already, it passes without a second look.
+    let skb = ctx.skb.skb;
+    let (mark, ifindex, len) = unsafe { ((*skb).mark, (*skb).ifindex, (*skb).len) };
+    if let Some(reply) = read_peer_mark(mark, ifindex) {
+        unsafe { (*skb).mark = 0 };
+        let why = if reply {
+            reason::REPLY
+        } else {
+            reason::ESTABLISHED
+        };
+        return pass(why, DIRECTION_INGRESS, len);
+    }
     judge(&ctx, DIRECTION_INGRESS)
 }
 
@@ -76,6 +90,19 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         return pass(reason::NEIGHBOR, direction, pkt.len);
     }
     let now = conntrack::now_ns();
+    // Conntrack first: most packets belong to a live flow, and when its entry proves the
+    // packet's source the endpoint entry need not be read at all (see `proves_source`).
+    let flow = conntrack::flow_key(ifindex, &pkt);
+    let mut live = conntrack::find(&flow, now);
+    if let Some(entry) = live.as_deref_mut() {
+        if conntrack::proves_source(entry, &flow, direction) {
+            let lookup = conntrack::update(entry, &flow, &pkt, now);
+            if direction == DIRECTION_EGRESS && entry.peer_ifindex != 0 {
+                mark_for_peer(ctx, entry.peer_ifindex, &pkt, &lookup, now);
+            }
+            return pass_tracked(lookup, direction, pkt.len);
+        }
+    }
     let Some(ep) = endpoint::endpoint_ref(ifindex) else {
         // Programs without an endpoint entry: registration has not finished, or teardown
         // has begun. Never fail open.
@@ -96,12 +123,12 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         };
         return drop_judged(&cfg, &pkt, &j, now);
     }
-
-    let flow = conntrack::flow_key(ifindex, &pkt);
-    match conntrack::lookup_and_update(&flow, &pkt, now) {
-        Lookup::Established => return pass(reason::ESTABLISHED, direction, pkt.len),
-        Lookup::Reply => return pass(reason::REPLY, direction, pkt.len),
-        Lookup::Miss => {}
+    if let Some(entry) = live {
+        return pass_tracked(
+            conntrack::update(entry, &flow, &pkt, now),
+            direction,
+            pkt.len,
+        );
     }
     if pkt.icmp_error && conntrack::is_related(ifindex, &pkt, now) {
         return pass(reason::RELATED, direction, pkt.len);
@@ -116,6 +143,27 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         scratch::put(&raw mut (*slot).now, now);
     }
     NEEDS_POLICY
+}
+
+/// Tells the receiving pod's hook that its perimeter already admitted this packet's flow.
+/// A packet that moves TCP state (SYN, FIN, RST) first advances the receiver's entry here,
+/// exactly as the receiver's own hook would have; if that entry is gone, the packet goes
+/// unmarked and the receiver's hook judges it in full.
+#[inline(always)]
+fn mark_for_peer(ctx: &TcContext, peer_ifindex: u32, pkt: &Packet, lookup: &Lookup, now: u64) {
+    if pkt.proto != PROTO_TCP {
+        return;
+    }
+    if pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        let peer_flow = conntrack::flow_key(peer_ifindex, pkt);
+        let Some(peer_entry) = conntrack::find(&peer_flow, now) else {
+            return;
+        };
+        conntrack::update(peer_entry, &peer_flow, pkt, now);
+    }
+    if let Some(mark) = peer_mark(peer_ifindex, matches!(lookup, Lookup::Reply)) {
+        unsafe { (*ctx.skb.skb).mark = mark };
+    }
 }
 
 /// One perimeter's decision about a new flow, with what an event needs to explain it.
@@ -177,25 +225,38 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     // this hook. Record the tuple (so the un-NATed reply is recognised) and let the backend's
     // own hook, or the node's way out, judge the real destination.
     if direction == DIRECTION_EGRESS && remote.flags & IPCACHE_FLAG_SERVICE != 0 {
-        if conntrack::create(
-            key,
-            pkt,
-            now,
+        let admission = Admission {
             direction,
-            remote.identity,
-            rule::NONE,
-            CT_FLAG_SERVICE,
-        )
-        .is_err()
-        {
+            remote_identity: remote.identity,
+            rule_id: rule::NONE,
+            flags: CT_FLAG_SERVICE,
+            peer_ifindex: 0,
+        };
+        if conntrack::create(key, pkt, now, &admission).is_err() {
             return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
         }
         return pass(reason::SERVICE_DEFERRED, direction, pkt.len);
     }
 
+    // An entry made for a packet that came in addressed to someone else proves nothing about
+    // the source of what the endpoint sends back (see `conntrack::proves_source`).
+    let foreign =
+        if direction == DIRECTION_INGRESS && !endpoint::owns_address(ep, pkt.family, &pkt.daddr) {
+            CT_FLAG_FOREIGN_DEST
+        } else {
+            0
+        };
+
     // A pod can never block its own node (kubelet probes).
     if direction == DIRECTION_INGRESS && remote.identity == IDENTITY_HOST {
-        if conntrack::create(key, pkt, now, direction, remote.identity, rule::HOST, 0).is_err() {
+        let admission = Admission {
+            direction,
+            remote_identity: remote.identity,
+            rule_id: rule::HOST,
+            flags: foreign,
+            peer_ifindex: 0,
+        };
+        if conntrack::create(key, pkt, now, &admission).is_err() {
             return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
         }
         return pass(reason::HOST, direction, pkt.len);
@@ -222,10 +283,14 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     // A local sender's egress policy is judged here too: when it connected through a
     // Service, its own hook saw only the ClusterIP. When its hook saw this very tuple (a
     // direct connection), that hook already judged it and recorded the flow.
+    let mut sender_entry = None;
+    if !verdict.enforced_drop() && direction == DIRECTION_INGRESS && remote.ifindex != 0 {
+        sender_entry = conntrack::started(remote.ifindex, pkt, now);
+    }
     if !verdict.enforced_drop()
         && direction == DIRECTION_INGRESS
         && remote.ifindex != 0
-        && !conntrack::is_tracked(remote.ifindex, pkt, now)
+        && sender_entry.is_none()
     {
         if let Some(sender) = endpoint::endpoint_ref(remote.ifindex) {
             let theirs = policy::decide(
@@ -256,23 +321,39 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         return drop_judged(&cfg, pkt, &verdict, now);
     }
 
-    let ct_flags = if verdict.allowed {
-        0
-    } else {
-        CT_FLAG_NOT_ENFORCED
+    let ct_flags = foreign
+        | if verdict.allowed {
+            0
+        } else {
+            CT_FLAG_NOT_ENFORCED
+        };
+    // Both perimeters of a direct TCP connection between two pods of this node have now
+    // admitted the same tuple: link the two entries, so that from here on each packet is
+    // judged at the sender's hook only and the receiver's hook trusts its mark (see
+    // `mark_for_peer`). TCP only, because its answers keep both entries alive; a one-way
+    // UDP stream would let the receiver's entry expire unseen.
+    let peer_ifindex = match sender_entry.as_deref() {
+        Some(sender)
+            if pkt.proto == PROTO_TCP && foreign == 0 && sender.direction == DIRECTION_EGRESS =>
+        {
+            remote.ifindex
+        }
+        _ => 0,
     };
-    if conntrack::create(
-        key,
-        pkt,
-        now,
+    let admission = Admission {
         direction,
-        remote.identity,
-        verdict.rule_id,
-        ct_flags,
-    )
-    .is_err()
-    {
+        remote_identity: remote.identity,
+        rule_id: verdict.rule_id,
+        flags: ct_flags,
+        peer_ifindex,
+    };
+    if conntrack::create(key, pkt, now, &admission).is_err() {
         return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
+    }
+    if peer_ifindex != 0 {
+        if let Some(sender) = sender_entry {
+            sender.peer_ifindex = ifindex;
+        }
     }
 
     let (event_verdict, event_reason) = if verdict.allowed {
@@ -314,6 +395,14 @@ fn state_full(ifindex: u32, ep: &EndpointInfo, direction: u8) -> Judgement {
         allowed: false,
         reason: reason::STATE_MAP_FULL,
         rule_id: rule::NONE,
+    }
+}
+
+#[inline(always)]
+fn pass_tracked(lookup: Lookup, direction: u8, bytes: u32) -> i32 {
+    match lookup {
+        Lookup::Established => pass(reason::ESTABLISHED, direction, bytes),
+        Lookup::Reply => pass(reason::REPLY, direction, bytes),
     }
 }
 

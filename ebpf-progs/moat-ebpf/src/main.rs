@@ -347,13 +347,22 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         flags: ct_flags,
         peer_ifindex,
     };
-    if conntrack::create(key, pkt, now, &admission).is_err() {
-        return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
+    // The sender's entry is linked before this one is inserted: an insert may evict and
+    // recycle entries, and the pointer must not outlive the entry it points to.
+    let mut sender_entry = if peer_ifindex != 0 {
+        sender_entry
+    } else {
+        None
+    };
+    if let Some(sender) = sender_entry.as_deref_mut() {
+        sender.peer_ifindex = ifindex;
     }
-    if peer_ifindex != 0 {
+    if conntrack::create(key, pkt, now, &admission).is_err() {
+        // Not recorded here: the sender's mark must not vouch for it.
         if let Some(sender) = sender_entry {
-            sender.peer_ifindex = ifindex;
+            sender.peer_ifindex = 0;
         }
+        return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
     }
 
     let (event_verdict, event_reason) = if verdict.allowed {

@@ -462,11 +462,17 @@ fn bpf(args: &Args, what: &BpfCmd) {
                         k.dport
                     ),
                     value: format!(
-                        "state {} rule {} remote {} expires in {}s",
+                        "state {} rule {} remote {} expires in {}s{}",
                         v.state,
                         v.rule_id,
                         v.remote_identity,
-                        (v.expires_ns - now) / 1_000_000_000
+                        (v.expires_ns - now) / 1_000_000_000,
+                        // Linked: the peer pod's hook trusts this endpoint's marks.
+                        if v.peer_ifindex != 0 {
+                            format!(" linked to ifindex {}", v.peer_ifindex)
+                        } else {
+                            String::new()
+                        }
                     ),
                 });
             }

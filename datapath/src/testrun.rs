@@ -36,7 +36,6 @@ pub const TC_ACT_SHOT: u32 = 2;
 /// programs key the endpoint on.
 const SK_BUFF_SIZE: usize = 192;
 const SK_BUFF_IFINDEX_OFFSET: usize = 40;
-const SK_BUFF_MARK_OFFSET: usize = 8;
 
 pub struct TestRunner {
     from_container: SchedClassifier,
@@ -47,8 +46,6 @@ pub struct RunResult {
     pub verdict: u32,
     /// Average time of one run, as the kernel measured it.
     pub per_run: Duration,
-    /// The skb mark as the program left it.
-    pub mark: u32,
 }
 
 impl TestRunner {
@@ -65,23 +62,9 @@ impl TestRunner {
 
     /// Runs `hook` on `packet` as if it crossed device `ifindex` (which must exist and be > 1).
     pub fn run(&self, hook: Hook, ifindex: u32, packet: &[u8], repeat: u32) -> Result<RunResult> {
-        self.run_marked(hook, ifindex, packet, repeat, 0)
-    }
-
-    /// As `run`, with the skb carrying `mark` when the program starts.
-    pub fn run_marked(
-        &self,
-        hook: Hook,
-        ifindex: u32,
-        packet: &[u8],
-        repeat: u32,
-        mark: u32,
-    ) -> Result<RunResult> {
         let mut ctx = [0u8; SK_BUFF_SIZE];
         ctx[SK_BUFF_IFINDEX_OFFSET..SK_BUFF_IFINDEX_OFFSET + 4]
             .copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[SK_BUFF_MARK_OFFSET..SK_BUFF_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
-        let mut ctx_out = [0u8; SK_BUFF_SIZE];
         let program = match hook {
             Hook::FromContainer => &self.from_container,
             Hook::ToContainer => &self.to_container,
@@ -89,19 +72,15 @@ impl TestRunner {
         let opts = TestRunOptions {
             data_in: Some(packet),
             ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
             repeat: repeat.max(1),
             ..Default::default()
         };
         let result = program
             .test_run(opts)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program_name()))?;
-        let mut mark_out = [0u8; 4];
-        mark_out.copy_from_slice(&ctx_out[SK_BUFF_MARK_OFFSET..SK_BUFF_MARK_OFFSET + 4]);
         Ok(RunResult {
             verdict: result.return_value,
             per_run: result.duration,
-            mark: u32::from_ne_bytes(mark_out),
         })
     }
 }

@@ -191,6 +191,13 @@ fn policy_is_enforced(dp: &LoadedDatapath, pods: Pods) {
             assert!(linked, "no TCP entry of {} linked to its peer", pod.host_if);
         }
     }
+    // ...and the receivers' hooks took the senders' handoff across the host's forwarding
+    // path.
+    assert!(
+        maps.count(VERDICT_ALLOW, reason::PEER_ADMITTED, DIRECTION_INGRESS)
+            .unwrap()
+            > 0
+    );
     assert!(
         maps.count(VERDICT_ALLOW, reason::REPLY, DIRECTION_INGRESS)
             .unwrap()

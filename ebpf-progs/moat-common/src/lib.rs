@@ -68,6 +68,9 @@ pub mod reason {
     pub const SERVICE_DEFERRED: u8 = 7;
     /// Allowed because the endpoint is in learn mode.
     pub const LEARN: u8 = 8;
+    /// Part of a flow this endpoint admitted, as the sending pod's hook found in the flow's
+    /// linked entry (a direct TCP connection between two pods of this node).
+    pub const PEER_ADMITTED: u8 = 9;
 
     pub const FIRST_DROP: u8 = 16;
     /// A new flow matched a deny rule.
@@ -103,6 +106,7 @@ pub mod reason {
             NEIGHBOR => "neighbor-discovery",
             SERVICE_DEFERRED => "service-deferred",
             LEARN => "learn",
+            PEER_ADMITTED => "peer-admitted",
             POLICY_DENY => "policy-deny",
             DEFAULT_DENY => "default-deny",
             SPOOFED_SOURCE => "spoofed-source",
@@ -452,45 +456,39 @@ pub struct CtValue {
     pub _pad: u8,
     /// For a TCP flow between two endpoints of this node that both perimeters admitted
     /// under the same tuple: the other endpoint's host-side ifindex (0 otherwise). Packets
-    /// this endpoint sends in the flow then carry a `peer_mark` telling the other endpoint's
-    /// hook that its perimeter already admitted them (see `peer_mark`). Was a packet count
-    /// (always 0 since layout 2), so entries written before read as unlinked.
+    /// this endpoint sends in the flow then carry a `peer_handoff` telling the other
+    /// endpoint's hook that its perimeter already admitted them. Was a packet count (always 0
+    /// since layout 2), so entries written before read as unlinked.
     pub peer_ifindex: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Peer marks: a same-node flow judged once per packet instead of twice.
+// Peer handoff: a same-node flow judged once per packet instead of twice.
 // ---------------------------------------------------------------------------------------------
 
-/// The low byte of a peer mark.
-pub const PEER_MARK_MAGIC: u32 = 0x6d;
-/// Set when the packet answers the flow's first packet, as the receiving endpoint sees it.
-pub const PEER_MARK_REPLY: u32 = 1 << 8;
-/// Bits 14 and 15 are kube-proxy's (masquerade and drop marks) and are never set.
-pub const PEER_MARK_FOREIGN_BITS: u32 = 0x0000_c000;
-/// The largest ifindex a mark can carry: 5 bits below kube-proxy's, 16 above.
-pub const PEER_MARK_MAX_IFINDEX: u32 = (1 << 21) - 1;
+/// Set in `skb->tc_index` by the sending pod's hook: the receiving endpoint (the ifindex in
+/// the low bits) already admitted this packet's flow. tc_index, not the mark: netfilter
+/// rules of other tools match mark bits (portmap's masquerade bit 13, kube-proxy's 14 and
+/// 15; a mark with bit 13 set got pod-to-pod packets masqueraded here), and nothing on the
+/// host's forwarding path reads or rewrites tc_index but tc itself. The sending hook
+/// rewrites it on every packet a pod sends, so a pod cannot bring its own.
+pub const PEER_HANDOFF_FLAG: u32 = 0x8000;
+/// The low 15 bits of the receiver's ifindex: a packet can only reach another device with
+/// the same low bits by being routed to the wrong pod, and a perimeter that goes away is
+/// unlinked first (see `CtValue::peer_ifindex`).
+pub const PEER_HANDOFF_IFINDEX_BITS: u32 = 0x7fff;
 
-/// The skb mark for a packet whose receiving endpoint `ifindex` already admitted its flow.
-/// None when the ifindex does not fit: the receiving hook then judges the packet itself.
+/// The tc_index telling endpoint `ifindex`'s receiving hook that its perimeter already
+/// admitted the packet's flow.
 #[inline(always)]
-pub fn peer_mark(ifindex: u32, reply: bool) -> Option<u32> {
-    if ifindex == 0 || ifindex > PEER_MARK_MAX_IFINDEX {
-        return None;
-    }
-    let reply = if reply { PEER_MARK_REPLY } else { 0 };
-    Some(PEER_MARK_MAGIC | reply | ((ifindex & 0x1f) << 9) | ((ifindex >> 5) << 16))
+pub const fn peer_handoff(ifindex: u32) -> u32 {
+    PEER_HANDOFF_FLAG | (ifindex & PEER_HANDOFF_IFINDEX_BITS)
 }
 
-/// Reads a mark at endpoint `ifindex`'s receiving hook: Some(reply) when the mark says
-/// this endpoint's perimeter already admitted the packet's flow, None for any other mark.
+/// True when `tc_index`, read at endpoint `ifindex`'s receiving hook, is a handoff for it.
 #[inline(always)]
-pub fn read_peer_mark(mark: u32, ifindex: u32) -> Option<bool> {
-    let reply = mark & PEER_MARK_REPLY != 0;
-    match peer_mark(ifindex, reply) {
-        Some(expected) if expected == mark => Some(reply),
-        _ => None,
-    }
+pub const fn is_peer_handoff(tc_index: u32, ifindex: u32) -> bool {
+    ifindex != 0 && tc_index == peer_handoff(ifindex)
 }
 
 /// Timeouts, in seconds, from the first and every later packet of a flow.
@@ -679,48 +677,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_peer_mark_round_trips_and_never_uses_kube_proxys_bits() {
-        for ifindex in [
-            1,
-            2,
-            31,
-            32,
-            33,
-            1000,
-            65_535,
-            65_536,
-            PEER_MARK_MAX_IFINDEX,
-        ] {
-            for reply in [false, true] {
-                let mark = peer_mark(ifindex, reply).unwrap();
-                assert_eq!(mark & PEER_MARK_FOREIGN_BITS, 0, "ifindex {ifindex}");
-                assert_eq!(mark & 0xff, PEER_MARK_MAGIC);
-                assert_eq!(read_peer_mark(mark, ifindex), Some(reply));
-                // Meant for someone else: not ours.
-                assert_eq!(read_peer_mark(mark, ifindex ^ 1), None);
-                assert_eq!(read_peer_mark(mark, ifindex + 1), None);
-            }
+    fn a_peer_handoff_is_for_one_endpoint_only() {
+        for ifindex in [1, 2, 31, 32, 1000, 32_767] {
+            let handoff = peer_handoff(ifindex);
+            assert!(is_peer_handoff(handoff, ifindex));
+            assert!(!is_peer_handoff(handoff, ifindex + 1));
+            assert!(!is_peer_handoff(handoff & !PEER_HANDOFF_FLAG, ifindex));
+            assert!(!is_peer_handoff(0, ifindex));
         }
-        // Distinct endpoints get distinct marks.
-        let mut previous = 0;
-        for ifindex in 1..5000 {
-            let mark = peer_mark(ifindex, false).unwrap();
-            for other in [ifindex - 1, ifindex + 1] {
-                assert_ne!(Some(mark), peer_mark(other, false));
-            }
-            assert_ne!(mark, previous);
-            previous = mark;
-        }
-    }
-
-    #[test]
-    fn no_peer_mark_for_an_ifindex_it_cannot_carry_and_no_match_for_other_marks() {
-        assert_eq!(peer_mark(0, false), None);
-        assert_eq!(peer_mark(PEER_MARK_MAX_IFINDEX + 1, false), None);
-        assert_eq!(read_peer_mark(0, 0), None);
-        assert_eq!(read_peer_mark(0, 7), None);
-        // kube-proxy's masquerade bit added on the way: no longer ours.
-        let mark = peer_mark(7, false).unwrap();
-        assert_eq!(read_peer_mark(mark | 0x4000, 7), None);
+        // Beyond 15 bits the low bits carry it.
+        assert!(is_peer_handoff(peer_handoff(40_000), 40_000));
+        assert!(!is_peer_handoff(peer_handoff(40_000), 40_001));
+        assert!(!is_peer_handoff(peer_handoff(0), 0));
+        // Fits the 16 bits the kernel keeps for tc_index.
+        assert!(peer_handoff(u32::MAX) <= u16::MAX as u32);
     }
 }

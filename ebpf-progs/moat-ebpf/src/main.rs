@@ -23,7 +23,7 @@ use moat_common::{
     CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE,
     DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_LOG_ALLOWS, EndpointInfo, IDENTITY_HOST,
     IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP, peer_mark, read_peer_mark, reason, rule,
+    VERDICT_AUDIT, VERDICT_DROP, is_peer_handoff, peer_handoff, reason, rule,
 };
 
 use crate::{
@@ -34,6 +34,10 @@ use crate::{
 
 #[classifier]
 pub fn moat_from_container(ctx: TcContext) -> i32 {
+    // Whatever tc_index a packet brings from the pod is not ours: only this hook may hand a
+    // packet over to a peer's hook (see `hand_to_peer`). (Under a cls_bpf filter the kernel
+    // rewrites tc_index from the classid anyway.)
+    unsafe { (*ctx.skb.skb).tc_index = 0 };
     judge(&ctx, DIRECTION_EGRESS)
 }
 
@@ -42,15 +46,10 @@ pub fn moat_to_container(ctx: TcContext) -> i32 {
     // A packet whose sender's hook, on this node, found this endpoint's admission in the
     // flow's linked entry: judged once already, it passes without a second look.
     let skb = ctx.skb.skb;
-    let (mark, ifindex, len) = unsafe { ((*skb).mark, (*skb).ifindex, (*skb).len) };
-    if let Some(reply) = read_peer_mark(mark, ifindex) {
-        unsafe { (*skb).mark = 0 };
-        let why = if reply {
-            reason::REPLY
-        } else {
-            reason::ESTABLISHED
-        };
-        return pass(why, DIRECTION_INGRESS, len);
+    let (tc_index, ifindex, len) = unsafe { ((*skb).tc_index, (*skb).ifindex, (*skb).len) };
+    if is_peer_handoff(tc_index, ifindex) {
+        unsafe { (*skb).tc_index = 0 };
+        return pass(reason::PEER_ADMITTED, DIRECTION_INGRESS, len);
     }
     judge(&ctx, DIRECTION_INGRESS)
 }
@@ -98,7 +97,7 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
         if conntrack::proves_source(entry, &flow, direction) {
             let lookup = conntrack::update(entry, &flow, &pkt, now);
             if direction == DIRECTION_EGRESS && entry.peer_ifindex != 0 {
-                mark_for_peer(ctx, entry.peer_ifindex, &pkt, &lookup, now);
+                hand_to_peer(ctx, entry.peer_ifindex, &pkt, now);
             }
             return pass_tracked(lookup, direction, pkt.len);
         }
@@ -147,10 +146,10 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
 
 /// Tells the receiving pod's hook that its perimeter already admitted this packet's flow.
 /// A packet that moves TCP state (SYN, FIN, RST) first advances the receiver's entry here,
-/// exactly as the receiver's own hook would have; if that entry is gone, the packet goes
-/// unmarked and the receiver's hook judges it in full.
+/// exactly as the receiver's own hook would have; if that entry is gone, the packet is not
+/// handed over and the receiver's hook judges it in full.
 #[inline(always)]
-fn mark_for_peer(ctx: &TcContext, peer_ifindex: u32, pkt: &Packet, lookup: &Lookup, now: u64) {
+fn hand_to_peer(ctx: &TcContext, peer_ifindex: u32, pkt: &Packet, now: u64) {
     if pkt.proto != PROTO_TCP {
         return;
     }
@@ -161,8 +160,13 @@ fn mark_for_peer(ctx: &TcContext, peer_ifindex: u32, pkt: &Packet, lookup: &Look
         };
         conntrack::update(peer_entry, &peer_flow, pkt, now);
     }
-    if let Some(mark) = peer_mark(peer_ifindex, matches!(lookup, Lookup::Reply)) {
-        unsafe { (*ctx.skb.skb).mark = mark };
+    let handoff = peer_handoff(peer_ifindex);
+    // TCX leaves tc_index as the program wrote it. A cls_bpf filter's verdict rewrites it
+    // from the classid when the program returns (tc_run: tc_index = TC_H_MIN(classid)), and
+    // a direct-action program's classid is what it writes to tc_classid: set both.
+    unsafe {
+        (*ctx.skb.skb).tc_index = handoff;
+        (*ctx.skb.skb).tc_classid = handoff;
     }
 }
 
@@ -329,8 +333,8 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         };
     // Both perimeters of a direct TCP connection between two pods of this node have now
     // admitted the same tuple: link the two entries, so that from here on each packet is
-    // judged at the sender's hook only and the receiver's hook trusts its mark (see
-    // `mark_for_peer`). TCP only, because its answers keep both entries alive; a one-way
+    // judged at the sender's hook only and the receiver's hook trusts its handoff (see
+    // `hand_to_peer`). TCP only, because its answers keep both entries alive; a one-way
     // UDP stream would let the receiver's entry expire unseen.
     let peer_ifindex = match sender_entry.as_deref() {
         Some(sender)
@@ -358,7 +362,7 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         sender.peer_ifindex = ifindex;
     }
     if conntrack::create(key, pkt, now, &admission).is_err() {
-        // Not recorded here: the sender's mark must not vouch for it.
+        // Not recorded here: the sender's handoff must not vouch for it.
         if let Some(sender) = sender_entry {
             sender.peer_ifindex = 0;
         }

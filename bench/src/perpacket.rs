@@ -231,7 +231,7 @@ pub fn measure(subjects: &[Subject; 2], ifindex: u32, p: &Params) -> Result<Valu
              created the conntrack entry; every measured run is a conntrack hit (counted as \
              allow/established).",
             "new_flow: TCP SYN from the peer to port 9999, which no entry allows; nothing is \
-             recorded, so every run parses, misses conntrack, looks up the ipcache (LPM) and \
+             recorded, so every run parses, misses conntrack, looks up the ipcache (host mirror, a hash) and \
              walks the full policy lookup (6 hash probes, port ranges, CIDR LPM) to a default \
              deny. Drop events are rate limited (5000/s per CPU, burst 1000), so most runs \
              only bump the rate-limit counter instead of writing a ring-buffer event; see \

@@ -34,7 +34,7 @@ const fn spec(
     }
 }
 
-pub fn specs() -> [MapSpec; 14] {
+pub fn specs() -> [MapSpec; 16] {
     [
         spec(
             map_name::ENDPOINTS,
@@ -54,6 +54,20 @@ pub fn specs() -> [MapSpec; 14] {
             map_name::IPCACHE_V6,
             MapType::LpmTrie,
             size_of::<LpmKey<IpcacheKeyV6>>(),
+            size_of::<IpcacheValue>(),
+            map_size::IPCACHE,
+        ),
+        spec(
+            map_name::HOSTS_V4,
+            MapType::Hash,
+            size_of::<IpcacheKeyV4>(),
+            size_of::<IpcacheValue>(),
+            map_size::IPCACHE,
+        ),
+        spec(
+            map_name::HOSTS_V6,
+            MapType::Hash,
+            size_of::<IpcacheKeyV6>(),
             size_of::<IpcacheValue>(),
             map_size::IPCACHE,
         ),

@@ -13,6 +13,10 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub ipcache_v4: LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>,
     pub ipcache_v6: LpmTrie<MapData, IpcacheKeyV6, IpcacheValue>,
+    /// Exact-match mirrors of the tries' host entries; kept by `upsert_ipcache`,
+    /// `remove_ipcache` and `sync_host_cache`, never written on their own.
+    pub hosts_v4: HashMap<MapData, IpcacheKeyV4, IpcacheValue>,
+    pub hosts_v6: HashMap<MapData, IpcacheKeyV6, IpcacheValue>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub port_ranges: HashMap<MapData, PortRangeKey, PortRuleSet>,
     pub cidr_v4: LpmTrie<MapData, CidrKeyV4, PortRuleSet>,
@@ -135,6 +139,8 @@ impl Maps {
             endpoints: typed!(pins, map_name::ENDPOINTS),
             ipcache_v4: typed!(pins, map_name::IPCACHE_V4),
             ipcache_v6: typed!(pins, map_name::IPCACHE_V6),
+            hosts_v4: typed!(pins, map_name::HOSTS_V4),
+            hosts_v6: typed!(pins, map_name::HOSTS_V6),
             policy: typed!(pins, map_name::POLICY),
             port_ranges: typed!(pins, map_name::PORT_RANGES),
             cidr_v4: typed!(pins, map_name::CIDR_V4),
@@ -170,20 +176,126 @@ impl Maps {
         self.endpoints.get(&ifindex, 0).ok()
     }
 
+    /// Writes an ipcache entry; a host entry (/32, /128) also goes to its exact-match mirror.
+    /// Mirror first: a crash in between leaves the mirror ahead of the trie, which the next
+    /// start's `sync_host_cache` and reconcile (reading the trie) put right.
     pub fn upsert_ipcache(&mut self, net: IpNetwork, value: &IpcacheValue) -> Result<()> {
+        let context = || format!("writing ipcache {net}");
         match net {
-            IpNetwork::V4(n) => self.ipcache_v4.insert(&ipcache_key_v4(n), value, 0),
-            IpNetwork::V6(n) => self.ipcache_v6.insert(&ipcache_key_v6(n), value, 0),
+            IpNetwork::V4(n) => {
+                if n.prefix() == 32 {
+                    let host = IpcacheKeyV4 {
+                        addr: n.ip().octets(),
+                    };
+                    self.hosts_v4
+                        .insert(host, value, 0)
+                        .map_err(map_err(context()))?;
+                }
+                self.ipcache_v4.insert(&ipcache_key_v4(n), value, 0)
+            }
+            IpNetwork::V6(n) => {
+                if n.prefix() == 128 {
+                    let host = IpcacheKeyV6 {
+                        addr: n.ip().octets(),
+                    };
+                    self.hosts_v6
+                        .insert(host, value, 0)
+                        .map_err(map_err(context()))?;
+                }
+                self.ipcache_v6.insert(&ipcache_key_v6(n), value, 0)
+            }
         }
-        .map_err(map_err(format!("writing ipcache {net}")))
+        .map_err(map_err(context()))
     }
 
+    /// Removes an ipcache entry, from the mirror first: a crash in between leaves the trie's
+    /// entry, which answers as before until the next reconcile removes it.
     pub fn remove_ipcache(&mut self, net: IpNetwork) -> Result<()> {
-        ignore_missing(match net {
-            IpNetwork::V4(n) => self.ipcache_v4.remove(&ipcache_key_v4(n)),
-            IpNetwork::V6(n) => self.ipcache_v6.remove(&ipcache_key_v6(n)),
-        })
-        .map_err(map_err(format!("removing ipcache {net}")))
+        let context = || format!("removing ipcache {net}");
+        match net {
+            IpNetwork::V4(n) => {
+                if n.prefix() == 32 {
+                    let host = IpcacheKeyV4 {
+                        addr: n.ip().octets(),
+                    };
+                    ignore_missing(self.hosts_v4.remove(&host)).map_err(map_err(context()))?;
+                }
+                ignore_missing(self.ipcache_v4.remove(&ipcache_key_v4(n)))
+            }
+            IpNetwork::V6(n) => {
+                if n.prefix() == 128 {
+                    let host = IpcacheKeyV6 {
+                        addr: n.ip().octets(),
+                    };
+                    ignore_missing(self.hosts_v6.remove(&host)).map_err(map_err(context()))?;
+                }
+                ignore_missing(self.ipcache_v6.remove(&ipcache_key_v6(n)))
+            }
+        }
+        .map_err(map_err(context()))
+    }
+
+    /// Makes the exact-match mirrors hold exactly the tries' host entries: after a crash
+    /// between the two writes, or on maps pinned before the mirrors existed. Returns
+    /// (entries written, entries removed).
+    pub fn sync_host_cache(&mut self) -> Result<(usize, usize)> {
+        let mut written = 0;
+        let mut removed = 0;
+        let hosts_v4: Vec<(IpcacheKeyV4, IpcacheValue)> = self
+            .ipcache_v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.prefix_len() == 32)
+            .map(|(k, v)| (k.data(), v))
+            .collect();
+        for (host, value) in &hosts_v4 {
+            if self.hosts_v4.get(host, 0).ok() != Some(*value) {
+                self.hosts_v4
+                    .insert(host, value, 0)
+                    .map_err(map_err("syncing host cache"))?;
+                written += 1;
+            }
+        }
+        let wanted: std::collections::HashSet<[u8; 4]> =
+            hosts_v4.iter().map(|(h, _)| h.addr).collect();
+        let stale: Vec<IpcacheKeyV4> = self
+            .hosts_v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(&k.addr))
+            .collect();
+        for host in &stale {
+            ignore_missing(self.hosts_v4.remove(host)).map_err(map_err("syncing host cache"))?;
+            removed += 1;
+        }
+        let hosts_v6: Vec<(IpcacheKeyV6, IpcacheValue)> = self
+            .ipcache_v6
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.prefix_len() == 128)
+            .map(|(k, v)| (k.data(), v))
+            .collect();
+        for (host, value) in &hosts_v6 {
+            if self.hosts_v6.get(host, 0).ok() != Some(*value) {
+                self.hosts_v6
+                    .insert(host, value, 0)
+                    .map_err(map_err("syncing host cache"))?;
+                written += 1;
+            }
+        }
+        let wanted: std::collections::HashSet<[u8; 16]> =
+            hosts_v6.iter().map(|(h, _)| h.addr).collect();
+        let stale: Vec<IpcacheKeyV6> = self
+            .hosts_v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(&k.addr))
+            .collect();
+        for host in &stale {
+            ignore_missing(self.hosts_v6.remove(host)).map_err(map_err("syncing host cache"))?;
+            removed += 1;
+        }
+        Ok((written, removed))
     }
 
     /// Longest-prefix lookup, as the datapath does it.

@@ -925,6 +925,59 @@ fn an_answer_to_a_packet_addressed_to_someone_else_gets_the_source_check() {
 }
 
 #[test]
+fn host_entries_have_an_exact_match_mirror_that_a_sync_repairs() {
+    let mut f = Fixture::new("hosts");
+    let key = |a: [u8; 4]| IpcacheKeyV4 { addr: a };
+    // upsert_ipcache writes a host entry to the mirror too; a range stays in the trie only.
+    assert_eq!(
+        f.maps
+            .hosts_v4
+            .get(&key([10, 1, 0, 2]), 0)
+            .unwrap()
+            .identity,
+        PEER
+    );
+    assert!(f.maps.hosts_v4.get(&key([10, 96, 0, 0]), 0).is_err());
+    let v6 = IpcacheKeyV6 {
+        addr: "fd00:1::2".parse::<Ipv6Addr>().unwrap().octets(),
+    };
+    assert_eq!(f.maps.hosts_v6.get(&v6, 0).unwrap().identity, PEER);
+    f.allow_out(PEER, 80, PROTO_TCP, 170);
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_OK);
+
+    // A crash between the two writes: a mirror entry the trie lacks, and one missing.
+    let stray = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 77));
+    let peer = IpcacheValue {
+        identity: PEER,
+        ..Default::default()
+    };
+    f.maps
+        .hosts_v4
+        .insert(key([10, 1, 0, 77]), peer, 0)
+        .unwrap();
+    f.maps.hosts_v4.remove(&key([10, 1, 0, 2])).unwrap();
+    // The datapath asks the mirror first (the stray address passes as PEER) and the trie
+    // when the mirror has nothing (the peer still resolves).
+    assert_eq!(f.out(&syn(pod_v4(), stray, 2, 80)), TC_ACT_OK);
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 3, 80)), TC_ACT_OK);
+    assert_eq!(f.maps.sync_host_cache().unwrap(), (1, 1));
+    assert_eq!(f.maps.sync_host_cache().unwrap(), (0, 0));
+    assert_eq!(f.out(&syn(pod_v4(), stray, 4, 80)), TC_ACT_SHOT);
+    assert_eq!(
+        f.maps
+            .hosts_v4
+            .get(&key([10, 1, 0, 2]), 0)
+            .unwrap()
+            .identity,
+        PEER
+    );
+    // remove_ipcache takes it out of both.
+    f.maps.remove_ipcache(net("10.1.0.2/32")).unwrap();
+    assert!(f.maps.hosts_v4.get(&key([10, 1, 0, 2]), 0).is_err());
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 5, 80)), TC_ACT_SHOT);
+}
+
+#[test]
 fn traffic_from_the_node_itself_is_always_allowed_in() {
     let f = Fixture::new("host");
     assert_eq!(f.to_pod(&syn(host_v4(), pod_v4(), 50000, 8080)), TC_ACT_OK);

@@ -121,7 +121,8 @@ impl Daemon {
     pub fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
         let pins = PinDir::new(&cfg.pin_root);
         let datapath = Datapath::load(&pins).map_err(anyhow::Error::from)?;
-        let maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
+        let mut maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
+        maps.sync_host_cache().map_err(anyhow::Error::from)?;
         let applied = Applied::from_kernel(&maps);
         let store = EndpointStore::new(&cfg.state_dir);
         let endpoints = store.load()?;
@@ -937,6 +938,7 @@ impl Daemon {
     /// A full resync against what the kernel maps really hold (heals any drift).
     pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
         self.sync_routes();
+        self.maps.sync_host_cache()?;
         self.applied = Applied::from_kernel(&self.maps);
         self.reconcile()
     }

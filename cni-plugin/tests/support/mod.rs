@@ -626,6 +626,19 @@ pub fn assert_nothing_left(world: &World, network: &str, traces: &[Trace]) {
                 .filter_map(Result::ok)
                 .map(|(k, v)| (IpAddr::from(k.data().addr), k.prefix_len(), v.ifindex)),
         )
+        // The host entries' exact-match mirrors must go with them.
+        .chain(
+            maps.hosts_v4
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (IpAddr::from(k.addr), 32, v.ifindex)),
+        )
+        .chain(
+            maps.hosts_v6
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (IpAddr::from(k.addr), 128, v.ifindex)),
+        )
         .collect();
     for t in traces {
         let cid = &t.container_id;

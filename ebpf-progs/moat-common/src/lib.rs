@@ -148,6 +148,9 @@ pub mod map_name {
     pub const ENDPOINTS: &str = "MOAT_ENDPOINTS";
     pub const IPCACHE_V4: &str = "MOAT_IPCACHE4";
     pub const IPCACHE_V6: &str = "MOAT_IPCACHE6";
+    /// Exact-match mirrors of the ipcache's host entries (/32, /128): see `HOSTS_V4`.
+    pub const HOSTS_V4: &str = "MOAT_HOSTS4";
+    pub const HOSTS_V6: &str = "MOAT_HOSTS6";
     pub const POLICY: &str = "MOAT_POLICY";
     pub const PORT_RANGES: &str = "MOAT_PORTRANGES";
     pub const CIDR_V4: &str = "MOAT_CIDR4";

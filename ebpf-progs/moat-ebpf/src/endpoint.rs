@@ -7,7 +7,7 @@ use moat_common::{
     MAX_ENDPOINT_V4, MAX_ENDPOINT_V6,
 };
 
-use crate::maps::{ENDPOINTS, IPCACHE_V4, IPCACHE_V6};
+use crate::maps::{ENDPOINTS, HOSTS_V4, HOSTS_V6, IPCACHE_V4, IPCACHE_V6};
 
 /// The endpoint entry in place: a copy costs stack the verifier does not have to give, and
 /// time on every packet.
@@ -16,23 +16,26 @@ pub fn endpoint_ref(ifindex: u32) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&ifindex) }
 }
 
-/// An address that matches nothing, not even a default route entry, is the world.
+/// An address that matches nothing, not even a default route entry, is the world. A host
+/// entry (the exact-match mirror) is tried first: see `HOSTS_V4`.
 #[inline(always)]
 pub fn remote(family: u8, addr: &[u32; 4]) -> IpcacheValue {
     let found = if family == FAMILY_V4 {
-        IPCACHE_V4.get(&LpmKey::new(
-            32,
-            IpcacheKeyV4 {
-                addr: addr[0].to_ne_bytes(),
-            },
-        ))
+        let host = IpcacheKeyV4 {
+            addr: addr[0].to_ne_bytes(),
+        };
+        match unsafe { HOSTS_V4.get(&host) } {
+            Some(v) => Some(v),
+            None => IPCACHE_V4.get(&LpmKey::new(32, host)),
+        }
     } else {
-        IPCACHE_V6.get(&LpmKey::new(
-            128,
-            IpcacheKeyV6 {
-                addr: v6_bytes(addr),
-            },
-        ))
+        let host = IpcacheKeyV6 {
+            addr: v6_bytes(addr),
+        };
+        match unsafe { HOSTS_V6.get(&host) } {
+            Some(v) => Some(v),
+            None => IPCACHE_V6.get(&LpmKey::new(128, host)),
+        }
     };
     match found {
         Some(v) => *v,

@@ -20,6 +20,16 @@ pub static IPCACHE_V4: LpmTrie<IpcacheKeyV4, IpcacheValue> = LpmTrie::pinned(map
 #[map(name = "MOAT_IPCACHE6")]
 pub static IPCACHE_V6: LpmTrie<IpcacheKeyV6, IpcacheValue> = LpmTrie::pinned(map_size::IPCACHE, 0);
 
+/// The ipcache's host entries again, keyed by the bare address: one hash lookup finds a pod's
+/// identity where the trie walks one node per level (about 17 at 100,000 entries). A host
+/// entry is the longest prefix of its address, so a hit here is what the trie would answer;
+/// a miss falls back to the trie. Written by the same userspace calls as the trie.
+#[map(name = "MOAT_HOSTS4")]
+pub static HOSTS_V4: HashMap<IpcacheKeyV4, IpcacheValue> = HashMap::pinned(map_size::IPCACHE, 0);
+
+#[map(name = "MOAT_HOSTS6")]
+pub static HOSTS_V6: HashMap<IpcacheKeyV6, IpcacheValue> = HashMap::pinned(map_size::IPCACHE, 0);
+
 #[map(name = "MOAT_POLICY")]
 pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(map_size::POLICY, 0);
 

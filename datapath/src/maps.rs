@@ -73,6 +73,44 @@ fn ignore_missing(
     }
 }
 
+/// One family's half of `Maps::sync_host_cache`: `addr` names a host key for set lookups.
+fn sync_mirror<K, A>(
+    trie: &LpmTrie<MapData, K, IpcacheValue>,
+    hosts: &mut HashMap<MapData, K, IpcacheValue>,
+    host_prefix: u32,
+    addr: impl Fn(&K) -> A,
+) -> Result<(usize, usize)>
+where
+    K: aya::Pod,
+    A: std::hash::Hash + Eq,
+{
+    let wanted: Vec<(K, IpcacheValue)> = trie
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, _)| k.prefix_len() == host_prefix)
+        .map(|(k, v)| (k.data(), v))
+        .collect();
+    let mut written = 0;
+    for (host, value) in &wanted {
+        if hosts.get(host, 0).ok() != Some(*value) {
+            hosts
+                .insert(host, value, 0)
+                .map_err(map_err("syncing host cache"))?;
+            written += 1;
+        }
+    }
+    let keep: std::collections::HashSet<A> = wanted.iter().map(|(h, _)| addr(h)).collect();
+    let stale: Vec<K> = hosts
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !keep.contains(&addr(k)))
+        .collect();
+    for host in &stale {
+        ignore_missing(hosts.remove(host)).map_err(map_err("syncing host cache"))?;
+    }
+    Ok((written, stale.len()))
+}
+
 pub fn ipcache_key_v4(net: ipnetwork::Ipv4Network) -> LpmKey<IpcacheKeyV4> {
     LpmKey::new(
         net.prefix() as u32,
@@ -239,63 +277,9 @@ impl Maps {
     /// between the two writes, or on maps pinned before the mirrors existed. Returns
     /// (entries written, entries removed).
     pub fn sync_host_cache(&mut self) -> Result<(usize, usize)> {
-        let mut written = 0;
-        let mut removed = 0;
-        let hosts_v4: Vec<(IpcacheKeyV4, IpcacheValue)> = self
-            .ipcache_v4
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.prefix_len() == 32)
-            .map(|(k, v)| (k.data(), v))
-            .collect();
-        for (host, value) in &hosts_v4 {
-            if self.hosts_v4.get(host, 0).ok() != Some(*value) {
-                self.hosts_v4
-                    .insert(host, value, 0)
-                    .map_err(map_err("syncing host cache"))?;
-                written += 1;
-            }
-        }
-        let wanted: std::collections::HashSet<[u8; 4]> =
-            hosts_v4.iter().map(|(h, _)| h.addr).collect();
-        let stale: Vec<IpcacheKeyV4> = self
-            .hosts_v4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(&k.addr))
-            .collect();
-        for host in &stale {
-            ignore_missing(self.hosts_v4.remove(host)).map_err(map_err("syncing host cache"))?;
-            removed += 1;
-        }
-        let hosts_v6: Vec<(IpcacheKeyV6, IpcacheValue)> = self
-            .ipcache_v6
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.prefix_len() == 128)
-            .map(|(k, v)| (k.data(), v))
-            .collect();
-        for (host, value) in &hosts_v6 {
-            if self.hosts_v6.get(host, 0).ok() != Some(*value) {
-                self.hosts_v6
-                    .insert(host, value, 0)
-                    .map_err(map_err("syncing host cache"))?;
-                written += 1;
-            }
-        }
-        let wanted: std::collections::HashSet<[u8; 16]> =
-            hosts_v6.iter().map(|(h, _)| h.addr).collect();
-        let stale: Vec<IpcacheKeyV6> = self
-            .hosts_v6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(&k.addr))
-            .collect();
-        for host in &stale {
-            ignore_missing(self.hosts_v6.remove(host)).map_err(map_err("syncing host cache"))?;
-            removed += 1;
-        }
-        Ok((written, removed))
+        let v4 = sync_mirror(&self.ipcache_v4, &mut self.hosts_v4, 32, |k| k.addr)?;
+        let v6 = sync_mirror(&self.ipcache_v6, &mut self.hosts_v6, 128, |k| k.addr)?;
+        Ok((v4.0 + v6.0, v4.1 + v6.1))
     }
 
     /// Longest-prefix lookup, as the datapath does it.

@@ -702,20 +702,7 @@ fn a_local_senders_egress_policy_is_judged_at_the_receiver() {
     // Client B (PEER) reached this pod through a Service: B's hook saw only the ClusterIP,
     // so B's egress policy is applied here, where the real destination is known.
     let mut f = Fixture::new("sender");
-    let sender_link = DummyLink::new();
-    f.maps
-        .upsert_endpoint(sender_link.ifindex, &endpoint(PEER, &[peer_v4()]))
-        .unwrap();
-    f.maps
-        .upsert_ipcache(
-            net("10.1.0.2/32"),
-            &IpcacheValue {
-                identity: PEER,
-                ifindex: sender_link.ifindex,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let sender_link = local_sender(&mut f);
     f.rule(PEER, 80, PROTO_TCP, DIRECTION_INGRESS, ACTION_ALLOW, 180);
     // The receiver allows it, the sender has no egress rule: dropped, reported as the
     // sender's egress.
@@ -727,28 +714,12 @@ fn a_local_senders_egress_policy_is_judged_at_the_receiver() {
     assert_eq!(events[0].remote_identity, POD);
     assert_eq!(events[0].ifindex, sender_link.ifindex);
     // Once the sender may send, the flow passes.
-    f.maps
-        .upsert_policy(
-            &PolicyKey {
-                policy_id: PEER,
-                remote_identity: POD,
-                dport: 80,
-                proto: PROTO_TCP,
-                direction: DIRECTION_EGRESS,
-            },
-            &PolicyValue {
-                rule_id: 181,
-                action: ACTION_ALLOW,
-                _pad: [0; 3],
-            },
-        )
-        .unwrap();
+    allow_peer_out(&mut f, 80, PROTO_TCP, 181);
     assert_eq!(f.to_pod(&syn(peer_v4(), pod_v4(), 44001, 80)), TC_ACT_OK);
 }
 
-/// Two endpoints of this node (POD on the fixture's device, PEER on `sender`) that may
-/// talk on TCP port 80 from PEER to POD.
-fn two_local_pods(f: &mut Fixture) -> DummyLink {
+/// A second endpoint of this node, PEER on its own device, known to the ipcache as local.
+fn local_sender(f: &mut Fixture) -> DummyLink {
     let sender = DummyLink::new();
     f.maps
         .upsert_endpoint(sender.ifindex, &endpoint(PEER, &[peer_v4()]))
@@ -763,6 +734,33 @@ fn two_local_pods(f: &mut Fixture) -> DummyLink {
             },
         )
         .unwrap();
+    sender
+}
+
+/// PEER (the local sender) may send to POD on `dport`/`proto`.
+fn allow_peer_out(f: &mut Fixture, dport: u16, proto: u8, rule_id: u32) {
+    f.maps
+        .upsert_policy(
+            &PolicyKey {
+                policy_id: PEER,
+                remote_identity: POD,
+                dport,
+                proto,
+                direction: DIRECTION_EGRESS,
+            },
+            &PolicyValue {
+                rule_id,
+                action: ACTION_ALLOW,
+                _pad: [0; 3],
+            },
+        )
+        .unwrap();
+}
+
+/// Two endpoints of this node (POD on the fixture's device, PEER on `sender`) that may
+/// talk on TCP port 80 from PEER to POD.
+fn two_local_pods(f: &mut Fixture) -> DummyLink {
+    let sender = local_sender(f);
     f.maps
         .upsert_ipcache(
             net("10.1.0.1/32"),
@@ -774,22 +772,7 @@ fn two_local_pods(f: &mut Fixture) -> DummyLink {
         )
         .unwrap();
     f.rule(PEER, 80, PROTO_TCP, DIRECTION_INGRESS, ACTION_ALLOW, 190);
-    f.maps
-        .upsert_policy(
-            &PolicyKey {
-                policy_id: PEER,
-                remote_identity: POD,
-                dport: 80,
-                proto: PROTO_TCP,
-                direction: DIRECTION_EGRESS,
-            },
-            &PolicyValue {
-                rule_id: 191,
-                action: ACTION_ALLOW,
-                _pad: [0; 3],
-            },
-        )
-        .unwrap();
+    allow_peer_out(f, 80, PROTO_TCP, 191);
     sender
 }
 
@@ -848,22 +831,7 @@ fn udp_flows_between_local_pods_are_not_linked() {
     let mut f = Fixture::new("nolink");
     let sender = two_local_pods(&mut f);
     f.rule(PEER, 53, PROTO_UDP, DIRECTION_INGRESS, ACTION_ALLOW, 192);
-    f.maps
-        .upsert_policy(
-            &PolicyKey {
-                policy_id: PEER,
-                remote_identity: POD,
-                dport: 53,
-                proto: PROTO_UDP,
-                direction: DIRECTION_EGRESS,
-            },
-            &PolicyValue {
-                rule_id: 193,
-                action: ACTION_ALLOW,
-                _pad: [0; 3],
-            },
-        )
-        .unwrap();
+    allow_peer_out(&mut f, 53, PROTO_UDP, 193);
     let query = Packet::udp(peer_v4(), pod_v4(), 5353, 53);
     let hook = |h: Hook, at: u32| f.runner.run(h, at, &query.bytes(), 1).unwrap().verdict;
     assert_eq!(hook(Hook::FromContainer, sender.ifindex), TC_ACT_OK);

@@ -373,7 +373,7 @@ impl Maps {
 
     /// Drops an endpoint's connection state (on DEL): nothing of a gone pod stays behind.
     /// Entries of other endpoints linked to it (`CtValue::peer_ifindex`) are unlinked, so
-    /// that no packet is marked as admitted by a perimeter that no longer exists.
+    /// that no packet is handed over as admitted by a perimeter that no longer exists.
     pub fn flush_conntrack(&mut self, ifindex: u32) -> Result<usize> {
         let mut own = Vec::new();
         let mut linked = Vec::new();

@@ -467,7 +467,7 @@ fn bpf(args: &Args, what: &BpfCmd) {
                         v.rule_id,
                         v.remote_identity,
                         (v.expires_ns - now) / 1_000_000_000,
-                        // Linked: the peer pod's hook trusts this endpoint's marks.
+                        // Linked: the peer pod's hook trusts this endpoint's handoffs.
                         if v.peer_ifindex != 0 {
                             format!(" linked to ifindex {}", v.peer_ifindex)
                         } else {

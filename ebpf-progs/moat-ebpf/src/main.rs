@@ -287,15 +287,14 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     // A local sender's egress policy is judged here too: when it connected through a
     // Service, its own hook saw only the ClusterIP. When its hook saw this very tuple (a
     // direct connection), that hook already judged it and recorded the flow.
-    let mut sender_entry = None;
-    if !verdict.enforced_drop() && direction == DIRECTION_INGRESS && remote.ifindex != 0 {
-        sender_entry = conntrack::started(remote.ifindex, pkt, now);
-    }
-    if !verdict.enforced_drop()
-        && direction == DIRECTION_INGRESS
-        && remote.ifindex != 0
-        && sender_entry.is_none()
-    {
+    let local_sender =
+        !verdict.enforced_drop() && direction == DIRECTION_INGRESS && remote.ifindex != 0;
+    let sender_entry = if local_sender {
+        conntrack::started(remote.ifindex, pkt, now)
+    } else {
+        None
+    };
+    if local_sender && sender_entry.is_none() {
         if let Some(sender) = endpoint::endpoint_ref(remote.ifindex) {
             let theirs = policy::decide(
                 sender.policy_id,
@@ -336,14 +335,15 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     // judged at the sender's hook only and the receiver's hook trusts its handoff (see
     // `hand_to_peer`). TCP only, because its answers keep both entries alive; a one-way
     // UDP stream would let the receiver's entry expire unseen.
-    let peer_ifindex = match sender_entry.as_deref() {
+    let mut linked = match sender_entry {
         Some(sender)
             if pkt.proto == PROTO_TCP && foreign == 0 && sender.direction == DIRECTION_EGRESS =>
         {
-            remote.ifindex
+            Some(sender)
         }
-        _ => 0,
+        _ => None,
     };
+    let peer_ifindex = if linked.is_some() { remote.ifindex } else { 0 };
     let admission = Admission {
         direction,
         remote_identity: remote.identity,
@@ -353,17 +353,12 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     };
     // The sender's entry is linked before this one is inserted: an insert may evict and
     // recycle entries, and the pointer must not outlive the entry it points to.
-    let mut sender_entry = if peer_ifindex != 0 {
-        sender_entry
-    } else {
-        None
-    };
-    if let Some(sender) = sender_entry.as_deref_mut() {
+    if let Some(sender) = linked.as_deref_mut() {
         sender.peer_ifindex = ifindex;
     }
     if conntrack::create(key, pkt, now, &admission).is_err() {
         // Not recorded here: the sender's handoff must not vouch for it.
-        if let Some(sender) = sender_entry {
+        if let Some(sender) = linked {
             sender.peer_ifindex = 0;
         }
         return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);

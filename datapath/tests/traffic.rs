@@ -191,10 +191,9 @@ fn policy_is_enforced(dp: &LoadedDatapath, pods: Pods) {
             assert!(linked, "no TCP entry of {} linked to its peer", pod.host_if);
         }
     }
-    // ...and the receivers' hooks took the senders' handoff across the host's forwarding
-    // path.
+    // ...and the senders' hooks delivered them straight into the receiving pods.
     assert!(
-        maps.count(VERDICT_ALLOW, reason::PEER_ADMITTED, DIRECTION_INGRESS)
+        maps.count(VERDICT_ALLOW, reason::PEER_DELIVERED, DIRECTION_INGRESS)
             .unwrap()
             > 0
     );
@@ -205,6 +204,110 @@ fn policy_is_enforced(dp: &LoadedDatapath, pods: Pods) {
     );
     assert!(
         maps.count(VERDICT_DROP, reason::DEFAULT_DENY, DIRECTION_INGRESS)
+            .unwrap()
+            >= 6
+    );
+    drop(pods.lab);
+}
+
+/// The TTLs (IPv4) or hop limits (IPv6) of the TCP packets that reach `to` on the server's
+/// eth0 during one probe from the client, as tcpdump inside the server's namespace reads them.
+fn hop_counts_seen_by_server(pods: &Pods, to: IpAddr) -> Vec<u8> {
+    let mut capture = Command::new("ip")
+        .args(["netns", "exec", &pods.server.netns, "tcpdump"])
+        .args(["-i", "eth0", "-n", "-v", "-l", "-c", "12"])
+        .arg(format!("tcp port 8080 and dst host {to}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (the bootstrap installs it)");
+    // tcpdump says "listening on" once the capture is open.
+    let mut stderr = capture.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        match stderr.read(&mut byte) {
+            Ok(1) => seen.push(byte[0]),
+            _ => panic!("tcpdump did not start: {}", String::from_utf8_lossy(&seen)),
+        }
+    }
+    assert!(probe::tcp(&pods.client, to, 8080, LONG), "tcp 8080 to {to}");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = capture.kill();
+    let mut out = String::new();
+    capture
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = capture.wait();
+    let field = if to.is_ipv4() { "ttl " } else { "hlim " };
+    out.lines()
+        .filter_map(|line| {
+            let at = line.find(field)? + field.len();
+            let digits: String = line[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn linked_flows_are_delivered_into_the_receiving_pod_as_one_routed_hop() {
+    let dp = LoadedDatapath::new("deliver");
+    let pods = setup(&dp, "dl");
+    let _server = probe::EchoServer::start(&pods.server, 8080).unwrap();
+    let maps = dp.maps();
+    for to in pods.server.addrs() {
+        let delivered_before = maps
+            .count(VERDICT_ALLOW, reason::PEER_DELIVERED, DIRECTION_INGRESS)
+            .unwrap();
+        let hops = hop_counts_seen_by_server(&pods, to);
+        // Handshake, request and close: the first packet through the host's stack, the
+        // rest delivered by the client's hook. Each arrives as the host would have forwarded
+        // it: one hop down from the client's 64, its checksum still valid (the server's
+        // stack would drop it otherwise, and the probe would fail).
+        assert!(hops.len() >= 4, "{to}: captured {hops:?}");
+        assert!(hops.iter().all(|&hop| hop == 63), "{to}: {hops:?}");
+        let delivered = maps
+            .count(VERDICT_ALLOW, reason::PEER_DELIVERED, DIRECTION_INGRESS)
+            .unwrap()
+            - delivered_before;
+        assert!(
+            delivered >= 3,
+            "{to}: {delivered} packets delivered directly"
+        );
+    }
+    drop(pods.lab);
+}
+
+#[test]
+fn linked_flows_take_the_hosts_stack_when_direct_delivery_is_off() {
+    let dp = LoadedDatapath::new("via-host");
+    let pods = setup(&dp, "vh");
+    let _server = probe::EchoServer::start(&pods.server, 8080).unwrap();
+    let mut maps = dp.maps();
+    maps.set_config(&Config {
+        flags: CONFIG_FLAG_LOCAL_VIA_HOST,
+        ..Default::default()
+    })
+    .unwrap();
+    for to in pods.server.addrs() {
+        let hops = hop_counts_seen_by_server(&pods, to);
+        assert!(hops.len() >= 4, "{to}: captured {hops:?}");
+        assert!(hops.iter().all(|&hop| hop == 63), "{to}: {hops:?}");
+    }
+    // Every packet crossed the host; the receivers' hooks took the senders' handoff.
+    assert_eq!(
+        maps.count(VERDICT_ALLOW, reason::PEER_DELIVERED, DIRECTION_INGRESS)
+            .unwrap(),
+        0
+    );
+    assert!(
+        maps.count(VERDICT_ALLOW, reason::PEER_ADMITTED, DIRECTION_INGRESS)
             .unwrap()
             >= 6
     );

@@ -71,6 +71,9 @@ pub mod reason {
     /// Part of a flow this endpoint admitted, as the sending pod's hook found in the flow's
     /// linked entry (a direct TCP connection between two pods of this node).
     pub const PEER_ADMITTED: u8 = 9;
+    /// Part of a flow this endpoint admitted, forwarded by the sending pod's hook straight
+    /// into this pod (the host's stack and this endpoint's own hook never see the packet).
+    pub const PEER_DELIVERED: u8 = 10;
 
     pub const FIRST_DROP: u8 = 16;
     /// A new flow matched a deny rule.
@@ -107,6 +110,7 @@ pub mod reason {
             SERVICE_DEFERRED => "service-deferred",
             LEARN => "learn",
             PEER_ADMITTED => "peer-admitted",
+            PEER_DELIVERED => "peer-delivered",
             POLICY_DENY => "policy-deny",
             DEFAULT_DENY => "default-deny",
             SPOOFED_SOURCE => "spoofed-source",
@@ -532,6 +536,9 @@ pub struct FragValue {
 
 /// Report every allowed new flow on every endpoint.
 pub const CONFIG_FLAG_LOG_ALL_ALLOWS: u32 = 1;
+/// Send linked local flows through the host's stack instead of delivering them directly
+/// into the receiving pod (see the datapath's deliver.rs).
+pub const CONFIG_FLAG_LOCAL_VIA_HOST: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod conntrack;
+mod deliver;
 mod endpoint;
 mod events;
 mod maps;
@@ -54,39 +55,73 @@ pub fn moat_to_container(ctx: TcContext) -> i32 {
     judge(&ctx, DIRECTION_INGRESS)
 }
 
-/// Returned by the first stage when the packet starts a flow and policy must decide.
-const NEEDS_POLICY: i32 = -1;
+/// What the first stage leaves to the next.
+enum Tracked {
+    /// Decided: the tc verdict.
+    Verdict(i32),
+    /// The packet starts a flow and policy must decide.
+    NeedsPolicy,
+    /// A packet of a linked flow, passed by this perimeter, that the peer's perimeter
+    /// admitted too (its entry already advanced): deliver it to the peer with this ifindex.
+    ToPeer(u32),
+}
 
-/// Two stages, called one after the other rather than nested, so that their stack frames
-/// never add up (the verifier allows 512 bytes for the whole call chain).
+/// Stages called one after the other rather than nested, so that their stack frames never
+/// add up (the verifier allows 512 bytes for the whole call chain).
 #[inline(always)]
 fn judge(ctx: &TcContext, direction: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let verdict = track(ctx, ifindex, direction);
-    if verdict == NEEDS_POLICY {
-        new_flow(ifindex, direction)
-    } else {
-        verdict
+    match track(ctx, ifindex, direction) {
+        Tracked::Verdict(verdict) => verdict,
+        Tracked::NeedsPolicy => new_flow(ifindex, direction),
+        Tracked::ToPeer(peer_ifindex) => to_peer(ctx, peer_ifindex),
     }
+}
+
+/// Direct delivery when the host would route the packet to the peer anyway; otherwise the
+/// packet takes the host's stack with the handoff that spares the peer's hook its lookups.
+#[inline(always)]
+fn to_peer(ctx: &TcContext, peer_ifindex: u32) -> i32 {
+    if deliver::enabled(&events::config()) {
+        if let Some(redirect) = deliver::to_peer(ctx, peer_ifindex) {
+            metrics::count(
+                VERDICT_ALLOW,
+                reason::PEER_DELIVERED,
+                DIRECTION_INGRESS,
+                ctx.len(),
+            );
+            return redirect;
+        }
+    }
+    hand_to_peer(ctx, peer_ifindex);
+    TC_ACT_OK
 }
 
 /// Parsing, anti-spoofing and conntrack: everything decided without policy.
 #[inline(never)]
-fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
+fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
     let pkt = match parse::parse(ctx) {
         Parsed::Ip(pkt) => pkt,
-        Parsed::Arp => return pass(reason::NEIGHBOR, direction, ctx.len()),
-        Parsed::Unsupported => return drop_unjudged(reason::UNSUPPORTED_L3, direction, ctx.len()),
-        Parsed::Malformed => return drop_unjudged(reason::MALFORMED, direction, ctx.len()),
+        Parsed::Arp => return Tracked::Verdict(pass(reason::NEIGHBOR, direction, ctx.len())),
+        Parsed::Unsupported => {
+            return Tracked::Verdict(drop_unjudged(reason::UNSUPPORTED_L3, direction, ctx.len()));
+        }
+        Parsed::Malformed => {
+            return Tracked::Verdict(drop_unjudged(reason::MALFORMED, direction, ctx.len()));
+        }
         Parsed::FragmentUnknown => {
-            return drop_unjudged(reason::FRAGMENT_UNKNOWN, direction, ctx.len());
+            return Tracked::Verdict(drop_unjudged(
+                reason::FRAGMENT_UNKNOWN,
+                direction,
+                ctx.len(),
+            ));
         }
         Parsed::FragmentStateFull => {
-            return drop_unjudged(reason::STATE_MAP_FULL, direction, ctx.len());
+            return Tracked::Verdict(drop_unjudged(reason::STATE_MAP_FULL, direction, ctx.len()));
         }
     };
     if parse::is_neighbor_discovery(&pkt) {
-        return pass(reason::NEIGHBOR, direction, pkt.len);
+        return Tracked::Verdict(pass(reason::NEIGHBOR, direction, pkt.len));
     }
     let now = conntrack::now_ns();
     // Conntrack first: most packets belong to a live flow, and when its entry proves the
@@ -96,17 +131,28 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
     if let Some(entry) = live.as_deref_mut() {
         if conntrack::proves_source(entry, &flow, direction) {
             let lookup = conntrack::update(entry, &flow, &pkt, now);
-            if direction == DIRECTION_EGRESS && entry.peer_ifindex != 0 {
-                hand_to_peer(ctx, entry.peer_ifindex, &pkt, now);
+            let peer_ifindex = entry.peer_ifindex;
+            if direction == DIRECTION_EGRESS
+                && peer_ifindex != 0
+                && pkt.proto == PROTO_TCP
+                && advance_peer(peer_ifindex, &pkt, now)
+            {
+                pass_tracked(lookup, direction, pkt.len);
+                return Tracked::ToPeer(peer_ifindex);
             }
-            return pass_tracked(lookup, direction, pkt.len);
+            return Tracked::Verdict(pass_tracked(lookup, direction, pkt.len));
         }
     }
     let Some(ep) = endpoint::endpoint_ref(ifindex) else {
         // Programs without an endpoint entry: registration has not finished, or teardown
         // has begun. Never fail open.
         let cfg = events::config();
-        return drop_judged(&cfg, &pkt, &unknown_endpoint(ifindex, direction), now);
+        return Tracked::Verdict(drop_judged(
+            &cfg,
+            &pkt,
+            &unknown_endpoint(ifindex, direction),
+            now,
+        ));
     };
     if direction == DIRECTION_EGRESS && !endpoint::owns_address(ep, pkt.family, &pkt.saddr) {
         let cfg = events::config();
@@ -120,46 +166,50 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> i32 {
             reason: reason::SPOOFED_SOURCE,
             rule_id: rule::NONE,
         };
-        return drop_judged(&cfg, &pkt, &j, now);
+        return Tracked::Verdict(drop_judged(&cfg, &pkt, &j, now));
     }
     if let Some(entry) = live {
-        return pass_tracked(
+        return Tracked::Verdict(pass_tracked(
             conntrack::update(entry, &flow, &pkt, now),
             direction,
             pkt.len,
-        );
+        ));
     }
     if pkt.icmp_error && conntrack::is_related(ifindex, &pkt, now) {
-        return pass(reason::RELATED, direction, pkt.len);
+        return Tracked::Verdict(pass(reason::RELATED, direction, pkt.len));
     }
     // Hand the packet over through scratch memory: see scratch.rs for why.
     let Some(slot) = scratch::SCRATCH_NEW_FLOW.get_ptr_mut(0) else {
-        return drop_unjudged(reason::STATE_MAP_FULL, direction, pkt.len);
+        return Tracked::Verdict(drop_unjudged(reason::STATE_MAP_FULL, direction, pkt.len));
     };
     unsafe {
         scratch::put(&raw mut (*slot).pkt, pkt);
         scratch::put(&raw mut (*slot).ep, *ep);
         scratch::put(&raw mut (*slot).now, now);
     }
-    NEEDS_POLICY
+    Tracked::NeedsPolicy
 }
 
-/// Tells the receiving pod's hook that its perimeter already admitted this packet's flow.
-/// A packet that moves TCP state (SYN, FIN, RST) first advances the receiver's entry here,
-/// exactly as the receiver's own hook would have; if that entry is gone, the packet is not
-/// handed over and the receiver's hook judges it in full.
+/// A packet that moves TCP state (SYN, FIN, RST) advances the receiving pod's entry of a
+/// linked flow here, exactly as the receiver's own hook would have. False when that entry is
+/// gone: the packet is then not handed over, and the receiver's hook judges it in full.
 #[inline(always)]
-fn hand_to_peer(ctx: &TcContext, peer_ifindex: u32, pkt: &Packet, now: u64) {
-    if pkt.proto != PROTO_TCP {
-        return;
+fn advance_peer(peer_ifindex: u32, pkt: &Packet, now: u64) -> bool {
+    if pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        return true;
     }
-    if pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        let peer_flow = conntrack::flow_key(peer_ifindex, pkt);
-        let Some(peer_entry) = conntrack::find(&peer_flow, now) else {
-            return;
-        };
-        conntrack::update(peer_entry, &peer_flow, pkt, now);
-    }
+    let peer_flow = conntrack::flow_key(peer_ifindex, pkt);
+    let Some(peer_entry) = conntrack::find(&peer_flow, now) else {
+        return false;
+    };
+    conntrack::update(peer_entry, &peer_flow, pkt, now);
+    true
+}
+
+/// Tells the receiving pod's hook that its perimeter already admitted this packet's flow
+/// (when the packet takes the host's stack rather than direct delivery).
+#[inline(always)]
+fn hand_to_peer(ctx: &TcContext, peer_ifindex: u32) {
     let handoff = peer_handoff(peer_ifindex);
     // TCX leaves tc_index as the program wrote it. A cls_bpf filter's verdict rewrites it
     // from the classid when the program returns (tc_run: tc_index = TC_H_MIN(classid)), and

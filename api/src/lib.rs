@@ -185,6 +185,10 @@ pub struct DatapathStatus {
     pub maps_adopted: bool,
     /// Pinned endpoint links moved onto this daemon's programs at start.
     pub links_updated: usize,
+    /// How linked local TCP flows travel: "direct" (the sender's hook delivers them into the
+    /// receiving pod) or "host-stack" (`moatd --local-delivery`).
+    #[serde(default)]
+    pub local_delivery: String,
     pub programs: Vec<ProgramStatus>,
     pub maps: Vec<MapFillStatus>,
     pub events: EventLoss,

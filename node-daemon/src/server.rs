@@ -345,21 +345,34 @@ fn newest_write_age(dir: &Path) -> Option<Duration> {
     std::time::SystemTime::now().duration_since(newest).ok()
 }
 
-/// Writes the kernel's event rate limit (per CPU) into the config map; the other settings
-/// there are kept.
-pub fn configure_events(
+/// Datapath settings moatd owns in the config map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// Verdict events each CPU may emit per second, and in a burst above that.
+    pub event_rate_per_cpu: u32,
+    pub event_burst: u32,
+    /// Linked local flows cross the host's stack instead of being delivered directly.
+    pub local_via_host: bool,
+}
+
+/// Writes moatd's settings into the datapath's config map; the other flags there are kept.
+pub fn configure_datapath(
     pins: &moat_datapath::PinDir,
-    rate_per_cpu: u32,
-    burst: u32,
+    settings: &DatapathSettings,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        rate_per_cpu > 0 && burst > 0,
+        settings.event_rate_per_cpu > 0 && settings.event_burst > 0,
         "the event rate and burst must be at least 1"
     );
     let mut maps = moat_datapath::Maps::open(pins)?;
     let mut config = maps.config.get(&0, 0).unwrap_or_default();
-    config.events_per_second = rate_per_cpu;
-    config.events_burst = burst;
+    config.events_per_second = settings.event_rate_per_cpu;
+    config.events_burst = settings.event_burst;
+    if settings.local_via_host {
+        config.flags |= moat_common::CONFIG_FLAG_LOCAL_VIA_HOST;
+    } else {
+        config.flags &= !moat_common::CONFIG_FLAG_LOCAL_VIA_HOST;
+    }
     maps.set_config(&config)?;
     Ok(())
 }

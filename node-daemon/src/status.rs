@@ -4,7 +4,7 @@
 use std::{sync::atomic::Ordering, time::UNIX_EPOCH};
 
 use moat_common::{
-    DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SECOND, LAYOUT_VERSION, METRIC_EVENTS_RATE_LIMITED,
+    CONFIG_FLAG_LOCAL_VIA_HOST, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SECOND, LAYOUT_VERSION, METRIC_EVENTS_RATE_LIMITED,
     METRIC_EVENTS_RING_FULL,
 };
 use moat_datapath::{Datapath, Maps, PinDir};
@@ -37,9 +37,19 @@ pub fn datapath_status(pins: &PinDir, maps: &Maps, datapath: &Datapath) -> Datap
         layout_version: LAYOUT_VERSION,
         maps_adopted: datapath.adopted,
         links_updated: datapath.links_updated,
+        local_delivery: local_delivery(maps).to_string(),
         programs,
         maps: maps_fill,
         events: event_loss(maps),
+    }
+}
+
+pub fn local_delivery(maps: &Maps) -> &'static str {
+    let config = maps.config.get(&0, 0).unwrap_or_default();
+    if config.flags & CONFIG_FLAG_LOCAL_VIA_HOST != 0 {
+        "host-stack"
+    } else {
+        "direct"
     }
 }
 

@@ -176,7 +176,15 @@ fn kernel_drops(maps: &Maps) -> u64 {
 #[test]
 fn status_reports_programs_map_fill_and_event_loss_that_match_the_kernel() {
     // A tiny event budget, so that the rate limiter visibly drops events.
-    let (w, _daemon) = World::new("mst", &["--event-rate-per-cpu", "1", "--event-burst", "2"]);
+    let flags = [
+        "--event-rate-per-cpu",
+        "1",
+        "--event-burst",
+        "2",
+        "--local-delivery",
+        "host-stack",
+    ];
+    let (w, _daemon) = World::new("mst", &flags);
     assert!(probe::tcp(&w.client, IpAddr::V4(w.web.v4), 8080, LONG));
     assert!(probe::tcp(&w.web, IpAddr::V4(w.other.v4), 8080, LONG));
     w.udp_burst(&w.other, &w.web, 200);
@@ -195,6 +203,10 @@ fn status_reports_programs_map_fill_and_event_loss_that_match_the_kernel() {
     let dp = s.datapath.clone().expect("datapath status");
     assert_eq!(dp.layout_version, LAYOUT_VERSION);
     assert!(!dp.maps_adopted, "a fresh pin root is created, not adopted");
+    // --local-delivery reached the datapath's config map, and status reads it back.
+    assert_eq!(dp.local_delivery, "host-stack");
+    let config = maps.config.get(&0, 0).unwrap();
+    assert_ne!(config.flags & moat_common::CONFIG_FLAG_LOCAL_VIA_HOST, 0);
 
     // Programs: both, with kernel ids, tags and a load time from this test run.
     assert_eq!(dp.programs.len(), 2, "{:?}", dp.programs);
@@ -300,6 +312,8 @@ fn drops_are_attributed_followed_and_journaled_across_restarts_within_the_size_l
         "100000",
     ];
     let (w, mut daemon) = World::new("mfl", &flags);
+    // Without --local-delivery, linked local flows are delivered directly.
+    assert_eq!(w.status().datapath.unwrap().local_delivery, "direct");
     // A follower from the start: it must print exactly what the journal gets.
     let mut follower = Command::new(env!("CARGO_BIN_EXE_moatctl"))
         .arg("--socket")

@@ -560,6 +560,12 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
         },
         dp.links_updated
     );
+    if !dp.local_delivery.is_empty() {
+        println!(
+            "local flows: {} (linked TCP flows between this node's pods)",
+            dp.local_delivery
+        );
+    }
     println!();
     print(
         output,

@@ -90,6 +90,12 @@ struct Args {
     /// Events each CPU may emit in a burst above that rate.
     #[arg(long, default_value_t = moat_common::DEFAULT_EVENTS_BURST)]
     event_burst: u32,
+    /// How the packets of a direct TCP connection between two pods of this node travel once
+    /// both perimeters have admitted it: `direct` (the sender's hook forwards them into the
+    /// receiving pod as the host's routing would, past the host's stack) or `host-stack`
+    /// (every packet crosses the host, where its netfilter rules and captures see it).
+    #[arg(long, default_value = "direct", value_parser = ["direct", "host-stack"])]
+    local_delivery: String,
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
@@ -163,7 +169,11 @@ fn main() -> anyhow::Result<()> {
     };
     let socket_path = args.socket.clone();
     let pin_root = args.pin_root.clone();
-    let (event_rate, event_burst) = (args.event_rate_per_cpu, args.event_burst);
+    let datapath_settings = server::DatapathSettings {
+        event_rate_per_cpu: args.event_rate_per_cpu,
+        event_burst: args.event_burst,
+        local_via_host: args.local_delivery == "host-stack",
+    };
     let daemon = Daemon::start(DaemonConfig {
         datastore,
         journal,
@@ -176,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         node_name: args.node_name,
         routing,
     })?;
-    server::configure_events(daemon.pins(), event_rate, event_burst)?;
+    server::configure_datapath(daemon.pins(), &datapath_settings)?;
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;

@@ -237,7 +237,8 @@ pub enum Response {
     Unregistered {
         found: bool,
     },
-    Status(DaemonStatus),
+    // Boxed: by far the largest answer, and the rarest.
+    Status(Box<DaemonStatus>),
     Ready {
         ready: bool,
     },

@@ -219,7 +219,7 @@ fn proc_status_mib(field: &str) -> Option<f64> {
 
 fn status(daemon: &mut Daemon) -> Result<moatd::api::DaemonStatus> {
     match daemon.handle(Request::Status) {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => bail!("status: {other:?}"),
     }
 }

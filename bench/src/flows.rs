@@ -150,7 +150,7 @@ fn call(socket: &Path, request: Request) -> Result<Response> {
 
 fn status(socket: &Path) -> Result<api::DaemonStatus> {
     match call(socket, Request::Status)? {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => bail!("unexpected answer {other:?}"),
     }
 }

@@ -1074,7 +1074,7 @@ impl Daemon {
             } => Response::Unregistered {
                 found: self.forget(&container_id, &ifname),
             },
-            Request::Status => Response::Status(self.status()),
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::Ready => Response::Ready {
                 ready: self.ready(),
             },
@@ -1115,7 +1115,7 @@ impl Daemon {
             },
             Request::Reload => {
                 self.reload_objects();
-                Response::Status(self.status())
+                Response::Status(Box::new(self.status()))
             }
             Request::FollowFlows { .. } => Response::Error {
                 message: "flows --follow is a stream, served by the connection".into(),

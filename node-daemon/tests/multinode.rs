@@ -100,7 +100,7 @@ impl Node {
 
     fn status(&self) -> api::DaemonStatus {
         match api::call(&self.socket(), &Request::Status, Duration::from_secs(5)).unwrap() {
-            Response::Status(s) => s,
+            Response::Status(s) => *s,
             other => panic!("{other:?}"),
         }
     }

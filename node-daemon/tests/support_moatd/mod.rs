@@ -113,7 +113,7 @@ impl Env {
 
     pub fn status(&self) -> api::DaemonStatus {
         match self.call(Request::Status) {
-            Response::Status(s) => s,
+            Response::Status(s) => *s,
             other => panic!("{other:?}"),
         }
     }

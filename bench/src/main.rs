@@ -2,9 +2,12 @@
 //! baselines measured in the same run:
 //!   1. per-packet cost through BPF_PROG_TEST_RUN with 1 and with 100,000 policy + ipcache
 //!      entries, for an established flow and for a new (denied) flow;
-//!   2. real traffic between two lab pods under `none`, `moat_1`, `moat_100k` and
-//!      `iptables_10k`, interleaved over several rounds: sockperf TCP ping-pong latency, new
-//!      TCP connections per second, iperf3 throughput.
+//!   2. real traffic between two lab pods under `none`, `moat_1`, `moat_100k`,
+//!      `moat_100k_host_stack` and `iptables_10k`, interleaved over several rounds: sockperf
+//!      TCP ping-pong latency, new TCP connections per second, iperf3 throughput. The moat
+//!      configurations run moatd's default (linked local flows delivered directly into the
+//!      receiving pod) except `moat_100k_host_stack`, which keeps every packet on the host's
+//!      stack and so shows what the filter alone costs.
 //!
 //! Results go under the "datapath" key of the output JSON (other sections are kept). Every
 //! namespace, link, pin and iptables rule the run creates is removed again, also on failure.
@@ -36,7 +39,7 @@ const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
 const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
                      [--repeat N] [--batches N] [--entries N] [--iptables-rules N] \
                      [--attach tc|tcx] [--metrics latency,connrate,throughput] \
-                     [--configs none,moat_1,moat_100k,iptables_10k] [--per-packet-only]";
+                     [--configs none,moat_1,moat_100k,moat_100k_host_stack,iptables_10k] [--per-packet-only]";
 
 struct Args {
     out: PathBuf,
@@ -606,15 +609,28 @@ fn summarize(section: &mut Map<String, Value>) {
     let conn = overhead(section, "moat_100k", "connrate_per_s");
     let tput = overhead(section, "moat_100k", "throughput_gbit_s");
     let ipt = overhead(section, "iptables_10k", "latency_usec");
+    let host_stack = "moat_100k_host_stack";
+    let lat_hs = overhead(section, host_stack, "latency_usec");
+    let conn_hs = overhead(section, host_stack, "connrate_per_s");
+    let tput_hs = overhead(section, host_stack, "throughput_gbit_s");
     section.insert("cost_ratio_100k_vs_1".into(), json!(cost_new));
     section.insert("cost_ratio_established_100k_vs_1".into(), json!(cost_est));
     section.insert("latency_overhead_pct_100k".into(), json!(lat));
     section.insert("connrate_overhead_pct_100k".into(), json!(conn));
     section.insert("throughput_overhead_pct_100k".into(), json!(tput));
     section.insert("iptables_10k_latency_overhead_pct".into(), json!(ipt));
+    section.insert("latency_overhead_pct_100k_host_stack".into(), json!(lat_hs));
+    section.insert(
+        "connrate_overhead_pct_100k_host_stack".into(),
+        json!(conn_hs),
+    );
+    section.insert(
+        "throughput_overhead_pct_100k_host_stack".into(),
+        json!(tput_hs),
+    );
 
     let mut all = Map::new();
-    for config in ["moat_1", "moat_100k", "iptables_10k"] {
+    for config in ["moat_1", "moat_100k", host_stack, "iptables_10k"] {
         all.insert(
             config.into(),
             json!({
@@ -631,6 +647,12 @@ fn summarize(section: &mut Map<String, Value>) {
                            (none - x) / none * 100; computed within each round (every \
                            configuration measured one metric after another, seconds apart), \
                            then the median over rounds; positive = slower",
+            "local_delivery": "moat_1 and moat_100k run moatd's default, --local-delivery \
+                               direct: once both perimeters admitted a TCP connection between \
+                               the two pods, the sender's hook forwards its packets straight \
+                               into the receiving pod; moat_100k_host_stack is moat_100k with \
+                               --local-delivery host-stack, every packet through the host's \
+                               stack (the filter's cost alone)",
             "by_config": all,
         }),
     );
@@ -716,7 +738,7 @@ fn print_table(section: &Map<String, Value>) {
             get_f64(t, "/durations_s/latency").unwrap_or(0.0)
         );
         println!(
-            "  {:<13} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "  {:<21} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
             "config", "latency us", "ovh %", "conn/s", "ovh %", "Gbit/s", "ovh %"
         );
         for config in CONFIGS {
@@ -730,7 +752,7 @@ fn print_table(section: &Map<String, Value>) {
                 }
             };
             println!(
-                "  {:<13} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
+                "  {:<21} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9}",
                 name,
                 fmt(m("latency_usec"), 2),
                 o("latency_usec"),

@@ -31,13 +31,17 @@ pub enum Config {
     None,
     Moat1,
     Moat100k,
+    /// moat_100k with `--local-delivery host-stack`: every packet crosses the host's stack,
+    /// so the figure is the cost of the filter alone.
+    Moat100kHostStack,
     Iptables10k,
 }
 
-pub const CONFIGS: [Config; 4] = [
+pub const CONFIGS: [Config; 5] = [
     Config::None,
     Config::Moat1,
     Config::Moat100k,
+    Config::Moat100kHostStack,
     Config::Iptables10k,
 ];
 
@@ -47,6 +51,7 @@ impl Config {
             Config::None => "none",
             Config::Moat1 => "moat_1",
             Config::Moat100k => "moat_100k",
+            Config::Moat100kHostStack => "moat_100k_host_stack",
             Config::Iptables10k => "iptables_10k",
         }
     }
@@ -149,8 +154,23 @@ pub struct Setup<'a> {
     pub attach: moat_datapath::AttachMode,
 }
 
+/// Sets or clears the flag that keeps linked local flows on the host's stack.
+fn set_local_via_host(pins: &PinDir, via_host: bool) -> Result<()> {
+    let mut maps = Maps::open(pins)?;
+    let mut config = maps.config.get(&0, 0).unwrap_or_default();
+    if via_host {
+        config.flags |= CONFIG_FLAG_LOCAL_VIA_HOST;
+    } else {
+        config.flags &= !CONFIG_FLAG_LOCAL_VIA_HOST;
+    }
+    Ok(maps.set_config(&config)?)
+}
+
 pub fn apply(config: Config, s: &Setup) -> Result<Applied> {
     let ifs = [s.client.host_if.as_str(), s.server.host_if.as_str()];
+    for pins in [s.small, s.large] {
+        set_local_via_host(pins, config == Config::Moat100kHostStack)?;
+    }
     Ok(match config {
         Config::None => Applied {
             _attach: None,
@@ -160,7 +180,7 @@ pub fn apply(config: Config, s: &Setup) -> Result<Applied> {
             _attach: Some(AttachGuard::attach(s.small, &ifs, s.attach)?),
             iptables: None,
         },
-        Config::Moat100k => Applied {
+        Config::Moat100k | Config::Moat100kHostStack => Applied {
             _attach: Some(AttachGuard::attach(s.large, &ifs, s.attach)?),
             iptables: None,
         },

@@ -314,6 +314,105 @@ fn linked_flows_take_the_hosts_stack_when_direct_delivery_is_off() {
     drop(pods.lab);
 }
 
+/// kube-proxy's iptables mode drops forwarded packets that netfilter's conntrack finds
+/// INVALID (its KUBE-FORWARD chain); this is that rule for what one pod sends, both families.
+/// Removed on drop.
+struct InvalidDropRule(String);
+
+impl InvalidDropRule {
+    fn add(host_if: &str) -> Self {
+        let rule = format!("FORWARD -i {host_if} -m conntrack --ctstate INVALID -j DROP");
+        for tool in ["iptables", "ip6tables"] {
+            support::sh(&format!("{tool} -w -I {rule}"));
+        }
+        Self(rule)
+    }
+}
+
+impl Drop for InvalidDropRule {
+    fn drop(&mut self) {
+        for tool in ["iptables", "ip6tables"] {
+            support::sh_ok(&format!("{tool} -w -D {}", self.0));
+        }
+    }
+}
+
+/// The host sends a datagram to `addr` (port 9, discard) and so resolves its neighbour entry.
+fn host_learns_neighbour(addr: IpAddr, host_if: &str) {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = std::net::UdpSocket::bind(bind).unwrap();
+    // IPv6 waits for the host-side veth's link-local address to finish DAD (a second or two
+    // after the pod was made) before it solicits.
+    for _ in 0..500 {
+        socket.send_to(b"x", SocketAddr::new(addr, 9)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let entry = support::sh(&format!("ip neigh show {addr} dev {host_if}"));
+        if entry.contains("lladdr") {
+            return;
+        }
+    }
+    panic!("the host never resolved {addr} on {host_if}");
+}
+
+fn echo(conn: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    conn.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    conn.read_exact(&mut back)?;
+    assert_eq!(back, message);
+    Ok(())
+}
+
+#[test]
+fn a_linked_flow_survives_the_hosts_neighbour_entry_going_away_behind_kube_proxys_rule() {
+    // Once linked, a connection's packets skip the host's stack, so netfilter's conntrack
+    // saw only its first packet. Were a later packet sent through the host (here: the host
+    // has lost its neighbour entry for the server, and direct delivery needs one), conntrack
+    // would find it INVALID and kube-proxy's rule would drop it, every retransmission alike.
+    let dp = LoadedDatapath::new("neigh");
+    let pods = setup(&dp, "nb");
+    let _server = probe::EchoServer::start(&pods.server, 8080).unwrap();
+    let _kube_proxy = InvalidDropRule::add(&pods.client.host_if);
+    for to in pods.server.addrs() {
+        // The host knows both pods' MACs, as on any node whose pods talk.
+        for pod in [&pods.client, &pods.server] {
+            let addr = if to.is_ipv4() {
+                IpAddr::V4(pod.v4)
+            } else {
+                IpAddr::V6(pod.v6)
+            };
+            host_learns_neighbour(addr, &pod.host_if);
+        }
+        let mut conn = pods
+            .client
+            .run(move || TcpStream::connect_timeout(&SocketAddr::new(to, 8080), LONG))
+            .unwrap()
+            .unwrap();
+        conn.set_read_timeout(Some(LONG)).unwrap();
+        echo(&mut conn, b"before").unwrap();
+        let count = |why| {
+            dp.maps()
+                .count(VERDICT_ALLOW, why, DIRECTION_INGRESS)
+                .unwrap()
+        };
+        let (delivered, handed_over) =
+            (count(reason::PEER_DELIVERED), count(reason::PEER_ADMITTED));
+        assert!(delivered > 0, "{to}: nothing was delivered directly");
+        support::sh(&format!("ip neigh del {to} dev {}", pods.server.host_if));
+        echo(&mut conn, b"after the neighbour entry went")
+            .unwrap_or_else(|e| panic!("{to}: the linked connection stalled: {e}"));
+        // The request went out of the server's veth once the kernel had resolved the
+        // neighbour again, handed over to the server's hook.
+        assert!(count(reason::PEER_ADMITTED) > handed_over, "{to}");
+        let entry = support::sh(&format!("ip neigh show {to} dev {}", pods.server.host_if));
+        assert!(entry.contains("lladdr"), "{to}: {entry}");
+    }
+    drop(pods.lab);
+}
+
 #[test]
 fn drop_events_carry_reason_rule_and_tuple() {
     let dp = LoadedDatapath::new("events");

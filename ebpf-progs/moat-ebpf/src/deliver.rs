@@ -12,10 +12,16 @@
 //! (the flow's first packet still goes through them), and tcpdump on the receiver's host-side
 //! veth. Operators who need every packet through the host stack set
 //! `CONFIG_FLAG_LOCAL_VIA_HOST`.
+//!
+//! Once a flow is delivered this way, its later packets must not fall back to the host's
+//! stack for want of a neighbour entry: netfilter's conntrack saw only the first packet, finds
+//! a mid-stream packet INVALID, and kube-proxy's rule drops those (every retransmission
+//! alike). So a missing neighbour is resolved by `bpf_redirect_neigh`, which also bypasses
+//! netfilter, and the packet reaches the receiver through its veth and its hook.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_peer},
+    bindings::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use moat_common::{CONFIG_FLAG_LOCAL_VIA_HOST, Config, PROTO_TCP};
@@ -28,21 +34,38 @@ const AF_INET6: u8 = 10;
 const IPV4_TTL: usize = ETH_HLEN + 8;
 const IPV4_CHECKSUM: usize = ETH_HLEN + 10;
 const IPV6_HOP_LIMIT: usize = ETH_HLEN + 7;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const FIB_SUCCESS: i64 = 0;
+/// BPF_FIB_LKUP_RET_NO_NEIGH: the route is known, its neighbour entry is not (yet).
+const FIB_NO_NEIGH: i64 = 7;
 
 #[inline(always)]
 pub fn enabled(cfg: &Config) -> bool {
     cfg.flags & CONFIG_FLAG_LOCAL_VIA_HOST == 0
 }
 
-/// Forwards the packet to `peer_ifindex`'s pod as the host would have, and returns the
-/// redirect verdict; `None` when the host's answer differs (another device, no neighbour
-/// entry yet, too big, TTL expiring), and the packet then takes the host's stack unchanged.
+/// How `to_peer` sent the packet on.
+pub enum Delivery {
+    /// Into the receiving pod's interface: no other hook sees it.
+    Direct(i32),
+    /// Out of the receiver's host-side veth after neighbour resolution: the receiver's hook
+    /// sees it (hand it over).
+    ViaNeighbour(i32),
+    /// Not at all: the host's answer differs (another device, too big, TTL expiring), and the
+    /// packet takes the host's stack unchanged.
+    NotDelivered,
+}
+
+/// Forwards the packet to `peer_ifindex`'s pod as the host would have, and returns how.
 ///
 /// It reads the addresses again from the packet rather than taking the parsed `Packet`: it
 /// runs after the first stage has returned, so that their stack frames do not add up.
 #[inline(never)]
-pub fn to_peer(ctx: &TcContext, peer_ifindex: u32) -> Option<i32> {
+pub fn to_peer(ctx: &TcContext, peer_ifindex: u32) -> Delivery {
+    forward(ctx, peer_ifindex).unwrap_or(Delivery::NotDelivered)
+}
+
+#[inline(always)]
+fn forward(ctx: &TcContext, peer_ifindex: u32) -> Option<Delivery> {
     let skb = ctx.skb.skb;
     let (ifindex, ethertype) = unsafe { ((*skb).ifindex, u16::from_be((*skb).protocol as u16)) };
     let v4 = match ethertype {
@@ -95,19 +118,27 @@ pub fn to_peer(ctx: &TcContext, peer_ifindex: u32) -> Option<i32> {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != peer_ifindex {
+    if fib.ifindex != peer_ifindex || (rc != FIB_SUCCESS && rc != FIB_NO_NEIGH) {
         return None;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    ctx.store(0, &macs, 0).ok()?;
+    if rc == FIB_SUCCESS {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        ctx.store(0, &macs, 0).ok()?;
+    }
     let decremented = hop_word - 1;
     ctx.store(hop_offset, &decremented, 0).ok()?;
     if v4 {
         ctx.l3_csum_replace(IPV4_CHECKSUM, hop_word as u64, decremented as u64, 2)
             .ok()?;
     }
-    let verdict = unsafe { bpf_redirect_peer(peer_ifindex, 0) };
-    (verdict == TC_ACT_REDIRECT as i64).then_some(verdict as i32)
+    if rc == FIB_SUCCESS {
+        let verdict = unsafe { bpf_redirect_peer(peer_ifindex, 0) };
+        return Some(Delivery::Direct(verdict as i32));
+    }
+    // The kernel resolves the neighbour (queueing the packet meanwhile) and fills in the
+    // MACs; the route it looks up must lead to the same veth, or it drops the packet.
+    let verdict = unsafe { bpf_redirect_neigh(peer_ifindex, core::ptr::null_mut(), 0, 0) };
+    Some(Delivery::ViaNeighbour(verdict as i32))
 }

@@ -83,14 +83,21 @@ fn judge(ctx: &TcContext, direction: u8) -> i32 {
 #[inline(always)]
 fn to_peer(ctx: &TcContext, peer_ifindex: u32) -> i32 {
     if deliver::enabled(&events::config()) {
-        if let Some(redirect) = deliver::to_peer(ctx, peer_ifindex) {
-            metrics::count(
-                VERDICT_ALLOW,
-                reason::PEER_DELIVERED,
-                DIRECTION_INGRESS,
-                ctx.len(),
-            );
-            return redirect;
+        match deliver::to_peer(ctx, peer_ifindex) {
+            deliver::Delivery::Direct(redirect) => {
+                metrics::count(
+                    VERDICT_ALLOW,
+                    reason::PEER_DELIVERED,
+                    DIRECTION_INGRESS,
+                    ctx.len(),
+                );
+                return redirect;
+            }
+            deliver::Delivery::ViaNeighbour(redirect) => {
+                hand_to_peer(ctx, peer_ifindex);
+                return redirect;
+            }
+            deliver::Delivery::NotDelivered => {}
         }
     }
     hand_to_peer(ctx, peer_ifindex);

@@ -55,10 +55,10 @@ fn map_err(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Er
     move |source| Error::Map { context, source }
 }
 
-/// A key that is not there is not an error when removing: removal is idempotent.
 /// The map update flag that only replaces an existing entry (uapi BPF_EXIST).
 const BPF_EXIST: u64 = 2;
 
+/// A key that is not there is not an error when removing: removal is idempotent.
 fn ignore_missing(
     result: std::result::Result<(), aya::maps::MapError>,
 ) -> std::result::Result<(), aya::maps::MapError> {

@@ -75,32 +75,28 @@ fn forward(ctx: &TcContext, peer_ifindex: u32) -> Option<Delivery> {
     };
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.ifindex = ifindex;
-    let hop_offset = if v4 {
+    fib.l4_protocol = PROTO_TCP;
+    let (hop_offset, l4_offset) = if v4 {
         let h: [u32; 5] = ctx.load(ETH_HLEN).ok()?;
-        let header_len = ((h[0] & 0x0f) * 4) as usize;
         fib.family = AF_INET;
-        fib.l4_protocol = PROTO_TCP;
         fib.__bindgen_anon_3.ipv4_src = h[3];
         fib.__bindgen_anon_4.ipv4_dst = h[4];
-        let ports: [u16; 2] = ctx.load(ETH_HLEN + header_len).ok()?;
-        fib.sport = ports[0];
-        fib.dport = ports[1];
-        IPV4_TTL
+        (IPV4_TTL, ETH_HLEN + ((h[0] & 0x0f) * 4) as usize)
     } else {
         let h: [u32; 10] = ctx.load(ETH_HLEN).ok()?;
-        fib.family = AF_INET6;
-        fib.l4_protocol = PROTO_TCP;
-        fib.__bindgen_anon_3.ipv6_src = [h[2], h[3], h[4], h[5]];
-        fib.__bindgen_anon_4.ipv6_dst = [h[6], h[7], h[8], h[9]];
         // Linked flows are TCP; with extension headers in between, leave it to the host.
         if (h[1] >> 16) as u8 != PROTO_TCP {
             return None;
         }
-        let ports: [u16; 2] = ctx.load(ETH_HLEN + 40).ok()?;
-        fib.sport = ports[0];
-        fib.dport = ports[1];
-        IPV6_HOP_LIMIT
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = [h[2], h[3], h[4], h[5]];
+        fib.__bindgen_anon_4.ipv6_dst = [h[6], h[7], h[8], h[9]];
+        (IPV6_HOP_LIMIT, ETH_HLEN + 40)
     };
+    // Ports too, as policy routing may match them: the host's own lookup would.
+    let ports: [u16; 2] = ctx.load(l4_offset).ok()?;
+    fib.sport = ports[0];
+    fib.dport = ports[1];
     // The TTL or hop limit leads the 16-bit word in memory: on this little-endian target it
     // is the word's low byte. A packet that would expire here takes the host's stack, which
     // answers it with the ICMP error.

@@ -158,11 +158,7 @@ pub struct Setup<'a> {
 fn set_local_via_host(pins: &PinDir, via_host: bool) -> Result<()> {
     let mut maps = Maps::open(pins)?;
     let mut config = maps.config.get(&0, 0).unwrap_or_default();
-    if via_host {
-        config.flags |= CONFIG_FLAG_LOCAL_VIA_HOST;
-    } else {
-        config.flags &= !CONFIG_FLAG_LOCAL_VIA_HOST;
-    }
+    config.set_flag(CONFIG_FLAG_LOCAL_VIA_HOST, via_host);
     Ok(maps.set_config(&config)?)
 }
 

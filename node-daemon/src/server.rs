@@ -368,11 +368,10 @@ pub fn configure_datapath(
     let mut config = maps.config.get(&0, 0).unwrap_or_default();
     config.events_per_second = settings.event_rate_per_cpu;
     config.events_burst = settings.event_burst;
-    if settings.local_via_host {
-        config.flags |= moat_common::CONFIG_FLAG_LOCAL_VIA_HOST;
-    } else {
-        config.flags &= !moat_common::CONFIG_FLAG_LOCAL_VIA_HOST;
-    }
+    config.set_flag(
+        moat_common::CONFIG_FLAG_LOCAL_VIA_HOST,
+        settings.local_via_host,
+    );
     maps.set_config(&config)?;
     Ok(())
 }

@@ -551,6 +551,17 @@ pub struct Config {
     pub _pad: u32,
 }
 
+impl Config {
+    /// Sets or clears one `CONFIG_FLAG_*` bit, leaving the others.
+    pub fn set_flag(&mut self, flag: u32, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+}
+
 pub const DEFAULT_EVENTS_PER_SECOND: u32 = 5_000;
 pub const DEFAULT_EVENTS_BURST: u32 = 1_000;
 
@@ -685,6 +696,21 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn setting_a_config_flag_leaves_the_others() {
+        let mut config = Config {
+            flags: CONFIG_FLAG_LOG_ALL_ALLOWS,
+            ..Default::default()
+        };
+        config.set_flag(CONFIG_FLAG_LOCAL_VIA_HOST, true);
+        assert_eq!(
+            config.flags,
+            CONFIG_FLAG_LOG_ALL_ALLOWS | CONFIG_FLAG_LOCAL_VIA_HOST
+        );
+        config.set_flag(CONFIG_FLAG_LOCAL_VIA_HOST, false);
+        assert_eq!(config.flags, CONFIG_FLAG_LOG_ALL_ALLOWS);
+    }
 
     #[test]
     fn a_peer_handoff_is_for_one_endpoint_only() {

@@ -463,8 +463,9 @@ pub struct CtValue {
     pub _pad: u8,
     /// For a TCP flow between two endpoints of this node that both perimeters admitted
     /// under the same tuple: the other endpoint's host-side ifindex (0 otherwise). Packets
-    /// this endpoint sends in the flow then carry a `peer_handoff` telling the other
-    /// endpoint's hook that its perimeter already admitted them. Was a packet count (always 0
+    /// this endpoint sends in the flow are then delivered straight into the other pod, or
+    /// carry a `peer_handoff` telling the other endpoint's hook that its perimeter already
+    /// admitted them. Was a packet count (always 0
     /// since layout 2), so entries written before read as unlinked.
     pub peer_ifindex: u32,
 }

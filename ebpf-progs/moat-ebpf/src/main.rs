@@ -389,8 +389,8 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         };
     // Both perimeters of a direct TCP connection between two pods of this node have now
     // admitted the same tuple: link the two entries, so that from here on each packet is
-    // judged at the sender's hook only and the receiver's hook trusts its handoff (see
-    // `hand_to_peer`). TCP only, because its answers keep both entries alive; a one-way
+    // judged at the sender's hook only, which delivers it into the receiving pod (deliver.rs)
+    // or hands it to the receiver's hook (see `hand_to_peer`). TCP only, because its answers keep both entries alive; a one-way
     // UDP stream would let the receiver's entry expire unseen.
     let mut linked = match sender_entry {
         Some(sender)

@@ -4,8 +4,8 @@
 use std::{sync::atomic::Ordering, time::UNIX_EPOCH};
 
 use moat_common::{
-    CONFIG_FLAG_LOCAL_VIA_HOST, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SECOND, LAYOUT_VERSION,
-    METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL,
+    CONFIG_FLAG_LOCAL_VIA_HOST, Config, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SECOND,
+    LAYOUT_VERSION, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL,
 };
 use moat_datapath::{Datapath, Maps, PinDir};
 
@@ -33,19 +33,19 @@ pub fn datapath_status(pins: &PinDir, maps: &Maps, datapath: &Datapath) -> Datap
             capacity: f.capacity,
         })
         .collect();
+    let config = maps.config.get(&0, 0).unwrap_or_default();
     DatapathStatus {
         layout_version: LAYOUT_VERSION,
         maps_adopted: datapath.adopted,
         links_updated: datapath.links_updated,
-        local_delivery: local_delivery(maps).to_string(),
+        local_delivery: local_delivery(&config).to_string(),
         programs,
         maps: maps_fill,
-        events: event_loss(maps),
+        events: event_loss(maps, &config),
     }
 }
 
-pub fn local_delivery(maps: &Maps) -> &'static str {
-    let config = maps.config.get(&0, 0).unwrap_or_default();
+fn local_delivery(config: &Config) -> &'static str {
     if config.flags & CONFIG_FLAG_LOCAL_VIA_HOST != 0 {
         "host-stack"
     } else {
@@ -53,8 +53,7 @@ pub fn local_delivery(maps: &Maps) -> &'static str {
     }
 }
 
-pub fn event_loss(maps: &Maps) -> EventLoss {
-    let config = maps.config.get(&0, 0).unwrap_or_default();
+fn event_loss(maps: &Maps, config: &Config) -> EventLoss {
     let or_default = |v: u32, d: u32| if v == 0 { d } else { v };
     let stats = &crate::flows::hub().stats;
     EventLoss {

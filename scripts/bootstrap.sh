@@ -55,6 +55,14 @@ if ! bpf-linker --version >/dev/null 2>&1; then
     --no-default-features --features "llvm-$major" --locked 2>&1 | tail -3 >&2
 fi
 
+# cargo-fuzz runs the fuzz targets in fuzz/ (scripts/fuzz.sh, make fuzz, make test's smoke
+# run). Pinned to the version the targets were last run with; built with the nightly that
+# runs them.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo +nightly install cargo-fuzz --version 0.13.2 --locked 2>&1 | tail -3 >&2
+fi
+
 # --- bpffs -----------------------------------------------------------------
 if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs on /sys/fs/bpf"

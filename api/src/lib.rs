@@ -20,6 +20,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod framing;
+
 pub const DEFAULT_SOCKET: &str = "/run/moat/moatd.sock";
 
 /// Directory where moat-cni leaves DEL requests that could not reach moatd; moatd processes
@@ -325,10 +327,18 @@ pub fn call(
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    let written = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader.read_line(&mut answer).map_err(io)?;
+    if let Err(e) = written {
+        // moatd may have answered and closed before taking the whole request (a refusal:
+        // busy, too long, not root); its answer says more than the broken pipe.
+        if reader.read_line(&mut answer).is_err() || answer.is_empty() {
+            return Err(io(e));
+        }
+    } else {
+        reader.read_line(&mut answer).map_err(io)?;
+    }
     if answer.is_empty() {
         return Err(ClientError::Protocol("moatd closed the connection".into()));
     }

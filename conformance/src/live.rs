@@ -122,7 +122,7 @@ fn yaml_docs(values: &[serde_json::Value]) -> Result<String> {
     let mut out = String::new();
     for v in values {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(v)?);
+        out.push_str(&moat_policy::yaml::to_string(v));
     }
     Ok(out)
 }

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use moat_crds::{MoatPolicy, crd_yaml, moatpolicy_schema, unknown_fields};
-use serde::Deserialize;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -13,8 +12,9 @@ fn repo() -> PathBuf {
 /// Every YAML document of a file, as JSON values (empty documents skipped).
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    moat_policy::yaml::documents(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -57,7 +57,7 @@ fn all_examples() -> Vec<(String, Value)> {
         let text = format!("{POLICY_CRATE_BASE}{spec}");
         out.push((
             format!("policy crate: {spec:?}"),
-            serde_yaml::from_str(&text).unwrap(),
+            moat_policy::yaml::documents(&text).unwrap().remove(0),
         ));
     }
     out

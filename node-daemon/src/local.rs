@@ -287,33 +287,48 @@ struct ParsedFile {
     stamp: Option<FileStamp>,
     objects: BTreeMap<ObjectKey, Object>,
     rejected: Vec<String>,
+    /// Objects named in the file that did not validate: their last good version (from the
+    /// file's previous parse) stays in force.
+    failed: BTreeSet<ObjectKey>,
+    /// The file as a whole could not be read (too large, not YAML, an I/O error): every
+    /// object of its previous parse stays in force.
+    unreadable: bool,
 }
 
-fn parse_file(path: &Path) -> ParsedFile {
-    let stamp = stamp(path);
-    let file = path.display().to_string();
-    let mut parsed = LocalObjects::default();
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let value = match serde_yaml::Value::deserialize(doc) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        parsed.rejected.push(format!("{file}: not YAML: {e}"));
-                        continue;
-                    }
-                };
-                if value.is_null() {
-                    continue;
-                }
-                if let Err(reason) = add_object(&mut parsed, value) {
-                    parsed.rejected.push(format!("{file}: {reason}"));
-                }
-            }
+/// What one file's text holds: its objects, and one line per problem.
+#[derive(Debug, Default)]
+pub struct ParsedText {
+    pub objects: BTreeMap<ObjectKey, Object>,
+    pub rejected: Vec<String>,
+    /// Objects the text names (kind, namespace, name) whose content was rejected.
+    pub failed: BTreeSet<ObjectKey>,
+    /// No object could be taken from the text (it is not YAML, or over a limit).
+    pub unreadable: bool,
+}
+
+/// Parses one file's text (`file` names it in the rejections). Total and bounded: at most
+/// one rejection per object plus one for the text, whatever the input.
+pub fn parse_text(file: &str, text: &str) -> ParsedText {
+    let mut out = ParsedText::default();
+    let documents = match moat_policy::yaml::documents(text) {
+        Ok(documents) => documents,
+        Err(e) => {
+            out.rejected.push(format!("{file}: {e}"));
+            out.unreadable = true;
+            return out;
         }
-        Err(e) => parsed.rejected.push(format!("{file}: {e}")),
+    };
+    let mut parsed = LocalObjects::default();
+    for value in documents {
+        if value.is_null() {
+            continue;
+        }
+        if let Err(reason) = add_object(&mut parsed, &value) {
+            out.rejected.push(format!("{file}: {reason}"));
+            out.failed.extend(object_key(&value));
+        }
     }
-    let objects = parsed
+    out.objects = parsed
         .keys()
         .collect::<Vec<_>>()
         .into_iter()
@@ -322,10 +337,84 @@ fn parse_file(path: &Path) -> ParsedFile {
             Some((k, o))
         })
         .collect();
+    out.rejected.extend(parsed.rejected);
+    out
+}
+
+/// The key an object claims (kind, namespace, name), read without validating the rest, so
+/// that a rejected edit can keep the object's last good version.
+fn object_key(value: &serde_json::Value) -> Option<ObjectKey> {
+    let name = value.pointer("/metadata/name")?.as_str()?.to_string();
+    let namespace = || {
+        value
+            .pointer("/metadata/namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string()
+    };
+    Some(match value.get("kind")?.as_str()? {
+        "Namespace" => ObjectKey::Namespace(name),
+        "Pod" => ObjectKey::Pod(namespace(), name),
+        "NetworkPolicy" => ObjectKey::NetworkPolicy(namespace(), name),
+        "MoatPolicy" => ObjectKey::MoatPolicy(namespace(), name),
+        "Node" => ObjectKey::Node(name),
+        _ => return None,
+    })
+}
+
+/// A file's text, read only when it is within the YAML size limit (a larger file is never
+/// read into memory).
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = fs::File::open(path)?;
+    let limit = moat_policy::yaml::MAX_TEXT_BYTES;
+    let mut text = String::new();
+    file.take(limit as u64 + 1).read_to_string(&mut text)?;
+    if text.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("over the limit of {limit} bytes; not read"),
+        ));
+    }
+    Ok(text)
+}
+
+fn parse_file(path: &Path) -> ParsedFile {
+    let stamp = stamp(path);
+    let file = path.display().to_string();
+    let parsed = match read_bounded(path) {
+        Ok(text) => parse_text(&file, &text),
+        Err(e) => ParsedText {
+            rejected: vec![format!("{file}: {e}")],
+            unreadable: true,
+            ..ParsedText::default()
+        },
+    };
     ParsedFile {
         stamp,
-        objects,
+        objects: parsed.objects,
         rejected: parsed.rejected,
+        failed: parsed.failed,
+        unreadable: parsed.unreadable,
+    }
+}
+
+/// What of a file's previous parse stays in force after a new parse: everything when the
+/// file became unreadable, else the objects whose new version was rejected (and that the
+/// file does not define validly elsewhere). An editor's typo never opens a perimeter.
+fn keep_last_good(new: &mut ParsedFile, old: Option<BTreeMap<ObjectKey, Object>>) {
+    let Some(old) = old else { return };
+    let mut kept = 0;
+    for (key, object) in old {
+        if (new.unreadable || new.failed.contains(&key)) && !new.objects.contains_key(&key) {
+            new.objects.insert(key, object);
+            kept += 1;
+        }
+    }
+    if kept > 0 {
+        new.rejected.push(format!(
+            "{kept} object(s) keep their last good version until the file is fixed"
+        ));
     }
 }
 
@@ -411,19 +500,21 @@ impl LocalStore {
         }
         let mut keys = BTreeSet::new();
         for path in changed_files {
-            if let Some(old) = self.files.remove(&path) {
-                for key in old.objects.into_keys() {
-                    if let Some(set) = self.definers.get_mut(&key) {
+            let old_objects = self.files.remove(&path).map(|old| {
+                for key in old.objects.keys() {
+                    if let Some(set) = self.definers.get_mut(key) {
                         set.remove(&path);
                         if set.is_empty() {
-                            self.definers.remove(&key);
+                            self.definers.remove(key);
                         }
                     }
-                    keys.insert(key);
+                    keys.insert(key.clone());
                 }
-            }
+                old.objects
+            });
             if present.contains(&path) {
-                let parsed = parse_file(&path);
+                let mut parsed = parse_file(&path);
+                keep_last_good(&mut parsed, old_objects);
                 for key in parsed.objects.keys() {
                     self.definers
                         .entry(key.clone())
@@ -469,13 +560,12 @@ pub fn load(dir: &Path) -> LocalObjects {
     store.merged
 }
 
-fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), String> {
-    let json: serde_json::Value = serde_json::to_value(&value).map_err(|e| e.to_string())?;
-    let header: Header = serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<(), String> {
+    let header = Header::deserialize(json).map_err(|e| e.to_string())?;
     match header.kind.as_deref() {
         Some("Namespace") => {
             let ns: NamespaceObject =
-                serde_json::from_value(json).map_err(|e| format!("Namespace: {e}"))?;
+                NamespaceObject::deserialize(json).map_err(|e| format!("Namespace: {e}"))?;
             let mut labels = LabelSet::new();
             for (k, v) in ns.metadata.labels {
                 labels.insert(k, v);
@@ -483,7 +573,7 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
             out.namespaces.insert(ns.metadata.name, labels);
         }
         Some("Pod") => {
-            let pod: PodObject = serde_json::from_value(json).map_err(|e| format!("Pod: {e}"))?;
+            let pod = PodObject::deserialize(json).map_err(|e| format!("Pod: {e}"))?;
             let namespace = pod
                 .metadata
                 .namespace
@@ -523,14 +613,14 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
             out.pods.insert((namespace, pod.metadata.name), meta);
         }
         Some("NetworkPolicy") => {
-            let policy = NetworkPolicy::from_value(json).map_err(|e| e.to_string())?;
+            let policy = NetworkPolicy::from_value(json.clone()).map_err(|e| e.to_string())?;
             out.policies.insert(
                 (policy.namespace().to_string(), policy.name().to_string()),
                 policy,
             );
         }
         Some("MoatPolicy") => {
-            let policy = MoatPolicy::from_value(json).map_err(|e| e.to_string())?;
+            let policy = MoatPolicy::from_value(json.clone()).map_err(|e| e.to_string())?;
             out.moat_policies.insert(
                 (policy.namespace().to_string(), policy.name().to_string()),
                 policy,
@@ -538,7 +628,8 @@ fn add_object(out: &mut LocalObjects, value: serde_yaml::Value) -> Result<(), St
         }
         Some("Node") => {
             let node: k8s_openapi::api::core::v1::Node =
-                serde_json::from_value(json).map_err(|e| format!("Node: {e}"))?;
+                k8s_openapi::api::core::v1::Node::deserialize(json)
+                    .map_err(|e| format!("Node: {e}"))?;
             let name = node
                 .metadata
                 .name
@@ -637,5 +728,99 @@ mod tests {
             "{:?}",
             objects.rejected
         );
+    }
+
+    /// Issue 15's reproducer: before, the document iterator yielded this syntax error forever
+    /// and each copy was pushed into the rejections (7.5 GB in 4 s).
+    const BROKEN: &str =
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x\n  spec: [[[\n";
+
+    #[test]
+    fn a_malformed_yaml_file_is_one_rejection_naming_the_file() {
+        let parsed = parse_text("D/50-broken.yaml", BROKEN);
+        assert!(parsed.unreadable);
+        assert!(parsed.objects.is_empty());
+        assert_eq!(parsed.rejected.len(), 1, "{:?}", parsed.rejected);
+        assert!(
+            parsed.rejected[0].starts_with("D/50-broken.yaml: not YAML: line 4"),
+            "{:?}",
+            parsed.rejected
+        );
+    }
+
+    #[test]
+    fn a_file_that_breaks_keeps_its_last_good_objects_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &(pod("a1", "web") + &pod("a2", "web")),
+        );
+        let mut store = LocalStore::new(dir.path());
+        store.refresh();
+        write(dir.path(), "a.yaml", &(pod("a1", "db") + BROKEN));
+        store.refresh();
+        let objects = store.objects();
+        assert_eq!(objects.pods.len(), 2, "the last good version stays");
+        let a1 = &objects.pods[&("shop".into(), "a1".into())];
+        assert_eq!(
+            a1.labels.get("app"),
+            Some("web"),
+            "not half of the broken edit"
+        );
+        assert_eq!(objects.rejected.len(), 2, "{:?}", objects.rejected);
+        assert!(objects.rejected[0].contains("a.yaml: not YAML"));
+        assert!(objects.rejected[1].contains("keep their last good version"));
+        // Fixed: the new content applies and the reports clear.
+        write(dir.path(), "a.yaml", &pod("a1", "db"));
+        store.refresh();
+        let objects = store.objects();
+        assert_eq!(objects.pods.len(), 1);
+        assert_eq!(
+            objects.pods[&("shop".into(), "a1".into())]
+                .labels
+                .get("app"),
+            Some("db")
+        );
+        assert!(objects.rejected.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_edit_of_a_policy_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |port: &str| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  podSelector: {{}}\n  ingress: [{{ports: [{{port: {port}}}]}}]\n"
+            )
+        };
+        write(dir.path(), "p.yaml", &policy("80"));
+        let mut store = LocalStore::new(dir.path());
+        store.refresh();
+        write(dir.path(), "p.yaml", &policy("70000"));
+        store.refresh();
+        let objects = store.objects();
+        assert_eq!(objects.policies.len(), 1, "{:?}", objects.rejected);
+        assert_eq!(objects.rejected.len(), 2, "{:?}", objects.rejected);
+        assert!(objects.rejected[0].contains("p.yaml"));
+        // A policy that never validated is simply absent.
+        write(
+            dir.path(),
+            "q.yaml",
+            &policy("70000").replace("name: p", "name: q"),
+        );
+        store.refresh();
+        assert_eq!(store.objects().policies.len(), 1);
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.yaml");
+        let f = fs::File::create(&path).unwrap();
+        f.set_len(moat_policy::yaml::MAX_TEXT_BYTES as u64 + 1)
+            .unwrap();
+        let objects = load(dir.path());
+        assert_eq!(objects.rejected.len(), 1, "{:?}", objects.rejected);
+        assert!(objects.rejected[0].contains("over the limit"));
     }
 }

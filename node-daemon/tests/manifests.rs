@@ -19,7 +19,7 @@ use k8s_openapi::{
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -28,8 +28,9 @@ fn repo() -> PathBuf {
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    moat_policy::yaml::documents(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -138,10 +139,11 @@ fn every_manifest_and_example_parses_into_its_type_without_losing_fields() {
 
 #[test]
 fn a_misspelt_field_is_caught() {
-    let doc: Value = serde_yaml::from_str(
+    let doc: Value = moat_policy::yaml::documents(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      hostNetwrk: true\n      containers: [{name: c, image: i}]\n",
     )
-    .unwrap();
+    .unwrap()
+    .remove(0);
     let result = std::panic::catch_unwind(|| strict::<DaemonSet>(&doc, "typo"));
     let message = *result.unwrap_err().downcast::<String>().unwrap();
     assert!(

@@ -293,8 +293,9 @@ fn status_reports_programs_map_fill_and_event_loss_that_match_the_kernel() {
     ] {
         assert!(table.contains(needle), "{needle:?} not in:\n{table}");
     }
-    let yaml: serde_json::Value =
-        serde_yaml::from_str(&w.moatctl(&["-o", "yaml", "status"])).unwrap();
+    let yaml = moat_policy::yaml::documents(&w.moatctl(&["-o", "yaml", "status"]))
+        .unwrap()
+        .remove(0);
     assert_eq!(yaml["datapath"]["layout_version"], LAYOUT_VERSION);
     w.cleanup();
 }

@@ -23,6 +23,7 @@ pub mod labels;
 pub mod moatpolicy;
 pub mod netpol;
 pub mod selector;
+pub mod yaml;
 
 pub use compile::{
     Allocators, ClusterInputs, ContainerPort, DatapathState, Endpoint, Pod, PodRef, PolicyKind,

@@ -236,13 +236,13 @@ pub(crate) fn parse_all_yaml<T>(
     text: &str,
     from_value: fn(serde_json::Value) -> Result<T, Error>,
 ) -> Result<Vec<T>, Error> {
+    let documents = crate::yaml::documents(text).map_err(|e| Error::Parse {
+        object: "<yaml>".into(),
+        path: ".".into(),
+        message: e.to_string(),
+    })?;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Parse {
-            object: format!("<document {i}>"),
-            path: ".".into(),
-            message: e.to_string(),
-        })?;
+    for value in documents {
         if value.is_null() {
             continue;
         }

@@ -159,7 +159,7 @@ fn print<T: Serialize>(
 ) {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default()),
-        Output::Yaml => print!("{}", serde_yaml::to_string(rows).unwrap_or_default()),
+        Output::Yaml => print!("{}", moat_policy::yaml::to_string(rows)),
         Output::Table | Output::Wide => {
             let count = if output == Output::Wide {
                 columns.len() + wide_columns.len()
@@ -196,7 +196,7 @@ fn print<T: Serialize>(
 
 fn print_value(output: Output, value: &serde_json::Value) {
     match output {
-        Output::Yaml => print!("{}", serde_yaml::to_string(value).unwrap_or_default()),
+        Output::Yaml => print!("{}", moat_policy::yaml::to_string(value)),
         _ => println!(
             "{}",
             serde_json::to_string_pretty(value).unwrap_or_default()
@@ -303,7 +303,7 @@ fn follow_flows(args: &Args, filter: FlowFilter) {
                                 .map_err(std::io::Error::from)
                                 .and_then(|()| out.write_all(b"\n")),
                             Output::Yaml => {
-                                write!(out, "---\n{}", serde_yaml::to_string(r).unwrap_or_default())
+                                write!(out, "---\n{}", moat_policy::yaml::to_string(r))
                             }
                             Output::Table => writeln!(out, "{}", flow_cells(r)[..8].join("  ")),
                             Output::Wide => writeln!(out, "{}", flow_cells(r).join("  ")),

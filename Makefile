@@ -32,7 +32,7 @@ clean:
 	$(CARGO) clean
 	rm -rf bench/results.json bench/raw
 
-# The shared NetworkPolicy conformance file (../shared/conformance/netpol-cases.json) on this
+# The NetworkPolicy conformance cases (conformance/cases/netpol-cases.json) on this
 # node: pure engine, then real pods + moatd + datapath through per-pod Services and direct.
 .PHONY: conformance
 conformance: build

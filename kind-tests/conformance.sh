@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shared NetworkPolicy conformance cases (netpol-cases/v1) on the cluster of KUBECONFIG,
+# The NetworkPolicy conformance cases (netpol-cases/v1, conformance/cases/) on the cluster of KUBECONFIG,
 # with Moat installed: moat-conformance --kube creates namespaces x, y, z, pods a, b, c and a
 # Service per pod, applies each case's policies and labels through the API, probes with
 # kubectl exec, and prints one PASS/FAIL line per case and the totals.
@@ -10,7 +10,7 @@
 #
 # Environment (defaults):
 #   KUBECONFIG=kind-tests/_artifacts/kubeconfig   (the one kind-tests/run.sh writes)
-#   CASES=<repo>/../shared/conformance/netpol-cases.json
+#   CASES=<repo>/conformance/cases/netpol-cases.json
 #   MOAT_CONFORMANCE=         a moat-conformance binary; else `cargo build --release` when
 #                             cargo is present, else copied out of $MOAT_IMAGE (Linux hosts)
 #   MOAT_IMAGE=moat:dev
@@ -20,7 +20,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 export KUBECONFIG=${KUBECONFIG:-$HERE/_artifacts/kubeconfig}
-CASES=${CASES:-$REPO/../shared/conformance/netpol-cases.json}
+CASES=${CASES:-$REPO/conformance/cases/netpol-cases.json}
 MOAT_IMAGE=${MOAT_IMAGE:-moat:dev}
 REPORT=${REPORT:-$HERE/_artifacts/conformance-kube.json}
 MOAT_CONFORMANCE=${MOAT_CONFORMANCE:-}

@@ -1,4 +1,4 @@
-//! One test per requirement of /work/shared/conformance/cni-spec-checklist.md that the
+//! One test per requirement of cni-plugin/cni-spec-checklist.md that the
 //! protocol layer alone decides. Names start with `req_<number>_`; CHECKLIST.md maps the rest.
 
 use std::cell::RefCell;

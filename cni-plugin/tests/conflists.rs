@@ -1,5 +1,5 @@
 //! The conflists Moat installs pass the configuration rules of the CNI checklist
-//! (/work/shared/conformance/cni-spec-checklist.md, items 13-15, 18-22, 88-89), and moat-cni's
+//! (cni-plugin/cni-spec-checklist.md, items 13-15, 18-22, 88-89), and moat-cni's
 //! own parser accepts its entry in each. The conflists are the ones moatd writes
 //! (node-daemon/src/install.rs): standalone over a node's pod CIDRs, and chained onto kindnet's
 //! (what kind-tests' chained cluster runs) and onto a single-plugin bridge `.conf`; plus any

@@ -31,10 +31,7 @@ use crate::{
     report::{CaseResult, Report},
 };
 
-const DEFAULT_CASES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/conformance/netpol-cases.json"
-);
+const DEFAULT_CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/cases/netpol-cases.json");
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +39,7 @@ const DEFAULT_CASES: &str = concat!(
     about = "Runs NetworkPolicy conformance cases (netpol-cases/v1) against Moat's datapath or its pure engine"
 )]
 struct Args {
-    /// Case file (netpol-cases/v1). Default: <repo>/../shared/conformance/netpol-cases.json.
+    /// Case file (netpol-cases/v1). Default: <repo>/conformance/cases/netpol-cases.json.
     #[arg(long)]
     cases: Option<PathBuf>,
     /// Probe pod IPs instead of per-pod ClusterIP Services.

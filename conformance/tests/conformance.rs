@@ -14,10 +14,7 @@ use std::{
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_moat-conformance");
-const CASES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/conformance/netpol-cases.json"
-);
+const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/cases/netpol-cases.json");
 
 /// Datapath runs one at a time: they share the node's CPUs and netfilter.
 static NODE: Mutex<()> = Mutex::new(());

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 const CASES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/conformance/netpol-cases.json"
+    "/../conformance/cases/netpol-cases.json"
 );
 
 /// Deterministic pod addresses: 10.244.<namespace index + 1>.<pod index + 10>.

@@ -65,8 +65,10 @@ pub fn documents(text: &str) -> Result<Vec<serde_json::Value>, YamlError> {
 }
 
 /// One value rendered as YAML (for output; never fails on a JSON-shaped value).
-pub fn to_string<T: serde::Serialize>(value: &T) -> String {
-    serde_saphyr::to_string(value).unwrap_or_else(|e| format!("# not representable as YAML: {e}\n"))
+pub fn to_string<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    // A reference is Sized and serializes as what it points to.
+    serde_saphyr::to_string(&value)
+        .unwrap_or_else(|e| format!("# not representable as YAML: {e}\n"))
 }
 
 #[cfg(test)]
@@ -88,7 +90,10 @@ mod tests {
         let docs = documents("a: 1\n---\n---\nb: [1, '2']\n").unwrap();
         assert_eq!(
             docs,
-            vec![serde_json::json!({"a": 1}), serde_json::json!({"b": [1, "2"]})]
+            vec![
+                serde_json::json!({"a": 1}),
+                serde_json::json!({"b": [1, "2"]})
+            ]
         );
     }
 

@@ -176,6 +176,10 @@ pub struct DaemonStatus {
     /// Programs, maps and the event path (absent from a daemon that predates it).
     #[serde(default)]
     pub datapath: Option<DatapathStatus>,
+    /// The node's own addresses as moatd follows them: traffic from them is the `host`
+    /// identity, which local pods always admit.
+    #[serde(default)]
+    pub host_addresses: Vec<std::net::IpAddr>,
 }
 
 /// What the kernel runs and holds for this installation.

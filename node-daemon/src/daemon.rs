@@ -95,28 +95,6 @@ pub struct Daemon {
     route_problems: Vec<String>,
 }
 
-/// Every address of this node except loopback: traffic from them is the node itself.
-pub fn host_addresses() -> BTreeSet<IpAddr> {
-    let mut out = BTreeSet::new();
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for a in addrs {
-            let Some(addr) = a.address else { continue };
-            let ip = if let Some(v4) = addr.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                IpAddr::V6(v6.ip())
-            } else {
-                continue;
-            };
-            let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-            if !ip.is_loopback() && !link_local_v6 {
-                out.insert(ip);
-            }
-        }
-    }
-    out
-}
-
 impl Daemon {
     pub fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
         let pins = PinDir::new(&cfg.pin_root);
@@ -127,8 +105,10 @@ impl Daemon {
         let store = EndpointStore::new(&cfg.state_dir);
         let endpoints = store.load()?;
         let mut engine = Engine::new();
+        // Followed live from here on (host_addresses::follow, and every resync).
+        let host_ips = crate::host_addresses::current().context("reading the node's addresses")?;
         engine
-            .set_host_ips(host_addresses())
+            .set_host_ips(host_ips)
             .map_err(|e| anyhow::anyhow!("host addresses: {e}"))?;
         let node = NodeConfig {
             service_cidrs: cfg.service_cidrs.clone(),
@@ -935,9 +915,45 @@ impl Daemon {
         }
     }
 
+    /// The node's own addresses, which the datapath maps to the `host` identity.
+    pub fn host_addresses(&self) -> &BTreeSet<IpAddr> {
+        &self.engine.inputs().host_ips
+    }
+
+    /// Makes `addresses` the node's own: only the ipcache entries (and their exact-match
+    /// mirrors) of the addresses that came or went are written. Returns what changed.
+    pub fn set_host_addresses(
+        &mut self,
+        addresses: BTreeSet<IpAddr>,
+    ) -> anyhow::Result<crate::host_addresses::Diff> {
+        let change = crate::host_addresses::diff(self.host_addresses(), &addresses);
+        if change.is_empty() {
+            return Ok(change);
+        }
+        self.change(|e| e.set_host_ips(addresses))
+            .map_err(|e| anyhow::anyhow!("host addresses: {e}"))?;
+        self.reconcile()?;
+        Ok(change)
+    }
+
+    /// Re-reads the node's addresses: the safety net behind `host_addresses::follow`, which
+    /// should have applied every change already.
+    fn refresh_host_addresses(&mut self) {
+        match crate::host_addresses::current().and_then(|a| self.set_host_addresses(a)) {
+            Ok(change) if !change.is_empty() => warn!(
+                added = ?change.added,
+                removed = ?change.removed,
+                "resync found the node's addresses changed unnoticed"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "re-reading the node's addresses"),
+        }
+    }
+
     /// A full resync against what the kernel maps really hold (heals any drift).
     pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
         self.sync_routes();
+        self.refresh_host_addresses();
         self.maps.sync_host_cache()?;
         self.applied = Applied::from_kernel(&self.maps);
         self.reconcile()
@@ -1057,6 +1073,7 @@ impl Daemon {
                 &self.maps,
                 &self._datapath,
             )),
+            host_addresses: self.host_addresses().iter().copied().collect(),
         }
     }
 

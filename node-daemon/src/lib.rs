@@ -6,6 +6,7 @@ pub mod churn;
 pub mod daemon;
 pub mod desired;
 pub mod flows;
+pub mod host_addresses;
 pub mod install;
 pub mod kube;
 pub mod links;

@@ -221,6 +221,8 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.resync_secs),
     );
     std::thread::spawn(move || server::watch(watcher, poll, resync));
+    // The node's addresses are the `host` identity: followed as they come and go.
+    moatd::host_addresses::follow(daemon.clone())?;
     let events = daemon.clone();
     std::thread::spawn(move || server::journal_events(events));
     if let Some(metrics_listener) = metrics_listener {

@@ -11,6 +11,7 @@ pub mod install;
 pub mod kube;
 pub mod links;
 pub mod local;
+pub mod memory;
 pub mod metrics;
 pub mod routes;
 pub mod server;

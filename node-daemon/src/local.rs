@@ -306,8 +306,12 @@ pub struct ParsedText {
     pub unreadable: bool,
 }
 
+/// Rejections listed per file: enough to fix a file, few enough that one file of thousands of
+/// bad objects cannot crowd the status out.
+pub const MAX_REJECTIONS_PER_FILE: usize = 20;
+
 /// Parses one file's text (`file` names it in the rejections). Total and bounded: at most
-/// one rejection per object plus one for the text, whatever the input.
+/// [`MAX_REJECTIONS_PER_FILE`] + 1 rejections, whatever the input.
 pub fn parse_text(file: &str, text: &str) -> ParsedText {
     let mut out = ParsedText::default();
     let documents = match moat_policy::yaml::documents(text) {
@@ -319,14 +323,24 @@ pub fn parse_text(file: &str, text: &str) -> ParsedText {
         }
     };
     let mut parsed = LocalObjects::default();
+    let mut unreported = 0;
     for value in documents {
         if value.is_null() {
             continue;
         }
         if let Err(reason) = add_object(&mut parsed, &value) {
-            out.rejected.push(format!("{file}: {reason}"));
+            if out.rejected.len() < MAX_REJECTIONS_PER_FILE {
+                out.rejected.push(format!("{file}: {reason}"));
+            } else {
+                unreported += 1;
+            }
             out.failed.extend(object_key(&value));
         }
+    }
+    if unreported > 0 {
+        out.rejected.push(format!(
+            "{file}: {unreported} more objects rejected (not listed)"
+        ));
     }
     out.objects = parsed
         .keys()
@@ -402,7 +416,7 @@ fn parse_file(path: &Path) -> ParsedFile {
 /// What of a file's previous parse stays in force after a new parse: everything when the
 /// file became unreadable, else the objects whose new version was rejected (and that the
 /// file does not define validly elsewhere). An editor's typo never opens a perimeter.
-fn keep_last_good(new: &mut ParsedFile, old: Option<BTreeMap<ObjectKey, Object>>) {
+fn keep_last_good(file: &Path, new: &mut ParsedFile, old: Option<BTreeMap<ObjectKey, Object>>) {
     let Some(old) = old else { return };
     let mut kept = 0;
     for (key, object) in old {
@@ -413,10 +427,15 @@ fn keep_last_good(new: &mut ParsedFile, old: Option<BTreeMap<ObjectKey, Object>>
     }
     if kept > 0 {
         new.rejected.push(format!(
-            "{kept} object(s) keep their last good version until the file is fixed"
+            "{}: {kept} object(s) keep their last good version until the file is fixed",
+            file.display()
         ));
     }
 }
+
+/// After parsing this much text, the parse's garbage (tens of times the text) is handed back
+/// to the kernel rather than kept as resident free memory.
+const RELEASE_AFTER_PARSING_BYTES: u64 = 256 << 10;
 
 /// The local datastore directory, parsed file by file. A refresh stats every file and
 /// re-parses only those that changed, so an edit of one small policy file costs that file,
@@ -499,6 +518,7 @@ impl LocalStore {
             return None;
         }
         let mut keys = BTreeSet::new();
+        let mut parsed_bytes = 0;
         for path in changed_files {
             let old_objects = self.files.remove(&path).map(|old| {
                 for key in old.objects.keys() {
@@ -514,7 +534,8 @@ impl LocalStore {
             });
             if present.contains(&path) {
                 let mut parsed = parse_file(&path);
-                keep_last_good(&mut parsed, old_objects);
+                parsed_bytes += parsed.stamp.map_or(0, |s| s.size);
+                keep_last_good(&path, &mut parsed, old_objects);
                 for key in parsed.objects.keys() {
                     self.definers
                         .entry(key.clone())
@@ -524,6 +545,9 @@ impl LocalStore {
                 }
                 self.files.insert(path, parsed);
             }
+        }
+        if parsed_bytes > RELEASE_AFTER_PARSING_BYTES {
+            crate::memory::release_free_memory();
         }
         for key in &keys {
             let winner = self

@@ -126,6 +126,7 @@ fn chain_forever(conf_dir: &std::path::Path, moat: &serde_json::Value) {
 }
 
 fn main() -> anyhow::Result<()> {
+    moatd::memory::limit_allocator_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

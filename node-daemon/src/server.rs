@@ -1,16 +1,23 @@
 //! The unix-socket server and the datastore watcher. Requests are served one at a time under
 //! one lock: registrations are short, and serialising them keeps the maps' diff-and-apply
 //! simple and correct.
+//!
+//! The socket is bounded ([`ApiLimits`]): a request line has a maximum size and must arrive
+//! in full within a deadline, an answer must be taken by the client within the same time,
+//! and at most `max_connections` connections (one thread each) are open at once. At the cap a
+//! newcomer takes the place of the connection that has waited longest for its request (or, if
+//! none waits, of the oldest `FollowFlows` stream); a request being served is never cut off,
+//! and when every connection is serving one the newcomer is told `busy` and closed.
 
 use std::{
-    collections::BTreeSet,
-    io::{BufRead, BufReader, Write},
+    collections::{BTreeMap, BTreeSet},
+    io::{BufReader, Read, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Condvar, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,7 +25,10 @@ use anyhow::Context;
 use tracing::{debug, warn};
 
 use crate::{
-    api::{HostRequest, Request, Response},
+    api::{
+        HostRequest, Request, Response,
+        framing::{self, FramingError},
+    },
     daemon::Daemon,
     local,
     metrics::{self, EventKind},
@@ -43,23 +53,167 @@ fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
     Ok(creds.uid())
 }
 
+/// How long a client that is not root may take to send the request it is refused for.
+const REFUSAL_READ_TIME: Duration = Duration::from_secs(2);
+
 /// The answer to a client that is not root: one error line, after reading its request (so
-/// that closing does not reset the connection under an unread request).
-fn refuse(stream: UnixStream, uid: u32) -> anyhow::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut writer = stream.try_clone()?;
-    let mut line = String::new();
-    let _ = BufReader::new(stream).read_line(&mut line);
-    let response = Response::Error {
-        message: format!(
-            "permission denied: moatd's API accepts only root (uid 0); this client runs as \
-             uid {uid}"
-        ),
-    };
-    let mut out = serde_json::to_vec(&response)?;
+/// that closing does not reset the connection under an unread request). The read is bounded
+/// like any other: at most one line of the maximum size, within [`REFUSAL_READ_TIME`].
+fn refuse(
+    stream: &UnixStream,
+    reader: &mut BufReader<DeadlineReader<'_>>,
+    uid: u32,
+    limits: &ApiLimits,
+) -> anyhow::Result<()> {
+    reader.get_mut().deadline = Instant::now() + REFUSAL_READ_TIME.min(limits.request_timeout);
+    let _ = framing::read_request_line(reader, limits.max_request_bytes);
+    answer(
+        stream,
+        &Response::Error {
+            message: format!(
+                "permission denied: moatd's API accepts only root (uid 0); this client runs as \
+                 uid {uid}"
+            ),
+        },
+    )
+}
+
+/// One answer line.
+fn answer(mut stream: &UnixStream, response: &Response) -> anyhow::Result<()> {
+    let mut out = serde_json::to_vec(response)?;
     out.push(b'\n');
-    writer.write_all(&out)?;
+    stream.write_all(&out)?;
     Ok(())
+}
+
+/// Reads from the socket against an absolute deadline: each read may block only for the time
+/// left, so a client that trickles bytes cannot stretch a request line past the deadline (a
+/// plain read timeout restarts with every byte).
+struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
+}
+
+/// The error line for a request line that broke a limit (the connection is dropped after it).
+fn framing_refusal(error: &FramingError, limits: &ApiLimits) -> Response {
+    let message = match error {
+        FramingError::TooLong { limit } => {
+            format!("request line longer than {limit} bytes: refused, closing the connection")
+        }
+        FramingError::TimedOut { received } => format!(
+            "no complete request line within {} ms ({received} bytes received): closing the \
+             connection",
+            limits.request_timeout.as_millis()
+        ),
+        other => format!("{other}"),
+    };
+    Response::Error { message }
+}
+
+fn serve_connection(
+    daemon: &Mutex<Daemon>,
+    stream: &UnixStream,
+    slot: &Slot,
+    limits: &ApiLimits,
+) -> anyhow::Result<()> {
+    // A client that stops reading its answers (or its stream) is dropped after this long.
+    stream.set_write_timeout(Some(limits.request_timeout))?;
+    let mut reader = BufReader::new(DeadlineReader {
+        stream,
+        deadline: Instant::now() + limits.request_timeout,
+    });
+    match peer_uid(stream) {
+        Ok(0) => {}
+        Ok(uid) => {
+            warn!(uid, "refused a local API client that is not root");
+            return refuse(stream, &mut reader, uid, limits);
+        }
+        Err(e) => {
+            warn!(error = %e, "refused a local API client: no peer credentials");
+            return refuse(stream, &mut reader, u32::MAX, limits);
+        }
+    }
+    loop {
+        let line = match framing::read_request_line(&mut reader, limits.max_request_bytes) {
+            Ok(Some(line)) => line,
+            Ok(None) => return Ok(()),
+            Err(FramingError::Io(e)) => return Err(e.into()),
+            // The newline was consumed: the stream is still at a line boundary.
+            Err(FramingError::NotUtf8) => {
+                answer(
+                    stream,
+                    &Response::Error {
+                        message: "bad request: not UTF-8".into(),
+                    },
+                )?;
+                continue;
+            }
+            Err(error) => {
+                // Too long (the rest of the line is unread) or too slow: answered if the
+                // client still listens, then dropped.
+                debug!(%error, "local API client broke a limit");
+                let _ = answer(stream, &framing_refusal(&error, limits));
+                return Ok(());
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        // From here the connection is not evictable; if it was evicted while its request
+        // arrived, the request is not served (its socket is already shut down).
+        if !slot.enter(Phase::Serving) {
+            return Ok(());
+        }
+        if let Ok(host) = serde_json::from_str::<HostRequest>(&line) {
+            answer(stream, &serve_host_request(daemon, host))?;
+        } else {
+            let response = match serde_json::from_str::<Request>(&line) {
+                // A stream, served without the daemon lock for as long as the client stays.
+                Ok(Request::FollowFlows { filter }) => {
+                    let cfg = daemon.lock().expect("daemon lock").journal_config().clone();
+                    if !slot.enter(Phase::Following) {
+                        return Ok(());
+                    }
+                    return follow_flows(&cfg, stream, filter);
+                }
+                Ok(request) => {
+                    // From the request's arrival (lock wait included) to the maps updated.
+                    let started = Instant::now();
+                    let kind = latency_kind(&request);
+                    let response = daemon.lock().expect("daemon lock").handle(request);
+                    let elapsed = started.elapsed();
+                    if let Some(kind) = kind
+                        && !matches!(response, Response::Error { .. })
+                    {
+                        metrics::global().observe_event(kind, elapsed);
+                    }
+                    debug!(elapsed_us = elapsed.as_micros() as u64, "request served");
+                    response
+                }
+                Err(e) => Response::Error {
+                    message: format!("bad request: {e}"),
+                },
+            };
+            answer(stream, &response)?;
+        }
+        // The next request has its own full deadline, counted from this answer.
+        if !slot.enter(Phase::AwaitingRequest) {
+            return Ok(());
+        }
+        reader.get_mut().deadline = Instant::now() + limits.request_timeout;
+    }
 }
 
 fn latency_kind(request: &Request) -> Option<EventKind> {
@@ -68,63 +222,6 @@ fn latency_kind(request: &Request) -> Option<EventKind> {
         Request::Unregister { .. } => Some(EventKind::Unregister),
         _ => None,
     }
-}
-
-fn serve_connection(daemon: &Mutex<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
-    match peer_uid(&stream) {
-        Ok(0) => {}
-        Ok(uid) => {
-            warn!(uid, "refused a local API client that is not root");
-            return refuse(stream, uid);
-        }
-        Err(e) => {
-            warn!(error = %e, "refused a local API client: no peer credentials");
-            return refuse(stream, u32::MAX);
-        }
-    }
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut writer = stream.try_clone()?;
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Ok(host) = serde_json::from_str::<HostRequest>(&line) {
-            let mut out = serde_json::to_vec(&serve_host_request(daemon, host))?;
-            out.push(b'\n');
-            writer.write_all(&out)?;
-            continue;
-        }
-        let response = match serde_json::from_str::<Request>(&line) {
-            // A stream, served without the daemon lock for as long as the client stays.
-            Ok(Request::FollowFlows { filter }) => {
-                let cfg = daemon.lock().expect("daemon lock").journal_config().clone();
-                return follow_flows(&cfg, writer, filter);
-            }
-            Ok(request) => {
-                // From the request's arrival (lock wait included) to the maps updated.
-                let started = Instant::now();
-                let kind = latency_kind(&request);
-                let response = daemon.lock().expect("daemon lock").handle(request);
-                let elapsed = started.elapsed();
-                if let Some(kind) = kind
-                    && !matches!(response, Response::Error { .. })
-                {
-                    metrics::global().observe_event(kind, elapsed);
-                }
-                debug!(elapsed_us = elapsed.as_micros() as u64, "request served");
-                response
-            }
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
-        };
-        let mut out = serde_json::to_vec(&response)?;
-        out.push(b'\n');
-        writer.write_all(&out)?;
-    }
-    Ok(())
 }
 
 /// A [`HostRequest`]: the veth's link pins are set aside first (the programs stay on until
@@ -164,20 +261,234 @@ fn serve_host_request(daemon: &Mutex<Daemon>, request: HostRequest) -> Response 
     response
 }
 
-pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
-    let pins = daemon.lock().expect("daemon lock").pins().clone();
-    crate::links::resume(&pins);
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let daemon = daemon.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(&daemon, stream) {
-                        debug!(error = %e, "connection ended");
-                    }
+/// The local API's limits (moatd's `--api-*` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Connections open at once, each served by its own thread.
+    pub max_connections: usize,
+    /// The time a connection has to deliver a complete request line, from its opening or
+    /// from its previous answer; also the longest one write of an answer may block on a
+    /// client that does not read.
+    pub request_timeout: Duration,
+    /// The longest request line, in bytes.
+    pub max_request_bytes: usize,
+}
+
+/// 256 connections: far above what the node's clients use at once (one per CNI invocation
+/// in flight, a few moatctl), small enough that the threads and buffers stay cheap.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// A real client sends its request right after connecting; 10 s is generous for a loaded
+/// node and short enough that idle connections do not pile up.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_request_bytes: framing::MAX_REQUEST_LINE_BYTES,
+        }
+    }
+}
+
+/// Stack of a connection thread. Parsing is bounded (serde_json stops nesting at 128 levels)
+/// and the daemon's work is on the heap, so a quarter of the default 2 MiB is ample; the
+/// table's threads then reserve 128 MiB of address space at the default cap, not 512 MiB.
+const CONNECTION_STACK_BYTES: usize = 512 * 1024;
+
+/// How long accepting waits for an evicted connection's thread to end (a `FollowFlows`
+/// stream notices at its next heartbeat, within 2 s) before the newcomer is told `busy`.
+const EVICTION_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a connection is in its life: what decides whether it may be evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (or receiving) a request line: evictable first, oldest first.
+    AwaitingRequest,
+    /// A request is being served: never evicted.
+    Serving,
+    /// A `FollowFlows` stream: evicted only when no connection awaits a request.
+    Following,
+}
+
+struct Entry {
+    /// Shared with the connection's thread, which serves it; kept here to shut it down.
+    stream: Arc<UnixStream>,
+    phase: Phase,
+    /// When the connection entered its phase.
+    since: Instant,
+    evicted: bool,
+}
+
+/// The open connections (at most the limit), each entry removed when its thread ends.
+struct Connections {
+    limit: usize,
+    entries: Mutex<BTreeMap<u64, Entry>>,
+    /// Notified when an entry is removed.
+    freed: Condvar,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's place in the table, released when its thread drops it.
+struct Slot {
+    id: u64,
+    connections: Arc<Connections>,
+}
+
+impl Slot {
+    /// Moves the connection into `phase`; false if it was evicted, and must end.
+    fn enter(&self, phase: Phase) -> bool {
+        let mut entries = self.connections.lock();
+        match entries.get_mut(&self.id) {
+            Some(entry) if !entry.evicted => {
+                entry.phase = phase;
+                entry.since = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
+        self.connections.freed.notify_all();
+    }
+}
+
+impl Connections {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: limit.max(1),
+            entries: Mutex::new(BTreeMap::new()),
+            freed: Condvar::new(),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        // Entries are plain data: a panicking connection thread leaves them consistent.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection, evicting one if the table is full; None if every
+    /// connection is serving a request (or an evicted one did not end in time).
+    fn admit(self: &Arc<Self>, stream: &Arc<UnixStream>) -> Option<Slot> {
+        let deadline = Instant::now() + EVICTION_WAIT;
+        let mut entries = self.lock();
+        loop {
+            if entries.len() < self.limit {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                entries.insert(
+                    id,
+                    Entry {
+                        stream: stream.clone(),
+                        phase: Phase::AwaitingRequest,
+                        since: Instant::now(),
+                        evicted: false,
+                    },
+                );
+                return Some(Slot {
+                    id,
+                    connections: self.clone(),
                 });
             }
-            Err(e) => warn!(error = %e, "accept failed"),
+            // One eviction at a time: its thread ends promptly (its socket is shut down),
+            // and waiting for it keeps the threads within the limit.
+            if !entries.values().any(|e| e.evicted) {
+                // None when every connection is serving a request: the newcomer is busy.
+                let victim = entries
+                    .values_mut()
+                    .filter(|e| e.phase != Phase::Serving)
+                    .min_by_key(|e| (e.phase == Phase::Following, e.since))?;
+                debug!(phase = ?victim.phase, "connection table full: evicting the oldest");
+                victim.evicted = true;
+                // Wakes its thread from a blocked read or write; the client sees EOF.
+                let _ = victim.stream.shutdown(std::net::Shutdown::Both);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            entries = self
+                .freed
+                .wait_timeout(entries, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The answer to a connection that found every place taken by a request being served. Sent
+/// without blocking the accept loop: a fresh socket's buffer always has room for it.
+fn refuse_busy(stream: &UnixStream, limit: usize) {
+    let response = Response::Error {
+        message: format!(
+            "busy: moatd is serving {limit} local API connections (its limit); try again"
+        ),
+    };
+    if let Ok(mut out) = serde_json::to_vec(&response) {
+        out.push(b'\n');
+        let mut writer = stream;
+        let _ = stream
+            .set_nonblocking(true)
+            .and_then(|()| writer.write_all(&out));
+    }
+}
+
+pub fn serve(daemon: Arc<Mutex<Daemon>>, listener: UnixListener, limits: ApiLimits) {
+    let pins = daemon.lock().expect("daemon lock").pins().clone();
+    crate::links::resume(&pins);
+    let connections = Connections::new(limits.max_connections);
+    let mut threads = Vec::new();
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => Arc::new(stream),
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let Some(slot) = connections.admit(&stream) else {
+            warn!(
+                limit = connections.limit,
+                "local API connection refused: every connection is serving a request"
+            );
+            refuse_busy(&stream, connections.limit);
+            continue;
+        };
+        // A thread that gave its place up may still be returning: the cap counts threads.
+        reap_finished(&mut threads);
+        while threads.len() >= connections.limit {
+            std::thread::sleep(Duration::from_millis(1));
+            reap_finished(&mut threads);
+        }
+        let daemon = daemon.clone();
+        let spawned = std::thread::Builder::new()
+            .name("moatd-api".into())
+            .stack_size(CONNECTION_STACK_BYTES)
+            .spawn(move || {
+                if let Err(e) = serve_connection(&daemon, &stream, &slot, &limits) {
+                    debug!(error = %e, "connection ended");
+                }
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            // The closure, its slot and its stream are dropped: the client sees EOF.
+            Err(e) => warn!(error = %e, "cannot start a local API connection thread"),
+        }
+    }
+}
+
+/// Joins the connection threads that have returned (which then have really exited).
+fn reap_finished(threads: &mut Vec<std::thread::JoinHandle<()>>) {
+    let mut i = 0;
+    while i < threads.len() {
+        if threads[i].is_finished() {
+            let _ = threads.swap_remove(i).join();
+        } else {
+            i += 1;
         }
     }
 }
@@ -439,7 +750,7 @@ const FOLLOW_LINE_RECORDS: usize = 4096;
 /// record is in the history or in the stream; the sequence numbers drop the overlap.
 fn follow_flows(
     cfg: &crate::flows::JournalConfig,
-    stream: UnixStream,
+    stream: &UnixStream,
     filter: crate::flows::FlowFilter,
 ) -> anyhow::Result<()> {
     use crate::flows::{self, FlowFilter};
@@ -447,7 +758,7 @@ fn follow_flows(
     let history = flows::read_sequenced(cfg, &filter);
     let mut last = history.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stream);
-    fn send(out: &mut std::io::BufWriter<UnixStream>, response: &Response) -> anyhow::Result<()> {
+    fn send(out: &mut std::io::BufWriter<&UnixStream>, response: &Response) -> anyhow::Result<()> {
         serde_json::to_writer(&mut *out, response)?;
         out.write_all(b"\n")?;
         Ok(())

@@ -18,6 +18,11 @@ pub const LONG: Duration = Duration::from_secs(3);
 pub struct Daemon(Child);
 
 impl Daemon {
+    /// moatd's process id (for its /proc/<pid>/status).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();

@@ -102,6 +102,24 @@ struct Args {
     /// Prometheus metrics endpoint (`GET /metrics`); an empty value disables it.
     #[arg(long, default_value = moatd::metrics::DEFAULT_ADDR)]
     metrics_addr: String,
+    /// Local API connections open at once (one thread each). At the limit a new connection
+    /// takes the place of the one that has waited longest for its request; a request being
+    /// served is never cut off.
+    #[arg(
+        long,
+        default_value_t = server::DEFAULT_MAX_CONNECTIONS as u32,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    api_max_connections: u32,
+    /// A local API client must send a complete request line within this many milliseconds of
+    /// connecting (or of its previous answer), and must take each part of an answer within
+    /// it; otherwise it is dropped.
+    #[arg(
+        long,
+        default_value_t = server::DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    api_request_timeout_ms: u64,
 }
 
 /// Chained mode: keeps 00-moat-chained.conflist in step with the cluster's own config.
@@ -232,6 +250,11 @@ fn main() -> anyhow::Result<()> {
             .name("moatd-metrics".into())
             .spawn(move || moatd::metrics::serve(metrics_listener, registry))?;
     }
-    server::serve(daemon, listener);
+    let api_limits = server::ApiLimits {
+        max_connections: args.api_max_connections as usize,
+        request_timeout: Duration::from_millis(args.api_request_timeout_ms),
+        ..server::ApiLimits::default()
+    };
+    server::serve(daemon, listener, api_limits);
     Ok(())
 }

@@ -555,8 +555,19 @@ fn local_api_refuses_clients_that_are_not_root() {
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
 
+    // moatctl runs from a copy that uid 65534 can execute: the build tree may sit in a
+    // directory only root may enter (a clone under `mktemp -d`), and then the exec, not the
+    // socket, would refuse nobody.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("moatctl-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let moatctl_bin = bin_dir.path().join("moatctl");
+    std::fs::copy(env!("CARGO_BIN_EXE_moatctl"), &moatctl_bin).unwrap();
+    std::fs::set_permissions(&moatctl_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let moatctl = |uid: Option<u32>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moatctl"));
+        let mut cmd = Command::new(&moatctl_bin);
         cmd.arg("--socket").arg(&socket).arg("status");
         if let Some(uid) = uid {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
@@ -575,9 +586,14 @@ fn local_api_refuses_clients_that_are_not_root() {
     let (ok, output) = moatctl(None);
     assert!(ok, "root: {output}");
 
-    // With mode 0600 a non-root client cannot even connect.
+    // With mode 0600 a non-root client cannot even connect: moatctl ran, and the socket
+    // refused it.
     let (ok, output) = moatctl(Some(nobody));
     assert!(!ok, "nobody must be refused: {output}");
+    assert!(
+        output.contains("cannot reach moatd") && output.contains("ermission denied"),
+        "a refused connect: {output}"
+    );
 
     // Even when the file mode lets it connect (a mistake, or a socket shared into a
     // container), the daemon checks who connected (SO_PEERCRED) and refuses clearly.
@@ -586,8 +602,8 @@ fn local_api_refuses_clients_that_are_not_root() {
     let (ok, output) = moatctl(Some(nobody));
     assert!(!ok, "nobody must be refused: {output}");
     assert!(
-        output.contains("permission denied") && output.contains("only root"),
-        "a clear refusal: {output}"
+        output.contains("permission denied: moatd's API accepts only root"),
+        "a clear refusal, from moatd: {output}"
     );
     assert!(output.contains(&format!("uid {nobody}")), "{output}");
 

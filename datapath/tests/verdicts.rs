@@ -9,100 +9,17 @@ use std::{
     time::Duration,
 };
 
-use ipnetwork::IpNetwork;
 use moat_common::*;
 use moat_datapath::{
-    EventReader, Maps,
     packet::{self, Ext, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    testrun::{Hook, TC_ACT_OK, TC_ACT_SHOT, TestRunner},
+    testrun::{Hook, TC_ACT_OK, TC_ACT_SHOT},
 };
-use support::{DummyLink, LoadedDatapath, endpoint};
-
-const POD: u32 = 1000;
-const PEER: u32 = 2000;
-
-fn pod_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))
-}
-fn peer_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2))
-}
-fn pod_v6() -> IpAddr {
-    IpAddr::V6("fd00:1::1".parse::<Ipv6Addr>().unwrap())
-}
-fn peer_v6() -> IpAddr {
-    IpAddr::V6("fd00:1::2".parse::<Ipv6Addr>().unwrap())
-}
-fn service_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))
-}
-fn host_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(192, 168, 77, 1))
-}
-fn net(s: &str) -> IpNetwork {
-    s.parse().unwrap()
-}
-
-/// One endpoint (identity POD, addresses 10.1.0.1 and fd00:1::1) on a dummy device, a peer
-/// pod (PEER) known to the ipcache, a Service range and a host address.
-struct Fixture {
-    _dp: LoadedDatapath,
-    _link: DummyLink,
-    ifindex: u32,
-    maps: Maps,
-    runner: TestRunner,
-    events: EventReader,
-}
+use support::{
+    DummyLink, endpoint,
+    fixture::{Fixture, PEER, POD, host_v4, net, peer_v4, peer_v6, pod_v4, pod_v6, service_v4},
+};
 
 impl Fixture {
-    fn new(test: &str) -> Self {
-        let dp = LoadedDatapath::new(test);
-        let link = DummyLink::new();
-        let mut maps = dp.maps();
-        maps.upsert_endpoint(link.ifindex, &endpoint(POD, &[pod_v4(), pod_v6()]))
-            .unwrap();
-        let peer = IpcacheValue {
-            identity: PEER,
-            ..Default::default()
-        };
-        maps.upsert_ipcache(net("10.1.0.2/32"), &peer).unwrap();
-        maps.upsert_ipcache(net("fd00:1::2/128"), &peer).unwrap();
-        maps.upsert_ipcache(
-            net("10.96.0.0/12"),
-            &IpcacheValue {
-                identity: IDENTITY_WORLD,
-                flags: IPCACHE_FLAG_SERVICE,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        maps.upsert_ipcache(
-            net("192.168.77.1/32"),
-            &IpcacheValue {
-                identity: IDENTITY_HOST,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let runner = TestRunner::open(&dp.pins).unwrap();
-        let events = EventReader::open(&dp.pins).unwrap();
-        Self {
-            ifindex: link.ifindex,
-            _dp: dp,
-            _link: link,
-            maps,
-            runner,
-            events,
-        }
-    }
-
-    fn run_raw(&self, hook: Hook, frame: &[u8]) -> u32 {
-        self.runner
-            .run(hook, self.ifindex, frame, 1)
-            .unwrap()
-            .verdict
-    }
-
     fn run(&self, hook: Hook, pkt: &Packet) -> u32 {
         self.run_raw(hook, &pkt.bytes())
     }

@@ -2,6 +2,8 @@
 //! parallel without sharing maps), real links made with iproute2, and cleanup on drop.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use std::{
     net::IpAddr,
     path::PathBuf,

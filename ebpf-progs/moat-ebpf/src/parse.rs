@@ -218,6 +218,12 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ()> {
         // More extension headers than any sane packet carries: refuse rather than guess.
         return Err(());
     }
+    // The extension headers end inside the packet, or the chain is truncated (as IPv4's
+    // options are checked): only their first bytes were read, and a protocol whose header is
+    // not read (not TCP/UDP/SCTP/ICMP) would otherwise pass as well-formed.
+    if (ctx.len() as usize) < offset {
+        return Err(());
+    }
     pkt.proto = next;
     finish_l4(ctx, pkt, offset, frag_id, more_fragments, later_fragment)
 }

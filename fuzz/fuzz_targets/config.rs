@@ -30,7 +30,12 @@ fn check_moat_config(config: &moat_cni::protocol::NetworkConfig) -> Result<MoatC
     assert_eq!(name.len(), 15);
     assert!(name.starts_with(&moat.host_veth_prefix));
     if moat.mode == Mode::Standalone {
-        assert!(config.ipam.as_ref().is_some_and(|i| !i.plugin_type.is_empty()));
+        assert!(
+            config
+                .ipam
+                .as_ref()
+                .is_some_and(|i| !i.plugin_type.is_empty())
+        );
     }
     Ok(moat)
 }
@@ -93,9 +98,11 @@ fuzz_target!(|data: &[u8]| {
     match outcome.exit_code {
         0 => {
             if command == "ADD" {
-                let result: Value = serde_json::from_slice(&outcome.stdout)
-                    .expect("ADD success prints JSON");
-                let version = result["cniVersion"].as_str().expect("result has cniVersion");
+                let result: Value =
+                    serde_json::from_slice(&outcome.stdout).expect("ADD success prints JSON");
+                let version = result["cniVersion"]
+                    .as_str()
+                    .expect("result has cniVersion");
                 let version = moat_cni::protocol::CniVersion::parse_supported(version)
                     .expect("result in a supported version");
                 SuccessResult::from_slice(&outcome.stdout, version)

@@ -157,6 +157,9 @@ pub struct EndpointStatus {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     pub ready: bool,
+    /// Why `ready` is false (waiting for the first sync, for the Node's podCIDR, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
     #[serde(default)]
     pub datastore: String,
     #[serde(default)]
@@ -247,6 +250,9 @@ pub enum Response {
     Status(Box<DaemonStatus>),
     Ready {
         ready: bool,
+        /// Why not ready; absent when ready (and from a moatd that predates it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     Endpoints {
         endpoints: Vec<EndpointStatus>,
@@ -470,7 +476,19 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<Response>(r#"{"result":"ready","ready":false}"#).unwrap(),
-            Response::Ready { ready: false }
+            Response::Ready {
+                ready: false,
+                reason: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(Response::Ready {
+                ready: false,
+                reason: Some("waiting for Node n1 to get a podCIDR".into())
+            })
+            .unwrap(),
+            serde_json::json!({"result":"ready","ready":false,
+                               "reason":"waiting for Node n1 to get a podCIDR"})
         );
         let spec = EndpointSpec {
             container_id: "c".into(),

@@ -93,7 +93,20 @@ pub struct Daemon {
     /// Node objects changed since routes were last synced.
     routes_dirty: bool,
     route_problems: Vec<String>,
+    /// The Kubernetes datastore had not completed its first sync when start-up ended: until
+    /// it has, nothing is written (the pinned maps, the attached programs and the routes keep
+    /// enforcing what an earlier moatd left) and registrations are refused. The watch loop's
+    /// next reload after the sync finishes start-up (`finish_start`).
+    awaiting_sync: bool,
+    /// Not ready while this node's Node has no podCIDR (standalone: IPAM and the CNI config
+    /// need it).
+    pod_cidrs_required: bool,
 }
+
+/// How long start-up waits for the Kubernetes datastore's first sync before it serves the
+/// local API anyway (not ready, saying why) and finishes start-up once the sync is in. Short:
+/// the local API is not answered meanwhile.
+const START_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Daemon {
     pub fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
@@ -119,8 +132,11 @@ impl Daemon {
                 let ds = crate::kube::KubeDatastore::start(kube_cfg.clone())?;
                 // Registrations wait for the first full sync; enforcement from the pinned
                 // state continues meanwhile.
-                if !ds.wait_ready(std::time::Duration::from_secs(30)) {
-                    warn!("API server not synced after 30s; continuing, registrations wait");
+                if !ds.wait_ready(START_SYNC_WAIT) {
+                    warn!(
+                        wait = ?START_SYNC_WAIT,
+                        "API server not synced yet; serving as not ready, the pinned state keeps enforcing"
+                    );
                 }
                 Source::Kubernetes(ds)
             }
@@ -144,32 +160,100 @@ impl Daemon {
             start_stats: WriteStats::default(),
             routes_dirty: true,
             route_problems: Vec::new(),
+            awaiting_sync: false,
+            pod_cidrs_required: false,
             cfg,
         };
         // Until everything is loaded, no write: the maps keep enforcing what they hold, and
         // the first reconcile below takes them straight to the complete desired state.
         daemon.drop_vanished_endpoints();
         daemon.process_pending_deletes();
-        daemon.reload_objects();
-        for key in daemon.endpoints.keys().cloned().collect::<Vec<_>>() {
-            if let Err(e) = daemon.sync_endpoint_pod(&key) {
+        daemon.detach_orphan_links();
+        if daemon.source_synced() {
+            daemon.finish_start()?;
+        } else {
+            // A partial snapshot would compile policies without their pods (or pods without
+            // their policies) and flush what the pinned maps enforce: wait for all of it.
+            daemon.awaiting_sync = true;
+            daemon.store.save(&daemon.endpoints)?;
+        }
+        Ok(daemon)
+    }
+
+    /// The datastore holds a complete view (the local one always does).
+    fn source_synced(&self) -> bool {
+        match &self.source {
+            Source::Local(_) => true,
+            Source::Kubernetes(ds) => ds.ready(),
+        }
+    }
+
+    /// The rest of start-up, once the datastore is complete: load it, compile the endpoints,
+    /// take the maps to the desired state in one reconcile, and put the routes in place.
+    fn finish_start(&mut self) -> anyhow::Result<()> {
+        self.awaiting_sync = false;
+        self.hold_writes = true;
+        self.reload_objects();
+        for key in self.endpoints.keys().cloned().collect::<Vec<_>>() {
+            if let Err(e) = self.sync_endpoint_pod(&key) {
                 warn!(endpoint = %key, error = %e, "endpoint not compiled");
             }
         }
-        daemon.hold_writes = false;
-        let stats = daemon.reconcile()?;
-        daemon.start_stats = stats;
-        daemon.sync_routes();
-        daemon.routes_dirty = false;
-        daemon.detach_orphan_links();
-        daemon.store.save(&daemon.endpoints)?;
+        self.hold_writes = false;
+        let stats = self.reconcile()?;
+        self.start_stats = stats;
+        self.sync_routes();
+        self.routes_dirty = false;
+        self.store.save(&self.endpoints)?;
         info!(
-            endpoints = daemon.endpoints.len(),
+            endpoints = self.endpoints.len(),
             upserts = stats.upserts,
             deletes = stats.deletes,
             "moatd ready"
         );
-        Ok(daemon)
+        Ok(())
+    }
+
+    /// Makes readiness wait for this node's podCIDR (standalone mode).
+    pub fn require_pod_cidrs(&mut self, required: bool) {
+        self.pod_cidrs_required = required;
+    }
+
+    /// Why endpoints cannot be registered yet; `None` when ready.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if let Source::Kubernetes(ds) = &self.source {
+            let status = ds.status();
+            if !status.ready {
+                let waiting: Vec<&str> = status
+                    .kinds
+                    .iter()
+                    .filter(|k| !k.synced)
+                    .map(|k| k.kind)
+                    .collect();
+                let mut reason = if waiting.is_empty() {
+                    "waiting for the first sync from the API server".to_string()
+                } else {
+                    format!(
+                        "waiting for the first sync of {} from the API server",
+                        waiting.join(", ")
+                    )
+                };
+                if let Some(error) = status.kinds.iter().find_map(|k| k.last_error.as_ref()) {
+                    reason.push_str(&format!(" (last error: {error})"));
+                }
+                return Some(reason);
+            }
+            if self.awaiting_sync {
+                return Some("applying the first sync from the API server".into());
+            }
+        }
+        if self.pod_cidrs_required && self.node_pod_cidrs().is_empty() {
+            return Some(format!(
+                "waiting for Node {} to get a podCIDR",
+                self.cfg.node_name
+            ));
+        }
+        None
     }
 
     pub fn policy_dir(&self) -> &Path {
@@ -184,12 +268,10 @@ impl Daemon {
         }
     }
 
-    /// Ready to register endpoints: the datastore has synced at least once.
+    /// Ready to register endpoints: the datastore has synced at least once (and the Node has
+    /// its podCIDR when that is required).
     pub fn ready(&self) -> bool {
-        match &self.source {
-            Source::Local(_) => true,
-            Source::Kubernetes(ds) => ds.ready(),
-        }
+        self.not_ready_reason().is_none()
     }
 
     /// The node's pod CIDRs, from its Node object.
@@ -208,7 +290,8 @@ impl Daemon {
     /// Routes to the other nodes' pod CIDRs (with `Routing::Direct`). Problems with the
     /// nodes' CIDRs are reported with the rejected objects.
     fn sync_routes(&mut self) {
-        if self.cfg.routing != Routing::Direct {
+        // Before the first sync the Node list is empty or partial: the routes in place stay.
+        if self.cfg.routing != Routing::Direct || self.hold_writes || self.awaiting_sync {
             return;
         }
         let nodes = &self.objects.nodes;
@@ -701,6 +784,16 @@ impl Daemon {
     }
 
     fn reload(&mut self, only: Option<&BTreeSet<PathBuf>>) -> bool {
+        if self.awaiting_sync {
+            if !self.source_synced() {
+                return false;
+            }
+            if let Err(e) = self.finish_start() {
+                // The next resync retries the writes from what the kernel holds.
+                warn!(error = %format!("{e:#}"), "first reconcile after the sync failed");
+            }
+            return true;
+        }
         let (updates, source_rejected) = match &mut self.source {
             Source::Local(store) => {
                 let changed = match only {
@@ -960,6 +1053,9 @@ impl Daemon {
     }
 
     fn register(&mut self, spec: EndpointSpec) -> anyhow::Result<Registered> {
+        if let Some(reason) = self.not_ready_reason() {
+            anyhow::bail!("moatd is not ready: {reason}");
+        }
         anyhow::ensure!(
             !spec.ips.is_empty(),
             "endpoint {} has no address",
@@ -1056,8 +1152,10 @@ impl Daemon {
     }
 
     pub fn status(&self) -> DaemonStatus {
+        let not_ready = self.not_ready_reason();
         DaemonStatus {
-            ready: self.ready(),
+            ready: not_ready.is_none(),
+            not_ready,
             datastore: match self.source {
                 Source::Local(_) => "local".into(),
                 Source::Kubernetes(_) => "kubernetes".into(),
@@ -1092,9 +1190,13 @@ impl Daemon {
                 found: self.forget(&container_id, &ifname),
             },
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Ready => Response::Ready {
-                ready: self.ready(),
-            },
+            Request::Ready => {
+                let reason = self.not_ready_reason();
+                Response::Ready {
+                    ready: reason.is_none(),
+                    reason,
+                }
+            }
             Request::Trace {
                 from,
                 to,

@@ -532,6 +532,9 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
         return;
     }
     println!("ready:       {}", s.ready);
+    if let Some(reason) = &s.not_ready {
+        println!("not ready:   {reason}");
+    }
     println!("datastore:   {}", s.datastore);
     println!("pin dir:     {}", s.pin_dir);
     println!("endpoints:   {}", s.endpoints);

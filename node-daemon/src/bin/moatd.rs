@@ -143,6 +143,46 @@ fn chain_forever(conf_dir: &std::path::Path, moat: &serde_json::Value) {
     }
 }
 
+/// Standalone: writes 10-moat.conflist once moatd is ready, the Node's podCIDRs included (a
+/// node may get them after moatd starts). Until then the runtime sees no Moat config and
+/// moatd answers not ready with the reason; nothing exits, so the DaemonSet does not
+/// crash-loop.
+fn write_conflist_when_ready(
+    daemon: &Mutex<Daemon>,
+    conf_dir: &std::path::Path,
+    socket: &std::path::Path,
+    pin_root: &std::path::Path,
+    mtu: Option<u32>,
+) {
+    let mut last_reason = None;
+    loop {
+        let (reason, cidrs) = {
+            let d = daemon.lock().unwrap_or_else(|e| e.into_inner());
+            (d.not_ready_reason(), d.node_pod_cidrs())
+        };
+        match reason {
+            None => {
+                let conflist = install::standalone_conflist(&cidrs, socket, pin_root, mtu);
+                match install::write_conflist(conf_dir, &conflist) {
+                    Ok(()) => {
+                        tracing::info!(dir = %conf_dir.display(), ?cidrs, "CNI config written");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "writing the CNI config")
+                    }
+                }
+            }
+            Some(reason) if last_reason.as_ref() != Some(&reason) => {
+                tracing::warn!(%reason, "not ready; the CNI config waits");
+                last_reason = Some(reason);
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     moatd::memory::limit_allocator_arenas();
     tracing_subscriber::fmt()
@@ -193,7 +233,7 @@ fn main() -> anyhow::Result<()> {
         event_burst: args.event_burst,
         local_via_host: args.local_delivery == "host-stack",
     };
-    let daemon = Daemon::start(DaemonConfig {
+    let mut daemon = Daemon::start(DaemonConfig {
         datastore,
         journal,
         state_dir: args.state_dir,
@@ -212,16 +252,9 @@ fn main() -> anyhow::Result<()> {
     }
     match (&args.cni_conf_dir, args.cni_mode) {
         (None, _) => {}
-        (Some(conf_dir), install::CniMode::Standalone) => {
-            let cidrs = daemon.node_pod_cidrs();
-            anyhow::ensure!(
-                !cidrs.is_empty(),
-                "the node has no spec.podCIDRs; cannot write the CNI config"
-            );
-            install::write_conflist(
-                conf_dir,
-                &install::standalone_conflist(&cidrs, &socket_path, &pin_root, args.cni_mtu),
-            )?;
+        (Some(_), install::CniMode::Standalone) => {
+            // Written once moatd is ready (see below); until then moatd says what it waits for.
+            daemon.require_pod_cidrs(true);
         }
         (Some(conf_dir), install::CniMode::Chained) => {
             let moat =
@@ -234,6 +267,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let daemon = Arc::new(Mutex::new(daemon));
+    if let (Some(conf_dir), install::CniMode::Standalone) = (&args.cni_conf_dir, args.cni_mode) {
+        let (daemon, conf_dir) = (daemon.clone(), conf_dir.clone());
+        let mtu = args.cni_mtu;
+        std::thread::Builder::new()
+            .name("moatd-cni-conf".into())
+            .spawn(move || {
+                write_conflist_when_ready(&daemon, &conf_dir, &socket_path, &pin_root, mtu)
+            })?;
+    }
     let watcher = daemon.clone();
     let (poll, resync) = (
         Duration::from_millis(args.poll_ms),

@@ -18,6 +18,16 @@ pub const LONG: Duration = Duration::from_secs(3);
 pub struct Daemon(Child);
 
 impl Daemon {
+    /// Takes over a moatd a test spawned itself (other flags, environment).
+    pub fn from_child(child: Child) -> Self {
+        Self(child)
+    }
+
+    /// The exit status if moatd has exited (it should not).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+
     /// moatd's process id (for its /proc/<pid>/status).
     pub fn pid(&self) -> u32 {
         self.0.id()

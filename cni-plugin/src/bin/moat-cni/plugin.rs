@@ -114,10 +114,15 @@ impl<'a> Ctx<'a> {
     /// Fails fast, before anything is created, when moatd cannot register endpoints.
     fn require_moatd_ready(&self) -> Result<(), CniError> {
         match moatd_ready(&self.config) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(CniError::new(
+            Ok(Ready::Yes) => Ok(()),
+            // TryAgainLater: the runtime retries the sandbox; the reason says what moatd
+            // waits for (the first sync, the Node's podCIDR).
+            Ok(Ready::No(reason)) => Err(CniError::new(
                 ErrorCode::TryAgainLater,
-                "moatd is not ready to register endpoints",
+                match reason {
+                    Some(reason) => format!("moatd is not ready to register endpoints: {reason}"),
+                    None => "moatd is not ready to register endpoints".to_string(),
+                },
             )),
             Err(ReadyError::Unexpected(answer)) => Err(CniError::new(
                 ErrorCode::Plugin(CODE_MOATD_REFUSED),
@@ -617,10 +622,21 @@ enum ReadyError {
     Unexpected(String),
 }
 
+/// moatd's answer to `Request::Ready`.
+enum Ready {
+    Yes,
+    /// Not ready, with moatd's reason when it gives one.
+    No(Option<String>),
+}
+
 /// moatd's readiness (`Request::Ready`: no map is read, unlike `Status`).
-fn moatd_ready(config: &MoatConfig) -> Result<bool, ReadyError> {
+fn moatd_ready(config: &MoatConfig) -> Result<Ready, ReadyError> {
     match api::call(&config.socket, &Request::Ready, config.timeout) {
-        Ok(Response::Ready { ready }) => Ok(ready),
+        Ok(Response::Ready { ready: true, .. }) => Ok(Ready::Yes),
+        Ok(Response::Ready {
+            ready: false,
+            reason,
+        }) => Ok(Ready::No(reason)),
         Ok(other) => Err(ReadyError::Unexpected(format!("{other:?}"))),
         Err(e) => Err(ReadyError::Client(e)),
     }
@@ -675,12 +691,13 @@ impl Plugin for MoatPlugin {
     fn status(&self, request: &NetworkRequest) -> Result<(), CniError> {
         let config = MoatConfig::from_network(&request.config)?;
         match moatd_ready(&config) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(CniError::new(
-                    ErrorCode::PluginNotAvailable,
-                    "moatd is not ready",
-                ));
+            Ok(Ready::Yes) => {}
+            Ok(Ready::No(reason)) => {
+                let error = CniError::new(ErrorCode::PluginNotAvailable, "moatd is not ready");
+                return Err(match reason {
+                    Some(reason) => error.with_details(reason),
+                    None => error,
+                });
             }
             Err(ReadyError::Unexpected(answer)) => {
                 return Err(CniError::new(

@@ -1,0 +1,249 @@
+//! moatd (the real binary) with the Kubernetes datastore against the in-process fake API
+//! server, in standalone mode: it never exits for want of a podCIDR or a first sync. It keeps
+//! answering the local API as not ready, saying why, and becomes ready by itself (writing the
+//! CNI config) when the Node gets its podCIDR or the API server answers.
+
+mod support_cni;
+mod support_moatd;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use moat_fake_apiserver::{FakeApiServer, node};
+use moatd::api::{self, Request, Response};
+use serde_json::json;
+use support_moatd::{Daemon, Env};
+
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A kubeconfig that points at the fake API server (plain HTTP, no credentials).
+fn kubeconfig(env: &Env, server: &FakeApiServer) -> PathBuf {
+    let path = env.root().join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+         current-context: fake\n",
+        server.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn conf_dir(env: &Env) -> PathBuf {
+    env.root().join("net.d")
+}
+
+/// Starts moatd in standalone mode (`--cni-conf-dir`) and waits until its socket answers.
+fn start_moatd(env: &Env, kubeconfig: &Path) -> Daemon {
+    std::fs::create_dir_all(conf_dir(env)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_moatd"))
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args(["--datastore", "kubernetes", "--node-name", NODE])
+        .args(["--cni-mode", "standalone", "--metrics-addr", ""])
+        .arg("--cni-conf-dir")
+        .arg(conf_dir(env))
+        .arg("--policy-dir")
+        .arg(env.policies())
+        .arg("--state-dir")
+        .arg(env.root().join("state"))
+        .arg("--socket")
+        .arg(env.socket())
+        .arg("--pending-dir")
+        .arg(env.pending())
+        .arg("--pin-root")
+        .arg(env.pin_root())
+        .args(["--poll-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon::from_child(child);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if api::call(&env.socket(), &Request::Status, Duration::from_secs(2)).is_ok() {
+            return daemon;
+        }
+        if let Some(status) = daemon.exited() {
+            panic!("moatd exited ({status}) instead of serving as not ready");
+        }
+        assert!(Instant::now() < deadline, "moatd's socket never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ready(env: &Env) -> (bool, Option<String>) {
+    match api::call(&env.socket(), &Request::Ready, Duration::from_secs(5)).unwrap() {
+        Response::Ready { ready, reason } => (ready, reason),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn moatctl_status(env: &Env) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_moatctl"))
+        .arg("--socket")
+        .arg(env.socket())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moatctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {WAIT:?}");
+}
+
+/// A network namespace for a pod, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("{tag}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let added = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(added.unwrap().success(), "ip netns add {name}");
+        Self(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// moat-cni ADD (standalone) against this moatd: Err(its output) when it fails.
+fn cni_add(env: &Env, netns: &Netns) -> Result<serde_json::Value, String> {
+    let bin = support_cni::cni_path(&env.root().join("cni"));
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "readiness",
+        "type": "moat-cni",
+        "mode": "standalone",
+        "socket": env.socket(),
+        "pinRoot": env.pin_root(),
+        "pendingDir": env.pending(),
+        "ipam": {"type": "moat-ipam", "dataDir": env.root().join("ipam"),
+                 "ranges": [[{"subnet": "10.244.1.0/24"}]]}
+    });
+    let pod = support_cni::CniPod {
+        container_id: "readiness-1",
+        netns: &netns.0,
+        namespace: "default",
+        name: "p",
+    };
+    support_cni::run(None, &bin, &conf, "ADD", &pod)
+}
+
+fn conflist(env: &Env) -> Option<serde_json::Value> {
+    let text = std::fs::read(conf_dir(env).join("10-moat.conflist")).ok()?;
+    Some(serde_json::from_slice(&text).unwrap())
+}
+
+#[test]
+fn node_without_pod_cidr_serves_not_ready_until_the_cidr_appears() {
+    let env = Env::new("nocidr");
+    let server = FakeApiServer::start();
+    server.apply(node(NODE, &[], "192.0.2.10"));
+    let mut daemon = start_moatd(&env, &kubeconfig(&env, &server));
+
+    // Up, answering, not ready, and saying why; no CNI config for the runtime yet.
+    let why = format!("waiting for Node {NODE} to get a podCIDR");
+    eventually("not ready with the podCIDR reason", || {
+        ready(&env) == (false, Some(why.clone()))
+    });
+    let status = env.status();
+    assert!(!status.ready);
+    assert_eq!(status.not_ready.as_deref(), Some(why.as_str()));
+    let text = moatctl_status(&env);
+    assert!(text.contains("ready:       false"), "{text}");
+    assert!(text.contains(&format!("not ready:   {why}")), "{text}");
+    assert!(conflist(&env).is_none(), "CNI config written before ready");
+    // A registration is refused with the reason rather than half-done.
+    let register = Request::Register {
+        endpoint: api::EndpointSpec {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/none".into(),
+            host_ifname: "moatnone".into(),
+            host_ifindex: 1,
+            pod_namespace: "default".into(),
+            pod_name: "p".into(),
+            ips: vec!["10.244.1.2".parse().unwrap()],
+            pod_uid: None,
+        },
+    };
+    match api::call(&env.socket(), &register, Duration::from_secs(5)) {
+        Err(api::ClientError::Refused(message)) => assert!(message.contains(&why), "{message}"),
+        other => panic!("registered while not ready: {other:?}"),
+    }
+    // The runtime's ADD fails with CNI's retryable code (11, try again later) and the reason.
+    let netns = Netns::new("moatnr");
+    let failed = cni_add(&env, &netns).expect_err("ADD succeeded while moatd is not ready");
+    assert!(failed.contains("\"code\":11"), "{failed}");
+    assert!(failed.contains(&why), "{failed}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(daemon.exited().is_none(), "moatd exited");
+
+    // The Node gets its podCIDR (a watch event): ready without a restart, config written.
+    server.apply(node(NODE, &["10.244.1.0/24"], "192.0.2.10"));
+    eventually("ready after the podCIDR appeared", || {
+        ready(&env) == (true, None)
+    });
+    assert!(env.status().not_ready.is_none());
+    eventually("CNI config written", || conflist(&env).is_some());
+    let conf = conflist(&env).unwrap();
+    assert!(conf.to_string().contains("10.244.1.0/24"), "{conf}");
+    assert!(daemon.exited().is_none(), "moatd exited");
+}
+
+#[test]
+fn unanswered_first_sync_serves_not_ready_until_the_api_server_answers() {
+    let env = Env::new("slowsync");
+    let server = FakeApiServer::start();
+    server.apply(node(NODE, &["10.244.2.0/24"], "192.0.2.11"));
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": "default"}}));
+    // The API server does not answer: the first sync cannot complete.
+    server.stop();
+    let mut daemon = start_moatd(&env, &kubeconfig(&env, &server));
+
+    let (is_ready, reason) = ready(&env);
+    assert!(!is_ready);
+    let reason = reason.expect("a reason");
+    assert!(
+        reason.starts_with("waiting for the first sync of "),
+        "{reason}"
+    );
+    let text = moatctl_status(&env);
+    assert!(
+        text.contains("not ready:   waiting for the first sync of "),
+        "{text}"
+    );
+    assert!(conflist(&env).is_none());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(daemon.exited().is_none(), "moatd exited");
+
+    server.restart();
+    eventually("ready once the API server answers", || {
+        ready(&env) == (true, None)
+    });
+    eventually("CNI config written", || conflist(&env).is_some());
+    assert!(daemon.exited().is_none(), "moatd exited");
+}

@@ -461,16 +461,96 @@ pub fn container_default_routes(netns: &Path, ifname: &str) -> Result<(bool, boo
     })
 }
 
-/// Turns on IPv4/IPv6 forwarding when off (standalone mode routes pods through the host).
-pub fn ensure_forwarding() -> Result<()> {
-    for path in [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/proc/sys/net/ipv6/conf/all/forwarding",
-    ] {
-        let current = std::fs::read_to_string(path).unwrap_or_default();
+/// Where the kernel's sysctls live; `ensure_forwarding` takes the root so tests can point it
+/// at a directory shaped like a host's.
+pub const PROC_SYS: &str = "/proc/sys";
+
+/// The forwarding sysctls (relative to /proc/sys) a pod with `addresses` needs: IPv4's for
+/// an IPv4 address, IPv6's for an IPv6 one, nothing else. A host booted with ipv6.disable=1
+/// has no net/ipv6 at all, and IPAM hands out IPv6 addresses only from the node's IPv6 pod
+/// CIDRs, so an IPv4-only pod never touches it.
+pub fn forwarding_sysctls(addresses: &[IpAddr]) -> Vec<&'static str> {
+    let mut sysctls = Vec::new();
+    if addresses.iter().any(IpAddr::is_ipv4) {
+        sysctls.push("net/ipv4/ip_forward");
+    }
+    if addresses.iter().any(IpAddr::is_ipv6) {
+        sysctls.push("net/ipv6/conf/all/forwarding");
+    }
+    sysctls
+}
+
+/// Turns on forwarding for the families of `addresses` when off (standalone mode routes pods
+/// through the host). `sysctl_root` is /proc/sys ([`PROC_SYS`]) outside tests.
+pub fn ensure_forwarding(sysctl_root: &Path, addresses: &[IpAddr]) -> Result<()> {
+    for sysctl in forwarding_sysctls(addresses) {
+        let path = sysctl_root.join(sysctl);
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
         if current.trim() != "1" {
-            std::fs::write(path, "1").with_context(|| format!("enabling {path}"))?;
+            std::fs::write(&path, "1").with_context(|| format!("enabling {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn forwarding_follows_the_pod_address_families() {
+        assert_eq!(
+            forwarding_sysctls(&ips(&["10.244.1.5"])),
+            ["net/ipv4/ip_forward"]
+        );
+        assert_eq!(
+            forwarding_sysctls(&ips(&["fd00:1::5"])),
+            ["net/ipv6/conf/all/forwarding"]
+        );
+        assert_eq!(
+            forwarding_sysctls(&ips(&["10.244.1.5", "fd00:1::5"])),
+            ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"]
+        );
+        assert!(forwarding_sysctls(&[]).is_empty());
+    }
+
+    /// A root shaped like /proc/sys on a host booted with ipv6.disable=1: no net/ipv6.
+    fn ipv6_disabled_root() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("net/ipv4")).unwrap();
+        std::fs::write(root.path().join("net/ipv4/ip_forward"), "0\n").unwrap();
+        root
+    }
+
+    #[test]
+    fn ipv4_pod_on_a_host_without_ipv6_enables_only_ipv4_forwarding() {
+        let root = ipv6_disabled_root();
+        ensure_forwarding(root.path(), &ips(&["10.244.1.5"])).unwrap();
+        let v4 = std::fs::read_to_string(root.path().join("net/ipv4/ip_forward")).unwrap();
+        assert_eq!(v4, "1");
+        assert!(!root.path().join("net/ipv6").exists());
+    }
+
+    #[test]
+    fn ipv6_pod_on_a_host_without_ipv6_names_the_sysctl() {
+        let root = ipv6_disabled_root();
+        let error = ensure_forwarding(root.path(), &ips(&["fd00:1::5"])).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("net/ipv6/conf/all/forwarding"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn forwarding_already_on_is_left_alone() {
+        let root = ipv6_disabled_root();
+        let path = root.path().join("net/ipv4/ip_forward");
+        std::fs::write(&path, "1\n").unwrap();
+        ensure_forwarding(root.path(), &ips(&["10.244.1.5"])).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+    }
 }

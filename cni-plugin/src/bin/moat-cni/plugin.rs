@@ -299,7 +299,6 @@ impl<'a> Ctx<'a> {
             Err(e) => return Err(netlink_error("cannot inspect the container namespace", e)),
         }
         self.require_moatd_ready()?;
-        netlink::ensure_forwarding().map_err(|e| netlink_error("cannot enable forwarding", e))?;
 
         // The pair first, both ends down; then the programs go on while IPAM allocates and
         // moatd registers; then the pod side is configured and the host end comes up. Nothing
@@ -347,6 +346,10 @@ impl<'a> Ctx<'a> {
             })
             .map_err(rollback)?;
         abort_point("attached");
+        // Only now are the pod's address families known: forwarding is turned on for those
+        // alone (before the host end comes up, so the first packet is forwarded).
+        netlink::ensure_forwarding(Path::new(netlink::PROC_SYS), &addresses)
+            .map_err(|e| rollback(netlink_error("cannot enable forwarding", e)))?;
         let container = netlink::configure_pod(netns, &plan, &host_mac, &addresses)
             .map_err(|e| rollback(netlink_error("cannot configure the pod interface", e)))?;
         netlink::activate_host(&plan, host.index, &addresses)

@@ -9,32 +9,41 @@
 # The DaemonSet (manifests/daemonset.yaml) runs moatd from this image; its
 # install-cni init container copies moat-cni and moat-ipam from /opt/moat/bin
 # onto each node's /opt/cni/bin, so the CNI binaries run on the node's own
-# userland: they are built against Debian 12's glibc (2.36) and need a node
-# OS at least as new.
+# userland: they are built static (musl, scripts/build-static.sh) and need no
+# libc on the node, whatever its distribution or glibc version.
+#
+# Toolchain versions (the nightly, bpf-linker, the static target) come from
+# toolchain.env, the same file scripts/bootstrap.sh and datapath/build.rs read.
 
 ############################################################################
 # Builder: the same toolchain scripts/bootstrap.sh sets up on a dev machine.
 ############################################################################
 FROM rust:1.95-bookworm AS builder
 
-# The eBPF programs build with the nightly toolchain named exactly "nightly"
-# (datapath/build.rs runs `rustup run nightly cargo build -Z build-std=core`).
-ARG BPF_LINKER_VERSION=0.13.0
-
 ENV CARGO_TERM_COLOR=never \
     CARGO_NET_RETRY=5
 
-# --- nightly + rust-src (as in scripts/bootstrap.sh) -----------------------
-RUN rustup toolchain install nightly --profile minimal \
- && rustup component add rust-src --toolchain nightly
+# The pins, copied on their own so that the toolchain layers below are cached
+# until toolchain.env itself changes. Every RUN that needs a version sources it.
+COPY toolchain.env /etc/moat/toolchain.env
+
+# --- the pinned nightly + rust-src, the static target (as in bootstrap.sh) --
+# The eBPF programs build with the pinned nightly (datapath/build.rs runs
+# `rustup run $MOAT_NIGHTLY cargo build -Z build-std=core`).
+RUN set -eux; \
+    . /etc/moat/toolchain.env; \
+    rustup toolchain install "$MOAT_NIGHTLY" --profile minimal --component rust-src; \
+    rustup target add "$MOAT_STATIC_TARGET"
 
 # --- bpf-linker linked against the nightly's own LLVM ----------------------
 # Exactly bootstrap.sh's recipe: the default features look for a system LLVM
 # of another major version and fail. The binary's RUNPATH points at
 # $HOME/.local/share/bpf-linker-llvm/lib, which stays in this stage.
 RUN set -eux; \
-    lib="$(ls "$(rustc +nightly --print sysroot)"/lib/libLLVM.so.* | head -1)"; \
+    . /etc/moat/toolchain.env; \
+    lib="$(ls "$(rustc +"$MOAT_NIGHTLY" --print sysroot)"/lib/libLLVM.so.* | head -1)"; \
     major="$(basename "$lib" | sed -E 's/libLLVM\.so\.([0-9]+).*/\1/')"; \
+    test "$major" = "$BPF_LINKER_LLVM_MAJOR"; \
     dir="$HOME/.local/share/bpf-linker-llvm/lib"; \
     mkdir -p "$dir"; \
     ln -sf "$lib" "$dir/libLLVM.so"; \
@@ -48,16 +57,22 @@ WORKDIR /src
 COPY . .
 
 # One `cargo build` builds both sides: datapath/build.rs compiles the eBPF
-# crate with the nightly and embeds the object. target/ and the registry are
-# cache mounts (fast rebuilds), so the binaries are copied out in the same step.
+# crate with the pinned nightly and embeds the object. moat-cni and moat-ipam
+# run on the node, not in this image: they come from the static (musl) build,
+# and the glibc build skips them. target/ and the registry are cache mounts
+# (fast rebuilds), so the binaries are copied out in the same step.
 RUN --mount=type=cache,id=moat-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=moat-cargo-git,target=/usr/local/cargo/git \
     --mount=type=cache,id=moat-target,target=/src/target \
     set -eux; \
-    cargo build --release --workspace --bins --locked; \
+    cargo build --release --workspace --bins --locked --exclude moat-cni --exclude moat-ipam; \
+    static="$(scripts/build-static.sh --locked)"; \
     mkdir -p /out; \
-    for b in moatd moatctl moat-cni moat-ipam moat-conformance; do \
+    for b in moatd moatctl moat-conformance; do \
       install -m 0755 "target/release/$b" "/out/$b"; \
+    done; \
+    for b in moat-cni moat-ipam; do \
+      install -m 0755 "$static/$b" "/out/$b"; \
     done
 
 ############################################################################

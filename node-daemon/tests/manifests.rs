@@ -409,3 +409,131 @@ fn rbac_is_read_only_and_covers_what_moatd_watches() {
     let crd: CustomResourceDefinition = one(&docs, "CustomResourceDefinition");
     assert_eq!(crd, moat_crds::moatpolicy_crd());
 }
+
+/// What each container may hold beyond "drop ALL" (issue 16 item 8). The reasons live in
+/// manifests/daemonset.yaml as `# CAP_<NAME>: ...` comments right above each added
+/// capability; this table fixes the set, so adding one means editing both.
+const ADDED_CAPABILITIES: [(&str, &[&str]); 2] = [
+    ("moatd", &["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"]),
+    // uid 0 owning /opt/cni/bin is enough to write, chmod and rename there.
+    ("install-cni", &[]),
+];
+/// Containers that may be privileged (and so carry no capability list), and why.
+const PRIVILEGED: [(&str, &str); 1] = [(
+    "mount-bpffs",
+    "mounts bpffs on the host: Bidirectional propagation is only allowed when privileged",
+)];
+
+#[test]
+fn pod_security_drops_all_capabilities_and_says_why_each_added_one_is_held() {
+    let docs = bundle();
+    let ds: DaemonSet = one(&docs, "DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let containers: Vec<_> = pod
+        .init_containers
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(pod.containers.clone())
+        .collect();
+    let source = std::fs::read_to_string(repo().join("manifests/daemonset.yaml")).unwrap();
+    let lines: Vec<&str> = source.lines().collect();
+
+    let mut seen = BTreeSet::new();
+    for c in &containers {
+        seen.insert(c.name.clone());
+        let sc = c
+            .security_context
+            .clone()
+            .unwrap_or_else(|| panic!("{}: no securityContext", c.name));
+        // The SELinux type of privileged networking agents, on every container.
+        assert_eq!(
+            sc.se_linux_options.and_then(|o| o.type_).as_deref(),
+            Some("spc_t"),
+            "{}: seLinuxOptions.type",
+            c.name
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{}: writable root filesystem",
+            c.name
+        );
+        if sc.privileged == Some(true) {
+            assert!(
+                PRIVILEGED.iter().any(|(name, _)| *name == c.name),
+                "{} is privileged but not in PRIVILEGED",
+                c.name
+            );
+            assert!(
+                sc.capabilities.is_none(),
+                "{}: a capability list on a privileged container means nothing",
+                c.name
+            );
+            continue;
+        }
+        let caps = sc
+            .capabilities
+            .unwrap_or_else(|| panic!("{}: no capabilities", c.name));
+        assert_eq!(
+            caps.drop,
+            Some(vec!["ALL".to_string()]),
+            "{}: must drop ALL",
+            c.name
+        );
+        let added: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
+        let allowed = ADDED_CAPABILITIES
+            .iter()
+            .find(|(name, _)| *name == c.name)
+            .unwrap_or_else(|| panic!("{}: not in ADDED_CAPABILITIES", c.name))
+            .1;
+        let allowed: BTreeSet<String> = allowed.iter().map(|s| s.to_string()).collect();
+        assert_eq!(added, allowed, "{}: added capabilities", c.name);
+        // The API server refuses allowPrivilegeEscalation=false next to SYS_ADMIN; otherwise
+        // it must be off.
+        if !added.contains("SYS_ADMIN") {
+            assert_eq!(
+                sc.allow_privilege_escalation,
+                Some(false),
+                "{}: allowPrivilegeEscalation",
+                c.name
+            );
+        }
+        for cap in &added {
+            // `- CAP` list items, each directly under a comment block naming CAP_<CAP>.
+            let items: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.trim() == format!("- {cap}"))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(
+                !items.is_empty(),
+                "{}: {cap} is not a `- {cap}` list item in manifests/daemonset.yaml",
+                c.name
+            );
+            for i in items {
+                let comment: Vec<&str> = lines[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|l| l.trim_start().starts_with('#'))
+                    .copied()
+                    .collect();
+                assert!(
+                    comment
+                        .iter()
+                        .any(|l| l.contains(&format!("# CAP_{cap}: "))),
+                    "manifests/daemonset.yaml:{}: {cap} has no `# CAP_{cap}: why` comment above it",
+                    i + 1
+                );
+            }
+        }
+    }
+    for name in ADDED_CAPABILITIES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(PRIVILEGED.iter().map(|(n, _)| *n))
+    {
+        assert!(seen.contains(name), "no container {name}");
+    }
+}

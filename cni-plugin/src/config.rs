@@ -42,7 +42,11 @@ pub struct MoatConfig {
     pub pin_root: PathBuf,
     pub pending_dir: PathBuf,
     pub timeout: Duration,
+    /// The configured `mtu`, else [`DEFAULT_MTU`]; see `mtu_explicit`.
     pub mtu: u32,
+    /// `mtu` was given. When not, a standalone ADD gives the pod the MTU of the node's uplink
+    /// (the default route's device) and falls back to `mtu` only without one.
+    pub mtu_explicit: bool,
     pub host_veth_prefix: String,
     /// How the programs go onto the host veth: `"tc"` (default; about 0.2 ms) or `"tcx"`
     /// (pinned TCX links; each costs an RCU grace period, ~15 ms, under RTNL).
@@ -105,6 +109,7 @@ impl MoatConfig {
                     .max(1),
             ),
             mtu,
+            mtu_explicit: raw.mtu.is_some(),
             host_veth_prefix: prefix,
             attach: raw.attach.unwrap_or_default(),
         })
@@ -147,6 +152,7 @@ mod tests {
         assert_eq!(chained.socket, PathBuf::from("/run/moat/moatd.sock"));
         assert_eq!(chained.timeout, Duration::from_millis(5000));
         assert_eq!(chained.mtu, 1500);
+        assert!(!chained.mtu_explicit);
         assert_eq!(chained.attach, AttachMode::Tc);
         let tcx =
             parse(r#"{"cniVersion":"1.1.0","name":"n","type":"moat-cni","attach":"tcx"}"#).unwrap();
@@ -159,6 +165,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(standalone.mode, Mode::Standalone);
+        let mtu =
+            parse(r#"{"cniVersion":"1.1.0","name":"n","type":"moat-cni","mtu":1300}"#).unwrap();
+        assert_eq!((mtu.mtu, mtu.mtu_explicit), (1300, true));
         let explicit = parse(
             r#"{"cniVersion":"1.1.0","name":"n","type":"moat-cni","mode":"chained","ipam":{"type":"x"}}"#,
         )

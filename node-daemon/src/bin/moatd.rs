@@ -47,8 +47,9 @@ struct Args {
     /// Moat only enforces policy.
     #[arg(long, value_enum, default_value = "standalone")]
     cni_mode: install::CniMode,
-    /// MTU of the pods' interfaces written into the conflist (standalone; moat-cni's default
-    /// is 1500).
+    /// MTU of the pods' interfaces written into the conflist (standalone). Without it
+    /// moat-cni gives pods the MTU of the node's uplink (the default route's device; Moat has
+    /// no overlay to subtract), else 1500.
     #[arg(long)]
     cni_mtu: Option<u32>,
     /// Where policy and workload objects (YAML) are read from (the local datastore).

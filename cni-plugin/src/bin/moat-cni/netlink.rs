@@ -461,6 +461,57 @@ pub fn container_default_routes(netns: &Path, ifname: &str) -> Result<(bool, boo
     })
 }
 
+/// The MTU of the node's uplink: the device of the main table's default route (IPv4's,
+/// else IPv6's; the lowest metric when there are several) in `netns` (None: moat-cni's own,
+/// the host's). `None` when there is no default route through a device. Moat routes pods
+/// without an overlay (no encapsulation), so the pods' MTU is the uplink's as is.
+pub fn uplink_mtu(netns: Option<&Path>) -> Result<Option<u32>> {
+    run_in(netns, move |h| async move {
+        for v6 in [false, true] {
+            let query = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().build()
+            };
+            let mut best: Option<(u32, u32)> = None;
+            let mut stream = h.route().get(query).execute();
+            while let Some(route) = stream.try_next().await? {
+                let main = route.header.table == RT_TABLE_MAIN
+                    || route.attributes.iter().any(
+                        |a| matches!(a, RouteAttribute::Table(t) if *t == RT_TABLE_MAIN as u32),
+                    );
+                if route.header.destination_prefix_length != 0 || !main {
+                    continue;
+                }
+                let oif = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                let metric = route
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Priority(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                if let Some(oif) = oif
+                    && best.is_none_or(|(m, _)| metric < m)
+                {
+                    best = Some((metric, oif));
+                }
+            }
+            if let Some((_, oif)) = best {
+                return Ok(link_by_index(&h, oif).await?.and_then(|l| l.mtu));
+            }
+        }
+        Ok(None)
+    })
+}
+
+/// The kernel's main routing table (`RT_TABLE_MAIN`).
+const RT_TABLE_MAIN: u8 = 254;
+
 /// Where the kernel's sysctls live; `ensure_forwarding` takes the root so tests can point it
 /// at a directory shaped like a host's.
 pub const PROC_SYS: &str = "/proc/sys";
@@ -543,6 +594,66 @@ mod tests {
             format!("{error:#}").contains("net/ipv6/conf/all/forwarding"),
             "{error:#}"
         );
+    }
+
+    /// A network namespace for a test, deleted when dropped.
+    struct TestNetns(String);
+
+    impl TestNetns {
+        fn new(tag: &str) -> Self {
+            let name = format!("{tag}{}", std::process::id());
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .output();
+            sh(&format!("ip netns add {name}"));
+            Self(name)
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            std::path::PathBuf::from(format!("/run/netns/{}", self.0))
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+
+    fn sh(cmd: &str) {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn uplink_mtu_is_the_default_route_device_mtu() {
+        let ns = TestNetns::new("moatmtu");
+        let n = &ns.0;
+        // No default route: no uplink to take the MTU from. (veth pairs: the kernel may lack the
+        // dummy driver.)
+        sh(&format!(
+            "ip -n {n} link add uplink0 mtu 1400 type veth peer name uplink0p mtu 1400 && \
+             ip -n {n} link add other0 mtu 9000 type veth peer name other0p mtu 9000 && \
+             for l in uplink0 uplink0p other0 other0p; do ip -n {n} link set $l up; done && \
+             ip -n {n} addr add 192.0.2.1/24 dev uplink0 && ip -n {n} addr add 198.51.100.1/24 dev other0"
+        ));
+        assert_eq!(uplink_mtu(Some(&ns.path())).unwrap(), None);
+        // The default route's device, not merely any link; the lowest metric wins.
+        sh(&format!(
+            "ip -n {n} route add default via 192.0.2.254 dev uplink0 metric 10 && \
+             ip -n {n} route add default via 198.51.100.254 dev other0 metric 20"
+        ));
+        assert_eq!(uplink_mtu(Some(&ns.path())).unwrap(), Some(1400));
     }
 
     #[test]

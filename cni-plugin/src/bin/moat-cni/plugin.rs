@@ -111,6 +111,19 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The pod interface's MTU: the configured `mtu`; else the node uplink's (the default
+    /// route's device: no overlay, so nothing to subtract), so that pods neither fragment
+    /// nor black-hole on a smaller network nor waste a jumbo one; else the 1500 default.
+    fn pod_mtu(&self) -> u32 {
+        if self.config.mtu_explicit {
+            return self.config.mtu;
+        }
+        match netlink::uplink_mtu(None) {
+            Ok(Some(mtu)) if (68..=65535).contains(&mtu) => mtu,
+            _ => self.config.mtu,
+        }
+    }
+
     /// Fails fast, before anything is created, when moatd cannot register endpoints.
     fn require_moatd_ready(&self) -> Result<(), CniError> {
         match moatd_ready(&self.config) {
@@ -311,7 +324,7 @@ impl<'a> Ctx<'a> {
                 &ifname,
             ),
             container_ifname: ifname.clone(),
-            mtu: self.config.mtu,
+            mtu: self.pod_mtu(),
         };
         let delegate = self.delegate();
         let rollback = |error: CniError| -> CniError {

@@ -1,0 +1,174 @@
+//! The pods' MTU in standalone mode: without an `mtu` in the CNI config, a real moat-cni ADD
+//! gives the pod the MTU of the node's uplink (the default route's device), not 1500; an
+//! explicit `mtu` still wins. The "node" is a network namespace whose uplink has MTU 1400;
+//! moatd and moat-cni run in it with `nsenter --net` (unlike `ip netns exec`, that keeps the
+//! host's /sys, so the pins stay where the test's moatd put them).
+
+mod support_cni;
+mod support_moatd;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use moatd::api::{self, Request};
+use serde_json::{Value, json};
+use support_moatd::{Daemon, Env};
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("{tag}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&format!("ip netns add {name}"));
+        Self(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// The node: its uplink (a veth; the kernel may lack the dummy driver) has MTU 1400 and
+/// carries the default route.
+fn node_with_uplink_mtu_1400() -> Netns {
+    let node = Netns::new("moatmtun");
+    let n = &node.0;
+    sh(&format!(
+        "ip -n {n} link set lo up && \
+         ip -n {n} link add uplink0 mtu 1400 type veth peer name uplink0p mtu 1400 && \
+         ip -n {n} link set uplink0 up && ip -n {n} link set uplink0p up && \
+         ip -n {n} addr add 192.0.2.1/24 dev uplink0 && \
+         ip -n {n} route add default via 192.0.2.254 dev uplink0"
+    ));
+    node
+}
+
+fn start_moatd_in(node: &Netns, env: &Env) -> Daemon {
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", node.path()))
+        .arg(env!("CARGO_BIN_EXE_moatd"))
+        .arg("--policy-dir")
+        .arg(env.policies())
+        .arg("--state-dir")
+        .arg(env.root().join("state"))
+        .arg("--socket")
+        .arg(env.socket())
+        .arg("--pending-dir")
+        .arg(env.pending())
+        .arg("--pin-root")
+        .arg(env.pin_root())
+        .args(["--poll-ms", "100", "--metrics-addr", ""])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon::from_child(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api::call(&env.socket(), &Request::Status, Duration::from_secs(2)).is_err() {
+        assert!(Instant::now() < deadline, "moatd did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon
+}
+
+/// moat-cni ADD inside the node, as its kubelet would run it.
+fn add_in(node: &Netns, env: &Env, pod: &Netns, container_id: &str, mtu: Option<u32>) -> Value {
+    let bin = support_cni::cni_path(&env.root().join(container_id));
+    let mut conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "podmtu",
+        "type": "moat-cni",
+        "mode": "standalone",
+        "socket": env.socket(),
+        "pinRoot": env.pin_root(),
+        "pendingDir": env.pending(),
+        "ipam": {"type": "moat-ipam", "dataDir": env.root().join("ipam"),
+                 "ranges": [[{"subnet": "10.244.9.0/24"}]]}
+    });
+    if let Some(mtu) = mtu {
+        conf["mtu"] = mtu.into();
+    }
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", node.path()))
+        .arg(bin.join("moat-cni"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
+        )
+        .env("CNI_PATH", &bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ADD failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The MTU of `eth0` in the pod, as the kernel has it.
+fn pod_eth0_mtu(pod: &Netns) -> u64 {
+    let links: Value =
+        serde_json::from_str(&sh(&format!("ip -n {} -j link show eth0", pod.0))).unwrap();
+    links[0]["mtu"].as_u64().expect("eth0 has an MTU")
+}
+
+#[test]
+fn pod_mtu_follows_the_uplink_unless_configured() {
+    let env = Env::new("podmtu");
+    let node = node_with_uplink_mtu_1400();
+    let _moatd = start_moatd_in(&node, &env);
+
+    // No `mtu` in the config: the uplink's 1400 (no overlay, so nothing subtracted).
+    let pod = Netns::new("moatmtup");
+    let result = add_in(&node, &env, &pod, "mtu-uplink", None);
+    assert_eq!(pod_eth0_mtu(&pod), 1400);
+    let eth0 = result["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "eth0")
+        .unwrap();
+    assert_eq!(eth0["mtu"], 1400, "{result}");
+
+    // An explicit `mtu` wins over the uplink's.
+    let pinned = Netns::new("moatmtux");
+    add_in(&node, &env, &pinned, "mtu-explicit", Some(1300));
+    assert_eq!(pod_eth0_mtu(&pinned), 1300);
+}

@@ -3,13 +3,18 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: bootstrap build test lint unit-test demo bench clean
+.PHONY: bootstrap build static test lint unit-test demo bench clean fuzz fuzz-smoke
+FUZZ_SECONDS ?= 600
 
 bootstrap:
 	bash scripts/bootstrap.sh
 
-build: bootstrap
+build: bootstrap static
 	$(CARGO) build --release --workspace --bins
+
+# moat-cni and moat-ipam as static (musl) executables: what the image ships and installs.
+static: bootstrap
+	bash scripts/build-static.sh
 
 lint: bootstrap
 	$(CARGO) fmt --all --check
@@ -17,10 +22,20 @@ lint: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The whole suite: pure crates, BPF_PROG_TEST_RUN verdicts, real-kernel namespace traffic.
-test: bootstrap lint
+test: bootstrap lint static
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 	BIN=target/debug bash scripts/demo.sh --check
+	$(MAKE) fuzz-smoke
+
+# Every cargo-fuzz target for about 10 s, built without a sanitizer (quick to build); new
+# inputs go to fuzz/target/corpus (ignored by git).
+fuzz-smoke: bootstrap
+	FUZZ_SANITIZER=none bash scripts/fuzz.sh 10
+
+# The long run, with AddressSanitizer: FUZZ_SECONDS per target (make fuzz FUZZ_SECONDS=3600).
+fuzz: bootstrap
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 demo: build
 	bash scripts/demo.sh

@@ -11,9 +11,18 @@
 # ignored by git and kept between runs, so `make test` never changes the tree and long runs
 # build on what earlier runs found. Full libFuzzer logs: fuzz/target/logs/<target>.log; a
 # crash input lands in fuzz/artifacts/<target>/ (ignored by git); replay it with
-# `cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>`.
+# `cargo +$MOAT_NIGHTLY fuzz run <target> fuzz/artifacts/<target>/<file>` (toolchain.env).
+#
+# FUZZ_SANITIZER (default: address) is passed to `cargo fuzz build -s`: `make test`'s short
+# run uses `none`, which builds in a fraction of the time (moatd's dependency tree under ASan
+# dominates the build) and still finds panics, loops and budget breaches; the long run keeps
+# AddressSanitizer for the unsafe code in dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The pinned nightly (toolchain.env is the one place that names it).
+# shellcheck source=SCRIPTDIR/../toolchain.env
+. ./toolchain.env
+sanitizer=${FUZZ_SANITIZER:-address}
 
 secs=${1:?usage: scripts/fuzz.sh SECONDS_PER_TARGET [TARGET...]}
 shift
@@ -26,15 +35,15 @@ cd fuzz
 if (($# > 0)); then
   targets=("$@")
 else
-  mapfile -t targets < <(cargo +nightly fuzz list)
+  mapfile -t targets < <(cargo +"$MOAT_NIGHTLY" fuzz list)
 fi
 
 # One build for all targets up front, then the built binaries are run directly: `cargo fuzz
 # run` would rebuild first, and in a tree that is being edited that is a relink of every
 # target between runs. The flags are those `cargo fuzz run` passes (artefacts in
 # fuzz/artifacts/<target>/).
-cargo +nightly fuzz build >&2
-bin=target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
+cargo +"$MOAT_NIGHTLY" fuzz build -s "$sanitizer" >&2
+bin=target/$(rustc +"$MOAT_NIGHTLY" -vV | sed -n 's/^host: //p')/release
 
 mkdir -p target/logs
 total_runs=0 total_new=0 total_secs=0

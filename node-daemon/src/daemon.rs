@@ -297,7 +297,14 @@ impl Daemon {
         let nodes = &self.objects.nodes;
         let desired = crate::routes::desired_routes(nodes, &self.cfg.node_name);
         self.route_problems = crate::routes::conflicts(nodes, &self.cfg.node_name);
-        match crate::routes::reconcile(&desired) {
+        let result = crate::routes::reconcile(&desired);
+        if result.is_ok()
+            && let Source::Kubernetes(ds) = &self.source
+        {
+            // The routes are in place: the node's network is available (once per start).
+            ds.mark_network_available();
+        }
+        match result {
             Ok(stats) if stats.added + stats.removed > 0 => {
                 info!(
                     added = stats.added,

@@ -39,8 +39,24 @@ fn conf_dir(env: &Env) -> PathBuf {
 
 /// Starts moatd in standalone mode (`--cni-conf-dir`) and waits until its socket answers.
 fn start_moatd(env: &Env, kubeconfig: &Path) -> Daemon {
+    start_moatd_with(env, kubeconfig, None, &[])
+}
+
+/// `start_moatd`, with extra flags, in the network namespace `netns` if given (with
+/// `nsenter --net`, which keeps the host's /sys and so the pins' bpffs).
+fn start_moatd_with(env: &Env, kubeconfig: &Path, netns: Option<&Netns>, extra: &[&str]) -> Daemon {
     std::fs::create_dir_all(conf_dir(env)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_moatd"))
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.0))
+                .arg(env!("CARGO_BIN_EXE_moatd"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_moatd")),
+    };
+    let child = command
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .args(["--datastore", "kubernetes", "--node-name", NODE])
@@ -245,5 +261,87 @@ fn unanswered_first_sync_serves_not_ready_until_the_api_server_answers() {
         ready(&env) == (true, None)
     });
     eventually("CNI config written", || conflist(&env).is_some());
+    assert!(daemon.exited().is_none(), "moatd exited");
+}
+
+#[test]
+fn direct_routing_clears_the_nodes_network_unavailable_condition() {
+    let env = Env::new("netavail");
+    // moatd runs in a network namespace of its own (its routes stay out of the host's
+    // tables), linked to the host by a veth /30: the host end is the API server's address
+    // and also "node-2", whose pod CIDR moatd routes.
+    let node_ns = Netns::new("moatnu");
+    let n = &node_ns.0;
+    let pid = std::process::id();
+    // A /30 of 198.18.0.0/15 (benchmarking addresses) of this test process's own.
+    let (third, base) = (pid / 64 % 250, pid % 64 * 4);
+    let host_ip = format!("198.18.{third}.{}", base + 1);
+    let node_ip = format!("198.18.{third}.{}", base + 2);
+    let host_if = format!("mnu{pid}");
+    let setup = format!(
+        "ip link add {host_if} type veth peer name eth0 netns {n} && \
+         ip addr add {host_ip}/30 dev {host_if} && ip link set {host_if} up && \
+         ip -n {n} link set lo up && ip -n {n} link set eth0 up && \
+         ip -n {n} addr add {node_ip}/30 dev eth0"
+    );
+    let ok = Command::new("sh").arg("-c").arg(&setup).status().unwrap();
+    assert!(ok.success(), "{setup}");
+    let server = FakeApiServer::start_on(host_ip.parse().unwrap());
+    let mut this = node(NODE, &["10.244.3.0/24"], &node_ip);
+    // As a cloud node controller leaves a new node: NetworkUnavailable until a CNI says not.
+    this["status"]["conditions"] = json!([
+        {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+        {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}
+    ]);
+    server.apply(this);
+    server.apply(node("node-2", &["10.244.4.0/24"], &host_ip));
+    let mut daemon = start_moatd_with(
+        &env,
+        &kubeconfig(&env, &server),
+        Some(&node_ns),
+        &["--routing", "direct"],
+    );
+
+    let condition = |server: &FakeApiServer, kind: &str| {
+        server.get("Node", "", NODE).and_then(|n| {
+            n["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == kind)
+                .cloned()
+        })
+    };
+    eventually("NetworkUnavailable cleared", || {
+        condition(&server, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+    });
+    let cleared = condition(&server, "NetworkUnavailable").unwrap();
+    assert_eq!(cleared["reason"], "MoatRoutesCreated", "{cleared}");
+    assert!(cleared["lastTransitionTime"].is_string(), "{cleared}");
+    // A strategic merge on `type`: the node's other conditions are untouched.
+    assert_eq!(condition(&server, "Ready").unwrap()["status"], "True");
+    let patches: Vec<_> = server
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "PATCH" && w.res == moat_fake_apiserver::Res::Nodes)
+        .collect();
+    assert_eq!(patches.len(), 1, "{patches:#?}");
+    assert_eq!(patches[0].name, NODE);
+    assert!(
+        patches[0].status,
+        "not the status subresource: {patches:#?}"
+    );
+    assert!(
+        patches[0]
+            .content_type
+            .contains("application/strategic-merge-patch+json"),
+        "{patches:#?}"
+    );
+    // The routes were in place first: node-2's pod CIDR via its address.
+    let routes = Command::new("ip")
+        .args(["-n", &node_ns.0, "route", "show", "10.244.4.0/24"])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(routes.contains(&format!("via {host_ip}")), "{routes}");
     assert!(daemon.exited().is_none(), "moatd exited");
 }

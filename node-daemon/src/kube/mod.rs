@@ -13,7 +13,10 @@ mod state;
 mod watch;
 
 use std::{
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -165,9 +168,35 @@ impl Shared {
     }
 }
 
+/// The reason moatd gives on the Node's `NetworkUnavailable` condition when it clears it.
+pub const NETWORK_AVAILABLE_REASON: &str = "MoatRoutesCreated";
+
+/// The strategic-merge patch of a Node's status that sets `NetworkUnavailable` to False (the
+/// shape flannel and Calico send: the API server merges `conditions` on `type`, so the
+/// node's other conditions stay).
+pub fn network_available_patch(now: k8s_openapi::jiff::Timestamp) -> serde_json::Value {
+    use k8s_openapi::{api::core::v1::NodeCondition, apimachinery::pkg::apis::meta::v1::Time};
+    let condition = NodeCondition {
+        type_: "NetworkUnavailable".into(),
+        status: "False".into(),
+        reason: Some(NETWORK_AVAILABLE_REASON.into()),
+        message: Some("Moat routes this node's pod CIDRs".into()),
+        last_transition_time: Some(Time(now)),
+        last_heartbeat_time: Some(Time(now)),
+    };
+    serde_json::json!({"status": {"conditions": [condition]}})
+}
+
 /// The running datastore. Dropping it stops the watches and joins the thread.
 pub struct KubeDatastore {
     shared: Arc<Shared>,
+    writer: watch::Writer,
+    node_name: String,
+    backoff: (Duration, Duration),
+    /// The Node's `NetworkUnavailable` condition has been cleared (by this datastore).
+    network_available: Arc<AtomicBool>,
+    /// A clearing is under way (asked for once; retried in the background).
+    network_available_asked: AtomicBool,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -177,6 +206,8 @@ impl KubeDatastore {
     /// cannot be built; an unreachable API server is retried in the background (see `ready`).
     pub fn start(config: KubeConfig) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::new());
+        let node_name = config.node_name.clone();
+        let backoff = (config.backoff_initial, config.backoff_max);
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let thread_shared = shared.clone();
@@ -186,12 +217,20 @@ impl KubeDatastore {
         let started = started_rx
             .recv()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("kubernetes datastore thread died")));
-        if let Err(e) = started {
-            let _ = thread.join();
-            return Err(e);
-        }
+        let writer = match started {
+            Ok(writer) => writer,
+            Err(e) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
         Ok(Self {
             shared,
+            writer,
+            node_name,
+            backoff,
+            network_available: Arc::new(AtomicBool::new(false)),
+            network_available_asked: AtomicBool::new(false),
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
         })
@@ -263,6 +302,49 @@ impl KubeDatastore {
     pub fn status(&self) -> KubeStatus {
         self.shared.lock().status.clone()
     }
+
+    /// Clears this node's `NetworkUnavailable` condition (PATCH nodes/<name>/status), as CNIs
+    /// that route pods themselves do once their routes are in place: cloud node controllers
+    /// set it True on new nodes and some schedulers keep pods off until it is False. Returns
+    /// at once; the patch runs on the datastore's runtime and is retried with backoff until
+    /// it succeeds (or the datastore stops). Only the first call does anything.
+    pub fn mark_network_available(&self) {
+        if self.network_available_asked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(self.writer.client.clone());
+        let name = self.node_name.clone();
+        let done = self.network_available.clone();
+        let (initial, max) = self.backoff;
+        self.writer.runtime.spawn(async move {
+            let mut delay = initial;
+            loop {
+                let patch = network_available_patch(k8s_openapi::jiff::Timestamp::now());
+                let params = kube::api::PatchParams::default();
+                match nodes
+                    .patch_status(&name, &params, &kube::api::Patch::Strategic(patch))
+                    .await
+                {
+                    Ok(_) => {
+                        done.store(true, Ordering::SeqCst);
+                        tracing::info!(node = %name, "NetworkUnavailable condition cleared");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "clearing NetworkUnavailable; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(max.max(initial));
+                    }
+                }
+            }
+        });
+    }
+
+    /// `mark_network_available` has succeeded.
+    pub fn network_available(&self) -> bool {
+        self.network_available.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for KubeDatastore {
@@ -273,5 +355,26 @@ impl Drop for KubeDatastore {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_available_patch_is_the_condition_other_cnis_send() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        assert_eq!(
+            network_available_patch(now),
+            serde_json::json!({"status": {"conditions": [{
+                "type": "NetworkUnavailable",
+                "status": "False",
+                "reason": "MoatRoutesCreated",
+                "message": "Moat routes this node's pod CIDRs",
+                "lastTransitionTime": "2026-01-02T03:04:05Z",
+                "lastHeartbeatTime": "2026-01-02T03:04:05Z"
+            }]}})
+        );
     }
 }

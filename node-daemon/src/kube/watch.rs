@@ -35,7 +35,7 @@ use super::{
 pub(super) fn run(
     config: KubeConfig,
     shared: Arc<Shared>,
-    started: std::sync::mpsc::Sender<anyhow::Result<()>>,
+    started: std::sync::mpsc::Sender<anyhow::Result<Writer>>,
     shutdown: oneshot::Receiver<()>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -57,7 +57,11 @@ pub(super) fn run(
                 return;
             }
         };
-        let _ = started.send(Ok(()));
+        // Writes (the Node's status) run on this runtime, with the watches' client.
+        let _ = started.send(Ok(Writer {
+            client: client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }));
         let backoff = Backoff {
             initial: config.backoff_initial,
             max: config.backoff_max.max(config.backoff_initial),
@@ -123,6 +127,14 @@ pub(super) fn run(
         publish_loop(rx, shared, &config, shutdown).await;
     });
     // Dropping the runtime cancels the watchers.
+}
+
+/// What the synchronous side needs to write to the API server: the client, and the runtime
+/// that drives it (the datastore thread's; a task spawned on it runs while the watches do).
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub client: Client,
+    pub runtime: tokio::runtime::Handle,
 }
 
 async fn make_client(

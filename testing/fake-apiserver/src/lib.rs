@@ -94,6 +94,8 @@ enum Route {
         res: Res,
         namespace: Option<String>,
         name: String,
+        /// The `status` subresource (`.../<name>/status`): only the object's status changes.
+        status: bool,
     },
 }
 
@@ -114,6 +116,13 @@ impl Route {
                     res,
                     namespace: None,
                     name: name.to_string(),
+                    status: false,
+                },
+                [p, name, "status"] if *p == plural && !namespaced => Route::Item {
+                    res,
+                    namespace: None,
+                    name: name.to_string(),
+                    status: true,
                 },
                 ["namespaces", ns, p] if *p == plural && namespaced => Route::Collection {
                     res,
@@ -123,7 +132,16 @@ impl Route {
                     res,
                     namespace: Some(ns.to_string()),
                     name: name.to_string(),
+                    status: false,
                 },
+                ["namespaces", ns, p, name, "status"] if *p == plural && namespaced => {
+                    Route::Item {
+                        res,
+                        namespace: Some(ns.to_string()),
+                        name: name.to_string(),
+                        status: true,
+                    }
+                }
                 _ => continue,
             };
             return Some(route);
@@ -145,6 +163,10 @@ pub struct Write {
     pub res: Res,
     pub namespace: String,
     pub name: String,
+    /// The request went to the object's `status` subresource.
+    pub status: bool,
+    /// The request's Content-Type (for PATCH: which kind of patch).
+    pub content_type: String,
     /// The request body (the object, or the patch); Null for DELETE.
     pub body: Value,
 }
@@ -259,6 +281,12 @@ fn key_of(object: &Value) -> (String, String) {
 
 impl FakeApiServer {
     pub fn start() -> Self {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Listens on `ip` (a free port) rather than 127.0.0.1: a client in another network
+    /// namespace reaches it over a veth whose host end has `ip`.
+    pub fn start_on(ip: std::net::IpAddr) -> Self {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -294,7 +322,7 @@ impl FakeApiServer {
             kill: watch::channel(0).0,
         });
         let listener = runtime
-            .block_on(async { TcpListener::bind("127.0.0.1:0").await })
+            .block_on(async move { TcpListener::bind((ip, 0)).await })
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Self {
@@ -532,6 +560,7 @@ struct Request {
     method: String,
     route: Option<Route>,
     query: BTreeMap<String, String>,
+    content_type: String,
     body: Option<Value>,
 }
 
@@ -612,6 +641,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         method,
         route: Route::parse(path),
         query,
+        content_type: header("content-type").unwrap_or_default(),
         body,
     }))
 }
@@ -727,6 +757,40 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// A strategic merge patch, as far as the objects served here need it: a JSON merge patch,
+/// except that a list of objects that all have a `type` (a status's `conditions`) is merged
+/// element by element on `type` rather than replaced.
+fn strategic_merge_patch(target: &mut Value, patch: &Value) {
+    let by_type = |v: &Value| {
+        v.as_array()
+            .is_some_and(|a| a.iter().all(|e| e["type"].is_string()))
+    };
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let map = target.as_object_mut().expect("object");
+            for (k, v) in fields {
+                if v.is_null() {
+                    map.remove(k);
+                } else if by_type(v) && map.get(k).is_some_and(by_type) {
+                    let list = map.get_mut(k).and_then(Value::as_array_mut).expect("list");
+                    for element in v.as_array().expect("list") {
+                        match list.iter_mut().find(|e| e["type"] == element["type"]) {
+                            Some(existing) => strategic_merge_patch(existing, element),
+                            None => list.push(element.clone()),
+                        }
+                    }
+                } else {
+                    strategic_merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
 /// What the real API server adds on create: a Namespace's kubernetes.io/metadata.name label,
 /// a Service's ClusterIP; and, when asked, a running pod's status.
 fn defaults_on_create(s: &mut State, res: Res, object: &mut Value) {
@@ -771,12 +835,15 @@ fn write_or_get(inner: &Inner, request: &Request) -> (&'static str, Value) {
             .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
             .cloned()
     };
+    let subresource_status = matches!(route, Route::Item { status: true, .. });
     let log_write = |s: &mut State, ns: &str, name: &str| {
         s.writes.push(Write {
             method: request.method.clone(),
             res,
             namespace: ns.to_string(),
             name: name.to_string(),
+            status: subresource_status,
+            content_type: request.content_type.clone(),
             body: request.body.clone().unwrap_or(Value::Null),
         })
     };
@@ -837,7 +904,16 @@ fn write_or_get(inner: &Inner, request: &Request) -> (&'static str, Value) {
                 }
                 "PATCH" => {
                     let mut object = current.clone();
-                    merge_patch(&mut object, request.body.as_ref().unwrap_or(&Value::Null));
+                    let mut patch = request.body.clone().unwrap_or(Value::Null);
+                    if subresource_status {
+                        // The status subresource changes the status and nothing else.
+                        patch = json!({"status": patch["status"].clone()});
+                    }
+                    if request.content_type.contains("strategic-merge-patch") {
+                        strategic_merge_patch(&mut object, &patch);
+                    } else {
+                        merge_patch(&mut object, &patch);
+                    }
                     if res == Res::Namespaces {
                         object["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
                     }

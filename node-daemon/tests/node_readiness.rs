@@ -8,7 +8,7 @@ mod support_moatd;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -46,50 +46,16 @@ fn start_moatd(env: &Env, kubeconfig: &Path) -> Daemon {
 /// `nsenter --net`, which keeps the host's /sys and so the pins' bpffs).
 fn start_moatd_with(env: &Env, kubeconfig: &Path, netns: Option<&Netns>, extra: &[&str]) -> Daemon {
     std::fs::create_dir_all(conf_dir(env)).unwrap();
-    let mut command = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{}", ns.0))
-                .arg(env!("CARGO_BIN_EXE_moatd"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_moatd")),
-    };
-    let child = command
+    let mut command = env.moatd_command(netns.map(|ns| ns.0.as_str()));
+    command
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .args(["--datastore", "kubernetes", "--node-name", NODE])
         .args(["--cni-mode", "standalone", "--metrics-addr", ""])
         .arg("--cni-conf-dir")
-        .arg(conf_dir(env))
-        .arg("--policy-dir")
-        .arg(env.policies())
-        .arg("--state-dir")
-        .arg(env.root().join("state"))
-        .arg("--socket")
-        .arg(env.socket())
-        .arg("--pending-dir")
-        .arg(env.pending())
-        .arg("--pin-root")
-        .arg(env.pin_root())
-        .args(["--poll-ms", "100"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon::from_child(child);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if api::call(&env.socket(), &Request::Status, Duration::from_secs(2)).is_ok() {
-            return daemon;
-        }
-        if let Some(status) = daemon.exited() {
-            panic!("moatd exited ({status}) instead of serving as not ready");
-        }
-        assert!(Instant::now() < deadline, "moatd's socket never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        .arg(conf_dir(env));
+    env.spawn_and_wait(&mut command)
 }
 
 fn ready(env: &Env) -> (bool, Option<String>) {

@@ -10,10 +10,8 @@ mod support_moatd;
 use std::{
     io::Write,
     process::{Command, Stdio},
-    time::{Duration, Instant},
 };
 
-use moatd::api::{self, Request};
 use serde_json::{Value, json};
 use support_moatd::{Daemon, Env};
 
@@ -65,31 +63,10 @@ fn node_with_uplink_mtu_1400() -> Netns {
 }
 
 fn start_moatd_in(node: &Netns, env: &Env) -> Daemon {
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", node.path()))
-        .arg(env!("CARGO_BIN_EXE_moatd"))
-        .arg("--policy-dir")
-        .arg(env.policies())
-        .arg("--state-dir")
-        .arg(env.root().join("state"))
-        .arg("--socket")
-        .arg(env.socket())
-        .arg("--pending-dir")
-        .arg(env.pending())
-        .arg("--pin-root")
-        .arg(env.pin_root())
-        .args(["--poll-ms", "100", "--metrics-addr", ""])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon::from_child(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api::call(&env.socket(), &Request::Status, Duration::from_secs(2)).is_err() {
-        assert!(Instant::now() < deadline, "moatd did not answer");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    daemon
+    env.spawn_and_wait(
+        env.moatd_command(Some(&node.0))
+            .args(["--metrics-addr", ""]),
+    )
 }
 
 /// moat-cni ADD inside the node, as its kubelet would run it.

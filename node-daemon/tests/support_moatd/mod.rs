@@ -92,34 +92,54 @@ impl Env {
 
     /// Starts moatd with extra flags (journal limits, event rate, ...).
     pub fn start_with(&self, extra: &[&str]) -> Daemon {
-        let daemon = Daemon(
-            Command::new(env!("CARGO_BIN_EXE_moatd"))
-                .args(extra)
-                .arg("--policy-dir")
-                .arg(self.policies())
-                .arg("--state-dir")
-                .arg(self.root.join("state"))
-                .arg("--socket")
-                .arg(self.socket())
-                .arg("--pending-dir")
-                .arg(self.pending())
-                .arg("--pin-root")
-                .arg(&self.pin_root)
-                .arg("--poll-ms")
-                .arg("100")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        );
+        self.spawn_and_wait(self.moatd_command(None).args(extra))
+    }
+
+    /// moatd with this environment's own policy directory, state, socket, pending directory
+    /// and pins, in the network namespace `netns` (a name under /run/netns) if given:
+    /// `nsenter --net` changes only the network, so the host's bpffs stays visible.
+    pub fn moatd_command(&self, netns: Option<&str>) -> Command {
+        let mut command = match netns {
+            Some(name) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{name}"))
+                    .arg(env!("CARGO_BIN_EXE_moatd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_moatd")),
+        };
+        command
+            .arg("--policy-dir")
+            .arg(self.policies())
+            .arg("--state-dir")
+            .arg(self.root.join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pending-dir")
+            .arg(self.pending())
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .args(["--poll-ms", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        command
+    }
+
+    /// Spawns `command` (a [`Self::moatd_command`]) and returns once moatd answers on this
+    /// environment's socket; fails at once if it exits instead.
+    pub fn spawn_and_wait(&self, command: &mut Command) -> Daemon {
+        let mut daemon = Daemon(command.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if api::call(&self.socket(), &Request::Status, Duration::from_secs(2)).is_ok() {
                 return daemon;
             }
+            if let Some(status) = daemon.exited() {
+                panic!("moatd exited ({status}) before it answered");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("moatd did not become ready");
+        panic!("moatd did not answer within 20 s");
     }
 
     pub fn call(&self, request: Request) -> Response {

@@ -283,16 +283,10 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// One file as last read: its stamp (to tell when it changes) and what its text held.
 struct ParsedFile {
     stamp: Option<FileStamp>,
-    objects: BTreeMap<ObjectKey, Object>,
-    rejected: Vec<String>,
-    /// Objects named in the file that did not validate: their last good version (from the
-    /// file's previous parse) stays in force.
-    failed: BTreeSet<ObjectKey>,
-    /// The file as a whole could not be read (too large, not YAML, an I/O error): every
-    /// object of its previous parse stays in force.
-    unreadable: bool,
+    text: ParsedText,
 }
 
 /// What one file's text holds: its objects, and one line per problem.
@@ -300,9 +294,11 @@ struct ParsedFile {
 pub struct ParsedText {
     pub objects: BTreeMap<ObjectKey, Object>,
     pub rejected: Vec<String>,
-    /// Objects the text names (kind, namespace, name) whose content was rejected.
+    /// Objects the text names (kind, namespace, name) whose content was rejected: their last
+    /// good version (from the file's previous read) stays in force.
     pub failed: BTreeSet<ObjectKey>,
-    /// No object could be taken from the text (it is not YAML, or over a limit).
+    /// No object could be taken from the text (it is not YAML, over a limit, or unreadable):
+    /// every object of the file's previous read stays in force.
     pub unreadable: bool,
 }
 
@@ -406,17 +402,14 @@ fn parse_file(path: &Path) -> ParsedFile {
     };
     ParsedFile {
         stamp,
-        objects: parsed.objects,
-        rejected: parsed.rejected,
-        failed: parsed.failed,
-        unreadable: parsed.unreadable,
+        text: parsed,
     }
 }
 
 /// What of a file's previous parse stays in force after a new parse: everything when the
 /// file became unreadable, else the objects whose new version was rejected (and that the
 /// file does not define validly elsewhere). An editor's typo never opens a perimeter.
-fn keep_last_good(file: &Path, new: &mut ParsedFile, old: Option<BTreeMap<ObjectKey, Object>>) {
+fn keep_last_good(file: &Path, new: &mut ParsedText, old: Option<BTreeMap<ObjectKey, Object>>) {
     let Some(old) = old else { return };
     let mut kept = 0;
     for (key, object) in old {
@@ -521,7 +514,7 @@ impl LocalStore {
         let mut parsed_bytes = 0;
         for path in changed_files {
             let old_objects = self.files.remove(&path).map(|old| {
-                for key in old.objects.keys() {
+                for key in old.text.objects.keys() {
                     if let Some(set) = self.definers.get_mut(key) {
                         set.remove(&path);
                         if set.is_empty() {
@@ -530,13 +523,13 @@ impl LocalStore {
                     }
                     keys.insert(key.clone());
                 }
-                old.objects
+                old.text.objects
             });
             if present.contains(&path) {
                 let mut parsed = parse_file(&path);
                 parsed_bytes += parsed.stamp.map_or(0, |s| s.size);
-                keep_last_good(&path, &mut parsed, old_objects);
-                for key in parsed.objects.keys() {
+                keep_last_good(&path, &mut parsed.text, old_objects);
+                for key in parsed.text.objects.keys() {
                     self.definers
                         .entry(key.clone())
                         .or_default()
@@ -554,13 +547,13 @@ impl LocalStore {
                 .definers
                 .get(key)
                 .and_then(|set| set.first())
-                .and_then(|path| self.files.get(path)?.objects.get(key).cloned());
+                .and_then(|path| self.files.get(path)?.text.objects.get(key).cloned());
             self.merged.set(key, winner);
         }
         self.merged.rejected = self
             .files
             .values()
-            .flat_map(|f| f.rejected.iter().cloned())
+            .flat_map(|f| f.text.rejected.iter().cloned())
             .collect();
         for (key, paths) in &self.definers {
             if let Some(first) = paths.first() {

@@ -262,21 +262,11 @@ fn a_thousand_slow_clients_do_not_stop_cni_adds() {
     let flood_done = Instant::now();
 
     let cni_bin = support_cni::cni_path(env.root());
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": CNI_NETWORK,
-        "type": "moat-cni",
-        "mode": "standalone",
-        "socket": env.socket(),
-        "pinRoot": env.pin_root(),
-        "pendingDir": env.pending(),
-        "registrationTimeoutMs": 5000,
-        "ipam": {
-            "type": "moat-ipam",
-            "dataDir": env.root().join("ipam"),
-            "ranges": [[{"subnet": "10.92.0.0/24"}], [{"subnet": "fd92::/64"}]]
-        }
-    });
+    let mut conf = env.standalone_conf(
+        CNI_NETWORK,
+        json!([[{"subnet": "10.92.0.0/24"}], [{"subnet": "fd92::/64"}]]),
+    );
+    conf["registrationTimeoutMs"] = 5000.into();
     let tag = std::process::id() % 100_000;
     let mut namespaces = Netns(Vec::new());
     for i in 0..PODS {

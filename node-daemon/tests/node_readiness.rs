@@ -113,17 +113,7 @@ impl Drop for Netns {
 /// moat-cni ADD (standalone) against this moatd: Err(its output) when it fails.
 fn cni_add(env: &Env, netns: &Netns) -> Result<serde_json::Value, String> {
     let bin = support_cni::cni_path(&env.root().join("cni"));
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "readiness",
-        "type": "moat-cni",
-        "mode": "standalone",
-        "socket": env.socket(),
-        "pinRoot": env.pin_root(),
-        "pendingDir": env.pending(),
-        "ipam": {"type": "moat-ipam", "dataDir": env.root().join("ipam"),
-                 "ranges": [[{"subnet": "10.244.1.0/24"}]]}
-    });
+    let conf = env.standalone_conf("readiness", json!([[{"subnet": "10.244.1.0/24"}]]));
     let pod = support_cni::CniPod {
         container_id: "readiness-1",
         netns: &netns.0,

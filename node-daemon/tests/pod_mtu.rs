@@ -72,17 +72,7 @@ fn start_moatd_in(node: &Netns, env: &Env) -> Daemon {
 /// moat-cni ADD inside the node, as its kubelet would run it.
 fn add_in(node: &Netns, env: &Env, pod: &Netns, container_id: &str, mtu: Option<u32>) -> Value {
     let bin = support_cni::cni_path(&env.root().join(container_id));
-    let mut conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "podmtu",
-        "type": "moat-cni",
-        "mode": "standalone",
-        "socket": env.socket(),
-        "pinRoot": env.pin_root(),
-        "pendingDir": env.pending(),
-        "ipam": {"type": "moat-ipam", "dataDir": env.root().join("ipam"),
-                 "ranges": [[{"subnet": "10.244.9.0/24"}]]}
-    });
+    let mut conf = env.standalone_conf("podmtu", json!([[{"subnet": "10.244.9.0/24"}]]));
     if let Some(mtu) = mtu {
         conf["mtu"] = mtu.into();
     }

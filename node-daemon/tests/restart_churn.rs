@@ -55,21 +55,11 @@ struct CniPod {
 
 impl Cni {
     fn new(env: &Env) -> Self {
-        let conf = json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "type": "moat-cni",
-            "mode": "standalone",
-            "socket": env.socket(),
-            "pinRoot": env.pin_root(),
-            "pendingDir": env.pending(),
-            "registrationTimeoutMs": 5000,
-            "ipam": {
-                "type": "moat-ipam",
-                "dataDir": env.root().join("ipam"),
-                "ranges": [[{"subnet": "10.94.0.0/24"}], [{"subnet": "fd94::/64"}]]
-            }
-        });
+        let mut conf = env.standalone_conf(
+            NETWORK,
+            json!([[{"subnet": "10.94.0.0/24"}], [{"subnet": "fd94::/64"}]]),
+        );
+        conf["registrationTimeoutMs"] = 5000.into();
         Self {
             bin: support_cni::cni_path(env.root()),
             conf,

@@ -142,6 +142,22 @@ impl Env {
         panic!("moatd did not answer within 20 s");
     }
 
+    /// A standalone moat-cni network config for pods of this moatd: its socket, pins and
+    /// pending directory, and moat-ipam keeping its leases under this environment and
+    /// allocating from `ranges` (CNI range sets, e.g. `[[{"subnet": "10.244.1.0/24"}]]`).
+    pub fn standalone_conf(&self, network: &str, ranges: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "type": "moat-cni",
+            "mode": "standalone",
+            "socket": self.socket(),
+            "pinRoot": self.pin_root(),
+            "pendingDir": self.pending(),
+            "ipam": {"type": "moat-ipam", "dataDir": self.root.join("ipam"), "ranges": ranges}
+        })
+    }
+
     pub fn call(&self, request: Request) -> Response {
         api::call(&self.socket(), &request, Duration::from_secs(10)).unwrap()
     }

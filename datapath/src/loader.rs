@@ -10,7 +10,9 @@ use anyhow::Context;
 use aya::{
     EbpfLoader,
     maps::{Array, MapData},
-    programs::{SchedClassifier, links::FdLink, links::PinnedLink, tc::SchedClassifierLink},
+    programs::{
+        SchedClassifier, SocketFilter, links::FdLink, links::PinnedLink, tc::SchedClassifierLink,
+    },
 };
 use moat_common::{LAYOUT_VERSION, Meta, map_name, program_name};
 use tracing::{debug, info};
@@ -53,6 +55,27 @@ impl Datapath {
                 .with_context(|| format!("kernel verifier rejected {name}"))?;
             replace_pin(program, &pins.program(name))?;
         }
+        // Not attached by Moat: netfilter runs it from the pinned path (moatd's after-DNAT
+        // rules), so a rule made after this pin refers to this program.
+        let after_dnat: &mut SocketFilter = ebpf
+            .program_mut(program_name::AFTER_DNAT)
+            .with_context(|| {
+                format!(
+                    "program {} missing from the object",
+                    program_name::AFTER_DNAT
+                )
+            })?
+            .try_into()
+            .with_context(|| {
+                format!(
+                    "program {} is not a socket filter",
+                    program_name::AFTER_DNAT
+                )
+            })?;
+        after_dnat
+            .load()
+            .with_context(|| format!("kernel verifier rejected {}", program_name::AFTER_DNAT))?;
+        replace_pin(after_dnat, &pins.program(program_name::AFTER_DNAT))?;
 
         let mut dp = Self {
             ebpf,
@@ -183,7 +206,7 @@ fn check_meta(pins: &PinDir) -> Result<()> {
 }
 
 /// Pins the program at `path`, replacing an older pin without a moment where none exists.
-fn replace_pin(program: &mut SchedClassifier, path: &Path) -> Result<()> {
+fn replace_pin(program: &mut impl PinProgram, path: &Path) -> Result<()> {
     let tmp = path.with_file_name(format!(
         "{}-new",
         path.file_name()
@@ -192,10 +215,27 @@ fn replace_pin(program: &mut SchedClassifier, path: &Path) -> Result<()> {
     ));
     let _ = fs::remove_file(&tmp);
     program
-        .pin(&tmp)
+        .pin_at(&tmp)
         .with_context(|| format!("pinning program at {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming pin to {}", path.display()))?;
     Ok(())
+}
+
+/// The program types Moat pins (aya gives each its own `pin`).
+trait PinProgram {
+    fn pin_at(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError>;
+}
+
+impl PinProgram for SchedClassifier {
+    fn pin_at(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+}
+
+impl PinProgram for SocketFilter {
+    fn pin_at(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
 }
 
 /// A pinned program as the kernel reports it.

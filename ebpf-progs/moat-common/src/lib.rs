@@ -185,6 +185,9 @@ pub mod program_name {
     pub const FROM_CONTAINER: &str = "moat_from_container";
     /// Attached at TCX egress of the host-side veth: packets delivered to the pod.
     pub const TO_CONTAINER: &str = "moat_to_container";
+    /// A socket filter that netfilter runs (an iptables `bpf` match) after the host's DNAT:
+    /// the sender's egress for a connection to a Service whose backend is not a local pod.
+    pub const AFTER_DNAT: &str = "moat_after_dnat";
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-//! Moat's datapath entry points. Both attach to a pod's host-side veth:
+//! Moat's datapath entry points. Two attach to a pod's host-side veth:
 //! `moat_from_container` at TCX ingress (what the pod sends, its egress) and
-//! `moat_to_container` at TCX egress (what is delivered to it, its ingress).
+//! `moat_to_container` at TCX egress (what is delivered to it, its ingress). The third,
+//! `moat_after_dnat`, runs in the host's netfilter after DNAT, where a connection to a
+//! Service has its real destination.
 //! The modules hold the concerns; this file only composes them into a verdict.
 #![no_std]
 #![no_main]
@@ -17,8 +19,8 @@ mod scratch;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, socket_filter},
+    programs::{SkBuffContext, TcContext},
 };
 use moat_common::{
     CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE,
@@ -53,6 +55,83 @@ pub fn moat_to_container(ctx: TcContext) -> i32 {
         return pass(reason::PEER_ADMITTED, DIRECTION_INGRESS, len);
     }
     judge(&ctx, DIRECTION_INGRESS)
+}
+
+/// The sender's egress for a connection the host DNATed (a Service): kube-proxy has replaced
+/// the Service address with the backend it picked, so the real destination is known here.
+/// moatd runs this program from an iptables `bpf` match in the mangle table's FORWARD and
+/// INPUT chains, for the first packets of DNATed connections only (node-daemon's
+/// after_dnat.rs); the packet starts at its IP header. 1 means "drop" (the match hits),
+/// 0 lets the packet go on.
+#[socket_filter]
+pub fn moat_after_dnat(ctx: SkBuffContext) -> i64 {
+    // Two stages one after the other, so that their stack frames never add up.
+    if !parse_after_dnat(&ctx) {
+        return 0;
+    }
+    after_dnat()
+}
+
+/// Leaves the packet in SCRATCH_AFTER_DNAT. False for what is not a TCP/UDP/SCTP/ICMP packet
+/// Moat can read: conntrack parsed it to DNAT it, and netfilter judges the rest.
+#[inline(never)]
+fn parse_after_dnat(ctx: &SkBuffContext) -> bool {
+    let Parsed::Ip(pkt) = parse::parse_ip(ctx) else {
+        return false;
+    };
+    let Some(slot) = scratch::SCRATCH_AFTER_DNAT.get_ptr_mut(0) else {
+        return false;
+    };
+    scratch::put(slot, pkt);
+    true
+}
+
+#[inline(never)]
+fn after_dnat() -> i64 {
+    let Some(slot) = scratch::SCRATCH_AFTER_DNAT.get_ptr(0) else {
+        return 0;
+    };
+    // Read in place: a copy would cost stack the verifier does not have to give.
+    let pkt: &Packet = unsafe { &*slot };
+    let sender = endpoint::remote(pkt.family, &pkt.saddr);
+    if sender.ifindex == 0 {
+        // Not a pod of this node: its own node judged its egress.
+        return 0;
+    }
+    let backend = endpoint::remote(pkt.family, &pkt.daddr);
+    if backend.ifindex != 0 {
+        // A pod of this node: its hook judges both perimeters (see `new_flow`).
+        return 0;
+    }
+    let Some(ep) = endpoint::endpoint_ref(sender.ifindex) else {
+        // Being torn down: its own hook already drops whatever it sends.
+        return 0;
+    };
+    let own = policy::decide(
+        ep.policy_id,
+        backend.identity,
+        policy::family_hints(pkt.family, ep.flags),
+        &pkt.daddr,
+        policy::proto_port(DIRECTION_EGRESS, pkt.proto, pkt.dport),
+    );
+    let verdict = Judgement {
+        ifindex: sender.ifindex,
+        local_identity: ep.identity,
+        remote_identity: backend.identity,
+        mode: ep.mode,
+        direction: DIRECTION_EGRESS,
+        allowed: own.allowed,
+        reason: own.reason,
+        rule_id: own.rule_id,
+    };
+    let cfg = events::config();
+    let now = conntrack::now_ns();
+    if verdict.enforced_drop() {
+        drop_judged(&cfg, pkt, &verdict, now);
+        return 1;
+    }
+    report_admitted(&cfg, pkt, &verdict, ep.flags, DIRECTION_EGRESS, now);
+    0
 }
 
 /// What the first stage leaves to the next.
@@ -284,7 +363,8 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
 
     // A Service address has no identity of its own: the host's DNAT picks the backend after
     // this hook. Record the tuple (so the un-NATed reply is recognised) and let the backend's
-    // own hook, or the node's way out, judge the real destination.
+    // own hook (a pod of this node) or `moat_after_dnat` (anything else) judge the sender's
+    // egress against the real destination.
     if direction == DIRECTION_EGRESS && remote.flags & IPCACHE_FLAG_SERVICE != 0 {
         let admission = Admission {
             direction,
@@ -421,6 +501,23 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         return drop_judged(&cfg, pkt, &state_full(ifindex, ep, direction), now);
     }
 
+    report_admitted(&cfg, pkt, &verdict, ep.flags, direction, now);
+    TC_ACT_OK
+}
+
+/// Reports a flow that was let through: always when policy refused it (audit and learn
+/// modes), and an allow when the endpoint or the node logs allows. Counted under
+/// `direction`, the hook's own, which for a sender judged at the receiver's hook differs
+/// from the verdict's.
+#[inline(always)]
+fn report_admitted(
+    cfg: &moat_common::Config,
+    pkt: &Packet,
+    verdict: &Judgement,
+    endpoint_flags: u8,
+    direction: u8,
+    now: u64,
+) {
     let (event_verdict, event_reason) = if verdict.allowed {
         (VERDICT_ALLOW, verdict.reason)
     } else if verdict.mode == MODE_LEARN {
@@ -430,7 +527,7 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     };
     let report = !verdict.allowed
         || verdict.mode == MODE_LEARN
-        || ep.flags & ENDPOINT_FLAG_LOG_ALLOWS != 0
+        || endpoint_flags & ENDPOINT_FLAG_LOG_ALLOWS != 0
         || cfg.flags & CONFIG_FLAG_LOG_ALL_ALLOWS != 0;
     if report {
         let fields = EventFields {
@@ -443,10 +540,9 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
             reason: event_reason,
             mode: verdict.mode,
         };
-        events::emit(&cfg, pkt, &fields, now);
+        events::emit(cfg, pkt, &fields, now);
     }
     metrics::count(event_verdict, event_reason, direction, pkt.len);
-    TC_ACT_OK
 }
 
 #[inline(always)]

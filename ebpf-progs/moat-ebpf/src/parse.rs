@@ -4,7 +4,7 @@
 //! cleanly on a short packet, so a truncated header becomes `Parsed::Malformed` instead of an
 //! out-of-bounds access.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{SkBuffContext, TcContext};
 use moat_common::{
     FAMILY_V4, FAMILY_V6, FragKey, FragValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP,
@@ -71,26 +71,67 @@ pub enum Parsed {
     FragmentStateFull,
 }
 
-/// Reads a `T` at `offset`. Headers almost always sit in the linear area, where a bounds check
-/// against data_end is all a read costs; a helper call per header was most of the cost of
-/// parsing (measured: 3 calls, ~75 ns of a conntrack hit). Bytes past the linear area (paged
-/// skbs) or past the end of the packet go through `bpf_skb_load_bytes`, which reads the
-/// former and refuses the latter, so the outcome is the same either way.
-///
-/// Never a single byte: LLVM turns `start + 1 <= data_end` into `data_end > start`, from which
-/// the verifier grants no range at all.
-#[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
-    const { assert!(core::mem::size_of::<T>() >= 2) };
-    let start = ctx.data() + offset;
-    if start + core::mem::size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the bytes lie between data and data_end (checked just above, and the verifier
-        // checks it again); packet data has no alignment guarantee, hence the unaligned read.
-        return Ok(unsafe { core::ptr::read_unaligned(start as *const T) });
-    }
-    ctx.load::<T>(offset).map_err(|_| ())
+/// Where a hook's packet bytes come from. A tc program's packet starts with the Ethernet
+/// header; the socket filter that netfilter runs after DNAT (see `moat_after_dnat`) starts at
+/// the IP header. One parser serves both, so the two hooks can never read a packet differently.
+pub trait Bytes {
+    /// Offset of the IP header.
+    const L3: usize;
+    fn read<T>(&self, offset: usize) -> Result<T, ()>;
+    fn total_len(&self) -> u32;
 }
 
+impl Bytes for TcContext {
+    const L3: usize = ETH_HLEN;
+
+    /// Headers almost always sit in the linear area, where a bounds check against data_end is
+    /// all a read costs; a helper call per header was most of the cost of parsing (measured: 3
+    /// calls, ~75 ns of a conntrack hit). Bytes past the linear area (paged skbs) or past the
+    /// end of the packet go through `bpf_skb_load_bytes`, which reads the former and refuses
+    /// the latter, so the outcome is the same either way.
+    #[inline(always)]
+    fn read<T>(&self, offset: usize) -> Result<T, ()> {
+        let start = self.data() + offset;
+        if start + core::mem::size_of::<T>() <= self.data_end() {
+            // SAFETY: the bytes lie between data and data_end (checked just above, and the
+            // verifier checks it again); packet data has no alignment guarantee, hence the
+            // unaligned read.
+            return Ok(unsafe { core::ptr::read_unaligned(start as *const T) });
+        }
+        self.load::<T>(offset).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        self.len()
+    }
+}
+
+impl Bytes for SkBuffContext {
+    const L3: usize = 0;
+
+    /// Socket filters have no direct packet access: every read is `bpf_skb_load_bytes`, which
+    /// refuses bytes past the end of the packet.
+    #[inline(always)]
+    fn read<T>(&self, offset: usize) -> Result<T, ()> {
+        self.load::<T>(offset).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        self.len()
+    }
+}
+
+/// Reads a `T` at `offset`. Never a single byte: LLVM turns `start + 1 <= data_end` into
+/// `data_end > start`, from which the verifier grants no range at all.
+#[inline(always)]
+fn load<T>(ctx: &impl Bytes, offset: usize) -> Result<T, ()> {
+    const { assert!(core::mem::size_of::<T>() >= 2) };
+    ctx.read::<T>(offset)
+}
+
+/// A tc hook's packet, from its Ethernet header.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
     let ethertype = match load::<u16>(ctx, 12) {
@@ -109,8 +150,26 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
+/// A packet that starts at its IP header (netfilter's view), IPv4 or IPv6 by its version.
 #[inline(always)]
-fn empty_packet(ctx: &TcContext, family: u8) -> Packet {
+pub fn parse_ip(ctx: &impl Bytes) -> Parsed {
+    let first: [u8; 2] = match load(ctx, 0) {
+        Ok(v) => v,
+        Err(()) => return Parsed::Malformed,
+    };
+    let result = match first[0] >> 4 {
+        4 => parse_ipv4(ctx),
+        6 => parse_ipv6(ctx),
+        _ => return Parsed::Unsupported,
+    };
+    match result {
+        Ok(parsed) => parsed,
+        Err(()) => Parsed::Malformed,
+    }
+}
+
+#[inline(always)]
+fn empty_packet(ctx: &impl Bytes, family: u8) -> Packet {
     Packet {
         family,
         proto: 0,
@@ -121,7 +180,7 @@ fn empty_packet(ctx: &TcContext, family: u8) -> Packet {
         daddr: [0; 4],
         sport: 0,
         dport: 0,
-        len: ctx.len(),
+        len: ctx.total_len(),
         inner: InnerTuple::default(),
     }
 }
@@ -137,10 +196,10 @@ fn be16(b: &[u8], at: usize) -> u16 {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
+fn parse_ipv4<C: Bytes>(ctx: &C) -> Result<Parsed, ()> {
     // One read for the whole fixed header: a bounds check each, or a helper call each when the
     // header is not in the linear area.
-    let h: [u8; 20] = load(ctx, ETH_HLEN)?;
+    let h: [u8; 20] = load(ctx, C::L3)?;
     let version_ihl = h[0];
     if version_ihl >> 4 != 4 {
         return Err(());
@@ -156,7 +215,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
     pkt.saddr[0] = word(&h, 12);
     pkt.daddr[0] = word(&h, 16);
     // The options end inside the packet, or the header is truncated.
-    if (ctx.len() as usize) < ETH_HLEN + header_len {
+    if (ctx.total_len() as usize) < C::L3 + header_len {
         return Err(());
     }
     let more_fragments = frag & 0x2000 != 0;
@@ -164,7 +223,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
     finish_l4(
         ctx,
         pkt,
-        ETH_HLEN + header_len,
+        C::L3 + header_len,
         id,
         more_fragments,
         fragment_offset != 0,
@@ -172,8 +231,8 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ()> {
-    let h: [u8; 40] = load(ctx, ETH_HLEN)?;
+fn parse_ipv6<C: Bytes>(ctx: &C) -> Result<Parsed, ()> {
+    let h: [u8; 40] = load(ctx, C::L3)?;
     if h[0] >> 4 != 6 {
         return Err(());
     }
@@ -182,7 +241,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ()> {
     pkt.saddr = [word(&h, 8), word(&h, 12), word(&h, 16), word(&h, 20)];
     pkt.daddr = [word(&h, 24), word(&h, 28), word(&h, 32), word(&h, 36)];
 
-    let mut offset = ETH_HLEN + 40;
+    let mut offset = C::L3 + 40;
     let mut frag_id: u32 = 0;
     let mut more_fragments = false;
     let mut later_fragment = false;
@@ -221,7 +280,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ()> {
     // The extension headers end inside the packet, or the chain is truncated (as IPv4's
     // options are checked): only their first bytes were read, and a protocol whose header is
     // not read (not TCP/UDP/SCTP/ICMP) would otherwise pass as well-formed.
-    if (ctx.len() as usize) < offset {
+    if (ctx.total_len() as usize) < offset {
         return Err(());
     }
     pkt.proto = next;
@@ -231,7 +290,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ()> {
 /// Reads the L4 ports, or recalls them for a later fragment.
 #[inline(always)]
 fn finish_l4(
-    ctx: &TcContext,
+    ctx: &impl Bytes,
     mut pkt: Packet,
     l4_offset: usize,
     frag_id: u32,
@@ -271,7 +330,7 @@ fn finish_l4(
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), ()> {
+fn parse_l4(ctx: &impl Bytes, pkt: &mut Packet, offset: usize) -> Result<(), ()> {
     match pkt.proto {
         PROTO_TCP => {
             // The whole 20-byte header must be there.
@@ -318,7 +377,7 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), ()> 
 }
 
 #[inline(always)]
-fn parse_inner(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<(), ()> {
+fn parse_inner(ctx: &impl Bytes, pkt: &mut Packet, offset: usize) -> Result<(), ()> {
     // Only the fields that matter, in reads of at least two bytes (see `load`); together they
     // need the same bytes as the whole header, so the same quotes are refused.
     let l4_offset = if pkt.family == FAMILY_V4 {

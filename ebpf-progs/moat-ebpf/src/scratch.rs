@@ -34,6 +34,11 @@ pub struct NewFlow {
 #[map]
 pub static SCRATCH_NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 
+/// The packet `moat_after_dnat` parsed, for its verdict stage: the parser's frame and the
+/// policy lookups' would not fit the verifier's stack budget together.
+#[map]
+pub static SCRATCH_AFTER_DNAT: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static SCRATCH_LOOKUPS: PerCpuArray<Lookups> = PerCpuArray::with_max_entries(1, 0);
 

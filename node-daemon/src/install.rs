@@ -177,7 +177,17 @@ pub fn sync_chained(conf_dir: &Path, moat: &serde_json::Value) -> anyhow::Result
     let Some((base_path, base)) = find_base_config(conf_dir)? else {
         return Ok(None);
     };
-    let list = chained_conflist(&base, moat.clone())?;
+    write_chained(conf_dir, &base, moat)?;
+    Ok(Some(base_path))
+}
+
+/// Writes `00-moat-chained.conflist` from `base` unless it already holds exactly that.
+fn write_chained(
+    conf_dir: &Path,
+    base: &serde_json::Value,
+    moat: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let list = chained_conflist(base, moat.clone())?;
     let target = conf_dir.join(CHAINED_CONFLIST_NAME);
     let current: Option<serde_json::Value> = fs::read(&target)
         .ok()
@@ -185,7 +195,307 @@ pub fn sync_chained(conf_dir: &Path, moat: &serde_json::Value) -> anyhow::Result
     if current.as_ref() != Some(&list) {
         write_atomically(&target, &serde_json::to_vec_pretty(&list)?, 0o644)?;
     }
-    Ok(Some(base_path))
+    Ok(())
+}
+
+/// Chained mode, one pass, with the primary CNI checked first. When the directory's base
+/// config is kindnet's, `check` tells whether kindnet enforces NetworkPolicy itself (it reads
+/// kindnet's DaemonSet; see [`kindnet_policy`]); it is not called for any other base.
+/// - kindnet enforces: Moat refuses to chain. Its conflist is not written, and one written
+///   before is removed, so the runtime uses kindnet's own config: two enforcers would judge
+///   every packet and kindnet would drop what Moat's audit and learn modes only report.
+/// - `check` cannot tell (the DaemonSet cannot be read): nothing is written or removed.
+/// - otherwise as [`sync_chained`].
+pub fn sync_chained_checked(
+    conf_dir: &Path,
+    moat: &serde_json::Value,
+    check: impl FnOnce() -> Result<KindnetPolicy, String>,
+) -> anyhow::Result<ChainState> {
+    let Some((base_path, base)) = find_base_config(conf_dir)? else {
+        return Ok(ChainState::Waiting);
+    };
+    if is_kindnet_config(&base_path, &base) {
+        match check() {
+            Ok(KindnetPolicy::NotEnforcing(_)) => {}
+            Ok(KindnetPolicy::Enforcing(why)) => {
+                let target = conf_dir.join(CHAINED_CONFLIST_NAME);
+                match fs::remove_file(&target) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("removing {}", target.display()));
+                    }
+                }
+                return Ok(ChainState::Refused {
+                    base: base_path,
+                    reason: kindnet_refusal(&why),
+                });
+            }
+            Err(error) => {
+                return Ok(ChainState::Undecided {
+                    base: base_path,
+                    reason: format!(
+                        "cannot tell whether kindnet enforces NetworkPolicy itself, so Moat \
+                         does not chain onto it yet: {error}"
+                    ),
+                });
+            }
+        }
+    }
+    write_chained(conf_dir, &base, moat)?;
+    Ok(ChainState::Chained(base_path))
+}
+
+/// What one pass of chained mode found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainState {
+    /// The directory has no other CNI config yet.
+    Waiting,
+    /// `00-moat-chained.conflist` is this base config with moat-cni inserted.
+    Chained(PathBuf),
+    /// The base's plugin enforces NetworkPolicy itself: Moat's conflist is absent. `reason`
+    /// says so and what to do, for logs and `moatctl status`.
+    Refused { base: PathBuf, reason: String },
+    /// Whether the base's plugin enforces NetworkPolicy could not be read yet; nothing was
+    /// written or removed.
+    Undecided { base: PathBuf, reason: String },
+}
+
+impl ChainState {
+    /// Why moatd is not ready in this state (`None`: this state does not hold it back).
+    pub fn not_ready_reason(&self) -> Option<&str> {
+        match self {
+            ChainState::Refused { reason, .. } | ChainState::Undecided { reason, .. } => {
+                Some(reason)
+            }
+            ChainState::Waiting | ChainState::Chained(_) => None,
+        }
+    }
+}
+
+/// The refusal moatd reports (log and not-ready reason) when kindnet enforces NetworkPolicy.
+pub fn kindnet_refusal(why: &str) -> String {
+    format!(
+        "kindnet enforces NetworkPolicy itself ({why}); chained after it, two enforcers would \
+         judge every packet and kindnet would drop what Moat's audit and learn modes only \
+         report, so Moat does not chain onto it. Use cni-mode standalone (on kind: \
+         networking.disableDefaultCNI: true), or a kindnet started with \
+         --network-policy=false (kubernetes-sigs/kindnet; kind's own kindnetd has no such \
+         setting)"
+    )
+}
+
+/// Namespace and name of kindnet's DaemonSet, in kind's manifest and in
+/// kubernetes-sigs/kindnet's `install-kindnet.yaml` alike.
+pub const KINDNET_DAEMONSET: (&str, &str) = ("kube-system", "kindnet");
+
+/// Whether a CNI config is kindnet's: kind's kindnetd and kubernetes-sigs/kindnet both write
+/// `/etc/cni/net.d/10-kindnet.conflist` with `"name": "kindnet"`.
+pub fn is_kindnet_config(path: &Path, config: &serde_json::Value) -> bool {
+    config["name"] == "kindnet"
+        || path.file_name().and_then(|n| n.to_str()) == Some("10-kindnet.conflist")
+}
+
+/// Whether kindnet enforces NetworkPolicy, and how that was read from its DaemonSet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KindnetPolicy {
+    Enforcing(String),
+    NotEnforcing(String),
+}
+
+/// The first kind kindnetd image with kube-network-policies embedded: the tag's date
+/// (`kindest/kindnetd:v20240719-e7903573`, kind commit e7903573 "implement network
+/// policies"). kind v0.23.0's node images carry `v20240513-cd2ac642` (none), kind v0.24.0's
+/// `v20240813-c6f155d6` (enforcing, no flag or variable turns it off), and every later kind
+/// release's node images enforce as well.
+pub const KIND_KINDNETD_POLICY_SINCE: u32 = 20240719;
+
+/// What kindnet's DaemonSet (kube-system/kindnet) says about its NetworkPolicy enforcement.
+///
+/// - kind's own kindnetd (`kindest/kindnetd`, the image kind's node images apply at cluster
+///   creation unless `networking.disableDefaultCNI`) has no setting at all: it enforces from
+///   the tag dated [`KIND_KINDNETD_POLICY_SINCE`] (kind >= v0.24.0) and not before. A
+///   `--network-policy` argument is not a flag it defines (Go's flag package makes it exit),
+///   so it changes nothing here.
+/// - kubernetes-sigs/kindnet (`registry.k8s.io/networking/kindnet`, formerly
+///   `ghcr.io/aojea/kindnetd`) reads `--network-policy=<bool>` (default true since its
+///   v1.5.0, false in v1.4.x, absent and always on in v1.3.x, no enforcement before v1.3.0).
+///   The last occurrence in the container's command and args wins, as with Go's flags.
+/// - anything else: an explicit `--network-policy=<bool>` decides; without one it cannot be
+///   told, which counts as enforcing (the safe side).
+///
+/// Neither reads an environment variable for this.
+pub fn kindnet_policy(ds: &k8s_openapi::api::apps::v1::DaemonSet) -> KindnetPolicy {
+    let containers = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers.as_slice())
+        .unwrap_or_default();
+    let by_image = containers.iter().find(|c| {
+        c.image
+            .as_deref()
+            .is_some_and(|i| KindnetImage::parse(i).flavour != Flavour::Other)
+    });
+    let Some(container) = by_image.or_else(|| containers.iter().find(|c| c.name == "kindnet-cni"))
+    else {
+        return KindnetPolicy::Enforcing(
+            "its DaemonSet has no kindnetd container (image kindest/kindnetd, \
+             registry.k8s.io/networking/kindnet or aojea/kindnetd, or a container named \
+             kindnet-cni) to tell from"
+                .into(),
+        );
+    };
+    let image_ref = container.image.clone().unwrap_or_default();
+    let image = KindnetImage::parse(&image_ref);
+    let argv: Vec<&str> = container
+        .command
+        .iter()
+        .chain(container.args.iter())
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let flag = network_policy_flag(&argv);
+    let c = &container.name;
+    match (image.flavour, flag) {
+        (Flavour::Kind, flag) => {
+            let note = if flag.is_some() {
+                " (its --network-policy argument is not a flag kind's kindnetd defines)"
+            } else {
+                ""
+            };
+            match image.tag_date() {
+                Some(date) if date >= KIND_KINDNETD_POLICY_SINCE => {
+                    KindnetPolicy::Enforcing(format!(
+                        "container {c} runs kind's kindnetd {image_ref}, which embeds \
+                         kube-network-policies (kind >= v0.24.0) with no setting to turn it \
+                         off{note}"
+                    ))
+                }
+                Some(_) => KindnetPolicy::NotEnforcing(format!(
+                    "container {c} runs kind's kindnetd {image_ref}, older than NetworkPolicy \
+                     enforcement (kind <= v0.23)"
+                )),
+                None => KindnetPolicy::Enforcing(format!(
+                    "container {c} runs kind's kindnetd {image_ref}, whose tag is not \
+                     vYYYYMMDD-<commit>: its version cannot be told{note}"
+                )),
+            }
+        }
+        (_, Some(Ok(true))) => KindnetPolicy::Enforcing(format!(
+            "container {c} ({image_ref}) runs with --network-policy=true"
+        )),
+        (_, Some(Ok(false))) => KindnetPolicy::NotEnforcing(format!(
+            "container {c} ({image_ref}) runs with --network-policy=false"
+        )),
+        (_, Some(Err(value))) => KindnetPolicy::Enforcing(format!(
+            "container {c} ({image_ref}) has --network-policy={value}, not a boolean"
+        )),
+        (Flavour::Upstream, None) => match image.semver() {
+            // aojea/kindnetd's own numbering; registry.k8s.io's started again at v1.0.0,
+            // enforcing by default.
+            Some((1, minor)) if image.aojea && minor < 3 => KindnetPolicy::NotEnforcing(format!(
+                "container {c} runs kindnet {image_ref}, older than NetworkPolicy enforcement \
+                 (v1.3.0)"
+            )),
+            Some((1, 4)) if image.aojea => KindnetPolicy::NotEnforcing(format!(
+                "container {c} runs kindnet {image_ref}, whose --network-policy defaults to \
+                 false"
+            )),
+            _ => KindnetPolicy::Enforcing(format!(
+                "container {c} runs kindnet {image_ref} without --network-policy=false \
+                 (the flag defaults to true)"
+            )),
+        },
+        (Flavour::Other, None) => KindnetPolicy::Enforcing(format!(
+            "container {c} runs {image_ref}, not an image Moat knows, without \
+             --network-policy=false"
+        )),
+    }
+}
+
+/// The last `--network-policy[=<bool>]` (or single-dash) argument: `None` when absent,
+/// `Err(value)` when its value is not one Go's `strconv.ParseBool` takes.
+fn network_policy_flag(argv: &[&str]) -> Option<Result<bool, String>> {
+    let mut found = None;
+    for arg in argv {
+        let Some(rest) = arg
+            .strip_prefix("--network-policy")
+            .or_else(|| arg.strip_prefix("-network-policy"))
+        else {
+            continue;
+        };
+        let value = match rest.strip_prefix('=') {
+            None if rest.is_empty() => Ok(true),
+            None => continue, // another flag (--network-policy-something)
+            Some(v) => match v {
+                "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+                "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+                other => Err(other.to_string()),
+            },
+        };
+        found = Some(value);
+    }
+    found
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavour {
+    /// kind's own kindnetd (`kindest/kindnetd`).
+    Kind,
+    /// kubernetes-sigs/kindnet (`registry.k8s.io/networking/kindnet`, `aojea/kindnetd`).
+    Upstream,
+    Other,
+}
+
+/// A container image reference, as far as telling kindnet's flavour and version goes.
+struct KindnetImage<'a> {
+    flavour: Flavour,
+    /// `ghcr.io/aojea/kindnetd` or `aojea/kindnetd` (kubernetes-sigs/kindnet before its move).
+    aojea: bool,
+    tag: Option<&'a str>,
+}
+
+impl<'a> KindnetImage<'a> {
+    fn parse(reference: &'a str) -> Self {
+        let name = reference.split('@').next().unwrap_or_default();
+        let (repository, tag) = match name.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+            _ => (name, None),
+        };
+        let is = |suffix: &str| repository == suffix || repository.ends_with(&format!("/{suffix}"));
+        let aojea = is("aojea/kindnetd");
+        let flavour = if is("kindest/kindnetd") {
+            Flavour::Kind
+        } else if aojea || is("networking/kindnet") {
+            Flavour::Upstream
+        } else {
+            Flavour::Other
+        };
+        Self {
+            flavour,
+            aojea,
+            tag,
+        }
+    }
+
+    /// `v20240813-c6f155d6` -> 20240813.
+    fn tag_date(&self) -> Option<u32> {
+        let digits = self.tag?.strip_prefix('v')?.get(..8)?;
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse().ok())
+            .flatten()
+    }
+
+    /// `v1.7.0` -> (1, 7).
+    fn semver(&self) -> Option<(u32, u32)> {
+        let mut parts = self.tag?.strip_prefix('v')?.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some((major, minor))
+    }
 }
 
 pub fn write_conflist(conf_dir: &Path, list: &serde_json::Value) -> anyhow::Result<()> {
@@ -303,6 +613,346 @@ mod tests {
         sync_chained(dir.path(), &moat()).unwrap();
         assert_eq!(read()["plugins"][0]["mtu"], 1400);
         assert_eq!(read()["plugins"][1]["type"], "moat-cni");
+    }
+
+    /// kind's kindnet DaemonSet as kind's node images apply it (pkg/build/nodeimage/
+    /// const_cni.go, v0.23.0 to v0.32.0: the same container, env and no args), with `image`.
+    fn kind_kindnet(image: &str) -> k8s_openapi::api::apps::v1::DaemonSet {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "kindnet", "namespace": "kube-system",
+                         "labels": {"app": "kindnet", "k8s-app": "kindnet", "tier": "node"}},
+            "spec": {
+                "selector": {"matchLabels": {"app": "kindnet"}},
+                "template": {
+                    "metadata": {"labels": {"app": "kindnet", "k8s-app": "kindnet"}},
+                    "spec": {
+                        "hostNetwork": true,
+                        "serviceAccountName": "kindnet",
+                        "containers": [{
+                            "name": "kindnet-cni",
+                            "image": image,
+                            "env": [
+                                {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                {"name": "POD_SUBNET", "value": "10.244.0.0/16"}
+                            ]
+                        }]
+                    }
+                }
+            }
+        }))
+        .unwrap()
+    }
+
+    /// kubernetes-sigs/kindnet's install-kindnet.yaml: an init container copying its CNI
+    /// binary, then kindnet-cni with `args`.
+    fn upstream_kindnet(image: &str, args: &[&str]) -> k8s_openapi::api::apps::v1::DaemonSet {
+        let mut ds = kind_kindnet(image);
+        let pod = ds.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+        pod.containers[0].args = Some(args.iter().map(|a| a.to_string()).collect());
+        pod.init_containers = Some(vec![k8s_openapi::api::core::v1::Container {
+            name: "install-cni-bin".into(),
+            image: Some(image.into()),
+            ..Default::default()
+        }]);
+        ds
+    }
+
+    fn enforcing(policy: &KindnetPolicy) -> bool {
+        matches!(policy, KindnetPolicy::Enforcing(_))
+    }
+
+    #[test]
+    fn kind_kindnetd_enforces_from_kind_v0_24_on_and_cannot_be_told_otherwise() {
+        // The kindnetd image of each kind release's node images (const_cni.go at each tag).
+        for (kind, image, enforces) in [
+            (
+                "v0.22.0",
+                "docker.io/kindest/kindnetd:v20240202-8f1494ea",
+                false,
+            ),
+            (
+                "v0.23.0",
+                "docker.io/kindest/kindnetd:v20240513-cd2ac642",
+                false,
+            ),
+            (
+                "v0.24.0",
+                "docker.io/kindest/kindnetd:v20240813-c6f155d6",
+                true,
+            ),
+            (
+                "v0.25.0",
+                "docker.io/kindest/kindnetd:v20241108-5c6d2daf",
+                true,
+            ),
+            (
+                "v0.27.0",
+                "docker.io/kindest/kindnetd:v20250214-acbabc1a",
+                true,
+            ),
+            (
+                "v0.30.0",
+                "docker.io/kindest/kindnetd:v20250512-df8de77b",
+                true,
+            ),
+            ("v0.31.0", "docker.io/kindest/kindnetd:v20251212-v0", true),
+            (
+                "v0.32.0",
+                "docker.io/kindest/kindnetd:v20260528-9350166c",
+                true,
+            ),
+            // The first build with kube-network-policies (never in a release), and a mirror.
+            ("e7903573", "kindest/kindnetd:v20240719-e7903573", true),
+            (
+                "mirror",
+                "mirror.example:5000/kindest/kindnetd:v20240513-cd2ac642@sha256:00",
+                false,
+            ),
+        ] {
+            let policy = kindnet_policy(&kind_kindnet(image));
+            assert_eq!(enforcing(&policy), enforces, "kind {kind}: {policy:?}");
+        }
+        let KindnetPolicy::Enforcing(why) = kindnet_policy(&kind_kindnet(
+            "docker.io/kindest/kindnetd:v20240813-c6f155d6",
+        )) else {
+            unreachable!()
+        };
+        assert!(
+            why.contains("kindnet-cni") && why.contains("v20240813-c6f155d6"),
+            "{why}"
+        );
+        assert!(why.contains("no setting to turn it off"), "{why}");
+        // kind's kindnetd defines no --network-policy flag: passing one changes nothing.
+        let mut patched = kind_kindnet("docker.io/kindest/kindnetd:v20240813-c6f155d6");
+        patched
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .args = Some(vec!["--network-policy=false".into()]);
+        let KindnetPolicy::Enforcing(why) = kindnet_policy(&patched) else {
+            panic!("kind's kindnetd with --network-policy=false counted as not enforcing");
+        };
+        assert!(why.contains("not a flag kind's kindnetd defines"), "{why}");
+        // No tag to date: cannot tell, so enforcing.
+        for image in [
+            "docker.io/kindest/kindnetd@sha256:e59a687ca28ae274a2fc92f1e2f5f1c739f353178a43a23aafc71adb802ed166",
+            "kindest/kindnetd:latest",
+            "kindest/kindnetd",
+        ] {
+            assert!(enforcing(&kindnet_policy(&kind_kindnet(image))), "{image}");
+        }
+    }
+
+    #[test]
+    fn upstream_kindnet_follows_its_network_policy_flag() {
+        let image = "registry.k8s.io/networking/kindnet:v1.0.0";
+        let install = [
+            "--hostname-override=$(NODE_NAME)",
+            "--network-policy=true",
+            "--masquerading=true",
+            "--v=2",
+        ];
+        assert!(enforcing(&kindnet_policy(&upstream_kindnet(
+            image, &install
+        ))));
+        let off: Vec<&str> = install
+            .iter()
+            .map(|a| {
+                if a.starts_with("--network-policy") {
+                    "--network-policy=false"
+                } else {
+                    a
+                }
+            })
+            .collect();
+        assert_eq!(
+            kindnet_policy(&upstream_kindnet(image, &off)),
+            KindnetPolicy::NotEnforcing(format!(
+                "container kindnet-cni ({image}) runs with --network-policy=false"
+            ))
+        );
+        for (args, enforces) in [
+            (&["-network-policy=0"][..], false),
+            (&["--network-policy=F"], false),
+            (&["--network-policy=FALSE", "--v=2"], false),
+            // Go's flags: the last occurrence wins.
+            (&["--network-policy=false", "--network-policy=true"], true),
+            (&["--network-policy=true", "--network-policy=false"], false),
+            // A bare boolean flag is true; the next argument is not its value.
+            (&["--network-policy", "false"], true),
+            // Not a boolean: kindnetd would refuse to start; Moat cannot tell.
+            (&["--network-policy=no"], true),
+            // Another flag with the same prefix is not this one.
+            (&["--network-policy-mode=off"], true),
+            // No flag: the default is true (since kindnet v1.5.0; registry.k8s.io v1.0.0 on).
+            (&[], true),
+            (&["--v=2"], true),
+        ] {
+            let policy = kindnet_policy(&upstream_kindnet(image, args));
+            assert_eq!(enforcing(&policy), enforces, "{args:?}: {policy:?}");
+        }
+        // The flag may sit in the command as well (the binary first).
+        let mut ds = upstream_kindnet(image, &[]);
+        ds.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .command = Some(vec![
+            "/bin/kindnetd".into(),
+            "--network-policy=false".into(),
+        ]);
+        assert!(!enforcing(&kindnet_policy(&ds)));
+    }
+
+    #[test]
+    fn aojea_kindnetd_versions_before_the_move() {
+        for (image, enforces) in [
+            ("ghcr.io/aojea/kindnetd:v1.1.0", false),
+            ("ghcr.io/aojea/kindnetd:v1.2.0", false),
+            // Always on, no flag yet.
+            ("ghcr.io/aojea/kindnetd:v1.3.0", true),
+            // --network-policy defaulted to false.
+            ("ghcr.io/aojea/kindnetd:v1.4.0", false),
+            ("ghcr.io/aojea/kindnetd:v1.5.0", true),
+            ("ghcr.io/aojea/kindnetd:v1.7.0", true),
+            ("ghcr.io/aojea/kindnetd:stable", true),
+            ("aojea/kindnetd:v1.0.1", false),
+        ] {
+            let policy = kindnet_policy(&upstream_kindnet(image, &["/bin/kindnetd", "--v=2"]));
+            assert_eq!(enforcing(&policy), enforces, "{image}: {policy:?}");
+        }
+        // An explicit flag beats the version's default.
+        let ds = upstream_kindnet("ghcr.io/aojea/kindnetd:v1.4.0", &["--network-policy=true"]);
+        assert!(enforcing(&kindnet_policy(&ds)));
+    }
+
+    #[test]
+    fn an_unknown_kindnet_counts_as_enforcing_unless_it_says_otherwise() {
+        let image = "example.com/notkindest/kindnetd:v20240513-cd2ac642";
+        let KindnetPolicy::Enforcing(why) = kindnet_policy(&upstream_kindnet(image, &[])) else {
+            panic!("an unknown image without --network-policy=false counted as not enforcing");
+        };
+        assert!(why.contains("not an image Moat knows"), "{why}");
+        assert!(!enforcing(&kindnet_policy(&upstream_kindnet(
+            image,
+            &["--network-policy=false"]
+        ))));
+        // No kindnet container at all.
+        let mut ds = kind_kindnet(image);
+        ds.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .name = "something".into();
+        let KindnetPolicy::Enforcing(why) = kindnet_policy(&ds) else {
+            panic!("a DaemonSet without a kindnetd container counted as not enforcing");
+        };
+        assert!(why.contains("no kindnetd container"), "{why}");
+    }
+
+    #[test]
+    fn kindnet_configs_are_recognised_by_name_or_file() {
+        assert!(is_kindnet_config(
+            Path::new("/etc/cni/net.d/10-kindnet.conflist"),
+            &kindnet()
+        ));
+        assert!(is_kindnet_config(
+            Path::new("/x/99-other.conflist"),
+            &kindnet()
+        ));
+        let bridge = serde_json::json!({"name": "br", "plugins": [{"type": "bridge"}]});
+        assert!(is_kindnet_config(
+            Path::new("/x/10-kindnet.conflist"),
+            &bridge
+        ));
+        assert!(!is_kindnet_config(
+            Path::new("/x/10-bridge.conflist"),
+            &bridge
+        ));
+    }
+
+    #[test]
+    fn chaining_onto_an_enforcing_kindnet_is_refused_and_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(CHAINED_CONFLIST_NAME);
+        let base = dir.path().join("10-kindnet.conflist");
+        fs::write(&base, serde_json::to_vec(&kindnet()).unwrap()).unwrap();
+
+        // kindnet without enforcement (kind v0.23): chained as before.
+        let off = || Ok(KindnetPolicy::NotEnforcing("kind v0.23".into()));
+        let state = sync_chained_checked(dir.path(), &moat(), off).unwrap();
+        assert_eq!(state, ChainState::Chained(base.clone()));
+        assert_eq!(state.not_ready_reason(), None);
+        assert!(target.exists());
+
+        // Cannot tell (DaemonSet unreadable): the file stays as it is, moatd says why.
+        let unknown = || Err("reading DaemonSet kube-system/kindnet: forbidden".to_string());
+        let state = sync_chained_checked(dir.path(), &moat(), unknown).unwrap();
+        assert!(matches!(&state, ChainState::Undecided { base: b, .. } if *b == base));
+        assert!(state.not_ready_reason().unwrap().contains("forbidden"));
+        assert!(target.exists());
+
+        // kindnet enforces (kind >= v0.24): refused, and the chained conflist is removed so
+        // the runtime falls back to kindnet's own.
+        let on = || Ok(KindnetPolicy::Enforcing("kind's kindnetd v20240813".into()));
+        let state = sync_chained_checked(dir.path(), &moat(), on).unwrap();
+        let ChainState::Refused { base: b, reason } = &state else {
+            panic!("{state:?}");
+        };
+        assert_eq!(*b, base);
+        assert!(
+            reason.contains("kindnet enforces NetworkPolicy itself (kind's kindnetd v20240813)")
+        );
+        assert!(reason.contains("standalone") && reason.contains("--network-policy=false"));
+        assert_eq!(state.not_ready_reason(), Some(reason.as_str()));
+        assert!(!target.exists());
+        // Refused again with nothing to remove.
+        let state = sync_chained_checked(dir.path(), &moat(), on).unwrap();
+        assert!(matches!(state, ChainState::Refused { .. }));
+        assert!(!target.exists());
+        // Undecided writes nothing either.
+        sync_chained_checked(dir.path(), &moat(), unknown).unwrap();
+        assert!(!target.exists());
+        // Turned off (or replaced): chained again.
+        sync_chained_checked(dir.path(), &moat(), off).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&fs::read(&target).unwrap()).unwrap(),
+            chained_conflist(&kindnet(), moat()).unwrap()
+        );
+    }
+
+    #[test]
+    fn other_primary_cnis_are_not_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let never = || -> Result<KindnetPolicy, String> { panic!("checked a non-kindnet config") };
+        assert_eq!(
+            sync_chained_checked(dir.path(), &moat(), never).unwrap(),
+            ChainState::Waiting
+        );
+        let base = dir.path().join("10-bridge.conflist");
+        let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "br",
+                                        "plugins": [{"type": "bridge", "bridge": "cni0"}]});
+        fs::write(&base, serde_json::to_vec(&bridge).unwrap()).unwrap();
+        assert_eq!(
+            sync_chained_checked(dir.path(), &moat(), never).unwrap(),
+            ChainState::Chained(base)
+        );
+        assert!(dir.path().join(CHAINED_CONFLIST_NAME).exists());
     }
 
     #[test]

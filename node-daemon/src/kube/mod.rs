@@ -345,6 +345,48 @@ impl KubeDatastore {
     pub fn network_available(&self) -> bool {
         self.network_available.load(Ordering::SeqCst)
     }
+
+    /// One-off reads beside the watches, for callers that must not hold up the daemon.
+    pub fn reader(&self) -> ApiReader {
+        ApiReader {
+            writer: self.writer.clone(),
+        }
+    }
+}
+
+/// Reads single objects from the API server on the datastore's runtime, outside the watches
+/// (chained mode reads the primary CNI's DaemonSet). Cheap to clone; use it from any thread
+/// but the datastore's own.
+#[derive(Clone)]
+pub struct ApiReader {
+    writer: watch::Writer,
+}
+
+impl ApiReader {
+    /// The DaemonSet `namespace/name`; `Ok(None)` when the API server says it does not
+    /// exist. Waits at most `timeout` for the answer.
+    pub fn daemonset(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String> {
+        let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+            kube::Api::namespaced(self.writer.client.clone(), namespace);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owned = name.to_string();
+        self.writer.runtime.spawn(async move {
+            let _ = tx.send(api.get_opt(&owned).await);
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(e)) => Err(format!("reading DaemonSet {namespace}/{name}: {e}")),
+            Err(_) => Err(format!(
+                "reading DaemonSet {namespace}/{name}: no answer within {}s",
+                timeout.as_secs()
+            )),
+        }
+    }
 }
 
 impl Drop for KubeDatastore {

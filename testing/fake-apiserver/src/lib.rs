@@ -34,16 +34,18 @@ pub enum Res {
     Nodes,
     Services,
     MoatPolicies,
+    DaemonSets,
 }
 
 impl Res {
-    pub const ALL: [Res; 6] = [
+    pub const ALL: [Res; 7] = [
         Res::Pods,
         Res::Namespaces,
         Res::NetworkPolicies,
         Res::Nodes,
         Res::Services,
         Res::MoatPolicies,
+        Res::DaemonSets,
     ];
 
     /// URL prefix of its API group/version, plural, namespaced.
@@ -55,6 +57,7 @@ impl Res {
             Res::Nodes => ("/api/v1", "nodes", false),
             Res::Services => ("/api/v1", "services", true),
             Res::MoatPolicies => ("/apis/moat.io/v1alpha1", "moatpolicies", true),
+            Res::DaemonSets => ("/apis/apps/v1", "daemonsets", true),
         }
     }
 
@@ -73,6 +76,7 @@ impl Res {
             Res::Nodes => "Node",
             Res::Services => "Service",
             Res::MoatPolicies => "MoatPolicy",
+            Res::DaemonSets => "DaemonSet",
         }
     }
 
@@ -80,6 +84,7 @@ impl Res {
         match self {
             Res::NetworkPolicies => "networking.k8s.io/v1",
             Res::MoatPolicies => "moat.io/v1alpha1",
+            Res::DaemonSets => "apps/v1",
             _ => "v1",
         }
     }

@@ -179,10 +179,36 @@ pub struct DaemonStatus {
     /// Programs, maps and the event path (absent from a daemon that predates it).
     #[serde(default)]
     pub datapath: Option<DatapathStatus>,
+    /// The masquerade of pod egress leaving the cluster (absent from a daemon that predates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masquerade: Option<MasqueradeStatus>,
     /// The node's own addresses as moatd follows them: traffic from them is the `host`
     /// identity, which local pods always admit.
     #[serde(default)]
     pub host_addresses: Vec<std::net::IpAddr>,
+    /// What does not work as configured, though moatd serves (e.g. rules it could not put in
+    /// place). Empty when all is well.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// moatd's nftables table that masquerades pod egress leaving the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasqueradeStatus {
+    /// Family and name of the table (`inet moat-masquerade`).
+    pub table: String,
+    /// Off: moatd keeps the table out (`moatd --masquerade`).
+    pub enabled: bool,
+    /// Sources masqueraded: this node's pod CIDRs. Empty: no table (off, or no podCIDR yet).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Destinations that keep the pod's address: every Node's pod CIDRs, the Service CIDRs
+    /// and `--non-masquerade-cidr`.
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// Why the table is not as it should be (nft missing or refusing); none when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// What the kernel runs and holds for this installation.

@@ -310,6 +310,8 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         datastore: DatastoreConfig::Local,
         node_name: String::new(),
         routing: Routing::None,
+        // Shares the host's network namespace with other runs: no host-wide rules.
+        judge_after_dnat: false,
     })
     .context("starting the daemon")?;
     section.insert(

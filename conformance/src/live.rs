@@ -618,7 +618,10 @@ impl Node {
     fn start_moatd(&mut self, pin_root: &Path) -> Result<()> {
         let log = File::create(self.log_path())?;
         let mut cmd = Command::new(&self.opts.moatd);
-        cmd.arg("--policy-dir")
+        // Runs in the host's own network namespace: no host-wide netfilter rules that would
+        // outlive the run. Its Service backends are local pods, judged by their own hooks.
+        cmd.arg("--judge-after-dnat=false")
+            .arg("--policy-dir")
             .arg(&self.policy_dir)
             .arg("--state-dir")
             .arg(self.workdir.join("state"))

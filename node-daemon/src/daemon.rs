@@ -39,6 +39,9 @@ pub struct DaemonConfig {
     /// This node's name: its Node object gives its pod CIDRs; the others' are routed.
     pub node_name: String,
     pub routing: Routing,
+    /// Judge pods' egress to DNATed destinations in the host's netfilter (after_dnat.rs).
+    /// Off only where this network namespace is not the node's (tests sharing a host).
+    pub judge_after_dnat: bool,
 }
 
 /// How pod traffic reaches other nodes.
@@ -93,6 +96,8 @@ pub struct Daemon {
     /// Node objects changed since routes were last synced.
     routes_dirty: bool,
     route_problems: Vec<String>,
+    /// The masquerade table (masquerade.rs), once moatd's flags hand it over.
+    masquerade: Option<crate::masquerade::nft::Keeper>,
     /// The Kubernetes datastore had not completed its first sync when start-up ended: until
     /// it has, nothing is written (the pinned maps, the attached programs and the routes keep
     /// enforcing what an earlier moatd left) and registrations are refused. The watch loop's
@@ -101,6 +106,12 @@ pub struct Daemon {
     /// Not ready while this node's Node has no podCIDR (standalone: IPAM and the CNI config
     /// need it).
     pod_cidrs_required: bool,
+    /// Chained mode: why Moat's CNI config is not chained onto the primary CNI's (a kindnet
+    /// that enforces NetworkPolicy itself, or one that cannot be read yet). Not ready while set.
+    chain_problem: Option<String>,
+    /// The after-DNAT rules (None when turned off) and why they are not in place, if not.
+    after_dnat: Option<crate::after_dnat::AfterDnatRules>,
+    after_dnat_problems: Vec<String>,
 }
 
 /// How long start-up waits for the Kubernetes datastore's first sync before it serves the
@@ -141,6 +152,12 @@ impl Daemon {
                 Source::Kubernetes(ds)
             }
         };
+        let after_dnat = cfg.judge_after_dnat.then(|| {
+            crate::after_dnat::AfterDnatRules::new(
+                pins.program(moat_common::program_name::AFTER_DNAT),
+                crate::after_dnat::host_families(),
+            )
+        });
         let mut daemon = Self {
             pins,
             _datapath: datapath,
@@ -160,8 +177,12 @@ impl Daemon {
             start_stats: WriteStats::default(),
             routes_dirty: true,
             route_problems: Vec::new(),
+            masquerade: None,
             awaiting_sync: false,
             pod_cidrs_required: false,
+            chain_problem: None,
+            after_dnat,
+            after_dnat_problems: Vec::new(),
             cfg,
         };
         // Until everything is loaded, no write: the maps keep enforcing what they hold, and
@@ -203,7 +224,9 @@ impl Daemon {
         let stats = self.reconcile()?;
         self.start_stats = stats;
         self.sync_routes();
+        self.sync_masquerade();
         self.routes_dirty = false;
+        self.sync_after_dnat();
         self.store.save(&self.endpoints)?;
         info!(
             endpoints = self.endpoints.len(),
@@ -214,9 +237,38 @@ impl Daemon {
         Ok(())
     }
 
+    /// Puts the after-DNAT rules back if something removed them (a flush of the ruleset, an
+    /// iptables restore by another agent); the problems are in the status until fixed.
+    fn sync_after_dnat(&mut self) {
+        let Some(rules) = self.after_dnat.as_mut() else {
+            return;
+        };
+        let problems = rules.ensure();
+        for problem in &problems {
+            if !self.after_dnat_problems.contains(problem) {
+                warn!(problem = %problem, "after-DNAT rules");
+            }
+        }
+        self.after_dnat_problems = problems;
+    }
+
     /// Makes readiness wait for this node's podCIDR (standalone mode).
     pub fn require_pod_cidrs(&mut self, required: bool) {
         self.pod_cidrs_required = required;
+    }
+
+    /// Chained mode: Moat's config is not chained onto the primary CNI's, and why (`None`
+    /// once it is). Keeps moatd not ready, with this as the reason.
+    pub fn set_chain_problem(&mut self, problem: Option<String>) {
+        self.chain_problem = problem;
+    }
+
+    /// A reader of single API objects (Kubernetes datastore only), usable without this lock.
+    pub fn kube_reader(&self) -> Option<crate::kube::ApiReader> {
+        match &self.source {
+            Source::Local(_) => None,
+            Source::Kubernetes(ds) => Some(ds.reader()),
+        }
     }
 
     /// Why endpoints cannot be registered yet; `None` when ready.
@@ -246,6 +298,9 @@ impl Daemon {
             if self.awaiting_sync {
                 return Some("applying the first sync from the API server".into());
             }
+        }
+        if let Some(problem) = &self.chain_problem {
+            return Some(problem.clone());
         }
         if self.pod_cidrs_required && self.node_pod_cidrs().is_empty() {
             return Some(format!(
@@ -319,6 +374,38 @@ impl Daemon {
             }
         }
     }
+
+    // --- Masquerade of pod egress leaving the cluster (masquerade.rs) ---
+
+    /// Hands moatd's masquerade table to this daemon and brings it in line at once. Until
+    /// then the daemon leaves nftables alone: in-process daemons of tests and benchmarks share
+    /// the host's network namespace.
+    pub fn manage_masquerade(&mut self, config: crate::masquerade::Config) {
+        self.masquerade = Some(crate::masquerade::nft::Keeper::new(config));
+        self.sync_masquerade();
+    }
+
+    /// Brings the masquerade table to what the Nodes' pod CIDRs ask for, and puts it back if
+    /// it was flushed or changed from outside (on Node changes, moatd's check period and
+    /// every resync).
+    pub fn sync_masquerade(&mut self) {
+        // Before the first sync the Node list is empty or partial: the table in place stays.
+        if self.hold_writes || self.awaiting_sync {
+            return;
+        }
+        let Some(keeper) = self.masquerade.as_mut() else {
+            return;
+        };
+        let desired = crate::masquerade::desired(
+            keeper.config(),
+            &self.objects.nodes,
+            &self.cfg.node_name,
+            &self.cfg.service_cidrs,
+        );
+        keeper.reconcile(desired);
+    }
+
+    // --- end of masquerade ---
 
     pub fn pins(&self) -> &PinDir {
         &self.pins
@@ -493,6 +580,24 @@ impl Daemon {
                 });
             }
         }
+        // What an isolated direction does with everything its rules do not allow, as a row
+        // of its own: a direction denied entirely has no other row, and must not read as
+        // "nothing applies".
+        let pod_ref = PodRef::new(ns, name);
+        for (direction, ingress) in [("ingress", true), ("egress", false)] {
+            let selected = self.selecting_policies(&pod_ref, ingress);
+            if selected.is_empty() {
+                continue;
+            }
+            out.push(crate::api::EffectiveRule {
+                direction: direction.into(),
+                peer: "any other".into(),
+                protocol: "any".into(),
+                ports: "any".into(),
+                action: "deny".into(),
+                rule: format!("default deny (selected by: {})", selected.join(", ")),
+            });
+        }
         Ok(out)
     }
 
@@ -553,33 +658,12 @@ impl Daemon {
             other => anyhow::bail!("protocol {other:?}: expected TCP, UDP or SCTP"),
         };
         let (from_end, to_end) = (self.flow_end(from)?, self.flow_end(to)?);
-        let state = self.engine.state();
-        let engine = moat_policy::evaluate(state, &from_end, &to_end, port, proto)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        // The same evaluation over what the kernel maps hold right now.
-        let actual = desired::read_actual(&self.maps);
-        let mut in_maps = state.clone();
-        in_maps.policy = actual.policy;
-        in_maps.port_ranges = actual.port_ranges;
-        in_maps.cidr_v4 = actual.cidr_v4;
-        in_maps.cidr_v6 = actual.cidr_v6;
-        in_maps.ipcache = actual
-            .ipcache
-            .iter()
-            .filter(|(_, v)| v.flags & moat_common::IPCACHE_FLAG_SERVICE == 0)
-            .map(|(k, v)| (*k, moat_policy::Identity(v.identity)))
-            .collect();
-        let kernel = moat_policy::evaluate(&in_maps, &from_end, &to_end, port, proto)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::ensure!(
-            kernel.allowed == engine.allowed && kernel.rule_id == engine.rule_id,
-            "the maps disagree with the engine (engine: allowed={} rule {}, maps: allowed={} rule {}); \
-             run `moatctl reload` and report this",
-            engine.allowed,
-            engine.rule_id,
-            kernel.allowed,
-            kernel.rule_id
-        );
+        if let moat_policy::FlowEnd::Address(vip) = to_end
+            && self.cfg.service_cidrs.iter().any(|net| net.contains(vip))
+        {
+            return self.trace_service(from, &from_end, vip, port, protocol, proto);
+        }
+        let engine = self.evaluate_checked(&from_end, &to_end, port, proto)?;
         let pod_of = |end: &moat_policy::FlowEnd| match end {
             moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
             _ => None,
@@ -605,6 +689,167 @@ impl Daemon {
             "rule": engine.rule.as_ref().map(|r| r.to_string()),
             "maps_agree": true,
         }))
+    }
+
+    /// A connection to a Service address, as the datapath handles it: the source's hook
+    /// defers (the address has no identity), the host's DNAT picks a backend, and the
+    /// source's egress is judged against that backend, by the backend pod's hook on this node
+    /// or by `moat_after_dnat` for anything else. The backends are read from the host's nat
+    /// table, where kube-proxy (iptables mode) or anything else that DNATs puts them.
+    fn trace_service(
+        &self,
+        from: &str,
+        from_end: &moat_policy::FlowEnd,
+        vip: IpAddr,
+        port: u16,
+        protocol: &str,
+        proto: u8,
+    ) -> anyhow::Result<serde_json::Value> {
+        let rules = crate::service_nat::read_nat_table(vip);
+        let backends = match &rules {
+            Ok(text) => crate::service_nat::dnat_backends(text, vip, port, proto),
+            Err(_) => Vec::new(),
+        };
+        let src_pod = match from_end {
+            moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
+            _ => None,
+        };
+        let mut rows = Vec::new();
+        let (mut allowed, mut denied) = (0, 0);
+        for backend in &backends {
+            let (to_end, place) = self.backend_place(backend.ip());
+            let v = self.evaluate_checked(from_end, &to_end, backend.port(), proto)?;
+            if v.allowed {
+                allowed += 1;
+            } else {
+                denied += 1;
+            }
+            let dst_pod = match &to_end {
+                moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
+                _ => None,
+            };
+            let judged_at = if matches!(place, "pod of this node") {
+                "the backend's hook on this node (both perimeters)"
+            } else {
+                "moat_after_dnat in this node's netfilter (after DNAT, before SNAT)"
+            };
+            rows.push(serde_json::json!({
+                "address": backend.ip().to_string(),
+                "port": backend.port(),
+                "backend": dst_pod.as_ref().map(|p| p.to_string()),
+                "place": place,
+                "verdict": if v.allowed { "allowed" } else { "denied" },
+                "egress": v.egress.as_ref().map(|e| self.explain_direction(e, src_pod.as_ref(), false)),
+                "ingress": match (&v.ingress, place) {
+                    (Some(i), _) => Some(self.explain_direction(i, dst_pod.as_ref(), true)),
+                    (None, "pod on another node") => Some("judged on the backend's node".to_string()),
+                    (None, _) => None,
+                },
+                "egress_judged_at": judged_at,
+            }));
+        }
+        let verdict = match (allowed, denied) {
+            (0, 0) => "unknown",
+            (_, 0) => "allowed",
+            (0, _) => "denied",
+            _ => "depends on the backend",
+        };
+        let note = match (&rules, backends.is_empty()) {
+            (Err(e), _) => Some(format!(
+                "the host's nat table could not be read ({e}): the source's egress is judged against whichever backend the host's DNAT picks"
+            )),
+            (Ok(_), true) => Some(
+                "no DNAT rule in the host's iptables nat table leads this Service port anywhere (no endpoints, or a kube-proxy mode that does not use iptables): the source's egress is judged against whichever backend the host's DNAT picks".to_string(),
+            ),
+            (Ok(_), false) => None,
+        };
+        Ok(serde_json::json!({
+            "from": from,
+            "to": vip.to_string(),
+            "port": port,
+            "protocol": protocol.to_ascii_uppercase(),
+            "verdict": verdict,
+            "service": {
+                "at_source": "a Service address has no identity: the source's hook records the flow and defers",
+                "backends": rows,
+                "note": note,
+            },
+            "maps_agree": true,
+        }))
+    }
+
+    /// Where a Service backend lives, and the flow end that evaluates it.
+    fn backend_place(&self, addr: IpAddr) -> (moat_policy::FlowEnd, &'static str) {
+        if let Some((pod, _)) = self
+            .engine
+            .inputs()
+            .pods
+            .iter()
+            .find(|(_, p)| p.ips.contains(&addr))
+        {
+            let local = self
+                .endpoints
+                .values()
+                .any(|e| e.spec.pod_namespace == pod.namespace && e.spec.pod_name == pod.name);
+            let place = if local {
+                "pod of this node"
+            } else {
+                "pod on another node"
+            };
+            return (moat_policy::FlowEnd::Pod(pod.clone()), place);
+        }
+        let place = if self.host_addresses().contains(&addr) {
+            "this node's host network"
+        } else if self
+            .objects
+            .nodes
+            .values()
+            .any(|n| n.addresses.contains(&addr))
+        {
+            "another node's host network"
+        } else {
+            "outside the cluster"
+        };
+        (moat_policy::FlowEnd::Address(addr), place)
+    }
+
+    /// The engine's verdict, checked against the same evaluation over what the kernel maps
+    /// hold right now.
+    fn evaluate_checked(
+        &self,
+        from_end: &moat_policy::FlowEnd,
+        to_end: &moat_policy::FlowEnd,
+        port: u16,
+        proto: u8,
+    ) -> anyhow::Result<moat_policy::Verdict> {
+        let state = self.engine.state();
+        let engine = moat_policy::evaluate(state, from_end, to_end, port, proto)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The same evaluation over what the kernel maps hold right now.
+        let actual = desired::read_actual(&self.maps);
+        let mut in_maps = state.clone();
+        in_maps.policy = actual.policy;
+        in_maps.port_ranges = actual.port_ranges;
+        in_maps.cidr_v4 = actual.cidr_v4;
+        in_maps.cidr_v6 = actual.cidr_v6;
+        in_maps.ipcache = actual
+            .ipcache
+            .iter()
+            .filter(|(_, v)| v.flags & moat_common::IPCACHE_FLAG_SERVICE == 0)
+            .map(|(k, v)| (*k, moat_policy::Identity(v.identity)))
+            .collect();
+        let kernel = moat_policy::evaluate(&in_maps, from_end, to_end, port, proto)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            kernel.allowed == engine.allowed && kernel.rule_id == engine.rule_id,
+            "the maps disagree with the engine (engine: allowed={} rule {}, maps: allowed={} rule {}); \
+             run `moatctl reload` and report this",
+            engine.allowed,
+            engine.rule_id,
+            kernel.allowed,
+            kernel.rule_id
+        );
+        Ok(engine)
     }
 
     /// Explains a datapath event: which pods, which rule, or why no rule.
@@ -849,6 +1094,7 @@ impl Daemon {
         self.refresh_modes();
         if self.routes_dirty && !self.hold_writes {
             self.sync_routes();
+            self.sync_masquerade();
             self.routes_dirty = false;
         }
         rejected.extend(self.route_problems.iter().cloned());
@@ -1053,6 +1299,8 @@ impl Daemon {
     /// A full resync against what the kernel maps really hold (heals any drift).
     pub fn resync(&mut self) -> anyhow::Result<WriteStats> {
         self.sync_routes();
+        self.sync_masquerade();
+        self.sync_after_dnat();
         self.refresh_host_addresses();
         self.maps.sync_host_cache()?;
         self.applied = Applied::from_kernel(&self.maps);
@@ -1178,7 +1426,9 @@ impl Daemon {
                 &self.maps,
                 &self._datapath,
             )),
+            masquerade: self.masquerade.as_ref().map(|k| k.status()),
             host_addresses: self.host_addresses().iter().copied().collect(),
+            warnings: self.after_dnat_problems.clone(),
         }
     }
 

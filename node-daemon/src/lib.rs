@@ -2,6 +2,7 @@
 //! current as endpoints and policies change, and serves the local API that moat-cni and
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
+pub mod after_dnat;
 pub mod churn;
 pub mod daemon;
 pub mod desired;
@@ -11,10 +12,12 @@ pub mod install;
 pub mod kube;
 pub mod links;
 pub mod local;
+pub mod masquerade;
 pub mod memory;
 pub mod metrics;
 pub mod routes;
 pub mod server;
+pub mod service_nat;
 pub mod status;
 pub mod store;
 pub mod suggest;

@@ -76,6 +76,8 @@ impl Env {
     fn start(&self) -> Moatd {
         let daemon = Moatd(
             Command::new(env!("CARGO_BIN_EXE_moatd"))
+                // The host's own namespace: no host-wide netfilter rules.
+                .arg("--judge-after-dnat=false")
                 .arg("--policy-dir")
                 .arg(self.policies())
                 .arg("--state-dir")

@@ -10,6 +10,12 @@
 //! A's pod from the datastore (before its podIPs are published it is "world" and denied);
 //! a Node removed from the datastore takes its routes with it; moatd killed with -9 leaves
 //! routes and enforcement in place, and after a restart DEL leaves nothing behind.
+//!
+//! Services whose backends are not local pods: node-a DNATs Service addresses as kube-proxy
+//! does, to a pod on node-b, to node-a's own host network, to node-b's host network and to
+//! an address outside the cluster (the fabric stands in for the internet). A client under
+//! egress default-deny reaches none of them, each is allowed by its own rule, and the drop is
+//! journaled against the real destination.
 
 mod support_cni;
 
@@ -57,6 +63,8 @@ struct Node {
     pod_v4: &'static str,
     pod_v6: &'static str,
     daemon: Option<Child>,
+    /// moatd flags beyond the common ones.
+    extra_args: Vec<String>,
 }
 
 impl Node {
@@ -80,6 +88,7 @@ impl Node {
             .arg("--pin-root")
             .arg(&self.pin_root)
             .args(["--poll-ms", "100", "--metrics-addr", ""])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -141,7 +150,7 @@ impl Node {
             namespace: "mn",
             name: pod.name,
         };
-        support_cni::run(Some(&self.netns), bin, &self.conf(), command, &call)
+        support_cni::run_with_node_sys(&self.netns, bin, &self.conf(), command, &call)
             .unwrap_or_else(|e| panic!("{command} {}: {e}", pod.name))
     }
 }
@@ -184,7 +193,10 @@ impl Cluster {
             nix::unistd::Uid::effective().is_root(),
             "run as root (make test does)"
         );
-        let tag = format!("{}", std::process::id() % 100_000);
+        // Unique per cluster: the tests of this file run at once in one process.
+        static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
         let dir = tempfile::tempdir().unwrap();
         // `ip netns exec` gives moatd a fresh /sys, without the host's bpffs: the nodes pin
         // into a bpffs instance of their own.
@@ -252,6 +264,7 @@ impl Cluster {
                 pod_v4,
                 pod_v6,
                 daemon: None,
+                extra_args: Vec::new(),
             });
         }
     }
@@ -452,5 +465,376 @@ fn two_nodes_route_pod_cidrs_and_enforce_policy_across_them() {
         eventually("only eth0 is left", Duration::from_secs(10), || {
             veths().lines().count() == 1
         });
+    }
+}
+
+/// The world outside the cluster, on the fabric: 198.51.100.1 and 2001:db8:51::1, routed by
+/// both nodes via the fabric's own address, with routes back to the pod CIDRs (so that
+/// reaching it does not depend on moatd's masquerade). Its answers leave from those
+/// addresses: a UDP server bound to the wildcard answers from the address its route picks,
+/// and an answer from another address is no answer to the client's conntrack.
+fn wire_outside(c: &Cluster) -> LabPod {
+    let fabric = c.fabric();
+    sh(&format!(
+        "ip -n {fabric} addr add 192.168.251.100/24 dev br0 && \
+         ip -n {fabric} addr add fd51::100/64 dev br0 nodad && \
+         ip -n {fabric} link set lo up && \
+         ip -n {fabric} addr add 198.51.100.1/32 dev lo && \
+         ip -n {fabric} addr add 2001:db8:51::1/128 dev lo && \
+         ip -n {fabric} route replace 192.168.251.0/24 dev br0 src 198.51.100.1 && \
+         ip -n {fabric} -6 route replace fd51::/64 dev br0 src 2001:db8:51::1"
+    ));
+    for node in &c.nodes {
+        sh(&format!(
+            "ip -n {fabric} route add {} via {} && ip -n {fabric} route add {} via {} && \
+             ip -n {ns} route add 198.51.100.0/24 via 192.168.251.100 && \
+             ip -n {ns} route add 2001:db8:51::/64 via fd51::100",
+            node.pod_v4,
+            node.v4,
+            node.pod_v6,
+            node.v6,
+            ns = node.netns
+        ));
+    }
+    LabPod {
+        name: "outside".into(),
+        netns: fabric,
+        host_if: String::new(),
+        ifindex: 0,
+        v4: Ipv4Addr::new(198, 51, 100, 1),
+        v6: "2001:db8:51::1".parse().unwrap(),
+    }
+}
+
+/// A node's host network as a place to listen.
+fn host_network(node: &Node) -> LabPod {
+    LabPod {
+        name: format!("{}-host", node.name),
+        netns: node.netns.clone(),
+        host_if: String::new(),
+        ifindex: 0,
+        v4: node.v4,
+        v6: node.v6,
+    }
+}
+
+/// kube-proxy's rule for one Service port: DNAT at PREROUTING, in node-a's namespace.
+fn dnat(node: &Node, vip: IpAddr, proto: &str, backend: IpAddr, port: u16) {
+    let (tool, to) = match backend {
+        IpAddr::V4(b) => ("iptables", format!("{b}:{port}")),
+        IpAddr::V6(b) => ("ip6tables", format!("[{b}]:{port}")),
+    };
+    sh(&format!(
+        "ip netns exec {} {tool} -w -t nat -A PREROUTING -d {vip} -p {proto} --dport 80 -j DNAT --to-destination {to}",
+        node.netns
+    ));
+}
+
+#[test]
+fn service_egress_is_judged_after_dnat_wherever_the_backend_is() {
+    let mut c = Cluster::new();
+    let bin_dir = support_cni::cni_path(c.dir.path());
+    let outside = wire_outside(&c);
+    let nodes_yaml = Cluster::node_yaml(&c.nodes[0]) + &Cluster::node_yaml(&c.nodes[1]);
+    let namespace = "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: mn\n  labels: {kubernetes.io/metadata.name: mn}\n";
+    c.write("00-cluster.yaml", &format!("{namespace}{nodes_yaml}"));
+    // The client may send nothing at all.
+    let deny_all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: client-egress\n  namespace: mn\nspec:\n  podSelector:\n    matchLabels: {app: client}\n  policyTypes: [Egress]\n";
+    c.write("20-policy.yaml", deny_all);
+    for (name, node, app) in [("client", 0, "client"), ("server", 1, "server")] {
+        let netns = format!("mn{}p{name}", c.tag);
+        sh(&format!("ip netns add {netns}"));
+        c.pods.push(PodSpot {
+            name,
+            node,
+            app,
+            netns,
+            v4: None,
+            v6: None,
+        });
+    }
+    for node in &mut c.nodes {
+        node.extra_args = [
+            "--service-cidr",
+            "10.96.0.0/12,fd96::/108",
+            "--resync-secs",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+    // The gap this closes, shown first: without the after-DNAT judgement node-a lets the
+    // client through a Service to a pod on node-b although its egress is denied.
+    c.nodes[0]
+        .extra_args
+        .push("--judge-after-dnat=false".into());
+    let policies = c.policies();
+    for node in &mut c.nodes {
+        node.start(&policies);
+    }
+    for i in 0..c.pods.len() {
+        let node = &c.nodes[c.pods[i].node];
+        let result = node.cni("ADD", &bin_dir, &c.pods[i]);
+        let pod = &mut c.pods[i];
+        pod.v4 = match support_cni::result_ip(&result, false) {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => panic!("no IPv4 in {result}"),
+        };
+        pod.v6 = match support_cni::result_ip(&result, true) {
+            Some(IpAddr::V6(v6)) => Some(v6),
+            _ => panic!("no IPv6 in {result}"),
+        };
+    }
+    c.write("10-pods.yaml", &c.pods_yaml(true));
+    let (client, server) = (c.pods[0].lab(), c.pods[1].lab());
+    let (node_a_host, node_b_host) = (host_network(&c.nodes[0]), host_network(&c.nodes[1]));
+
+    // One Service per kind of backend, v4 and v6 where the backend has both.
+    let backends: [(&str, IpAddr, IpAddr, IpAddr, u16); 6] = [
+        (
+            "remote pod",
+            "10.96.0.10".parse().unwrap(),
+            IpAddr::V4(server.v4),
+            IpAddr::V4(server.v4),
+            8080,
+        ),
+        (
+            "remote pod v6",
+            "fd96::10".parse().unwrap(),
+            IpAddr::V6(server.v6),
+            IpAddr::V6(server.v6),
+            8080,
+        ),
+        (
+            "this node's host network",
+            "10.96.0.11".parse().unwrap(),
+            IpAddr::V4(node_a_host.v4),
+            IpAddr::V4(node_a_host.v4),
+            8081,
+        ),
+        (
+            "node-b's host network",
+            "10.96.0.12".parse().unwrap(),
+            IpAddr::V4(node_b_host.v4),
+            IpAddr::V4(node_b_host.v4),
+            8082,
+        ),
+        (
+            "outside the cluster",
+            "10.96.0.13".parse().unwrap(),
+            IpAddr::V4(outside.v4),
+            IpAddr::V4(outside.v4),
+            8083,
+        ),
+        (
+            "outside the cluster v6",
+            "fd96::13".parse().unwrap(),
+            IpAddr::V6(outside.v6),
+            IpAddr::V6(outside.v6),
+            8083,
+        ),
+    ];
+    let _servers = [
+        probe::EchoServer::start(&server, 8080).unwrap(),
+        probe::EchoServer::start(&node_a_host, 8081).unwrap(),
+        probe::EchoServer::start(&node_b_host, 8082).unwrap(),
+        probe::EchoServer::start(&outside, 8083).unwrap(),
+    ];
+    for (_, vip, backend, _, port) in &backends {
+        dnat(&c.nodes[0], *vip, "tcp", *backend, *port);
+        dnat(&c.nodes[0], *vip, "udp", *backend, *port);
+    }
+    let reach = |vip: IpAddr| probe::tcp(&client, vip, 80, TIMEOUT);
+
+    eventually(
+        "control: unjudged, the Service leads past the denied egress",
+        Duration::from_secs(5),
+        || reach(backends[0].1),
+    );
+
+    // With the judgement (moatd's default), every kind of backend is refused, TCP and UDP.
+    c.nodes[0].kill();
+    c.nodes[0].extra_args.pop();
+    c.nodes[0].start(&policies);
+    let status = c.nodes[0].status();
+    assert!(status.warnings.is_empty(), "{:?}", status.warnings);
+    for (what, vip, ..) in &backends {
+        assert!(
+            !reach(*vip),
+            "{what}: TCP through {vip} under egress default-deny"
+        );
+        assert!(
+            !probe::udp(&client, *vip, 80, TIMEOUT),
+            "{what}: UDP through {vip} under egress default-deny"
+        );
+    }
+    // The drop is journaled against the real destination, not the Service address.
+    let socket = c.nodes[0].socket();
+    let flows = || match api::call(
+        &socket,
+        &Request::Flows {
+            filter: api::FlowFilter {
+                verdict: Some("dropped".into()),
+                pod: Some("mn/client".into()),
+                ..Default::default()
+            },
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    {
+        Response::Flows { flows } => flows,
+        other => panic!("{other:?}"),
+    };
+    eventually(
+        "a drop record towards node-b's pod",
+        Duration::from_secs(5),
+        || {
+            flows().iter().any(|f| {
+                f.destination == server.v4.to_string()
+                    && f.destination_port == 8080
+                    && f.direction == "egress"
+            })
+        },
+    );
+
+    // `moatctl trace` to a Service address follows the host's DNAT to each backend and
+    // gives the verdict made there; `moatctl policy get` shows the denied direction.
+    let trace = |vip: &str| match api::call(
+        &socket,
+        &Request::Trace {
+            from: "mn/client".into(),
+            to: vip.into(),
+            port: 80,
+            protocol: "TCP".into(),
+        },
+        Duration::from_secs(10),
+    )
+    .unwrap()
+    {
+        Response::Trace { trace } => trace,
+        other => panic!("{other:?}"),
+    };
+    for (vip, backend, place) in [
+        (
+            "10.96.0.10",
+            format!("{}", server.v4),
+            "pod on another node",
+        ),
+        (
+            "10.96.0.11",
+            node_a_host.v4.to_string(),
+            "this node's host network",
+        ),
+        (
+            "10.96.0.12",
+            node_b_host.v4.to_string(),
+            "another node's host network",
+        ),
+        ("10.96.0.13", outside.v4.to_string(), "outside the cluster"),
+        ("fd96::10", server.v6.to_string(), "pod on another node"),
+    ] {
+        let t = trace(vip);
+        assert_eq!(t["verdict"], "denied", "{vip}: {t}");
+        let backends = t["service"]["backends"].as_array().unwrap();
+        assert_eq!(backends.len(), 1, "{vip}: {t}");
+        assert_eq!(backends[0]["address"], backend.as_str(), "{vip}: {t}");
+        assert_eq!(backends[0]["place"], place, "{vip}: {t}");
+        assert!(
+            backends[0]["egress_judged_at"]
+                .as_str()
+                .unwrap()
+                .contains("moat_after_dnat"),
+            "{vip}: {t}"
+        );
+    }
+    let unknown = trace("10.96.0.99");
+    assert_eq!(unknown["verdict"], "unknown", "{unknown}");
+    assert!(
+        unknown["service"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("no DNAT rule")
+    );
+    let rules = match api::call(
+        &socket,
+        &Request::PolicyGet {
+            pod: "mn/client".into(),
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    {
+        Response::PolicyRules { rules } => rules,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        rules.iter().any(|r| r.direction == "egress"
+            && r.action == "deny"
+            && r.rule
+                .contains("default deny (selected by: mn/client-egress")),
+        "{rules:?}"
+    );
+
+    // Each backend is reached once the client's policy allows it, and only then.
+    let allow = |rules: &str| {
+        c.write("20-policy.yaml", &format!("{deny_all}  egress:\n{rules}"));
+    };
+    allow(
+        "  - to:\n    - podSelector:\n        matchLabels: {app: server}\n    ports:\n    - {port: 8080, protocol: TCP}\n",
+    );
+    eventually("the pod on node-b, v4", Duration::from_secs(5), || {
+        reach(backends[0].1)
+    });
+    assert!(reach(backends[1].1), "the pod on node-b, v6");
+    assert_eq!(trace("10.96.0.10")["verdict"], "allowed");
+    assert!(
+        !probe::udp(&client, backends[0].1, 80, TIMEOUT),
+        "UDP is still refused"
+    );
+    for (what, vip, ..) in &backends[2..] {
+        assert!(!reach(*vip), "{what} is not allowed yet");
+    }
+    allow(
+        "  - to:\n    - ipBlock: {cidr: 192.168.251.0/24}\n    - ipBlock: {cidr: 198.51.100.0/24}\n    - ipBlock: {cidr: \"2001:db8:51::/64\"}\n",
+    );
+    eventually("the outside, v4", Duration::from_secs(5), || {
+        reach(backends[4].1)
+    });
+    for (what, vip, ..) in &backends[2..] {
+        assert!(
+            reach(*vip),
+            "{what} through {vip} once its ipBlock is allowed"
+        );
+    }
+    assert!(
+        probe::udp(&client, backends[4].1, 80, TIMEOUT),
+        "UDP to the outside once allowed"
+    );
+    assert!(!reach(backends[0].1), "the pod rule is gone");
+
+    // Someone flushes the mangle table: moatd puts the rules back (resync), and the
+    // judgement holds again.
+    allow("  - to:\n    - ipBlock: {cidr: 198.51.100.0/24}\n");
+    sh(&format!(
+        "ip netns exec {} iptables -w -t mangle -F && ip netns exec {} iptables -w -t mangle -X",
+        c.nodes[0].netns, c.nodes[0].netns
+    ));
+    eventually(
+        "the rules come back and the host network is refused again",
+        Duration::from_secs(5),
+        || {
+            sh(&format!(
+                "ip netns exec {} iptables -w -t mangle -S",
+                c.nodes[0].netns
+            ))
+            .contains("MOAT-AFTER-DNAT")
+                && !reach(backends[2].1)
+        },
+    );
+    assert!(reach(backends[4].1), "the outside is still allowed");
+
+    for pod in &c.pods {
+        c.nodes[pod.node].cni("DEL", &bin_dir, pod);
     }
 }

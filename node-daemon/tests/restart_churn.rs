@@ -315,6 +315,8 @@ fn kill_9_under_churn_never_gives_a_wrong_verdict_and_leaves_nothing() {
         datastore: DatastoreConfig::Local,
         node_name: String::new(),
         routing: Routing::None,
+        // Shares the host's network namespace with other runs: no host-wide rules.
+        judge_after_dnat: false,
     })
     .unwrap();
     assert_eq!(

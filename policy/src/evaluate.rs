@@ -70,8 +70,10 @@ pub fn lookup(
         reason,
         remote_identity: remote,
     };
-    // (a) A pod never blocks its own node.
-    if remote == Identity::HOST {
+    // (a) A pod never blocks its own node (kubelet probes): what the node sends it. What the
+    // pod sends the node is policy like any other destination, as in the datapath, which
+    // judges a pod's egress to the host by its rules.
+    if remote == Identity::HOST && direction == Direction::Ingress {
         return verdict(true, rule::HOST, reason::HOST);
     }
     // (b) Every lookup, in datapath order, collecting (rule_id, action).

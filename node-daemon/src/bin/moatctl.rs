@@ -549,6 +549,23 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
             println!("  {r}");
         }
     }
+    if let Some(m) = &s.masquerade {
+        let state = if !m.enabled {
+            "off".to_string()
+        } else if m.sources.is_empty() {
+            "on; nothing to masquerade until this node has a pod CIDR".to_string()
+        } else {
+            format!(
+                "on; from {} to anywhere but {}",
+                m.sources.join(", "),
+                m.kept.join(", ")
+            )
+        };
+        println!("masquerade:  {state} (nftables table {})", m.table);
+        if let Some(problem) = &m.problem {
+            println!("  problem:   {problem}");
+        }
+    }
     let Some(dp) = &s.datapath else {
         println!("datapath:    not reported by this moatd");
         return;
@@ -799,6 +816,9 @@ fn main() {
                             trace["protocol"].as_str().unwrap_or(""),
                             trace["verdict"].as_str().unwrap_or("").to_uppercase()
                         );
+                        if let Some(service) = trace.get("service") {
+                            print_service_trace(service);
+                        }
                         if let Some(e) = trace["egress"].as_str() {
                             println!("  egress of source:        {e}");
                         }
@@ -812,5 +832,40 @@ fn main() {
             }
         }
         Command::Bpf { what } => bpf(&args, what),
+    }
+}
+
+/// A trace to a Service address: what the source's hook does, then each backend the host's
+/// DNAT may pick, with the verdict there and where it is made.
+fn print_service_trace(service: &serde_json::Value) {
+    println!(
+        "  at the source's hook:    {}",
+        service["at_source"].as_str().unwrap_or("")
+    );
+    for b in service["backends"].as_array().into_iter().flatten() {
+        println!(
+            "  backend {}:{} ({}{}): {}",
+            b["address"].as_str().unwrap_or(""),
+            b["port"],
+            b["place"].as_str().unwrap_or(""),
+            b["backend"]
+                .as_str()
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default(),
+            b["verdict"].as_str().unwrap_or("").to_uppercase()
+        );
+        if let Some(e) = b["egress"].as_str() {
+            println!("    egress of source:      {e}");
+            println!(
+                "    judged at:             {}",
+                b["egress_judged_at"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(i) = b["ingress"].as_str() {
+            println!("    ingress of backend:    {i}");
+        }
+    }
+    if let Some(note) = service["note"].as_str() {
+        println!("  note: {note}");
     }
 }

@@ -100,6 +100,29 @@ struct Args {
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
+    /// Masquerade pod egress that leaves the cluster (SNAT to the node's address) from the
+    /// one nftables table moatd owns, `inet moat-masquerade`: `auto` is on with `--cni-mode
+    /// standalone` and off with `chained` (the primary CNI masquerades); `false` removes the
+    /// table. `--masquerade` alone is `true`.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    masquerade: Masquerade,
+    /// Destinations that keep the pod's address besides every Node's pod CIDRs and the
+    /// Service CIDRs (repeatable, or comma-separated).
+    #[arg(long = "non-masquerade-cidr", value_delimiter = ',')]
+    non_masquerade_cidrs: Vec<IpNetwork>,
+    /// How often the masquerade table is compared with what moatd wrote, and written again
+    /// if it was flushed or changed, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    masquerade_check_secs: u64,
+    /// The nft binary that writes the masquerade table.
+    #[arg(long, default_value = "nft")]
+    nft: PathBuf,
     /// Prometheus metrics endpoint (`GET /metrics`); an empty value disables it.
     #[arg(long, default_value = moatd::metrics::DEFAULT_ADDR)]
     metrics_addr: String,
@@ -121,22 +144,111 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     api_request_timeout_ms: u64,
+    /// Judge a pod's egress to a Service backend that is not a pod of this node (another
+    /// node, the host network, outside the cluster) after the host's DNAT, from Moat's chain
+    /// in the mangle table (iptables and ip6tables). Turning it off leaves such connections
+    /// unjudged: only for a network namespace that is not the node's own.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    judge_after_dnat: bool,
 }
 
-/// Chained mode: keeps 00-moat-chained.conflist in step with the cluster's own config.
-fn chain_forever(conf_dir: &std::path::Path, moat: &serde_json::Value) {
-    let mut last: Option<Result<Option<PathBuf>, String>> = None;
+/// Chained onto kindnet: how often its DaemonSet is read again while Moat refuses to chain
+/// (or could not tell), and once it has chained; how long one read may take.
+const KINDNET_RECHECK_REFUSED: Duration = Duration::from_secs(10);
+const KINDNET_RECHECK_CHAINED: Duration = Duration::from_secs(300);
+const KINDNET_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// kindnet's NetworkPolicy enforcement, read from its DaemonSet through the API server.
+fn read_kindnet(reader: Option<&moatd::kube::ApiReader>) -> Result<install::KindnetPolicy, String> {
+    let (namespace, name) = install::KINDNET_DAEMONSET;
+    let Some(reader) = reader else {
+        return Ok(install::KindnetPolicy::NotEnforcing(
+            "not checked: the local datastore has no API server to read kindnet's DaemonSet from"
+                .into(),
+        ));
+    };
+    match reader.daemonset(namespace, name, KINDNET_READ_TIMEOUT)? {
+        Some(ds) => Ok(install::kindnet_policy(&ds)),
+        None => Err(format!(
+            "kindnet's CNI config is on this node but there is no DaemonSet {namespace}/{name} \
+             (where kind and kubernetes-sigs/kindnet install it) to read its settings from"
+        )),
+    }
+}
+
+/// `--masquerade`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Masquerade {
+    Auto,
+    True,
+    False,
+}
+
+/// Chained mode: keeps 00-moat-chained.conflist in step with the cluster's own config. Onto
+/// a kindnet that enforces NetworkPolicy itself it does not chain: moatd is not ready then,
+/// with the reason (`moatctl status`), until kindnet stops enforcing or is replaced.
+fn chain_forever(daemon: &Mutex<Daemon>, conf_dir: &std::path::Path, moat: &serde_json::Value) {
+    let lock = || daemon.lock().unwrap_or_else(|e| e.into_inner());
+    let reader = lock().kube_reader();
+    let mut kindnet: Option<(std::time::Instant, Result<install::KindnetPolicy, String>)> = None;
+    let mut last: Option<Result<install::ChainState, String>> = None;
     loop {
-        let now = install::sync_chained(conf_dir, moat).map_err(|e| format!("{e:#}"));
+        let check = || {
+            let due = match &kindnet {
+                None => true,
+                Some((at, Ok(install::KindnetPolicy::NotEnforcing(_)))) => {
+                    at.elapsed() >= KINDNET_RECHECK_CHAINED
+                }
+                Some((at, _)) => at.elapsed() >= KINDNET_RECHECK_REFUSED,
+            };
+            if due {
+                let previous = kindnet.take().map(|(_, verdict)| verdict);
+                let verdict = match (read_kindnet(reader.as_ref()), previous) {
+                    // A failed read keeps what was known: an API server restart must not
+                    // flip the node's readiness.
+                    (Err(e), Some(Ok(known))) => {
+                        tracing::warn!(error = %e, "re-reading kindnet's DaemonSet; keeping the last answer");
+                        Ok(known)
+                    }
+                    (verdict, previous) => {
+                        if previous.as_ref() != Some(&verdict) {
+                            match &verdict {
+                                Ok(install::KindnetPolicy::NotEnforcing(why)) => {
+                                    tracing::info!(%why, "kindnet does not enforce NetworkPolicy")
+                                }
+                                Ok(install::KindnetPolicy::Enforcing(why)) => {
+                                    tracing::warn!(%why, "kindnet enforces NetworkPolicy")
+                                }
+                                Err(e) => tracing::warn!(error = %e, "reading kindnet's DaemonSet"),
+                            }
+                        }
+                        verdict
+                    }
+                };
+                kindnet = Some((std::time::Instant::now(), verdict));
+            }
+            kindnet.as_ref().map(|(_, v)| v.clone()).expect("just read")
+        };
+        let now =
+            install::sync_chained_checked(conf_dir, moat, check).map_err(|e| format!("{e:#}"));
         if last.as_ref() != Some(&now) {
             match &now {
-                Ok(Some(base)) => {
+                Ok(install::ChainState::Chained(base)) => {
                     tracing::info!(base = %base.display(), "CNI chained onto the cluster's config")
                 }
-                Ok(None) => {
+                Ok(install::ChainState::Waiting) => {
                     tracing::warn!(dir = %conf_dir.display(), "waiting for the cluster's CNI config to chain onto")
                 }
+                Ok(install::ChainState::Refused { base, reason }) => {
+                    tracing::error!(base = %base.display(), %reason, "not chaining onto the cluster's CNI")
+                }
+                Ok(install::ChainState::Undecided { base, reason }) => {
+                    tracing::warn!(base = %base.display(), %reason, "not chaining onto the cluster's CNI yet")
+                }
                 Err(e) => tracing::error!(error = %e, "chaining the CNI config"),
+            }
+            if let Ok(state) = &now {
+                lock().set_chain_problem(state.not_ready_reason().map(str::to_string));
             }
             last = Some(now);
         }
@@ -245,29 +357,36 @@ fn main() -> anyhow::Result<()> {
         service_cidrs: args.service_cidrs,
         node_name: args.node_name,
         routing,
+        judge_after_dnat: args.judge_after_dnat,
     })?;
     server::configure_datapath(daemon.pins(), &datapath_settings)?;
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;
     }
-    match (&args.cni_conf_dir, args.cni_mode) {
-        (None, _) => {}
-        (Some(_), install::CniMode::Standalone) => {
-            // Written once moatd is ready (see below); until then moatd says what it waits for.
-            daemon.require_pod_cidrs(true);
-        }
-        (Some(conf_dir), install::CniMode::Chained) => {
-            let moat =
-                install::moat_plugin(install::CniMode::Chained, &socket_path, &pin_root, None);
-            let conf_dir = conf_dir.clone();
-            // The cluster's CNI may write (and rewrite) its config after moatd starts.
-            std::thread::Builder::new()
-                .name("moatd-cni-chain".into())
-                .spawn(move || chain_forever(&conf_dir, &moat))?;
-        }
+    if let (Some(_), install::CniMode::Standalone) = (&args.cni_conf_dir, args.cni_mode) {
+        // Written once moatd is ready (see below); until then moatd says what it waits for.
+        daemon.require_pod_cidrs(true);
     }
+    // Standalone, nothing else SNATs pod egress; chained, the primary CNI does.
+    daemon.manage_masquerade(moatd::masquerade::Config {
+        enabled: match args.masquerade {
+            Masquerade::Auto => args.cni_mode == install::CniMode::Standalone,
+            Masquerade::True => true,
+            Masquerade::False => false,
+        },
+        non_masquerade_cidrs: args.non_masquerade_cidrs.clone(),
+        nft: args.nft.clone(),
+    });
     let daemon = Arc::new(Mutex::new(daemon));
+    if let (Some(conf_dir), install::CniMode::Chained) = (&args.cni_conf_dir, args.cni_mode) {
+        let moat = install::moat_plugin(install::CniMode::Chained, &socket_path, &pin_root, None);
+        let (daemon, conf_dir) = (daemon.clone(), conf_dir.clone());
+        // The cluster's CNI may write (and rewrite) its config after moatd starts.
+        std::thread::Builder::new()
+            .name("moatd-cni-chain".into())
+            .spawn(move || chain_forever(&daemon, &conf_dir, &moat))?;
+    }
     if let (Some(conf_dir), install::CniMode::Standalone) = (&args.cni_conf_dir, args.cni_mode) {
         let (daemon, conf_dir) = (daemon.clone(), conf_dir.clone());
         let mtu = args.cni_mtu;
@@ -283,6 +402,18 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.resync_secs),
     );
     std::thread::spawn(move || server::watch(watcher, poll, resync));
+    // Someone may flush the ruleset: the table comes back within a check period.
+    let masquerade = daemon.clone();
+    let check = Duration::from_secs(args.masquerade_check_secs);
+    std::thread::Builder::new()
+        .name("moatd-masquerade".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(check);
+                let mut d = masquerade.lock().unwrap_or_else(|e| e.into_inner());
+                d.sync_masquerade();
+            }
+        })?;
     // The node's addresses are the `host` identity: followed as they come and go.
     moatd::host_addresses::follow(daemon.clone())?;
     let events = daemon.clone();

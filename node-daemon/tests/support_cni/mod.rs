@@ -42,7 +42,11 @@ pub struct CniPod<'a> {
 }
 
 /// Runs moat-cni (inside the network namespace `node`, if given, as a kubelet there
-/// would). Ok(result) on success, Err(stdout and stderr) on a CNI error.
+/// would). Ok(result) on success, Err(stdout and stderr) on a CNI error. `nsenter --net`
+/// changes only the network: unlike `ip netns exec`, it keeps the host's /sys, so moat-cni
+/// finds the pins of a moatd that pins into the host's bpffs (`support_moatd::Env`). That
+/// /sys does not list the node's links: a DEL there cannot find the pod's host veth, which
+/// goes when the test deletes the pod's namespace.
 pub fn run(
     node: Option<&str>,
     bin: &Path,
@@ -51,14 +55,39 @@ pub fn run(
     pod: &CniPod,
 ) -> Result<Value, String> {
     let plugin = bin.join("moat-cni");
-    let mut cmd = match node {
+    let cmd = match node {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&plugin);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(&plugin);
             c
         }
         None => Command::new(&plugin),
     };
+    run_command(cmd, bin, conf, command, pod)
+}
+
+/// Runs moat-cni as `ip netns exec <node>` does: in the node's network namespace and with a
+/// /sys of that namespace, for a node whose moatd runs the same way (its pins then live in
+/// a bpffs of the test's own, which both see; see multinode.rs).
+pub fn run_with_node_sys(
+    node: &str,
+    bin: &Path,
+    conf: &Value,
+    command: &str,
+    pod: &CniPod,
+) -> Result<Value, String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node]).arg(bin.join("moat-cni"));
+    run_command(cmd, bin, conf, command, pod)
+}
+
+fn run_command(
+    mut cmd: Command,
+    bin: &Path,
+    conf: &Value,
+    command: &str,
+    pod: &CniPod,
+) -> Result<Value, String> {
     let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", pod.container_id)
@@ -101,4 +130,28 @@ pub fn result_ip(result: &Value, v6: bool) -> Option<IpAddr> {
         let addr: IpAddr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
         (addr.is_ipv6() == v6).then_some(addr)
     })
+}
+
+/// A network namespace (a pod, a node, the world outside), deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// `<tag><pid>`, replacing a leftover of the same name.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("{tag}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let added = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(added.unwrap().success(), "ip netns add {name}");
+        Self(name)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

@@ -106,8 +106,19 @@ impl Env {
                     .arg(env!("CARGO_BIN_EXE_moatd"));
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_moatd")),
+            None => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_moatd"));
+                // In the host's own namespace, shared with other tests and the user: no
+                // host-wide netfilter rules (tests of them run moatd in a namespace).
+                c.arg("--judge-after-dnat=false");
+                c
+            }
         };
+        if netns.is_none() {
+            // The host's nftables are shared with everyone: no masquerade table there from a
+            // test's moatd (the masquerade test runs its moatd in a namespace).
+            command.arg("--masquerade=false");
+        }
         command
             .arg("--policy-dir")
             .arg(self.policies())

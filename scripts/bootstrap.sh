@@ -12,9 +12,11 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # --- Debian packages -------------------------------------------------------
+# containerd (with runc) is the CRI runtime of node-daemon/tests/containerd_cri.rs, which
+# talks CRI itself: Debian 12 packages no crictl (cri-tools).
 DEB_PACKAGES=(
   iproute2 iptables nftables conntrack ethtool jq
-  containernetworking-plugins podman busybox-static
+  containernetworking-plugins podman busybox-static containerd
   sockperf iperf3 bpftool tcpdump
   shellcheck
 )

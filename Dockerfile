@@ -81,13 +81,14 @@ RUN --mount=type=cache,id=moat-cargo-registry,target=/usr/local/cargo/registry \
 FROM debian:bookworm-slim
 
 # iproute2: `ip link/route/netns` for troubleshooting inside the pod.
+# nftables: moatd writes its masquerade table (inet moat-masquerade) with nft.
 # ca-certificates: TLS roots (the API server's CA comes from the service
 # account, but anything else moatd may talk to needs them).
 # util-linux (mount, mountpoint) is part of the base image; the DaemonSet's
 # init container uses it to mount bpffs.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      iproute2 ca-certificates \
+      iproute2 nftables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 # /opt/moat/bin is where the DaemonSet's install-cni init container copies moat-cni and

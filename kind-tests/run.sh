@@ -11,7 +11,7 @@
 # Steps: preflight (docker, kind, kubectl, kernel >= 6.6) -> docker build of
 # the Moat image -> kind cluster (kind-standalone.yaml: no default CNI;
 # kind-chained.yaml: kindnet; 1 control plane, 2 workers) -> kind load of the
-# image -> node underlay (standalone only, see below) -> apply the manifests
+# image -> apply the manifests
 # (moat-config cni-mode set to $MODE) -> wait for the DaemonSet rollout, the
 # conflist on every node, nodes Ready and CoreDNS -> MoatPolicy CRD
 # validation -> netpol-smoke.sh -> churn-smoke.sh -> optional conformance
@@ -25,7 +25,6 @@
 #   SKIP_BUILD=0              1: use an existing local $MOAT_IMAGE
 #   KIND_NODE_IMAGE=          kindest/node image (kind's default if empty)
 #   REUSE_CLUSTER=0           1: use an existing cluster $CLUSTER (never deleted)
-#   KIND_UNDERLAY=1           masquerade of pod traffic leaving the cluster (below)
 #   KEEP=0                    1: keep the cluster (and the smoke namespaces)
 #   TIMEOUT=300s              each readiness wait
 #   ARTIFACTS=kind-tests/_artifacts   kubeconfig, diagnostics, e2e reports
@@ -46,7 +45,6 @@ MOAT_IMAGE=${MOAT_IMAGE:-moat:dev}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-}
 REUSE_CLUSTER=${REUSE_CLUSTER:-0}
-KIND_UNDERLAY=${KIND_UNDERLAY:-1}
 # Routes between nodes: moatd's (standalone) or kindnet's (chained).
 ROUTING=direct
 KEEP=${KEEP:-0}
@@ -59,8 +57,6 @@ E2E_FOCUS=${E2E_FOCUS:-'\[Feature:NetworkPolicy\]'}
 E2E_SKIP=${E2E_SKIP:-'SCTP'}
 CHURN=${CHURN:-1}
 CONFORMANCE=${CONFORMANCE:-0}
-# Must match the kind configs.
-POD_SUBNET=10.244.0.0/16
 MIN_KERNEL=(6 6)
 
 CREATED=0
@@ -77,7 +73,7 @@ need() {
 }
 case $MODE in
   standalone) CONFLIST=10-moat.conflist ;;
-  chained) CONFLIST=00-moat-chained.conflist; KIND_UNDERLAY=0; ROUTING=none ;;
+  chained) CONFLIST=00-moat-chained.conflist; ROUTING=none ;;
   *) die "MODE must be standalone or chained, not '$MODE'" ;;
 esac
 step "preflight"
@@ -140,6 +136,7 @@ collect_logs() {
       echo "### routes"; ip route
       echo "### links"; ip -br link
       echo "### iptables nat"; iptables -t nat -S 2>/dev/null | head -200
+      echo "### moatd masquerade"; nft list table inet moat-masquerade 2>&1
     ' >"$dir/$node.host.txt" 2>&1
   done
   kind export logs "$dir/kind" --name "$CLUSTER" >/dev/null 2>&1
@@ -194,33 +191,6 @@ info "nodes: ${NODES[*]}"
 
 step "loading $MOAT_IMAGE into the nodes"
 kind load docker-image "$MOAT_IMAGE" --name "$CLUSTER"
-
-# --- underlay -----------------------------------------------------------------
-# kind's default CNI (kindnet) also masquerades pod traffic leaving the
-# cluster. moatd in standalone mode routes between nodes itself (--routing
-# direct: every other node's pod CIDR via its InternalIP) but does not SNAT,
-# so on kind this script adds SNAT for pod traffic to addresses outside the
-# pod subnet that leaves by eth0. KIND_UNDERLAY=0 skips it.
-setup_underlay() {
-  local deadline=$((SECONDS + 120)) rows missing
-  while :; do
-    rows=$(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')
-    missing=$(awk 'NF < 3' <<<"$rows" | wc -l)
-    [[ $(wc -l <<<"$rows") -ge ${#NODES[@]} && $missing -eq 0 ]] && break
-    ((SECONDS < deadline)) || die "nodes without a pod CIDR or address after 120s:"$'\n'"$rows"
-    sleep 2
-  done
-  local name cidr ip
-  while read -r name cidr ip; do
-    info "$name: pod CIDR $cidr, address $ip"
-    docker exec "$name" sh -c "iptables -w -t nat -C POSTROUTING -s $POD_SUBNET ! -d $POD_SUBNET -o eth0 -j MASQUERADE 2>/dev/null ||
-      iptables -w -t nat -A POSTROUTING -s $POD_SUBNET ! -d $POD_SUBNET -o eth0 -j MASQUERADE"
-  done <<<"$rows"
-}
-if [[ $KIND_UNDERLAY == 1 ]]; then
-  step "node underlay: masquerade of pod traffic leaving the cluster (KIND_UNDERLAY=0 skips)"
-  setup_underlay
-fi
 
 # --- install Moat -------------------------------------------------------------
 step "installing Moat (manifests/moat.yaml with image $MOAT_IMAGE, cni-mode $MODE)"

@@ -332,6 +332,7 @@ fn configmap_daemonset_arguments_and_moatd_flags_agree() {
     // The values parse as moatd parses them.
     assert!(["kubernetes", "local"].contains(&data["datastore"].as_str()));
     assert!(["standalone", "chained"].contains(&data["cni-mode"].as_str()));
+    assert!(["auto", "true", "false"].contains(&data["masquerade"].as_str()));
     assert!(["direct", "host-stack"].contains(&data["local-delivery"].as_str()));
     for cidr in data["service-cidrs"].split(',') {
         cidr.parse::<ipnetwork::IpNetwork>().unwrap();

@@ -907,8 +907,8 @@ fn containerd_cri_pods_get_moat_network_and_policy_and_del_leaves_nothing() {
         "the CRI plugin does not see the imported {IMAGE}"
     );
     if let Err(reason) = containerd.can_run_sandboxes() {
-        std::thread::sleep(Duration::from_secs(1));
-        panic!("DEBUG {reason}");
+        println!("SKIP: containerd_cri: containerd cannot run a pod sandbox here: {reason}");
+        return;
     }
 
     let pods: Vec<Pod> = ["server", "client", "other"]

@@ -28,6 +28,19 @@ done
 
 netns_of() { echo "moatdemo-${1//\//-}"; }
 
+# moatd's after-DNAT chain stays when moatd stops (a node keeps enforcing across restarts);
+# the demo is not a node, so it takes the chain out as an uninstall would.
+remove_after_dnat_rules() {
+  local tool rule
+  for tool in iptables ip6tables; do
+    command -v "$tool" >/dev/null || continue
+    "$tool" -w -t mangle -S 2>/dev/null | grep -e '-j MOAT-AFTER-DNAT' | sed 's/^-A /-D /' |
+      while read -r rule; do eval "$tool -w -t mangle $rule"; done
+    "$tool" -w -t mangle -F MOAT-AFTER-DNAT 2>/dev/null
+    "$tool" -w -t mangle -X MOAT-AFTER-DNAT 2>/dev/null
+  done
+}
+
 cleanup() {
   set +e
   # Servers first: a process left in a namespace keeps the namespace alive after `ip netns del`.
@@ -40,6 +53,7 @@ cleanup() {
   ip netns del moatdemo-legacy 2>/dev/null
   ip link del mdlegacy 2>/dev/null
   [[ -n $MOATD_PID ]] && kill "$MOATD_PID" 2>/dev/null && wait "$MOATD_PID" 2>/dev/null
+  remove_after_dnat_rules
   rm -rf "$PINS" "$WORK"
 }
 trap cleanup EXIT

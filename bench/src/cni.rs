@@ -183,6 +183,8 @@ impl World {
             });
         }
         let child = command
+            // The host's own namespace: no host-wide rules left behind by a benchmark.
+            .args(["--judge-after-dnat=false", "--masquerade=false"])
             .arg("--policy-dir")
             .arg(self.dir.join("policies"))
             .arg("--state-dir")

@@ -227,6 +227,8 @@ fn run(args: &Args) -> Result<Value> {
     let (rate_per_cpu, burst) = (1_000_000u32, 100_000u32);
     let _daemon = spawn_tied(
         Command::new(&moatd)
+            // The host's own namespace: no host-wide rules left behind by a benchmark.
+            .args(["--judge-after-dnat=false", "--masquerade=false"])
             .arg("--policy-dir")
             .arg(dir.0.join("policies"))
             .arg("--state-dir")

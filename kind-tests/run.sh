@@ -5,14 +5,27 @@
 #   kind-tests/run.sh                  build, create, install, test, delete
 #   KEEP=1 kind-tests/run.sh           keep the cluster afterwards
 #   MODE=chained kind-tests/run.sh     Moat chained after kindnet
+#   KIND_PIN=old KIND=<that kind> kind-tests/run.sh   the other pinned kind release
 #   CONFORMANCE=1 kind-tests/run.sh    also the conformance cases (conformance.sh)
 #   E2E_NETPOL=1 kind-tests/run.sh     also run the upstream NetworkPolicy e2e suite
+#   kind-tests/matrix.sh               both pinned kind releases x both modes
 #
-# Steps: preflight (docker, kind, kubectl, kernel >= 6.6) -> docker build of
-# the Moat image -> kind cluster (kind-standalone.yaml: no default CNI;
-# kind-chained.yaml: kindnet; 1 control plane, 2 workers) -> kind load of the
-# image -> apply the manifests
-# (moat-config cni-mode set to $MODE) -> wait for the DaemonSet rollout, the
+# kind releases (versions.env): KIND_PIN=new (the default) is a kind whose kindnet enforces
+# NetworkPolicy itself (every release since v0.24.0); KIND_PIN=old is the last release whose
+# kindnet does not. The kind binary must be the pinned release; the cluster uses that
+# release's node image, pinned by digest. Chained after a kindnet that enforces NetworkPolicy,
+# Moat must refuse (two enforcers; kind's kindnetd cannot be told to stop): MODE=chained on
+# KIND_PIN=new checks that refusal (moatd up, not ready with the reason, no chained conflist)
+# and stops there. Everything else runs the whole suite.
+#
+# Steps: preflight (docker, kind at the pinned release, kubectl, kernel >= 6.6)
+# -> docker build of the Moat image -> kind cluster from the pinned node image
+# (kind-standalone.yaml: no default CNI; kind-chained.yaml: kindnet; 1 control
+# plane, 2 workers) -> kind load of the image -> kindnet check (standalone:
+# none; chained: the pinned kindnetd image, and whether it enforces
+# NetworkPolicy) -> apply the
+# manifests (moat-config cni-mode set to $MODE) -> chained onto an enforcing
+# kindnet: every moatd refuses, and the run ends -> wait for the DaemonSet rollout, the
 # conflist on every node, nodes Ready and CoreDNS -> MoatPolicy CRD
 # validation -> netpol-smoke.sh -> churn-smoke.sh -> optional conformance
 # and upstream e2e. On failure, diagnostics go to $ARTIFACTS/failure-*. The
@@ -20,10 +33,12 @@
 #
 # Environment (defaults):
 #   MODE=standalone           standalone | chained
+#   KIND_PIN=new              new | old (versions.env) | none (any kind, its default image)
+#   KIND=kind                 the kind binary (e.g. kind-<old version> next to kind-<new version>)
 #   CLUSTER=moat-e2e          kind cluster name
 #   MOAT_IMAGE=moat:dev       image built, loaded and put into the manifests
 #   SKIP_BUILD=0              1: use an existing local $MOAT_IMAGE
-#   KIND_NODE_IMAGE=          kindest/node image (kind's default if empty)
+#   KIND_NODE_IMAGE=          kindest/node image (the pin's, or kind's default with KIND_PIN=none)
 #   REUSE_CLUSTER=0           1: use an existing cluster $CLUSTER (never deleted)
 #   KEEP=0                    1: keep the cluster (and the smoke namespaces)
 #   TIMEOUT=300s              each readiness wait
@@ -39,11 +54,22 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 
+# shellcheck source=kind-tests/versions.env
+. "$HERE/versions.env"
+
 MODE=${MODE:-standalone}
+KIND_PIN=${KIND_PIN:-new}
+KIND=${KIND:-kind}
+case $KIND_PIN in
+  old) PIN_VERSION=$KIND_OLD_VERSION PIN_NODE_IMAGE=$KIND_OLD_NODE_IMAGE PIN_KINDNETD=$KIND_OLD_KINDNETD ;;
+  new) PIN_VERSION=$KIND_NEW_VERSION PIN_NODE_IMAGE=$KIND_NEW_NODE_IMAGE PIN_KINDNETD=$KIND_NEW_KINDNETD ;;
+  none) PIN_VERSION='' PIN_NODE_IMAGE='' PIN_KINDNETD='' ;;
+  *) printf 'ERROR: KIND_PIN must be new, old or none, not %s\n' "$KIND_PIN" >&2; exit 1 ;;
+esac
 CLUSTER=${CLUSTER:-moat-e2e}
 MOAT_IMAGE=${MOAT_IMAGE:-moat:dev}
 SKIP_BUILD=${SKIP_BUILD:-0}
-KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-}
+KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-$PIN_NODE_IMAGE}
 REUSE_CLUSTER=${REUSE_CLUSTER:-0}
 # Routes between nodes: moatd's (standalone) or kindnet's (chained).
 ROUTING=direct
@@ -62,6 +88,14 @@ MIN_KERNEL=(6 6)
 CREATED=0
 STARTED=$SECONDS
 
+# seconds 300s|5m|300 -> 300 (the forms of TIMEOUT that kubectl's --timeout takes here).
+seconds() {
+  case $1 in
+    *m) echo $((10#${1%m} * 60)) ;;
+    *s) echo $((10#${1%s})) ;;
+    *) echo $((10#$1)) ;;
+  esac
+}
 step() { printf '\n==> [%s] %s\n' "$(date +%T)" "$*"; }
 info() { printf '    %s\n' "$*"; }
 die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
@@ -78,8 +112,15 @@ case $MODE in
 esac
 step "preflight"
 need docker "Install Docker: https://docs.docker.com/engine/install/"
-need kind "Install kind (>= 0.23): https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
+need "$KIND" "Install kind ${PIN_VERSION:-$KIND_OLD_VERSION or later}: https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
 need kubectl "Install kubectl: https://kubernetes.io/docs/tasks/tools/"
+# `kind version` prints "kind vX.Y.Z goN.N.N linux/amd64".
+kind_version=$("$KIND" version | awk '{print $2}')
+if [[ -n $PIN_VERSION && $kind_version != "$PIN_VERSION" ]]; then
+  die "$KIND is kind $kind_version; KIND_PIN=$KIND_PIN is kind $PIN_VERSION (kind-tests/versions.env). Get it with
+    curl -Lo kind-$PIN_VERSION https://kind.sigs.k8s.io/dl/$PIN_VERSION/kind-linux-amd64 && chmod +x kind-$PIN_VERSION   # or kind-linux-arm64, kind-darwin-*
+  or go install sigs.k8s.io/kind@$PIN_VERSION, then run with KIND=<path to it>; KIND_PIN=none runs any kind unchecked."
+fi
 docker info >/dev/null 2>&1 ||
   die "the Docker daemon is not reachable ('docker info' failed): start Docker, or add your user to the docker group"
 kernel=$(docker info --format '{{.KernelVersion}}')
@@ -89,7 +130,7 @@ if ((kmaj < MIN_KERNEL[0] || (kmaj == MIN_KERNEL[0] && ${kmin:-0} < MIN_KERNEL[1
   die "the Docker host's kernel is $kernel; Moat needs >= ${MIN_KERNEL[0]}.${MIN_KERNEL[1]} (TCX). kind nodes share the host's kernel."
 fi
 info "docker $(docker version --format '{{.Server.Version}}'), kernel $kernel"
-info "$(kind version)"
+info "$("$KIND" version) (KIND_PIN=$KIND_PIN${PIN_VERSION:+: $PIN_VERSION}), node image ${KIND_NODE_IMAGE:-the default of this kind}"
 info "kubectl $(kubectl version --client 2>/dev/null | head -1)"
 
 mkdir -p "$ARTIFACTS"
@@ -127,7 +168,7 @@ collect_logs() {
       done
     } >"$dir/$node.moatctl.txt" 2>&1
   done
-  for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
+  for node in $("$KIND" get nodes --name "$CLUSTER" 2>/dev/null); do
     docker exec "$node" sh -c '
       echo "### /etc/cni/net.d"; ls -l /etc/cni/net.d; cat /etc/cni/net.d/*.conflist
       echo "### /opt/cni/bin"; ls -l /opt/cni/bin
@@ -139,7 +180,7 @@ collect_logs() {
       echo "### moatd masquerade"; nft list table inet moat-masquerade 2>&1
     ' >"$dir/$node.host.txt" 2>&1
   done
-  kind export logs "$dir/kind" --name "$CLUSTER" >/dev/null 2>&1
+  "$KIND" export logs "$dir/kind" --name "$CLUSTER" >/dev/null 2>&1
   echo "---- last moatd log lines (all nodes) ----" >&2
   tail -n 20 "$dir"/*.moatd.log >&2 2>/dev/null
   echo "diagnostics: $dir" >&2
@@ -150,14 +191,14 @@ cleanup() {
   set +e
   if ((rc != 0)); then
     printf '\nFAILED (exit %s) after %ss\n' "$rc" "$((SECONDS - STARTED))" >&2
-    if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then collect_logs; fi
+    if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then collect_logs; fi
   fi
   if ((CREATED)) && [[ $KEEP != 1 ]]; then
     step "deleting cluster $CLUSTER (KEEP=1 keeps it)"
-    kind delete cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG"
-  elif kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
-    printf '\ncluster %s kept. Use it with:\n  export KUBECONFIG=%s\n  kubectl -n kube-system exec ds/moat -c moatd -- moatctl status\nDelete it with:\n  kind delete cluster --name %s\n' \
-      "$CLUSTER" "$KUBECONFIG" "$CLUSTER"
+    "$KIND" delete cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG"
+  elif "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    printf '\ncluster %s kept. Use it with:\n  export KUBECONFIG=%s\n  kubectl -n kube-system exec ds/moat -c moatd -- moatctl status\nDelete it with:\n  %s delete cluster --name %s\n' \
+      "$CLUSTER" "$KUBECONFIG" "$KIND" "$CLUSTER"
   fi
   exit "$rc"
 }
@@ -174,23 +215,70 @@ else
 fi
 
 # --- cluster ------------------------------------------------------------------
-if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   [[ $REUSE_CLUSTER == 1 ]] ||
-    die "a kind cluster named $CLUSTER already exists: delete it (kind delete cluster --name $CLUSTER) or set REUSE_CLUSTER=1"
+    die "a kind cluster named $CLUSTER already exists: delete it ($KIND delete cluster --name $CLUSTER) or set REUSE_CLUSTER=1"
   step "reusing existing cluster $CLUSTER"
-  kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
+  "$KIND" get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
 else
   step "creating kind cluster $CLUSTER ($MODE: kind-$MODE.yaml; 1 control plane + 2 workers)"
   args=(create cluster --name "$CLUSTER" --config "$HERE/kind-$MODE.yaml" --kubeconfig "$KUBECONFIG" --wait 0s)
   [[ -z $KIND_NODE_IMAGE ]] || args+=(--image "$KIND_NODE_IMAGE")
   CREATED=1
-  kind "${args[@]}"
+  "$KIND" "${args[@]}"
 fi
-mapfile -t NODES < <(kind get nodes --name "$CLUSTER")
+mapfile -t NODES < <("$KIND" get nodes --name "$CLUSTER")
 info "nodes: ${NODES[*]}"
 
 step "loading $MOAT_IMAGE into the nodes"
-kind load docker-image "$MOAT_IMAGE" --name "$CLUSTER"
+if ! "$KIND" load docker-image "$MOAT_IMAGE" --name "$CLUSTER"; then
+  # Docker's containerd image store (the default since Docker 29) can make `kind load
+  # docker-image` fail with "ctr: content digest ... not found" (kind issue #3795); the
+  # workaround kind documents: save one platform, load the archive.
+  platform=$(docker image inspect --format '{{.Os}}/{{.Architecture}}' "$MOAT_IMAGE")
+  info "kind load docker-image failed; retrying through docker image save --platform $platform (needs Docker >= 28)"
+  docker image save --platform "$platform" -o "$ARTIFACTS/moat-image.tar" "$MOAT_IMAGE"
+  "$KIND" load image-archive "$ARTIFACTS/moat-image.tar" --name "$CLUSTER"
+  rm -f "$ARTIFACTS/moat-image.tar"
+fi
+
+# --- kindnet --------------------------------------------------------------------
+# What kind applied comes from the node image (/kind/manifests/default-cni.yaml), not from
+# the kind binary. Standalone: no kindnet at all (disableDefaultCNI). Chained: kindnet's
+# DaemonSet runs the kindnetd image the pin names, and whether that image enforces
+# NetworkPolicy decides what Moat must do.
+# kindnetd_enforces IMAGE: 0 when kind's kindnetd IMAGE enforces NetworkPolicy, 1 when it
+# predates that, 2 when IMAGE is not kind's kindnetd with a vYYYYMMDD-<commit> tag.
+kindnetd_enforces() {
+  local image=${1%%@*} date
+  [[ $image == *kindest/kindnetd:v* ]] || return 2
+  date=${image##*:v}
+  date=${date:0:8}
+  [[ $date =~ ^[0-9]{8}$ ]] || return 2
+  ((10#$date >= KINDNETD_NETPOL_SINCE)) && return 0
+  return 1
+}
+KINDNET_ENFORCES=0
+if [[ $MODE == standalone ]]; then
+  if kubectl -n kube-system get daemonset kindnet >/dev/null 2>&1; then
+    die "kindnet is installed although kind-standalone.yaml sets disableDefaultCNI: true"
+  fi
+  info "no kindnet (disableDefaultCNI: true)"
+else
+  kindnet_image=$(kubectl -n kube-system get daemonset kindnet \
+    -o jsonpath='{.spec.template.spec.containers[?(@.name=="kindnet-cni")].image}') ||
+    die "chained mode: no kindnet DaemonSet in kube-system (kind-chained.yaml keeps kind's default CNI)"
+  if [[ -n $PIN_KINDNETD && $kindnet_image != "$PIN_KINDNETD" ]]; then
+    die "kindnet runs $kindnet_image; kind-tests/versions.env pins $PIN_KINDNETD for kind $PIN_VERSION's node image"
+  fi
+  rc=0
+  kindnetd_enforces "$kindnet_image" || rc=$?
+  case $rc in
+    0) KINDNET_ENFORCES=1; info "kindnet $kindnet_image enforces NetworkPolicy itself: Moat must refuse to chain onto it" ;;
+    1) info "kindnet $kindnet_image does not enforce NetworkPolicy: Moat chains onto it" ;;
+    *) die "kindnet runs $kindnet_image, not a kind kindnetd image these scripts know (kindest/kindnetd:vYYYYMMDD-<commit>)" ;;
+  esac
+fi
 
 # --- install Moat -------------------------------------------------------------
 step "installing Moat (manifests/moat.yaml with image $MOAT_IMAGE, cni-mode $MODE)"
@@ -207,6 +295,37 @@ if ((had_moat)); then
   kubectl -n kube-system rollout restart ds/moat
 fi
 kubectl wait --for=condition=Established crd/moatpolicies.moat.io --timeout=60s
+
+# --- chained onto an enforcing kindnet: the refusal ---------------------------------
+# moatd must stay up (the pods Running, probes answering) but not ready, saying why, and
+# leave the runtime on kindnet's own config: no 00-moat-chained.conflist on any node.
+expect_refusal() {
+  local node pod out ready deadline
+  for node in "${NODES[@]}"; do
+    deadline=$((SECONDS + $(seconds "$TIMEOUT")))
+    until pod=$(kubectl -n kube-system get pods -l app.kubernetes.io/name=moat \
+      --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null) &&
+      [[ -n $pod ]] &&
+      out=$(kubectl -n kube-system exec "$pod" -c moatd -- moatctl status 2>&1) &&
+      grep -Eq 'not ready: +kindnet enforces NetworkPolicy itself' <<<"$out"; do
+      ((SECONDS < deadline)) || die "$node: moatd does not report the refusal within $TIMEOUT:"$'\n'"${out:-no moat pod}"
+      sleep 3
+    done
+    grep -E 'not ready:' <<<"$out" | sed 's/^/    /'
+    docker exec "$node" test ! -e "/etc/cni/net.d/$CONFLIST" ||
+      die "$node: /etc/cni/net.d/$CONFLIST exists: Moat chained onto an enforcing kindnet"
+    ready=$(kubectl -n kube-system get pod "$pod" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')
+    [[ $ready != True ]] || die "$node: $pod is Ready although moatd refused to chain"
+    info "$node: moatd up, not ready, no $CONFLIST"
+  done
+}
+if ((KINDNET_ENFORCES)); then
+  step "chained onto kindnet $kindnet_image: every moatd refuses (not ready, no $CONFLIST)"
+  expect_refusal
+  info "Moat cannot be chained after this kindnet; its NetworkPolicy tests run in standalone mode (MODE=standalone)"
+  step "PASSED in $((SECONDS - STARTED))s (chained: refused, as it must be)"
+  exit 0
+fi
 
 step "waiting for the DaemonSet rollout (moatd ready on every node)"
 kubectl -n kube-system rollout status ds/moat --timeout="$TIMEOUT"

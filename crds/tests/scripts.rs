@@ -1,5 +1,6 @@
 //! shellcheck over every shell script of the repository (scripts/, kind-tests/,
-//! manifests/build.sh, bench/run.sh, .ci/run...). scripts/bootstrap.sh installs shellcheck.
+//! manifests/build.sh, bench/run.sh, .ci/run...), following what they source
+//! (kind-tests/versions.env). scripts/bootstrap.sh installs shellcheck.
 
 use std::{
     path::{Path, PathBuf},
@@ -56,6 +57,11 @@ fn shellcheck_passes_on_every_script() {
         "manifests/build.sh",
         "bench/run.sh",
         "kind-tests/run.sh",
+        "kind-tests/matrix.sh",
+        "kind-tests/netpol-smoke.sh",
+        "kind-tests/churn-smoke.sh",
+        "kind-tests/conformance.sh",
+        "kind-tests/down.sh",
         ".ci/run",
     ] {
         assert!(

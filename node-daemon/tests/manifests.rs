@@ -15,7 +15,7 @@ use k8s_openapi::{
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Namespace, Pod, ServiceAccount},
         networking::v1::NetworkPolicy,
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -87,6 +87,8 @@ fn check_document(doc: &Value, name: &str) -> String {
         "ServiceAccount" => drop(strict::<ServiceAccount>(doc, name)),
         "ClusterRole" => drop(strict::<ClusterRole>(doc, name)),
         "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(doc, name)),
+        "Role" => drop(strict::<Role>(doc, name)),
+        "RoleBinding" => drop(strict::<RoleBinding>(doc, name)),
         "ConfigMap" => drop(strict::<ConfigMap>(doc, name)),
         "DaemonSet" => drop(strict::<DaemonSet>(doc, name)),
         "CustomResourceDefinition" => drop(strict::<CustomResourceDefinition>(doc, name)),
@@ -127,6 +129,8 @@ fn every_manifest_and_example_parses_into_its_type_without_losing_fields() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "DaemonSet",
         "CustomResourceDefinition",
@@ -414,6 +418,29 @@ fn rbac_reads_what_moatd_watches_and_writes_only_node_status() {
     let subject = &binding.subjects.unwrap()[0];
     assert_eq!(Some(subject.name.clone()), sa.metadata.name);
     assert_eq!(subject.namespace, sa.metadata.namespace);
+    // Beyond that, one object may be read: kindnet's DaemonSet (chained mode checks whether
+    // kindnet enforces NetworkPolicy itself), by name, in its namespace, get only.
+    let role: Role = one(&docs, "Role");
+    let (kindnet_ns, kindnet_name) = moatd::install::KINDNET_DAEMONSET;
+    assert_eq!(role.metadata.namespace.as_deref(), Some(kindnet_ns));
+    let rules = role.rules.clone().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0].api_groups, Some(vec!["apps".to_string()]));
+    assert_eq!(rules[0].resources, Some(vec!["daemonsets".to_string()]));
+    assert_eq!(
+        rules[0].resource_names,
+        Some(vec![kindnet_name.to_string()])
+    );
+    assert_eq!(rules[0].verbs, vec!["get".to_string()]);
+    let role_binding: RoleBinding = one(&docs, "RoleBinding");
+    assert_eq!(role_binding.metadata.namespace, role.metadata.namespace);
+    assert_eq!(role_binding.role_ref.kind, "Role");
+    assert_eq!(Some(role_binding.role_ref.name.clone()), role.metadata.name);
+    let subjects = role_binding.subjects.clone().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(subjects[0].name.clone()), sa.metadata.name);
+    assert_eq!(subjects[0].namespace, sa.metadata.namespace);
     // The CRD in the bundle is the generated one.
     let crd: CustomResourceDefinition = one(&docs, "CustomResourceDefinition");
     assert_eq!(crd, moat_crds::moatpolicy_crd());

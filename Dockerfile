@@ -82,13 +82,16 @@ FROM debian:bookworm-slim
 
 # iproute2: `ip link/route/netns` for troubleshooting inside the pod.
 # nftables: moatd writes its masquerade table (inet moat-masquerade) with nft.
+# iptables: moatd's after-DNAT chain (MOAT-AFTER-DNAT in the mangle table) and
+# `moatctl trace` to Service addresses (iptables-save). Debian's iptables is the nf_tables
+# variant, as on kind's nodes and most current distributions.
 # ca-certificates: TLS roots (the API server's CA comes from the service
 # account, but anything else moatd may talk to needs them).
 # util-linux (mount, mountpoint) is part of the base image; the DaemonSet's
 # init container uses it to mount bpffs.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      iproute2 nftables ca-certificates \
+      iproute2 nftables iptables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 # /opt/moat/bin is where the DaemonSet's install-cni init container copies moat-cni and

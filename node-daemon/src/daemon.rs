@@ -18,6 +18,7 @@ use moat_datapath::{
 use moat_policy::{Engine, LabelSet, Pod, PodRef};
 use tracing::{info, warn};
 
+use crate::service_nat::BackendPlace;
 use crate::{
     api::{DaemonStatus, EndpointSpec, EndpointStatus, Registered, Request, Response},
     desired::{self, Applied, NodeConfig, Touched, WriteStats},
@@ -728,24 +729,19 @@ impl Daemon {
                 moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
                 _ => None,
             };
-            let judged_at = if matches!(place, "pod of this node") {
-                "the backend's hook on this node (both perimeters)"
-            } else {
-                "moat_after_dnat in this node's netfilter (after DNAT, before SNAT)"
-            };
             rows.push(serde_json::json!({
                 "address": backend.ip().to_string(),
                 "port": backend.port(),
                 "backend": dst_pod.as_ref().map(|p| p.to_string()),
-                "place": place,
+                "place": place.label(),
                 "verdict": if v.allowed { "allowed" } else { "denied" },
                 "egress": v.egress.as_ref().map(|e| self.explain_direction(e, src_pod.as_ref(), false)),
                 "ingress": match (&v.ingress, place) {
                     (Some(i), _) => Some(self.explain_direction(i, dst_pod.as_ref(), true)),
-                    (None, "pod on another node") => Some("judged on the backend's node".to_string()),
+                    (None, BackendPlace::RemotePod) => Some("judged on the backend's node".to_string()),
                     (None, _) => None,
                 },
-                "egress_judged_at": judged_at,
+                "egress_judged_at": place.egress_judged_at(),
             }));
         }
         let verdict = match (allowed, denied) {
@@ -779,7 +775,7 @@ impl Daemon {
     }
 
     /// Where a Service backend lives, and the flow end that evaluates it.
-    fn backend_place(&self, addr: IpAddr) -> (moat_policy::FlowEnd, &'static str) {
+    fn backend_place(&self, addr: IpAddr) -> (moat_policy::FlowEnd, BackendPlace) {
         if let Some((pod, _)) = self
             .engine
             .inputs()
@@ -792,23 +788,23 @@ impl Daemon {
                 .values()
                 .any(|e| e.spec.pod_namespace == pod.namespace && e.spec.pod_name == pod.name);
             let place = if local {
-                "pod of this node"
+                BackendPlace::LocalPod
             } else {
-                "pod on another node"
+                BackendPlace::RemotePod
             };
             return (moat_policy::FlowEnd::Pod(pod.clone()), place);
         }
         let place = if self.host_addresses().contains(&addr) {
-            "this node's host network"
+            BackendPlace::ThisNodeHost
         } else if self
             .objects
             .nodes
             .values()
             .any(|n| n.addresses.contains(&addr))
         {
-            "another node's host network"
+            BackendPlace::OtherNodeHost
         } else {
-            "outside the cluster"
+            BackendPlace::Outside
         };
         (moat_policy::FlowEnd::Address(addr), place)
     }

@@ -649,14 +649,29 @@ mod tests {
     /// binary, then kindnet-cni with `args`.
     fn upstream_kindnet(image: &str, args: &[&str]) -> k8s_openapi::api::apps::v1::DaemonSet {
         let mut ds = kind_kindnet(image);
+        first_container(&mut ds).args = Some(args.iter().map(|a| a.to_string()).collect());
         let pod = ds.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
-        pod.containers[0].args = Some(args.iter().map(|a| a.to_string()).collect());
         pod.init_containers = Some(vec![k8s_openapi::api::core::v1::Container {
             name: "install-cni-bin".into(),
             image: Some(image.into()),
             ..Default::default()
         }]);
         ds
+    }
+
+    /// The DaemonSet's first container (kindnetd in every fixture), to edit.
+    fn first_container(
+        ds: &mut k8s_openapi::api::apps::v1::DaemonSet,
+    ) -> &mut k8s_openapi::api::core::v1::Container {
+        &mut ds
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
     }
 
     fn enforcing(policy: &KindnetPolicy) -> bool {
@@ -726,16 +741,7 @@ mod tests {
         assert!(why.contains("no setting to turn it off"), "{why}");
         // kind's kindnetd defines no --network-policy flag: passing one changes nothing.
         let mut patched = kind_kindnet("docker.io/kindest/kindnetd:v20240813-c6f155d6");
-        patched
-            .spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .args = Some(vec!["--network-policy=false".into()]);
+        first_container(&mut patched).args = Some(vec!["--network-policy=false".into()]);
         let KindnetPolicy::Enforcing(why) = kindnet_policy(&patched) else {
             panic!("kind's kindnetd with --network-policy=false counted as not enforcing");
         };
@@ -800,15 +806,7 @@ mod tests {
         }
         // The flag may sit in the command as well (the binary first).
         let mut ds = upstream_kindnet(image, &[]);
-        ds.spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .command = Some(vec![
+        first_container(&mut ds).command = Some(vec![
             "/bin/kindnetd".into(),
             "--network-policy=false".into(),
         ]);
@@ -850,15 +848,7 @@ mod tests {
         ))));
         // No kindnet container at all.
         let mut ds = kind_kindnet(image);
-        ds.spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .name = "something".into();
+        first_container(&mut ds).name = "something".into();
         let KindnetPolicy::Enforcing(why) = kindnet_policy(&ds) else {
             panic!("a DaemonSet without a kindnetd container counted as not enforcing");
         };

@@ -21,6 +21,37 @@ use ipnetwork::IpNetwork;
 const MAX_DEPTH: usize = 16;
 const MAX_VISITS: usize = 100_000;
 
+/// Where a Service backend lives, which says where the source's egress towards it is judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendPlace {
+    LocalPod,
+    RemotePod,
+    ThisNodeHost,
+    OtherNodeHost,
+    Outside,
+}
+
+impl BackendPlace {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::LocalPod => "pod of this node",
+            Self::RemotePod => "pod on another node",
+            Self::ThisNodeHost => "this node's host network",
+            Self::OtherNodeHost => "another node's host network",
+            Self::Outside => "outside the cluster",
+        }
+    }
+
+    /// A pod of this node judges both perimeters at its own hook; everything else is left
+    /// to `moat_after_dnat`.
+    pub fn egress_judged_at(self) -> &'static str {
+        match self {
+            Self::LocalPod => "the backend's hook on this node (both perimeters)",
+            _ => "moat_after_dnat in this node's netfilter (after DNAT, before SNAT)",
+        }
+    }
+}
+
 /// The nat table of the family of `vip`, as iptables-save prints it.
 pub fn read_nat_table(vip: IpAddr) -> Result<String, String> {
     let tool = if vip.is_ipv4() {

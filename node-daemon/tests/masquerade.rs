@@ -49,14 +49,9 @@ const KEPT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
 const WAIT: Duration = Duration::from_secs(10);
 
+/// `lab::sh`, failing the test on an error (its message carries the command's output).
 fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    moat_datapath::lab::sh(cmd).unwrap()
 }
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {

@@ -15,14 +15,9 @@ use std::{
 use serde_json::{Value, json};
 use support_moatd::{Daemon, Env};
 
+/// `lab::sh`, failing the test on an error (its message carries the command's output).
 fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    moat_datapath::lab::sh(cmd).unwrap()
 }
 
 /// A network namespace, deleted when dropped.

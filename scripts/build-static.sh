@@ -11,7 +11,8 @@
 # Both crates are pure Rust (no C dependency), so the musl target's bundled crt and libc
 # (rustup's self-contained linking) are all that is needed: no musl-gcc. crt-static is the
 # musl target's default; it is spelled out so that a RUSTFLAGS elsewhere cannot turn it off.
-# datapath/build.rs still builds the eBPF object with the pinned nightly, as for any build.
+# datapath/build.rs still builds the eBPF object with the pinned nightly for moat-cni, as for
+# any build; moat-ipam needs only moat-cni-protocol, not the datapath.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

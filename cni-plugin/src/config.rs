@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::protocol::{CniError, NetworkConfig};
+use moat_cni_protocol::{CniError, NetworkConfig};
 pub use moat_datapath::AttachMode;
 use serde::Deserialize;
 

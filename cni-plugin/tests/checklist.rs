@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::process::{Command as Process, Stdio};
 
-use moat_cni::protocol::{
+use moat_cni_protocol::{
     AttachmentRequest, CniError, CniVersion, DispatchOutcome, ErrorCode, Interface, IpConfig,
     NetworkConfig, NetworkRequest, Plugin, Route, SuccessResult, dispatch,
 };
@@ -225,7 +225,7 @@ fn req_06_container_id_alphabet_enforced_with_code_4() {
         assert_eq!(stdout(&outcome)["code"], 4, "{bad}");
     }
     assert_eq!(
-        moat_cni::protocol::env::validate_container_id("")
+        moat_cni_protocol::env::validate_container_id("")
             .unwrap_err()
             .code,
         ErrorCode::UnknownContainer
@@ -831,7 +831,7 @@ fn req_71_feature_gates_by_version() {
 
 #[test]
 fn req_72_any_listed_version_is_accepted_as_request_version() {
-    for version in moat_cni::protocol::SUPPORTED_VERSIONS {
+    for version in moat_cni_protocol::SUPPORTED_VERSIONS {
         let config = NetworkConfig {
             cni_version: Some(version.as_str().into()),
             name: "moat".into(),

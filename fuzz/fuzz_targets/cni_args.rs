@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moat_cni::protocol::{
+use moat_cni_protocol::{
     args::{
         CniArgs, IGNORE_UNKNOWN, K8S_POD_INFRA_CONTAINER_ID, K8S_POD_NAME, K8S_POD_NAMESPACE,
         K8S_POD_UID,

@@ -11,17 +11,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moat_cni::{
-    config::{MAX_PREFIX_LEN, MoatConfig, Mode},
-    protocol::{
-        AttachmentRequest, CniError, NetworkRequest, Plugin, SuccessResult, dispatch::dispatch,
-    },
+use moat_cni::config::{MAX_PREFIX_LEN, MoatConfig, Mode};
+use moat_cni_protocol::{
+    AttachmentRequest, CniError, NetworkRequest, Plugin, SuccessResult, dispatch::dispatch,
 };
 use serde_json::Value;
 
 struct ParseOnly;
 
-fn check_moat_config(config: &moat_cni::protocol::NetworkConfig) -> Result<MoatConfig, CniError> {
+fn check_moat_config(config: &moat_cni_protocol::NetworkConfig) -> Result<MoatConfig, CniError> {
     let moat = MoatConfig::from_network(config)?;
     assert!((68..=65535).contains(&moat.mtu));
     assert!(!moat.timeout.is_zero());
@@ -103,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
                 let version = result["cniVersion"]
                     .as_str()
                     .expect("result has cniVersion");
-                let version = moat_cni::protocol::CniVersion::parse_supported(version)
+                let version = moat_cni_protocol::CniVersion::parse_supported(version)
                     .expect("result in a supported version");
                 SuccessResult::from_slice(&outcome.stdout, version)
                     .expect("a printed result decodes again");

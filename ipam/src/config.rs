@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
-use moat_cni::protocol::{Dns, NetworkConfig, Route};
+use moat_cni_protocol::{Dns, NetworkConfig, Route};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

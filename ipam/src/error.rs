@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use moat_cni::protocol::{CniError, ErrorCode};
+use moat_cni_protocol::{CniError, ErrorCode};
 
 /// CNI code for "no free address left in a range set" (plugin-defined, >= 100).
 pub const CODE_RANGE_EXHAUSTED: u32 = 100;

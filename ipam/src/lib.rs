@@ -10,7 +10,7 @@ pub mod plugin;
 pub mod pool;
 pub mod store;
 
-use moat_cni::protocol::Attachment;
+use moat_cni_protocol::Attachment;
 
 pub use config::{DEFAULT_DATA_DIR, Family, IpamConfig, RangeConfig};
 pub use error::{IpamError, Result};

@@ -3,7 +3,7 @@
 //! The result is the abbreviated delegated-IPAM form (no interfaces, no `ips[].interface`);
 //! the calling plugin fills those in.
 
-use moat_cni::protocol::{
+use moat_cni_protocol::{
     AttachmentRequest, CniError, ErrorCode, IpConfig, NetworkRequest, Plugin, SuccessResult,
 };
 
@@ -11,7 +11,7 @@ use crate::config::IpamConfig;
 
 pub struct IpamPlugin;
 
-fn ipam_config(config: &moat_cni::protocol::NetworkConfig) -> Result<IpamConfig, CniError> {
+fn ipam_config(config: &moat_cni_protocol::NetworkConfig) -> Result<IpamConfig, CniError> {
     Ok(IpamConfig::from_network_config(config)?)
 }
 

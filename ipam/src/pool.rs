@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use moat_cni::protocol::Attachment;
+use moat_cni_protocol::Attachment;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Family, RangeSet, address_to_number, number_to_address};

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use moat_cni::protocol::Attachment;
+use moat_cni_protocol::Attachment;
 use moat_ipam::{IpamConfig, RangeConfig};
 
 fn config(data_dir: &std::path::Path, subnets: &[&str]) -> IpamConfig {

@@ -1,6 +1,6 @@
 //! The moat-cni binary: the runtime executes it once per CNI command.
 //!
-//! The protocol dispatcher (`moat_cni::protocol`) validates the invocation; `plugin` wires
+//! The protocol dispatcher (`moat_cni_protocol`) validates the invocation; `plugin` wires
 //! ADD/DEL/CHECK/STATUS/GC to moatd (registration), the datapath (TCX attach) and netlink.
 
 #[path = "moat-cni/delegate.rs"]
@@ -12,7 +12,7 @@ mod plugin;
 #[path = "moat-cni/test_hook.rs"]
 mod test_hook;
 
-use moat_cni::protocol::run_as_process;
+use moat_cni_protocol::run_as_process;
 
 const ABOUT: &str = "moat-cni: eBPF-based CNI plugin for Kubernetes";
 

@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use moat_cni::protocol::{CniError, CniVersion, ErrorCode, SuccessResult};
+use moat_cni_protocol::{CniError, CniVersion, ErrorCode, SuccessResult};
 
 pub struct Delegate<'a> {
     pub plugin_type: &'a str,

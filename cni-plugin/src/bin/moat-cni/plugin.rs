@@ -9,7 +9,7 @@ use ipnetwork::IpNetwork;
 use moat_api::{
     self as api, ClientError, EndpointSpec, EndpointStatus, HostRequest, Request, Response,
 };
-use moat_cni::protocol::{
+use moat_cni_protocol::{
     AttachmentRequest, CniError, ErrorCode, Interface, IpConfig, NetworkRequest, Plugin, Route,
     SuccessResult, args::CniArgs,
 };

@@ -1,8 +1,9 @@
 //! The CNI 1.1 protocol as a pure library: environment, configuration, results, errors and the
-//! command dispatcher.
+//! command dispatcher, shared by moat-cni and moat-ipam.
 //!
 //! Nothing here touches netlink or the filesystem, so every rule of the spec that the protocol
-//! alone decides is unit-tested without root.
+//! alone decides is unit-tested without root. It is a crate of its own, not a module of
+//! moat-cni, so that a plugin using it does not build moat-cni's datapath and eBPF programs.
 
 pub mod args;
 pub mod dispatch;

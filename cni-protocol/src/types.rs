@@ -656,7 +656,7 @@ mod tests {
     #[test]
     fn round_trip_through_every_supported_version_keeps_addresses_routes_and_dns() {
         let original = sample_1_1_result();
-        for version in crate::protocol::version::SUPPORTED_VERSIONS {
+        for version in crate::version::SUPPORTED_VERSIONS {
             let encoded = original.convert(version).to_json();
             let decoded = SuccessResult::from_slice(&encoded, CniVersion::V1_1_0).unwrap();
             assert_eq!(decoded.cni_version, version);

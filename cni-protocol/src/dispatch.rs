@@ -275,7 +275,7 @@ pub fn run_as_process(plugin: &dyn Plugin, about: &str) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::types::IpConfig;
+    use crate::types::IpConfig;
     use std::cell::RefCell;
     use std::collections::HashMap;
 

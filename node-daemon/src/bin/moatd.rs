@@ -21,8 +21,8 @@ use moatd::{
 struct Args {
     /// `local` (YAML objects in --policy-dir) or `kubernetes` (the API server, in-cluster
     /// config or KUBECONFIG).
-    #[arg(long, default_value = "local", value_parser = ["local", "kubernetes"])]
-    datastore: String,
+    #[arg(long, value_enum, default_value = "local")]
+    datastore: Datastore,
     /// This node's name (from the downward API): its Node object gives its pod CIDRs.
     /// Needed by the Kubernetes datastore and by `--routing direct`.
     #[arg(long, env = "NODE_NAME", default_value = "")]
@@ -30,8 +30,8 @@ struct Args {
     /// `none` (the primary CNI or the network routes pod CIDRs between nodes: chained
     /// mode) or `direct` (moatd routes every other node's pod CIDRs via that node's address
     /// on a shared network: standalone mode).
-    #[arg(long, default_value = "none", value_parser = ["none", "direct"])]
-    routing: String,
+    #[arg(long, value_enum, default_value = "none")]
+    routing: Routing,
     /// Kubernetes mode: copy moat-cni and moat-ipam from this directory...
     #[arg(long)]
     install_cni_from: Option<PathBuf>,
@@ -95,8 +95,8 @@ struct Args {
     /// both perimeters have admitted it: `direct` (the sender's hook forwards them into the
     /// receiving pod as the host's routing would, past the host's stack) or `host-stack`
     /// (every packet crosses the host, where its netfilter rules and captures see it).
-    #[arg(long, default_value = "direct", value_parser = ["direct", "host-stack"])]
-    local_delivery: String,
+    #[arg(long, value_enum, default_value = "direct")]
+    local_delivery: LocalDelivery,
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
@@ -182,6 +182,27 @@ enum Masquerade {
     Auto,
     True,
     False,
+}
+
+/// `--datastore`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Datastore {
+    Local,
+    Kubernetes,
+}
+
+/// `--routing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Routing {
+    None,
+    Direct,
+}
+
+/// `--local-delivery`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LocalDelivery {
+    Direct,
+    HostStack,
 }
 
 /// Chained mode: keeps 00-moat-chained.conflist in step with the cluster's own config. Onto
@@ -319,32 +340,32 @@ fn main() -> anyhow::Result<()> {
         max_files: args.journal_files.max(1),
         max_age: Duration::from_secs(args.journal_max_age_secs),
     };
-    let datastore = match args.datastore.as_str() {
-        "kubernetes" => {
+    let datastore = match args.datastore {
+        Datastore::Kubernetes => {
             anyhow::ensure!(
                 !args.node_name.is_empty(),
                 "--datastore kubernetes needs --node-name (or NODE_NAME)"
             );
             DatastoreConfig::Kubernetes(moatd::kube::KubeConfig::infer(args.node_name.clone()))
         }
-        _ => DatastoreConfig::Local,
+        Datastore::Local => DatastoreConfig::Local,
     };
-    let routing = match args.routing.as_str() {
-        "direct" => {
+    let routing = match args.routing {
+        Routing::Direct => {
             anyhow::ensure!(
                 !args.node_name.is_empty(),
                 "--routing direct needs --node-name (or NODE_NAME)"
             );
             moatd::daemon::Routing::Direct
         }
-        _ => moatd::daemon::Routing::None,
+        Routing::None => moatd::daemon::Routing::None,
     };
     let socket_path = args.socket.clone();
     let pin_root = args.pin_root.clone();
     let datapath_settings = server::DatapathSettings {
         event_rate_per_cpu: args.event_rate_per_cpu,
         event_burst: args.event_burst,
-        local_via_host: args.local_delivery == "host-stack",
+        local_via_host: args.local_delivery == LocalDelivery::HostStack,
     };
     let mut daemon = Daemon::start(DaemonConfig {
         datastore,
@@ -431,4 +452,74 @@ fn main() -> anyhow::Result<()> {
     };
     server::serve(daemon, listener, api_limits);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("moatd").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let a = parse(&[]);
+        assert_eq!(a.datastore, Datastore::Local);
+        assert_eq!(a.routing, Routing::None);
+        assert_eq!(a.local_delivery, LocalDelivery::Direct);
+        assert_eq!(a.masquerade, Masquerade::Auto);
+        assert_eq!(a.cni_mode, install::CniMode::Standalone);
+        assert!(a.judge_after_dnat);
+        assert_eq!(a.poll_ms, 300);
+        assert_eq!(a.metrics_addr, moatd::metrics::DEFAULT_ADDR);
+    }
+
+    /// The forms the tests, scripts, manifests and benchmarks start moatd with.
+    #[test]
+    fn flags_take_their_value_joined_or_separate() {
+        let a = parse(&[
+            "--datastore=kubernetes",
+            "--routing",
+            "direct",
+            "--local-delivery=host-stack",
+            "--judge-after-dnat=false",
+            "--masquerade=false",
+            "--poll-ms",
+            "100",
+            "--metrics-addr",
+            "",
+            "--service-cidr=10.96.0.0/12,fd00:96::/108",
+            "--service-cidr",
+            "10.100.0.0/16",
+        ]);
+        assert_eq!(a.datastore, Datastore::Kubernetes);
+        assert_eq!(a.routing, Routing::Direct);
+        assert_eq!(a.local_delivery, LocalDelivery::HostStack);
+        assert!(!a.judge_after_dnat);
+        assert_eq!(a.masquerade, Masquerade::False);
+        assert_eq!(a.poll_ms, 100);
+        assert_eq!(a.metrics_addr, "");
+        assert_eq!(a.service_cidrs.len(), 3);
+        assert_eq!(parse(&["--masquerade"]).masquerade, Masquerade::True);
+        assert_eq!(
+            parse(&["--masquerade", "true"]).masquerade,
+            Masquerade::True
+        );
+    }
+
+    #[test]
+    fn an_unknown_value_is_refused_naming_the_choices() {
+        for args in [
+            ["--datastore", "etcd"],
+            ["--routing", "overlay"],
+            ["--local-delivery", "bypass"],
+        ] {
+            let e = Args::try_parse_from(std::iter::once("moatd").chain(args))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("possible values"), "{args:?}: {e}");
+        }
+    }
 }

@@ -2,9 +2,9 @@
 //! on a unix socket, one JSON response per line. moatd (the server) and every client link this
 //! one crate, so the wire format has a single definition.
 //!
-//! Blocking and dependency-light on purpose (serde, serde_json, thiserror): the CNI plugin
-//! runs once per pod start and must pay neither for an async runtime nor for the Kubernetes
-//! client that moatd carries.
+//! Blocking and dependency-light on purpose (serde, serde_json, thiserror, and moat-common's
+//! constants for the mode and verdict bytes): the CNI plugin runs once per pod start and must
+//! pay neither for an async runtime nor for the Kubernetes client that moatd carries.
 //!
 //! Compatibility across versions (a moat-cni binary on a node may be older or newer than the
 //! running moatd): fields added to answers carry `#[serde(default)]`, and an answer kind this
@@ -20,7 +20,16 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod explain;
 pub mod framing;
+mod mode;
+mod verdict;
+
+pub use explain::{
+    MapEntries, PolicyDocument, ServiceBackend, ServiceTrace, Trace, TracePath, TraceVerdict,
+};
+pub use mode::{EndpointMode, UnknownMode};
+pub use verdict::{Direction, UnknownVerdict, Verdict};
 
 pub const DEFAULT_SOCKET: &str = "/run/moat/moatd.sock";
 
@@ -140,7 +149,7 @@ impl ClientRequest for HostRequest {}
 pub struct Registered {
     pub identity: u32,
     pub policy_id: u32,
-    pub mode: String,
+    pub mode: EndpointMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +157,7 @@ pub struct EndpointStatus {
     pub spec: EndpointSpec,
     pub identity: u32,
     pub policy_id: u32,
-    pub mode: String,
+    pub mode: EndpointMode,
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
@@ -284,13 +293,13 @@ pub enum Response {
         endpoints: Vec<EndpointStatus>,
     },
     Policy {
-        document: serde_json::Value,
+        document: PolicyDocument,
     },
     Flows {
         flows: Vec<FlowRecord>,
     },
     Trace {
-        trace: serde_json::Value,
+        trace: Trace,
     },
     PolicyRules {
         rules: Vec<EffectiveRule>,
@@ -415,10 +424,10 @@ pub fn queue_pending_unregister(
 pub struct FlowRecord {
     /// Unix time in milliseconds.
     pub time_ms: u64,
-    pub verdict: String,
+    pub verdict: Verdict,
     pub reason: String,
-    pub direction: String,
-    pub mode: String,
+    pub direction: Direction,
+    pub mode: EndpointMode,
     pub protocol: String,
     pub source: String,
     pub destination: String,
@@ -439,8 +448,8 @@ pub struct FlowRecord {
 /// Which records a reader wants.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowFilter {
-    /// "dropped" | "allowed" | "audit"
-    pub verdict: Option<String>,
+    /// `drop` and `allow` are accepted for dropped and allowed.
+    pub verdict: Option<Verdict>,
     /// namespace/name: matches either side.
     pub pod: Option<String>,
     /// Only records newer than this many seconds.
@@ -451,15 +460,8 @@ pub struct FlowFilter {
 
 impl FlowFilter {
     pub fn matches(&self, r: &FlowRecord, now: u64) -> bool {
-        if let Some(v) = &self.verdict {
-            let want = match v.as_str() {
-                "dropped" | "drop" => "dropped",
-                "allowed" | "allow" => "allowed",
-                other => other,
-            };
-            if r.verdict != want {
-                return false;
-            }
+        if self.verdict.is_some_and(|v| v != r.verdict) {
+            return false;
         }
         if let Some(pod) = &self.pod
             && r.endpoint.as_deref() != Some(pod)

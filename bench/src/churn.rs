@@ -327,8 +327,8 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         .pods
         .saturating_sub(s.local_base + s.existing_pool + s.new_identity_pool);
     if let Response::Policy { document } = daemon.handle(Request::Policy) {
-        let ipcache = document["entries"]["ipcache"].as_u64().unwrap_or(0);
-        if ipcache < remote as u64 {
+        let ipcache = document.entries.ipcache;
+        if ipcache < remote {
             bail!(
                 "only {ipcache} ipcache entries for {remote} remote pods: pod addresses not read"
             );
@@ -451,7 +451,7 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
     section.insert("resync_s".into(), json!(round(resyncs[1], 3)));
 
     if let Response::Policy { document } = daemon.handle(Request::Policy) {
-        section.insert("map_entries".into(), document["entries"].clone());
+        section.insert("map_entries".into(), json!(document.entries));
     }
     let st = status(&mut daemon)?;
     section.insert(

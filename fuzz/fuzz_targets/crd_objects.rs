@@ -22,11 +22,21 @@ fn pod(pod: &Pod) {
     assert_eq!(item.key, convert::pod_key(pod));
     if let Some(meta) = &item.meta {
         assert!(meta.ports.iter().all(|p| p.port != 0));
-        assert!(
-            meta.mode
-                .as_deref()
-                .is_none_or(|m| matches!(m, "enforce" | "audit" | "learn"))
-        );
+        // Only a known mode: `meta.mode` is an enum, so an unknown annotation can only be
+        // left out, and then it is reported.
+        if meta.mode.is_none()
+            && let Some(written) = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(moatd::local::MODE_ANNOTATION))
+        {
+            assert!(
+                item.warning
+                    .as_deref()
+                    .is_some_and(|w| w.contains(&format!("{written:?}")))
+            );
+        }
     } else {
         assert!(item.warning.is_none());
     }

@@ -15,12 +15,16 @@ use moat_datapath::{
     Datapath, Maps, PinDir,
     attach::{attached_interfaces, detach_links},
 };
-use moat_policy::{Engine, LabelSet, Pod, PodRef};
+use moat_policy::{Engine, LabelSet, Mode, Pod, PodRef};
 use tracing::{info, warn};
 
 use crate::service_nat::BackendPlace;
 use crate::{
-    api::{DaemonStatus, EndpointSpec, EndpointStatus, Registered, Request, Response},
+    api::{
+        DaemonStatus, Direction, EndpointSpec, EndpointStatus, MapEntries, PolicyDocument,
+        Registered, Request, Response, ServiceBackend, ServiceTrace, Trace, TracePath,
+        TraceVerdict, Verdict,
+    },
     desired::{self, Applied, NodeConfig, Touched, WriteStats},
     flows::{self, FlowRecord, JournalConfig},
     local::{LocalObjects, LocalStore, Object, ObjectKey, PodMeta},
@@ -645,13 +649,7 @@ impl Daemon {
     }
 
     /// The pure engine's verdict, cross-checked against the same lookups on the kernel maps.
-    pub fn trace(
-        &self,
-        from: &str,
-        to: &str,
-        port: u16,
-        protocol: &str,
-    ) -> anyhow::Result<serde_json::Value> {
+    pub fn trace(&self, from: &str, to: &str, port: u16, protocol: &str) -> anyhow::Result<Trace> {
         let proto = match protocol.to_ascii_uppercase().as_str() {
             "TCP" => moat_common::PROTO_TCP,
             "UDP" => moat_common::PROTO_UDP,
@@ -678,18 +676,20 @@ impl Daemon {
             .ingress
             .as_ref()
             .map(|v| self.explain_direction(v, dst_pod.as_ref(), true));
-        Ok(serde_json::json!({
-            "from": from,
-            "to": to,
-            "port": port,
-            "protocol": protocol.to_ascii_uppercase(),
-            "verdict": if engine.allowed { "allowed" } else { "denied" },
-            "egress": egress,
-            "ingress": ingress,
-            "rule_id": engine.rule_id,
-            "rule": engine.rule.as_ref().map(|r| r.to_string()),
-            "maps_agree": true,
-        }))
+        Ok(Trace {
+            from: from.to_string(),
+            to: to.to_string(),
+            port,
+            protocol: protocol.to_ascii_uppercase(),
+            verdict: TraceVerdict::of(engine.allowed),
+            path: TracePath::Direct {
+                egress,
+                ingress,
+                rule_id: engine.rule_id,
+                rule: engine.rule.as_ref().map(|r| r.to_string()),
+            },
+            maps_agree: true,
+        })
     }
 
     /// A connection to a Service address, as the datapath handles it: the source's hook
@@ -705,7 +705,7 @@ impl Daemon {
         port: u16,
         protocol: &str,
         proto: u8,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<Trace> {
         let rules = crate::service_nat::read_nat_table(vip);
         let backends = match &rules {
             Ok(text) => crate::service_nat::dnat_backends(text, vip, port, proto),
@@ -729,26 +729,31 @@ impl Daemon {
                 moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
                 _ => None,
             };
-            rows.push(serde_json::json!({
-                "address": backend.ip().to_string(),
-                "port": backend.port(),
-                "backend": dst_pod.as_ref().map(|p| p.to_string()),
-                "place": place.label(),
-                "verdict": if v.allowed { "allowed" } else { "denied" },
-                "egress": v.egress.as_ref().map(|e| self.explain_direction(e, src_pod.as_ref(), false)),
-                "ingress": match (&v.ingress, place) {
+            rows.push(ServiceBackend {
+                address: backend.ip().to_string(),
+                port: backend.port(),
+                backend: dst_pod.as_ref().map(|p| p.to_string()),
+                place: place.label().to_string(),
+                verdict: TraceVerdict::of(v.allowed),
+                egress: v
+                    .egress
+                    .as_ref()
+                    .map(|e| self.explain_direction(e, src_pod.as_ref(), false)),
+                ingress: match (&v.ingress, place) {
                     (Some(i), _) => Some(self.explain_direction(i, dst_pod.as_ref(), true)),
-                    (None, BackendPlace::RemotePod) => Some("judged on the backend's node".to_string()),
+                    (None, BackendPlace::RemotePod) => {
+                        Some("judged on the backend's node".to_string())
+                    }
                     (None, _) => None,
                 },
-                "egress_judged_at": place.egress_judged_at(),
-            }));
+                egress_judged_at: place.egress_judged_at().to_string(),
+            });
         }
         let verdict = match (allowed, denied) {
-            (0, 0) => "unknown",
-            (_, 0) => "allowed",
-            (0, _) => "denied",
-            _ => "depends on the backend",
+            (0, 0) => TraceVerdict::Unknown,
+            (_, 0) => TraceVerdict::Allowed,
+            (0, _) => TraceVerdict::Denied,
+            _ => TraceVerdict::DependsOnTheBackend,
         };
         let note = match (&rules, backends.is_empty()) {
             (Err(e), _) => Some(format!(
@@ -759,19 +764,21 @@ impl Daemon {
             ),
             (Ok(_), false) => None,
         };
-        Ok(serde_json::json!({
-            "from": from,
-            "to": vip.to_string(),
-            "port": port,
-            "protocol": protocol.to_ascii_uppercase(),
-            "verdict": verdict,
-            "service": {
-                "at_source": "a Service address has no identity: the source's hook records the flow and defers",
-                "backends": rows,
-                "note": note,
+        Ok(Trace {
+            from: from.to_string(),
+            to: vip.to_string(),
+            port,
+            protocol: protocol.to_ascii_uppercase(),
+            verdict,
+            path: TracePath::Service {
+                service: ServiceTrace {
+                    at_source: "a Service address has no identity: the source's hook records the flow and defers".to_string(),
+                    backends: rows,
+                    note,
+                },
             },
-            "maps_agree": true,
-        }))
+            maps_agree: true,
+        })
     }
 
     /// Where a Service backend lives, and the flow end that evaluates it.
@@ -909,20 +916,14 @@ impl Daemon {
         let age_ms = mono_now_ns.saturating_sub(e.timestamp_ns) / 1_000_000;
         FlowRecord {
             time_ms: wall_now_ms.saturating_sub(age_ms),
-            verdict: match e.verdict {
-                VERDICT_DROP => "dropped",
-                VERDICT_AUDIT => "audit",
-                _ => "allowed",
-            }
-            .into(),
+            verdict: Verdict::from_code(e.verdict),
             reason: reason::name(e.reason).into(),
-            direction: if ingress { "ingress" } else { "egress" }.into(),
-            mode: match e.mode {
-                MODE_AUDIT => "audit",
-                MODE_LEARN => "learn",
-                _ => "enforce",
-            }
-            .into(),
+            direction: if ingress {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            mode: Mode::from_code(e.mode),
             protocol: match e.proto {
                 PROTO_TCP => "TCP".to_string(),
                 PROTO_UDP => "UDP".to_string(),
@@ -1190,9 +1191,9 @@ impl Daemon {
             );
             record.mode = pods
                 .get(&key)
-                .and_then(|m| m.mode.clone())
-                .or_else(|| modes.get(&record.pod_ref()).map(|m| m.name().to_string()))
-                .unwrap_or_else(|| "enforce".into());
+                .and_then(|m| m.mode)
+                .or_else(|| modes.get(&record.pod_ref()).copied())
+                .unwrap_or_default();
         }
     }
 
@@ -1209,7 +1210,7 @@ impl Daemon {
     fn sync_endpoint_pod(&mut self, key: &str) -> anyhow::Result<()> {
         let record = self.endpoints.get(key).context("unknown endpoint")?.clone();
         let meta = self.pod_meta(&record.spec.pod_namespace, &record.spec.pod_name);
-        let annotated = meta.mode.clone();
+        let annotated = meta.mode;
         let pod = Pod {
             namespace: record.spec.pod_namespace.clone(),
             name: record.spec.pod_name.clone(),
@@ -1225,8 +1226,8 @@ impl Daemon {
                 .state()
                 .modes
                 .get(&record.pod_ref())
-                .map(|m| m.name().to_string())
-                .unwrap_or_else(|| "enforce".into())
+                .copied()
+                .unwrap_or_default()
         });
         if let Some(r) = self.endpoints.get_mut(key) {
             r.mode = mode;
@@ -1332,7 +1333,7 @@ impl Daemon {
             key.clone(),
             EndpointRecord {
                 spec: spec.clone(),
-                mode: "enforce".into(),
+                mode: Mode::Enforce,
                 flags: 0,
             },
         );
@@ -1373,7 +1374,7 @@ impl Daemon {
         Ok(Registered {
             identity: compiled.identity.0,
             policy_id: compiled.policy_id,
-            mode: record.mode.clone(),
+            mode: record.mode,
         })
     }
 
@@ -1509,7 +1510,7 @@ impl Daemon {
                             spec: r.spec.clone(),
                             identity,
                             policy_id: compiled.map(|c| c.policy_id).unwrap_or(0),
-                            mode: r.mode.clone(),
+                            mode: r.mode,
                             labels: labels.0,
                         }
                     })
@@ -1518,31 +1519,34 @@ impl Daemon {
             }
             Request::Policy => {
                 let state = self.engine.state();
-                let identities: BTreeMap<String, &LabelSet> = state
-                    .identities
-                    .iter()
-                    .map(|(id, labels)| (id.0.to_string(), labels))
-                    .collect();
-                let rules: BTreeMap<String, String> = state
-                    .rules
-                    .iter()
-                    .map(|(id, r)| (id.to_string(), r.to_string()))
-                    .collect();
-                let document = serde_json::json!({
-                    "identities": identities,
-                    "rules": rules,
-                    "policies": self.objects.policies.keys()
-                        .map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
-                    "rejected": self.rejected,
-                    "entries": {
-                        "policy": self.applied.maps.policy.len(),
-                        "port_ranges": self.applied.maps.port_ranges.len(),
-                        "cidr_v4": self.applied.maps.cidr_v4.len(),
-                        "cidr_v6": self.applied.maps.cidr_v6.len(),
-                        "ipcache": self.applied.maps.ipcache.len(),
-                        "endpoints": self.applied.maps.endpoints.len(),
+                let maps = &self.applied.maps;
+                let document = PolicyDocument {
+                    identities: state
+                        .identities
+                        .iter()
+                        .map(|(id, labels)| (id.0.to_string(), labels.0.clone()))
+                        .collect(),
+                    rules: state
+                        .rules
+                        .iter()
+                        .map(|(id, r)| (id.to_string(), r.to_string()))
+                        .collect(),
+                    policies: self
+                        .objects
+                        .policies
+                        .keys()
+                        .map(|(ns, n)| format!("{ns}/{n}"))
+                        .collect(),
+                    rejected: self.rejected.clone(),
+                    entries: MapEntries {
+                        policy: maps.policy.len(),
+                        port_ranges: maps.port_ranges.len(),
+                        cidr_v4: maps.cidr_v4.len(),
+                        cidr_v6: maps.cidr_v6.len(),
+                        ipcache: maps.ipcache.len(),
+                        endpoints: maps.endpoints.len(),
                     },
-                });
+                };
                 Response::Policy { document }
             }
         }

@@ -35,14 +35,6 @@ pub struct NodeConfig {
     pub service_cidrs: Vec<IpNetwork>,
 }
 
-pub fn mode_code(mode: &str) -> u8 {
-    match mode {
-        "audit" => MODE_AUDIT,
-        "learn" => MODE_LEARN,
-        _ => MODE_ENFORCE,
-    }
-}
-
 /// The local endpoints' part of the maps: their endpoint entries, and the addresses that
 /// make ipcache entries carry their veth.
 struct LocalPart {
@@ -67,7 +59,7 @@ fn local_part(
             continue;
         };
         let flags = record.flags & !ENDPOINT_HINT_FLAGS | hint(compiled.policy_id);
-        let info = compiled.to_endpoint_info(mode_code(&record.mode), flags);
+        let info = compiled.to_endpoint_info(record.mode.code(), flags);
         part.endpoints.insert(record.spec.host_ifindex, info);
         for ip in &record.spec.ips {
             part.addresses.insert(
@@ -706,10 +698,9 @@ mod tests {
                     pod_name: pod.name.clone(),
                     pod_uid: None,
                 };
-                let modes = ["enforce", "audit", "learn"];
                 let record = EndpointRecord {
                     spec,
-                    mode: modes[rng.below(3)].into(),
+                    mode: moat_policy::Mode::ALL[rng.below(3)],
                     flags: 0,
                 };
                 self.endpoints

@@ -318,14 +318,15 @@ pub fn read_sequenced(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<(u64, Flo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{Direction, EndpointMode, Verdict};
 
-    fn record(verdict: &str, endpoint: &str, time_ms: u64) -> FlowRecord {
+    fn record(verdict: Verdict, endpoint: &str, time_ms: u64) -> FlowRecord {
         FlowRecord {
             time_ms,
-            verdict: verdict.into(),
+            verdict,
             reason: "default-deny".into(),
-            direction: "ingress".into(),
-            mode: "enforce".into(),
+            direction: Direction::Ingress,
+            mode: EndpointMode::Enforce,
             protocol: "TCP".into(),
             source: "10.0.0.1".into(),
             destination: "10.0.0.2".into(),
@@ -350,7 +351,11 @@ mod tests {
         let mut journal = Journal::open(cfg.clone()).unwrap();
         let now = now_ms();
         for i in 0..500 {
-            let verdict = if i % 2 == 0 { "dropped" } else { "allowed" };
+            let verdict = if i % 2 == 0 {
+                Verdict::Dropped
+            } else {
+                Verdict::Allowed
+            };
             journal.append(&[record(verdict, "prod/web", now)]).unwrap();
         }
         assert!(
@@ -361,12 +366,12 @@ mod tests {
         let dropped = read(
             &cfg,
             &FlowFilter {
-                verdict: Some("dropped".into()),
+                verdict: Some(Verdict::Dropped),
                 ..Default::default()
             },
         );
         assert!(!dropped.is_empty());
-        assert!(dropped.iter().all(|r| r.verdict == "dropped"));
+        assert!(dropped.iter().all(|r| r.verdict == Verdict::Dropped));
         let limited = read(
             &cfg,
             &FlowFilter {
@@ -392,7 +397,7 @@ mod tests {
         assert_eq!(journal.next_seq(), 1);
         let now = now_ms();
         let batch: Vec<_> = (0..40)
-            .map(|_| record("dropped", "prod/web", now))
+            .map(|_| record(Verdict::Dropped, "prod/web", now))
             .collect();
         journal.append(&batch).unwrap();
         assert_eq!(journal.next_seq(), 41);
@@ -426,7 +431,7 @@ mod tests {
     fn hub_delivers_in_order_and_counts_what_a_full_follower_misses() {
         let hub = FlowHub::default();
         let sub = hub.subscribe();
-        let r = record("dropped", "prod/web", now_ms());
+        let r = record(Verdict::Dropped, "prod/web", now_ms());
         for seq in 0..(FOLLOWER_QUEUE as u64 + 3) {
             hub.publish(Arc::new(vec![(seq, r.clone())]));
         }
@@ -442,7 +447,7 @@ mod tests {
     #[test]
     fn filters_match_pod_either_side_and_age() {
         let now = now_ms();
-        let r = record("dropped", "prod/web", now - 120_000);
+        let r = record(Verdict::Dropped, "prod/web", now - 120_000);
         let by_peer = FlowFilter {
             pod: Some("prod/client".into()),
             ..Default::default()

@@ -19,7 +19,7 @@ pub const MODE_ANNOTATION: &str = "moat.io/mode";
 pub struct PodMeta {
     pub labels: LabelSet,
     pub ports: Vec<ContainerPort>,
-    pub mode: Option<String>,
+    pub mode: Option<moat_policy::Mode>,
     /// Addresses the datastore reports (status.podIPs). Pods that are not registered on
     /// this node but have addresses are remote workloads: they get ipcache entries so that
     /// policy can name them.
@@ -601,13 +601,13 @@ fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<(), St
                 meta.labels.insert(k.clone(), v.clone());
             }
             if let Some(mode) = pod.metadata.annotations.get(MODE_ANNOTATION) {
-                if !matches!(mode.as_str(), "enforce" | "audit" | "learn") {
-                    return Err(format!(
-                        "Pod {namespace}/{}: annotation {MODE_ANNOTATION}={mode:?} must be enforce, audit or learn",
+                let mode = mode.parse().map_err(|e| {
+                    format!(
+                        "Pod {namespace}/{}: annotation {MODE_ANNOTATION}: {e}",
                         pod.metadata.name
-                    ));
-                }
-                meta.mode = Some(mode.clone());
+                    )
+                })?;
+                meta.mode = Some(mode);
             }
             meta.ips = pod
                 .status

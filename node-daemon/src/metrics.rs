@@ -16,10 +16,7 @@ use std::{
 };
 
 use anyhow::Context;
-use moat_common::{
-    DIRECTION_INGRESS, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL, VERDICT_AUDIT,
-    VERDICT_DROP, reason,
-};
+use moat_common::{DIRECTION_INGRESS, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL, reason};
 use moat_datapath::{Maps, PinDir};
 use prometheus_client::{
     collector::Collector,
@@ -34,7 +31,7 @@ use prometheus_client::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{daemon::Daemon, flows::FlowRecord};
+use crate::{api::Verdict, daemon::Daemon, flows::FlowRecord};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9962";
 
@@ -66,9 +63,9 @@ struct EventLabels {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DropLabels {
-    verdict: String,
+    verdict: &'static str,
     reason: String,
-    direction: String,
+    direction: &'static str,
     rule: String,
 }
 
@@ -119,12 +116,12 @@ impl Recorder {
     /// Counts journaled flow records; drops (and audit "would drop") per rule.
     pub fn journaled(&self, records: &[FlowRecord]) {
         self.journaled.inc_by(records.len() as u64);
-        for r in records.iter().filter(|r| r.verdict != "allowed") {
+        for r in records.iter().filter(|r| r.verdict != Verdict::Allowed) {
             self.drops
                 .get_or_create(&DropLabels {
-                    verdict: r.verdict.clone(),
+                    verdict: r.verdict.name(),
                     reason: r.reason.clone(),
-                    direction: r.direction.clone(),
+                    direction: r.direction.name(),
                     rule: r.rule.clone(),
                 })
                 .inc();
@@ -191,11 +188,7 @@ struct LossLabels {
 }
 
 fn verdict_name(v: u8) -> &'static str {
-    match v {
-        VERDICT_DROP => "dropped",
-        VERDICT_AUDIT => "audit",
-        _ => "allowed",
-    }
+    Verdict::from_code(v).name()
 }
 
 /// Entries in each map with its capacity (see moat_datapath::fill for how it counts cheaply).

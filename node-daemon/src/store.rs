@@ -17,8 +17,7 @@ use crate::api::EndpointSpec;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     pub spec: EndpointSpec,
-    /// enforce | audit | learn
-    pub mode: String,
+    pub mode: moat_policy::Mode,
     /// ENDPOINT_FLAG_* bits.
     #[serde(default)]
     pub flags: u8,
@@ -252,7 +251,7 @@ mod tests {
                 pod_name: format!("p{n}"),
                 pod_uid: None,
             },
-            mode: "enforce".into(),
+            mode: moat_policy::Mode::Enforce,
             flags: 0,
         }
     }

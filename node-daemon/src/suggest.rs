@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use moat_policy::{LabelSet, PodRef};
+use moat_policy::{LabelSet, Mode, PodRef};
 
+use crate::api::{Direction, Verdict};
 use crate::flows::FlowRecord;
 
 /// Labels that make a good selector: `app`-style keys when present, else all labels.
@@ -49,9 +50,9 @@ pub fn suggest(
 ) -> String {
     // (pod, direction) -> (peer, protocol, port) -> hits
     type Rules = BTreeMap<(Peer, String, u16), u64>;
-    let mut by_pod: BTreeMap<(PodRef, String), Rules> = BTreeMap::new();
+    let mut by_pod: BTreeMap<(PodRef, Direction), Rules> = BTreeMap::new();
     for r in records {
-        let learned = r.mode == "learn" || r.verdict == "audit";
+        let learned = r.mode == Mode::Learn || r.verdict == Verdict::Audit;
         let Some(endpoint) = r.endpoint.as_deref() else {
             continue;
         };
@@ -61,7 +62,7 @@ pub fn suggest(
         if !learned || ns != namespace || !matches!(r.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
             continue;
         }
-        let remote_addr = if r.direction == "ingress" {
+        let remote_addr = if r.direction == Direction::Ingress {
             &r.source
         } else {
             &r.destination
@@ -80,7 +81,7 @@ pub fn suggest(
             }
         };
         *by_pod
-            .entry((PodRef::new(ns, name), r.direction.clone()))
+            .entry((PodRef::new(ns, name), r.direction))
             .or_default()
             .entry((peer, r.protocol.clone(), r.destination_port))
             .or_default() += 1;
@@ -94,18 +95,20 @@ pub fn suggest(
         };
         let mut types = Vec::new();
         let mut body = String::new();
-        for direction in ["ingress", "egress"] {
-            let Some(rules) = by_pod.get(&(pod.clone(), direction.to_string())) else {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(rules) = by_pod.get(&(pod.clone(), direction)) else {
                 continue;
             };
-            types.push(if direction == "ingress" {
-                "Ingress"
-            } else {
-                "Egress"
+            types.push(match direction {
+                Direction::Ingress => "Ingress",
+                Direction::Egress => "Egress",
             });
             body.push_str(&format!("  {direction}:\n"));
             for ((peer, protocol, port), hits) in rules {
-                let key = if direction == "ingress" { "from" } else { "to" };
+                let key = match direction {
+                    Direction::Ingress => "from",
+                    Direction::Egress => "to",
+                };
                 body.push_str(&format!("  # observed {hits} new flow(s)\n"));
                 body.push_str(&format!("  - {key}:\n"));
                 match peer {

@@ -1047,7 +1047,7 @@ fn containerd_cri_pods_get_moat_network_and_policy_and_del_leaves_nothing() {
     // The drop was Moat's: moatd journaled it on server's perimeter.
     wait_until("moatd journals other -> server as dropped", || {
         let filter = FlowFilter {
-            verdict: Some("dropped".into()),
+            verdict: Some(moatd::api::Verdict::Dropped),
             pod: Some(format!("{NAMESPACE}/server")),
             ..Default::default()
         };

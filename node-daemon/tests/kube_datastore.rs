@@ -148,7 +148,7 @@ fn initial_sync_builds_the_snapshot_and_becomes_ready() {
     );
     let web = &objects.pods[&key("shop", "web-1")];
     assert_eq!(web.labels.get("app"), Some("web"));
-    assert_eq!(web.mode.as_deref(), Some("audit"));
+    assert_eq!(web.mode, Some(moat_policy::Mode::Audit));
     assert_eq!(
         web.ports
             .iter()
@@ -224,7 +224,7 @@ fn add_modify_delete_of_every_kind_updates_the_snapshot() {
     wait_for(&ds, "pod modified", |o| {
         o.pods.get(&key("shop", "db")).is_some_and(|p| {
             p.labels.get("tier") == Some("2")
-                && p.mode.as_deref() == Some("learn")
+                && p.mode == Some(moat_policy::Mode::Learn)
                 && p.ips == vec!["10.244.1.21".parse::<std::net::IpAddr>().unwrap()]
         })
     });

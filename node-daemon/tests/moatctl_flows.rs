@@ -342,7 +342,7 @@ fn drops_are_attributed_followed_and_journaled_across_restarts_within_the_size_l
     for r in &drops {
         assert_eq!(r.verdict, "dropped");
         assert_eq!(r.reason, "default-deny", "{r:?}");
-        let want = match (r.endpoint.as_deref(), r.direction.as_str()) {
+        let want = match (r.endpoint.as_deref(), r.direction.name()) {
             (Some("fl/web"), "ingress") => "fl/web-ingress",
             (Some("fl/client"), "egress") => "fl/client-egress",
             other => panic!("unexpected drop at {other:?}: {r:?}"),

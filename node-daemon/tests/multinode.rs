@@ -663,7 +663,7 @@ fn service_egress_is_judged_after_dnat_wherever_the_backend_is() {
         &socket,
         &Request::Flows {
             filter: api::FlowFilter {
-                verdict: Some("dropped".into()),
+                verdict: Some(api::Verdict::Dropped),
                 pod: Some("mn/client".into()),
                 ..Default::default()
             },
@@ -701,7 +701,8 @@ fn service_egress_is_judged_after_dnat_wherever_the_backend_is() {
     )
     .unwrap()
     {
-        Response::Trace { trace } => trace,
+        // Read as the JSON moatctl prints.
+        Response::Trace { trace } => serde_json::to_value(trace).unwrap(),
         other => panic!("{other:?}"),
     };
     for (vip, backend, place) in [

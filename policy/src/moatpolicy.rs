@@ -40,50 +40,8 @@ pub const KIND: &str = "MoatPolicy";
 pub const MAX_EXTERNAL_GROUPS: usize = 64;
 pub const MAX_GROUP_CIDRS: usize = 256;
 
-/// Enforcement mode of an endpoint, as `moat_common::MODE_*`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Enforce,
-    Audit,
-    Learn,
-}
-
-impl Mode {
-    /// The MOAT_ENDPOINTS mode byte.
-    pub fn code(self) -> u8 {
-        match self {
-            Mode::Enforce => moat_common::MODE_ENFORCE,
-            Mode::Audit => moat_common::MODE_AUDIT,
-            Mode::Learn => moat_common::MODE_LEARN,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-            Mode::Learn => "learn",
-        }
-    }
-
-    /// Higher is stricter; the strictest mode of the policies selecting a pod wins.
-    pub fn strictness(self) -> u8 {
-        match self {
-            Mode::Learn => 0,
-            Mode::Audit => 1,
-            Mode::Enforce => 2,
-        }
-    }
-
-    pub fn strictest(self, other: Mode) -> Mode {
-        if other.strictness() > self.strictness() {
-            other
-        } else {
-            self
-        }
-    }
-}
+/// Enforcement mode of an endpoint: the one type moatd, its API and its clients share.
+pub use moat_api::EndpointMode as Mode;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -61,9 +61,9 @@ enum Command {
         /// Keep printing new flows.
         #[arg(long)]
         follow: bool,
-        /// dropped | allowed | audit
+        /// dropped | allowed | audit (drop and allow also do)
         #[arg(long)]
-        verdict: Option<String>,
+        verdict: Option<api::Verdict>,
         /// namespace/name (either side).
         #[arg(long)]
         pod: Option<String>,
@@ -194,6 +194,12 @@ fn print<T: Serialize>(
     }
 }
 
+/// An answer as JSON, as moatd sent it (its keys sorted, as `-o json` has always printed
+/// them).
+fn to_value(answer: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(answer).unwrap_or_default()
+}
+
 fn print_value(output: Output, value: &serde_json::Value) {
     match output {
         Output::Yaml => print!("{}", moat_policy::yaml::to_string(value)),
@@ -229,13 +235,13 @@ fn flow_cells(f: &FlowRecord) -> Vec<String> {
     );
     let src = format!("{}:{}", f.source, f.source_port);
     let dst = format!("{}:{}", f.destination, f.destination_port);
-    let (from, to) = match f.direction.as_str() {
-        "ingress" => (f.peer.clone(), f.endpoint.clone()),
-        _ => (f.endpoint.clone(), f.peer.clone()),
+    let (from, to) = match f.direction {
+        api::Direction::Ingress => (f.peer.clone(), f.endpoint.clone()),
+        api::Direction::Egress => (f.endpoint.clone(), f.peer.clone()),
     };
     vec![
         time,
-        f.verdict.to_uppercase(),
+        f.verdict.name().to_uppercase(),
         from.unwrap_or_else(|| src.clone()),
         to.unwrap_or_else(|| dst.clone()),
         f.protocol.clone(),
@@ -244,8 +250,8 @@ fn flow_cells(f: &FlowRecord) -> Vec<String> {
         f.rule.clone(),
         src,
         dst,
-        f.direction.clone(),
-        f.mode.clone(),
+        f.direction.to_string(),
+        f.mode.to_string(),
         f.rule_id.to_string(),
     ]
 }
@@ -669,7 +675,7 @@ fn main() {
                     vec![
                         format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name),
                         e.identity.to_string(),
-                        e.mode.clone(),
+                        e.mode.to_string(),
                         e.spec
                             .ips
                             .iter()
@@ -695,19 +701,16 @@ fn main() {
             #[derive(Serialize)]
             struct IdentityRow {
                 identity: u32,
-                labels: serde_json::Value,
+                labels: std::collections::BTreeMap<String, String>,
             }
-            let mut rows: Vec<IdentityRow> = document["identities"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| IdentityRow {
-                            identity: k.parse().unwrap_or(0),
-                            labels: v.clone(),
-                        })
-                        .collect()
+            let mut rows: Vec<IdentityRow> = document
+                .identities
+                .into_iter()
+                .map(|(k, labels)| IdentityRow {
+                    identity: k.parse().unwrap_or(0),
+                    labels,
                 })
-                .unwrap_or_default();
+                .collect();
             if let IdentityCmd::Get { id } = what {
                 rows.retain(|r| r.identity == *id);
                 if rows.is_empty() {
@@ -717,20 +720,16 @@ fn main() {
             print(args.output, &rows, &["IDENTITY", "LABELS"], &[], |r| {
                 let labels = r
                     .labels
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_default();
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
                 vec![r.identity.to_string(), labels]
             });
         }
         Command::Policy { what } => match what.as_ref().unwrap_or(&PolicyCmd::State) {
             PolicyCmd::State => match call(&args, Request::Policy) {
-                Response::Policy { document } => print_value(args.output, &document),
+                Response::Policy { document } => print_value(args.output, &to_value(&document)),
                 other => fail(format!("unexpected answer {other:?}")),
             },
             PolicyCmd::Get { pod } => match call(&args, Request::PolicyGet { pod: pod.clone() }) {
@@ -772,9 +771,7 @@ fn main() {
             }
         },
         Command::Reload => match call(&args, Request::Reload) {
-            Response::Status(s) => {
-                print_value(args.output, &serde_json::to_value(&s).unwrap_or_default())
-            }
+            Response::Status(s) => print_value(args.output, &to_value(&s)),
             other => fail(format!("unexpected answer {other:?}")),
         },
         Command::Flows {
@@ -785,7 +782,7 @@ fn main() {
             limit,
         } => {
             let filter = FlowFilter {
-                verdict: verdict.clone(),
+                verdict: *verdict,
                 pod: pod.clone(),
                 since_secs: since.as_deref().map(parse_since),
                 limit: *limit,
@@ -806,24 +803,28 @@ fn main() {
             match call(&args, request) {
                 Response::Trace { trace } => {
                     if matches!(args.output, Output::Json | Output::Yaml) {
-                        print_value(args.output, &trace);
+                        print_value(args.output, &to_value(&trace));
                     } else {
                         println!(
                             "{} -> {} {}/{}: {}",
-                            trace["from"].as_str().unwrap_or(""),
-                            trace["to"].as_str().unwrap_or(""),
-                            trace["port"],
-                            trace["protocol"].as_str().unwrap_or(""),
-                            trace["verdict"].as_str().unwrap_or("").to_uppercase()
+                            trace.from,
+                            trace.to,
+                            trace.port,
+                            trace.protocol,
+                            trace.verdict.name().to_uppercase()
                         );
-                        if let Some(service) = trace.get("service") {
-                            print_service_trace(service);
-                        }
-                        if let Some(e) = trace["egress"].as_str() {
-                            println!("  egress of source:        {e}");
-                        }
-                        if let Some(i) = trace["ingress"].as_str() {
-                            println!("  ingress of destination:  {i}");
+                        match &trace.path {
+                            api::TracePath::Service { service } => print_service_trace(service),
+                            api::TracePath::Direct {
+                                egress, ingress, ..
+                            } => {
+                                if let Some(e) = egress {
+                                    println!("  egress of source:        {e}");
+                                }
+                                if let Some(i) = ingress {
+                                    println!("  ingress of destination:  {i}");
+                                }
+                            }
                         }
                         println!("  kernel maps agree:       yes");
                     }
@@ -837,35 +838,29 @@ fn main() {
 
 /// A trace to a Service address: what the source's hook does, then each backend the host's
 /// DNAT may pick, with the verdict there and where it is made.
-fn print_service_trace(service: &serde_json::Value) {
-    println!(
-        "  at the source's hook:    {}",
-        service["at_source"].as_str().unwrap_or("")
-    );
-    for b in service["backends"].as_array().into_iter().flatten() {
+fn print_service_trace(service: &api::ServiceTrace) {
+    println!("  at the source's hook:    {}", service.at_source);
+    for b in &service.backends {
         println!(
             "  backend {}:{} ({}{}): {}",
-            b["address"].as_str().unwrap_or(""),
-            b["port"],
-            b["place"].as_str().unwrap_or(""),
-            b["backend"]
-                .as_str()
+            b.address,
+            b.port,
+            b.place,
+            b.backend
+                .as_deref()
                 .map(|p| format!(", {p}"))
                 .unwrap_or_default(),
-            b["verdict"].as_str().unwrap_or("").to_uppercase()
+            b.verdict.name().to_uppercase()
         );
-        if let Some(e) = b["egress"].as_str() {
+        if let Some(e) = &b.egress {
             println!("    egress of source:      {e}");
-            println!(
-                "    judged at:             {}",
-                b["egress_judged_at"].as_str().unwrap_or("")
-            );
+            println!("    judged at:             {}", b.egress_judged_at);
         }
-        if let Some(i) = b["ingress"].as_str() {
+        if let Some(i) = &b.ingress {
             println!("    ingress of backend:    {i}");
         }
     }
-    if let Some(note) = service["note"].as_str() {
+    if let Some(note) = &service.note {
         println!("  note: {note}");
     }
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::{
     core::v1::{Container, Namespace, Node, Pod},
     networking::v1::NetworkPolicy as KubeNetworkPolicy,
 };
-use moat_policy::{ContainerPort, LabelSet, NetworkPolicy, Protocol};
+use moat_policy::{ContainerPort, LabelSet, Mode, NetworkPolicy, Protocol};
 
 use crate::local::{MODE_ANNOTATION, PodMeta};
 
@@ -120,15 +120,18 @@ pub fn pod_item(pod: &Pod) -> PodItem {
         .as_ref()
         .and_then(|a| a.get(MODE_ANNOTATION))
     {
-        if matches!(mode.as_str(), "enforce" | "audit" | "learn") {
-            meta.mode = Some(mode.clone());
-        } else {
+        match mode.parse::<Mode>() {
+            Ok(mode) => meta.mode = Some(mode),
             // The pod is kept (its labels still name it in other pods' policies); only the
-            // annotation is ignored, so the pod runs in the default mode.
-            warning = Some(format!(
-                "Pod {}/{}: annotation {MODE_ANNOTATION}={mode:?} must be enforce, audit or learn; the default mode applies",
-                key.0, key.1
-            ));
+            // annotation is ignored, so the pod runs in the mode it would have without it
+            // (its MoatPolicies' strictest, else enforce), never a laxer one guessed from a
+            // typo. The warning is listed with the rejected objects (`moatctl status`).
+            Err(e) => {
+                warning = Some(format!(
+                    "Pod {}/{}: annotation {MODE_ANNOTATION}: {e}; the default mode applies",
+                    key.0, key.1
+                ))
+            }
         }
     }
     if let Some(spec) = spec {
@@ -270,7 +273,7 @@ mod tests {
         assert_eq!(item.warning, None);
         let meta = item.meta.unwrap();
         assert_eq!(meta.labels.get("app"), Some("web"));
-        assert_eq!(meta.mode.as_deref(), Some("audit"));
+        assert_eq!(meta.mode, Some(Mode::Audit));
         let ports: Vec<(&str, u16, Protocol)> = meta
             .ports
             .iter()

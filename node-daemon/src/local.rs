@@ -2,6 +2,10 @@
 //! (labels, container ports, the `moat.io/mode` annotation) describe workloads; NetworkPolicy
 //! objects describe their perimeters. An object that does not parse or validate is reported
 //! with the reason and left out; everything else keeps working.
+//!
+//! Objects are read into the Kubernetes API types and converted by [`crate::kube::convert`],
+//! exactly as the kubernetes datastore converts what the API server sends: a pod means the
+//! same to Moat whichever datastore holds it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,8 +13,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::kube::convert::NodeInfo;
-use moat_policy::{ContainerPort, LabelSet, MoatPolicy, NetworkPolicy, Protocol};
+use crate::kube::convert::{self, NodeInfo};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use moat_policy::{ContainerPort, LabelSet, MoatPolicy, NetworkPolicy};
 use serde::Deserialize;
 
 pub const MODE_ANNOTATION: &str = "moat.io/mode";
@@ -42,66 +47,6 @@ pub struct LocalObjects {
 #[derive(Deserialize)]
 struct Header {
     kind: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct NamespaceObject {
-    metadata: Meta,
-}
-
-#[derive(Deserialize)]
-struct PodObject {
-    metadata: Meta,
-    #[serde(default)]
-    spec: Option<PodSpec>,
-    #[serde(default)]
-    status: Option<PodStatus>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodStatus {
-    // Kubernetes spells it podIPs, which camelCase would not produce.
-    #[serde(default, rename = "podIPs")]
-    pod_ips: Vec<PodIp>,
-}
-
-#[derive(Deserialize)]
-struct PodIp {
-    ip: std::net::IpAddr,
-}
-
-#[derive(Deserialize, Default)]
-struct PodSpec {
-    #[serde(default)]
-    containers: Vec<Container>,
-}
-
-#[derive(Deserialize)]
-struct Container {
-    #[serde(default)]
-    ports: Vec<PortObject>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PortObject {
-    #[serde(default)]
-    name: Option<String>,
-    container_port: u16,
-    #[serde(default)]
-    protocol: Option<Protocol>,
 }
 
 /// Object files: YAML or JSON, not hidden (editors' and atomic writers' temp files are).
@@ -324,13 +269,19 @@ pub fn parse_text(file: &str, text: &str) -> ParsedText {
         if value.is_null() {
             continue;
         }
-        if let Err(reason) = add_object(&mut parsed, &value) {
+        let problem = match add_object(&mut parsed, &value) {
+            Ok(warning) => warning,
+            Err(reason) => {
+                out.failed.extend(object_key(&value));
+                Some(reason)
+            }
+        };
+        if let Some(problem) = problem {
             if out.rejected.len() < MAX_REJECTIONS_PER_FILE {
-                out.rejected.push(format!("{file}: {reason}"));
+                out.rejected.push(format!("{file}: {problem}"));
             } else {
                 unreported += 1;
             }
-            out.failed.extend(object_key(&value));
         }
     }
     if unreported > 0 {
@@ -347,7 +298,6 @@ pub fn parse_text(file: &str, text: &str) -> ParsedText {
             Some((k, o))
         })
         .collect();
-    out.rejected.extend(parsed.rejected);
     out
 }
 
@@ -577,57 +527,31 @@ pub fn load(dir: &Path) -> LocalObjects {
     store.merged
 }
 
-fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<(), String> {
+/// Adds one object. Err: the object is refused (its last good version stays in force);
+/// Ok(Some): it is taken, with a problem to report (e.g. a pod's unknown mode annotation).
+fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<Option<String>, String> {
     let header = Header::deserialize(json).map_err(|e| e.to_string())?;
     match header.kind.as_deref() {
         Some("Namespace") => {
-            let ns: NamespaceObject =
-                NamespaceObject::deserialize(json).map_err(|e| format!("Namespace: {e}"))?;
-            let mut labels = LabelSet::new();
-            for (k, v) in ns.metadata.labels {
-                labels.insert(k, v);
+            let ns = Namespace::deserialize(json).map_err(|e| format!("Namespace: {e}"))?;
+            if ns.metadata.name.is_none() {
+                return Err("Namespace without metadata.name".into());
             }
-            out.namespaces.insert(ns.metadata.name, labels);
+            let (_, name) = convert::namespace_key(&ns);
+            out.namespaces.insert(name, convert::namespace_labels(&ns));
         }
         Some("Pod") => {
-            let pod = PodObject::deserialize(json).map_err(|e| format!("Pod: {e}"))?;
-            let namespace = pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let mut meta = PodMeta::default();
-            for (k, v) in &pod.metadata.labels {
-                meta.labels.insert(k.clone(), v.clone());
+            let pod = Pod::deserialize(json).map_err(|e| format!("Pod: {e}"))?;
+            if pod.metadata.name.is_none() {
+                return Err("Pod without metadata.name".into());
             }
-            if let Some(mode) = pod.metadata.annotations.get(MODE_ANNOTATION) {
-                let mode = mode.parse().map_err(|e| {
-                    format!(
-                        "Pod {namespace}/{}: annotation {MODE_ANNOTATION}: {e}",
-                        pod.metadata.name
-                    )
-                })?;
-                meta.mode = Some(mode);
+            let item = convert::pod_item(&pod);
+            // A host-network or finished pod is no workload of Moat's: absent, as in the
+            // kubernetes datastore (a version of it that was, is removed).
+            if let Some(meta) = item.meta {
+                out.pods.insert(item.key, meta);
             }
-            meta.ips = pod
-                .status
-                .unwrap_or_default()
-                .pod_ips
-                .into_iter()
-                .map(|p| p.ip)
-                .collect();
-            for c in pod.spec.unwrap_or_default().containers {
-                for p in c.ports {
-                    if let Some(name) = p.name {
-                        meta.ports.push(ContainerPort {
-                            name,
-                            port: p.container_port,
-                            protocol: p.protocol.unwrap_or_default(),
-                        });
-                    }
-                }
-            }
-            out.pods.insert((namespace, pod.metadata.name), meta);
+            return Ok(item.warning);
         }
         Some("NetworkPolicy") => {
             let policy = NetworkPolicy::from_value(json.clone()).map_err(|e| e.to_string())?;
@@ -644,21 +568,18 @@ fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<(), St
             );
         }
         Some("Node") => {
-            let node: k8s_openapi::api::core::v1::Node =
-                k8s_openapi::api::core::v1::Node::deserialize(json)
-                    .map_err(|e| format!("Node: {e}"))?;
+            let node = Node::deserialize(json).map_err(|e| format!("Node: {e}"))?;
             let name = node
                 .metadata
                 .name
                 .clone()
                 .ok_or("Node without metadata.name")?;
-            out.nodes
-                .insert(name, crate::kube::convert::node_info(&node));
+            out.nodes.insert(name, convert::node_info(&node));
         }
         Some(other) => return Err(format!("unsupported kind {other:?}")),
         None => return Err("object without a kind".into()),
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -839,5 +760,123 @@ mod tests {
         let objects = load(dir.path());
         assert_eq!(objects.rejected.len(), 1, "{:?}", objects.rejected);
         assert!(objects.rejected[0].contains("over the limit"));
+    }
+
+    /// One Pod (YAML) through both datastores: the local one's parse of a file holding it,
+    /// and the kubernetes one's conversion of the same object as the API server sends it.
+    /// Returns what each made of it: the pod's model (None: no workload) and the problems
+    /// reported about it.
+    fn both_datastores(yaml: &str) -> [(Option<PodMeta>, Vec<String>); 2] {
+        let parsed = parse_text("f.yaml", yaml);
+        let value = moat_policy::yaml::documents(yaml).unwrap().remove(0);
+        let item = convert::pod_item(&serde_json::from_value::<Pod>(value).unwrap());
+        let key = ObjectKey::Pod(item.key.0.clone(), item.key.1.clone());
+        let local = match parsed.objects.get(&key) {
+            Some(Object::Pod(meta)) => Some(meta.clone()),
+            None => None,
+            Some(other) => panic!("{other:?}"),
+        };
+        let local_problems = parsed
+            .rejected
+            .iter()
+            .map(|r| {
+                r.strip_prefix("f.yaml: ")
+                    .expect("names the file")
+                    .to_string()
+            })
+            .collect();
+        let both = [
+            (local, local_problems),
+            (item.meta, item.warning.into_iter().collect()),
+        ];
+        assert_eq!(both[0], both[1], "the datastores disagree on {yaml}");
+        both
+    }
+
+    const POD: &str =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n";
+
+    #[test]
+    fn both_datastores_leave_out_a_host_network_pod() {
+        let yaml = format!("{POD}spec: {{hostNetwork: true, containers: [{{name: c}}]}}\n");
+        let [(meta, problems), _] = both_datastores(&yaml);
+        assert_eq!((meta, problems), (None, vec![]));
+    }
+
+    #[test]
+    fn both_datastores_leave_out_a_finished_pod() {
+        for phase in ["Succeeded", "Failed"] {
+            let yaml = format!(
+                "{POD}spec: {{containers: [{{name: c}}]}}\nstatus: {{phase: {phase}, podIPs: [{{ip: 10.0.0.5}}]}}\n"
+            );
+            let [(meta, problems), _] = both_datastores(&yaml);
+            assert_eq!((meta, problems), (None, vec![]), "{phase}");
+        }
+        let running = format!("{POD}status: {{phase: Running, podIPs: [{{ip: 10.0.0.5}}]}}\n");
+        let [(meta, _), _] = both_datastores(&running);
+        assert_eq!(
+            meta.unwrap().ips,
+            vec!["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn both_datastores_name_the_ports_of_sidecars_only() {
+        let yaml = format!(
+            "{POD}spec:\n  containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]\n  initContainers:\n  - {{name: side, restartPolicy: Always, ports: [{{name: metrics, containerPort: 9090, protocol: UDP}}]}}\n  - {{name: init, ports: [{{name: setup, containerPort: 1}}]}}\n"
+        );
+        let [(meta, _), _] = both_datastores(&yaml);
+        let ports: Vec<(String, u16, moat_policy::Protocol)> = meta
+            .unwrap()
+            .ports
+            .into_iter()
+            .map(|p| (p.name, p.port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                ("http".to_string(), 8080, moat_policy::Protocol::TCP),
+                ("metrics".to_string(), 9090, moat_policy::Protocol::UDP)
+            ]
+        );
+    }
+
+    #[test]
+    fn both_datastores_keep_a_pod_with_a_bad_mode_annotation_and_report_it() {
+        let annotated = |mode: &str| {
+            POD.replace(
+                "labels: {app: web}",
+                &format!("labels: {{app: web}}, annotations: {{moat.io/mode: {mode}}}"),
+            )
+        };
+        let [(meta, problems), _] = both_datastores(&annotated("Audit"));
+        let meta = meta.expect("the pod is kept: its labels still name it in policies");
+        assert_eq!(meta.labels.get("app"), Some("web"));
+        assert_eq!(meta.mode, None, "the default mode applies, not a guess");
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("shop/web") && problems[0].contains("\"Audit\""),
+            "{problems:?}"
+        );
+        let [(meta, problems), _] = both_datastores(&annotated("learn"));
+        assert_eq!(meta.unwrap().mode, Some(moat_policy::Mode::Learn));
+        assert!(problems.is_empty());
+    }
+
+    #[test]
+    fn a_pod_that_becomes_host_network_leaves_the_datastore() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "p.yaml", &pod("web", "web"));
+        let mut store = LocalStore::new(dir.path());
+        store.refresh();
+        assert_eq!(store.objects().pods.len(), 1);
+        write(
+            dir.path(),
+            "p.yaml",
+            &format!("{}spec: {{hostNetwork: true}}\n", pod("web", "web")),
+        );
+        assert_eq!(store.refresh(), Some([key("web")].into()));
+        assert!(store.objects().pods.is_empty());
+        assert!(store.objects().rejected.is_empty());
     }
 }

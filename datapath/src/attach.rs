@@ -9,7 +9,7 @@ use anyhow::Context;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
 use moat_common::program_name;
 
-use crate::{PinDir, Result};
+use crate::{Error, PinDir, Result};
 
 pub const HOOK_FROM_CONTAINER: &str = "from";
 pub const HOOK_TO_CONTAINER: &str = "to";
@@ -69,6 +69,16 @@ pub fn attach_endpoint(pins: &PinDir, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Opens one of the programs moatd pinned, for either attach mechanism. A failure is
+/// [`Error::ProgramNotPinned`], whatever the kernel's reason: the programs are moatd's to
+/// load, so without them the fix is moatd, not this caller.
+pub(crate) fn pinned_program(pins: &PinDir, name: &str) -> Result<SchedClassifier> {
+    SchedClassifier::from_pin(pins.program(name)).map_err(|source| Error::ProgramNotPinned {
+        name: name.to_string(),
+        source,
+    })
+}
+
 fn attach_one(
     pins: &PinDir,
     ifname: &str,
@@ -79,8 +89,7 @@ fn attach_one(
     let pin_path = pins.link(ifname, hook);
     // A stale pin (the veth was re-created under the same name) would keep a dead link.
     remove_pin(&pin_path)?;
-    let mut program = SchedClassifier::from_pin(pins.program(name))
-        .with_context(|| format!("opening pinned program {name}; is moatd running?"))?;
+    let mut program = pinned_program(pins, name)?;
     let id = program
         .attach_with_options(
             ifname,
@@ -283,5 +292,27 @@ fn detach_now(path: &Path) {
             size_of_val(&detach),
         );
         libc::close(fd as i32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pin root moatd never loaded into: attaching fails with the variant callers act on
+    /// (moat-cni maps it to "try again later"), not a generic error. TCX mode opens the
+    /// programs before it touches the interface, so no device is needed.
+    #[test]
+    fn attaching_without_pinned_programs_is_program_not_pinned() {
+        let root = std::env::temp_dir().join(format!("moat-attach-test-{}", std::process::id()));
+        let error =
+            attach_endpoint_with(&PinDir::new(&root), "moat-none0", AttachMode::Tcx).unwrap_err();
+        let _ = fs::remove_dir_all(&root);
+        match error {
+            Error::ProgramNotPinned { name, .. } => {
+                assert_eq!(name, program_name::FROM_CONTAINER);
+            }
+            other => panic!("expected ProgramNotPinned, got {other:?}"),
+        }
     }
 }

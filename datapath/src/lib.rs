@@ -40,6 +40,15 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    /// One of the programs moatd loads and pins cannot be opened: moatd is not running with
+    /// this pin root, or has not loaded the programs yet. A variant of its own because callers
+    /// act on it (moat-cni answers "try again later", not a plugin failure).
+    #[error("opening pinned program {name}; is moatd running?: {source}")]
+    ProgramNotPinned {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("{context}: {source}")]
     Map {
         context: String,

@@ -31,7 +31,11 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-use crate::{PinDir, Result, attach::HOOKS, rtnl};
+use crate::{
+    PinDir, Result,
+    attach::{HOOKS, pinned_program},
+    rtnl,
+};
 
 /// Filter priority: the lowest number runs first, so Moat judges before other filters.
 pub const PRIORITY: u16 = 1;
@@ -106,8 +110,7 @@ pub fn attach(pins: &PinDir, ifname: &str) -> Result<()> {
 }
 
 fn attach_one(pins: &PinDir, ifname: &str, name: &str, attach_type: TcAttachType) -> Result<()> {
-    let mut program = SchedClassifier::from_pin(pins.program(name))
-        .with_context(|| format!("opening pinned program {name}; is moatd running?"))?;
+    let mut program = pinned_program(pins, name)?;
     let options = NlOptions {
         priority: PRIORITY,
         handle: HANDLE,

@@ -57,6 +57,21 @@ fn netlink_error(msg: &str, error: anyhow::Error) -> CniError {
     CniError::new(ErrorCode::Plugin(CODE_NETLINK), msg).with_details(format!("{error:#}"))
 }
 
+/// The code comes from the datapath's error variant: programs not pinned means moatd has not
+/// loaded them (not running, or starting), which the runtime should retry (11); anything else
+/// is an attach failure of this plugin.
+fn attach_error(host_ifname: &str, error: &moat_datapath::Error) -> CniError {
+    let code = match error {
+        moat_datapath::Error::ProgramNotPinned { .. } => ErrorCode::TryAgainLater,
+        _ => ErrorCode::Plugin(CODE_ATTACH),
+    };
+    CniError::new(
+        code,
+        format!("attaching Moat programs to {host_ifname} failed"),
+    )
+    .with_details(format!("{error:#}"))
+}
+
 fn check_failed(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::Plugin(CODE_CHECK_FAILED), msg)
 }
@@ -187,19 +202,8 @@ impl<'a> Ctx<'a> {
     }
 
     fn attach(&self, host_ifname: &str) -> Result<(), CniError> {
-        attach_endpoint_with(&self.pins, host_ifname, self.config.attach).map_err(|e| {
-            let text = format!("{e:#}");
-            let code = if text.contains("is moatd running") {
-                ErrorCode::TryAgainLater
-            } else {
-                ErrorCode::Plugin(CODE_ATTACH)
-            };
-            CniError::new(
-                code,
-                format!("attaching Moat programs to {host_ifname} failed"),
-            )
-            .with_details(text)
-        })
+        attach_endpoint_with(&self.pins, host_ifname, self.config.attach)
+            .map_err(|e| attach_error(host_ifname, &e))
     }
 
     /// Attaches both programs to `host` on a scoped thread while `meanwhile` runs, and
@@ -864,5 +868,33 @@ fn network_delegate(request: &NetworkRequest) -> Delegate<'_> {
         cni_path: &request.cni_path,
         raw_config: &request.raw_config,
         version: request.version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moat_datapath::AttachMode;
+
+    use super::*;
+
+    /// moatd not running (nothing pinned under the pin root) is "try again later", decided by
+    /// the datapath's error type; the details still say what to look at.
+    #[test]
+    fn attach_without_pinned_programs_is_try_again_later() {
+        let root = tempfile::tempdir().unwrap();
+        let error = attach_endpoint_with(&PinDir::new(root.path()), "moat-none0", AttachMode::Tcx)
+            .unwrap_err();
+        let cni = attach_error("moat-none0", &error);
+        assert_eq!(cni.code, ErrorCode::TryAgainLater, "{cni}");
+        assert!(cni.details.unwrap().contains("is moatd running?"));
+    }
+
+    /// Any other attach failure is this plugin's own code, whatever its text says.
+    #[test]
+    fn other_attach_failures_are_plugin_code_113() {
+        let error = moat_datapath::Error::Other(anyhow::anyhow!("is moatd running? no: EPERM"));
+        let cni = attach_error("moat-x", &error);
+        assert_eq!(cni.code, ErrorCode::Plugin(CODE_ATTACH));
+        assert_eq!(cni.code.as_u32(), 113);
     }
 }

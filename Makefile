@@ -48,11 +48,13 @@ clean:
 	rm -rf bench/results.json bench/raw
 
 # The NetworkPolicy conformance cases (conformance/cases/netpol-cases.json) on this
-# node: pure engine, then real pods + moatd + datapath through per-pod Services and direct.
+# node: pure engine, then real pods + moatd + datapath through per-pod Services, direct, and
+# through Services whose every backend is on a second node (two node namespaces).
 .PHONY: conformance
 conformance: build
 	@rc=0; \
 	./target/release/moat-conformance --offline --report target/conformance-offline.json || rc=1; \
 	./target/release/moat-conformance --report target/conformance-services.json || rc=1; \
 	./target/release/moat-conformance --direct --report target/conformance-direct.json || rc=1; \
+	./target/release/moat-conformance --remote-backends --report target/conformance-remote.json || rc=1; \
 	exit $$rc

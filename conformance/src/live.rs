@@ -39,6 +39,9 @@ use crate::{
 
 pub struct LiveOptions {
     pub direct: bool,
+    /// Every Service's backend on another node: two node namespaces on a fabric, a moatd in
+    /// each, and each pod's Service DNATed on the client's node to the pod's twin on the other.
+    pub remote_backends: bool,
     pub parallel: usize,
     pub timeout: Duration,
     pub moatd: PathBuf,
@@ -64,26 +67,48 @@ const CHAIN_PREFIX: &str = "MOAT-CONFORMANCE-SVC";
 
 /// Drop/verdict events read from the datapath's ring while the run goes on.
 struct Events {
-    buf: Arc<Mutex<Vec<FlowEvent>>>,
+    /// (index of the host whose ring it came from, event)
+    buf: Arc<Mutex<Vec<(usize, FlowEvent)>>>,
     lost: Arc<AtomicUsize>,
 }
 
 pub struct Node {
+    /// The pods probes start from, on the first host, each with its Service address.
     pods: BTreeMap<String, LivePod>,
+    /// With remote backends: each pod's twin on the second host (same namespace and labels,
+    /// a replica of the same workload), the backend its Service leads to.
+    twins: BTreeMap<String, LivePod>,
     /// Keeps the namespaces alive; dropped (deleted) at the end.
     lab: Option<Lab>,
     workdir: PathBuf,
-    socket: PathBuf,
     policy_dir: PathBuf,
-    pins: PinDir,
-    daemon: Option<Child>,
+    /// One moatd each: the machine itself, or two node namespaces (remote backends).
+    hosts: Vec<Host>,
+    /// The host chain of this run's Services (one-node runs only: with remote backends the
+    /// rules live in the first node's namespace and go with it).
     chain: Option<String>,
     served: Vec<(u16, Proto)>,
     sctp: Result<(), String>,
-    generation: Option<u64>,
     events: Option<Events>,
     opts: LiveOptions,
     pub setup: BTreeMap<String, String>,
+}
+
+/// Where a moatd runs with the host ends of its pods: this machine's own network namespace,
+/// or a namespace standing in for a cluster node (its own uplink on a shared fabric, routes
+/// to the other node's pod CIDRs, its own netfilter tables and bpffs pins).
+struct Host {
+    /// The Node object's name (remote backends), or "this node".
+    name: String,
+    /// The node's network namespace; `None`: the machine's own.
+    netns: Option<String>,
+    dir: PathBuf,
+    socket: PathBuf,
+    pin_root: PathBuf,
+    pins: PinDir,
+    daemon: Option<Child>,
+    generation: Option<u64>,
+    cni: Cni,
 }
 
 /// One request to moatd, the answer as JSON (read leniently, so that a moatd of a slightly
@@ -371,23 +396,29 @@ struct Attachment {
 }
 
 /// The real moat-cni (standalone, moat-ipam) as a runtime runs it: a CNI_PATH with both
-/// binaries (from next to moatd) and one network configuration.
+/// binaries (from next to moatd) and one network configuration; run inside the node's
+/// namespace when the host is one (as the kubelet of that node would).
 #[derive(Clone, Debug)]
 struct Cni {
     bin_dir: PathBuf,
     config: serde_json::Value,
+    netns: Option<String>,
 }
 
 impl Cni {
     fn new(
-        workdir: &Path,
+        host_dir: &Path,
         moatd: &Path,
-        socket: &Path,
         pin_root: &Path,
-        lab_id: u32,
+        subnets: (&str, &str),
+        netns: Option<&str>,
     ) -> Result<Cni> {
+        // Absolute: the links are followed from the CNI_PATH directory.
+        let moatd = moatd
+            .canonicalize()
+            .with_context(|| format!("{}", moatd.display()))?;
         let from = moatd.parent().context("moatd has no directory")?;
-        let bin_dir = workdir.join("cni-bin");
+        let bin_dir = host_dir.join("cni-bin");
         std::fs::create_dir_all(&bin_dir)?;
         for plugin in ["moat-cni", "moat-ipam"] {
             let binary = from.join(plugin);
@@ -405,20 +436,21 @@ impl Cni {
             "name": "moat-conformance",
             "type": "moat-cni",
             "mode": "standalone",
-            "socket": socket,
+            "socket": host_dir.join("moatd.sock"),
             "pinRoot": pin_root,
-            "pendingDir": workdir.join("pending"),
+            "pendingDir": host_dir.join("pending"),
             "hostVethPrefix": "mcf",
             "ipam": {
                 "type": "moat-ipam",
-                "dataDir": workdir.join("ipam"),
-                "ranges": [
-                    [{"subnet": format!("10.77.{lab_id}.0/24")}],
-                    [{"subnet": format!("fd77:{lab_id:x}::/64")}]
-                ]
+                "dataDir": host_dir.join("ipam"),
+                "ranges": [[{"subnet": subnets.0}], [{"subnet": subnets.1}]]
             }
         });
-        Ok(Cni { bin_dir, config })
+        Ok(Cni {
+            bin_dir,
+            config,
+            netns: netns.map(str::to_string),
+        })
     }
 
     fn describe(&self) -> String {
@@ -431,7 +463,17 @@ impl Cni {
 
     /// Runs one command; the result on success, the plugin's error document otherwise.
     fn run(&self, command: &str, attachment: &Attachment) -> Result<serde_json::Value> {
-        let mut child = Command::new(self.bin_dir.join("moat-cni"))
+        let plugin = self.bin_dir.join("moat-cni");
+        // `ip netns exec` also mounts the node's own /sys, where the plugin looks up links.
+        let mut cmd = match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(&plugin);
+                cmd
+            }
+            None => Command::new(&plugin),
+        };
+        let mut child = cmd
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
@@ -467,7 +509,12 @@ impl Cni {
 }
 
 /// The pod as probes and evidence see it, from moat-cni's ADD result.
-fn lab_pod_from_result(key: &str, netns: &str, result: &serde_json::Value) -> Result<LabPod> {
+fn lab_pod_from_result(
+    key: &str,
+    netns: &str,
+    result: &serde_json::Value,
+    host_netns: Option<&str>,
+) -> Result<LabPod> {
     let host_if = result["interfaces"]
         .as_array()
         .and_then(|list| list.iter().find(|i| i.get("sandbox").is_none()))
@@ -483,9 +530,14 @@ fn lab_pod_from_result(key: &str, netns: &str, result: &serde_json::Value) -> Re
     let (Some(IpAddr::V4(v4)), Some(IpAddr::V6(v6))) = (address(false), address(true)) else {
         bail!("the result lacks an IPv4 or IPv6 address");
     };
-    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?
-        .trim()
-        .parse()?;
+    // `ip -o link show` starts with "<ifindex>: <name>...", in whichever namespace holds it.
+    let in_netns = host_netns.map(|n| format!("-n {n} ")).unwrap_or_default();
+    let shown = sh(&format!("ip {in_netns}-o link show dev {host_if}"))?;
+    let ifindex: u32 = shown
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("ifindex of {host_if} in {shown:?}"))?;
     Ok(LabPod {
         name: key.replace('/', "-"),
         netns: netns.to_string(),
@@ -496,141 +548,188 @@ fn lab_pod_from_result(key: &str, netns: &str, result: &serde_json::Value) -> Re
     })
 }
 
-impl Node {
-    pub fn setup(file: &CaseFile, opts: LiveOptions) -> Result<Self> {
-        anyhow::ensure!(
-            nix::unistd::Uid::effective().is_root(),
-            "the datapath run needs root (network namespaces, bpffs, netfilter)"
-        );
-        anyhow::ensure!(
-            opts.moatd.is_file(),
-            "moatd binary not found at {} (build it: cargo build -p moat-node-daemon --bin moatd, or pass --moatd)",
-            opts.moatd.display()
-        );
-        let pid = std::process::id();
-        let served = file.served_union();
-        let sctp = sctp_support();
-        let mut setup = BTreeMap::new();
+/// The Pod object's name of a model pod on a host: the model's own name on the first host,
+/// `<name>-twin` for its replica on the second.
+fn pod_name(model_name: &str, host: usize) -> String {
+    match host {
+        0 => model_name.to_string(),
+        _ => format!("{model_name}-twin"),
+    }
+}
 
-        // Work directory and pin root, private to this run.
-        let workdir = std::env::temp_dir().join(format!("moat-conformance-{pid}"));
-        let _ = std::fs::remove_dir_all(&workdir);
-        let policy_dir = workdir.join("policies");
-        std::fs::create_dir_all(&policy_dir)?;
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/moat-test/conformance-{pid}"));
-        let _ = std::fs::remove_dir_all(&pin_root);
+/// The one-node run: moatd in the machine's own namespace, pins under /sys/fs/bpf.
+fn local_host(lab: &Lab, workdir: &Path, opts: &LiveOptions) -> Result<Host> {
+    let pin_root = PathBuf::from(format!(
+        "/sys/fs/bpf/moat-test/conformance-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&pin_root);
+    {
+        let pin_root = pin_root.clone();
+        cleanup::register("pin root", move || {
+            let _ = std::fs::remove_dir_all(&pin_root);
+        });
+    }
+    let v6 = format!("fd77:{:x}::/64", lab.id);
+    let cni = Cni::new(
+        workdir,
+        &opts.moatd,
+        &pin_root,
+        (&lab.v4_subnet(), &v6),
+        None,
+    )?;
+    Ok(Host {
+        name: "this node".into(),
+        netns: None,
+        dir: workdir.to_path_buf(),
+        socket: workdir.join("moatd.sock"),
+        pins: PinDir::new(&pin_root),
+        pin_root,
+        daemon: None,
+        generation: None,
+        cni,
+    })
+}
+
+/// Two nodes: each a network namespace whose `eth0` meets the other's on a bridge in a third
+/// namespace (the fabric, so the machine's own bridge netfilter settings play no part), with
+/// half of the lab's /24 and a v6 /64 as pod CIDRs, and its pins in a bpffs of the run's own
+/// (`ip netns exec` gives moatd a fresh /sys without the machine's bpffs).
+fn remote_hosts(lab: &Lab, workdir: &Path, opts: &LiveOptions) -> Result<Vec<Host>> {
+    let bpffs = workdir.join("bpf");
+    std::fs::create_dir_all(&bpffs)?;
+    sh(&format!("mount -t bpf bpf {}", bpffs.display()))?;
+    {
+        let bpffs = bpffs.clone();
+        cleanup::register("bpffs", move || {
+            let _ = Command::new("umount").arg("-l").arg(&bpffs).output();
+        });
+    }
+    let fabric = format!("{}-fabric", lab.tag);
+    sh(&format!(
+        "ip netns del {fabric} 2>/dev/null; ip netns add {fabric} && \
+         ip -n {fabric} link add br0 type bridge && ip -n {fabric} link set br0 up"
+    ))?;
+    {
+        let fabric = fabric.clone();
+        cleanup::register("fabric", move || {
+            let _ = Command::new("ip").args(["netns", "del", &fabric]).output();
+        });
+    }
+    let mut hosts = Vec::new();
+    for (n, name) in [(1u8, "node-a"), (2, "node-b")] {
+        let netns = format!("{}-{name}", lab.tag);
+        // No DAD on the uplink: while the link-local address is tentative the node cannot
+        // resolve its peer's IPv6 address (real nodes are long up).
+        sh(&format!(
+            "ip netns del {netns} 2>/dev/null; ip netns add {netns} && \
+             ip -n {netns} link set lo up && \
+             ip link add up-{n} netns {fabric} type veth peer name eth0 netns {netns} && \
+             ip -n {fabric} link set up-{n} master br0 up && \
+             ip netns exec {netns} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                 net.ipv6.conf.eth0.accept_dad=0 && \
+             ip -n {netns} addr add 192.168.250.{n}/24 dev eth0 && \
+             ip -n {netns} addr add fd50::{n}/64 dev eth0 nodad && \
+             ip -n {netns} link set eth0 up"
+        ))
+        .with_context(|| format!("wiring {name}"))?;
         {
-            let pin_root = pin_root.clone();
-            cleanup::register("pin root", move || {
-                let _ = std::fs::remove_dir_all(&pin_root);
+            let netns = netns.clone();
+            cleanup::register(format!("netns {name}"), move || {
+                let _ = Command::new("ip").args(["netns", "del", &netns]).output();
             });
         }
-        let pins = PinDir::new(&pin_root);
-        let socket = workdir.join("moatd.sock");
-
-        // Pods: a network namespace each (the runtime's part); moat-cni wires them once moatd
-        // runs. The lab only reserves a free 10.77.<id>.0/24 and a name tag.
-        let lab = fresh_lab()?;
-        let lab_id = lab.id;
-        let mut namespaces = Vec::new();
-        for key in &file.model.pod_order {
-            let netns = format!("{}-{}", lab.tag, key.replace('/', "-"));
-            sh(&format!(
-                "ip netns del {netns} 2>/dev/null; ip netns add {netns} && ip -n {netns} link set lo up"
-            ))
-            .with_context(|| format!("creating the namespace of pod {key}"))?;
-            {
-                let netns = netns.clone();
-                cleanup::register(format!("netns {key}"), move || {
-                    let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-                });
-            }
-            namespaces.push((key.clone(), netns));
-        }
-        let cni = Cni::new(&workdir, &opts.moatd, &socket, &pin_root, lab_id)?;
-        setup.insert("pods".into(), cni.describe());
-        setup.insert("lab_subnet".into(), lab.v4_subnet());
-
-        let mut node = Node {
-            pods: BTreeMap::new(),
-            lab: Some(lab),
-            workdir,
-            socket,
-            policy_dir,
-            pins,
+        let dir = workdir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let pin_root = bpffs.join(name);
+        let v4 = format!("10.77.{}.{}/25", lab.id, (n - 1) * 128);
+        let v6 = format!("fd77:{:x}:{n}::/64", lab.id);
+        let cni = Cni::new(&dir, &opts.moatd, &pin_root, (&v4, &v6), Some(&netns))?;
+        hosts.push(Host {
+            name: name.into(),
+            netns: Some(netns),
+            socket: dir.join("moatd.sock"),
+            dir,
+            pins: PinDir::new(&pin_root),
+            pin_root,
             daemon: None,
-            chain: None,
-            served,
-            sctp,
             generation: None,
-            events: None,
-            opts,
-            setup,
-        };
-
-        // Base objects, then moatd.
-        let first_case = None::<&Case>;
-        node.write_model_objects(file, first_case)?;
-        node.start_moatd(&pin_root)?;
-        node.add_pods(&cni, namespaces, lab_id)?;
-
-        // Listeners.
-        for pod in node.pods.values() {
-            for (port, proto) in &node.served {
-                if *proto == Proto::Sctp && node.sctp.is_err() {
-                    continue;
-                }
-                start_listener(pod.netns.clone(), *port, *proto)
-                    .with_context(|| format!("pod {}", pod.key))?;
-            }
-        }
-
-        // Services.
-        if !node.opts.direct {
-            node.install_services()?;
-        }
-
-        node.start_events();
-        node.setup.insert(
-            "moatd".into(),
-            format!(
-                "{} (log: {})",
-                node.opts.moatd.display(),
-                node.log_path().display()
-            ),
-        );
-        node.setup
-            .insert("pin_root".into(), pin_root.display().to_string());
-        node.setup.insert(
-            "sctp".into(),
-            match &node.sctp {
-                Ok(()) => "supported".into(),
-                Err(e) => e.clone(),
-            },
-        );
-        Ok(node)
+            cni,
+        });
     }
+    Ok(hosts)
+}
 
+/// The Node objects of a remote-backend run: pod CIDRs and addresses, as the API server
+/// holds them (each moatd routes the other's pod CIDRs via its address).
+fn node_objects(hosts: &[Host]) -> Vec<serde_json::Value> {
+    hosts
+        .iter()
+        .filter(|h| h.netns.is_some())
+        .enumerate()
+        .map(|(i, host)| {
+            let n = i + 1;
+            let ranges = host.cni.config["ipam"]["ranges"].clone();
+            let cidrs: Vec<serde_json::Value> = ranges
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| r[0]["subnet"].clone())
+                .collect();
+            json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": host.name},
+                "spec": {"podCIDRs": cidrs},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": format!("192.168.250.{n}")},
+                    {"type": "InternalIP", "address": format!("fd50::{n}")},
+                ]},
+            })
+        })
+        .collect()
+}
+
+impl Host {
     fn log_path(&self) -> PathBuf {
-        self.workdir.join("moatd.log")
+        self.dir.join("moatd.log")
     }
 
-    fn start_moatd(&mut self, pin_root: &Path) -> Result<()> {
+    fn call(&self, request: &Request, timeout: Duration) -> Result<serde_json::Value> {
+        call(&self.socket, request, timeout).with_context(|| format!("moatd of {}", self.name))
+    }
+
+    fn start_moatd(&mut self, opts: &LiveOptions, policy_dir: &Path) -> Result<()> {
         let log = File::create(self.log_path())?;
-        let mut cmd = Command::new(&self.opts.moatd);
-        // Runs in the host's own network namespace: no host-wide netfilter rules that would
-        // outlive the run. Its Service backends are local pods, judged by their own hooks.
-        cmd.arg("--judge-after-dnat=false")
-            .arg("--policy-dir")
-            .arg(&self.policy_dir)
+        let mut cmd = match &self.netns {
+            // A node of its own: moatd judges Service traffic after DNAT and masquerades
+            // as it would on a cluster node; its netfilter rules go with the namespace.
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns])
+                    .arg(&opts.moatd)
+                    .args(["--node-name", &self.name, "--routing", "direct"])
+                    .args(["--metrics-addr", ""]);
+                cmd
+            }
+            // The machine's own namespace: no host-wide netfilter rules that would outlive
+            // the run. Its Service backends are local pods, judged by their own hooks.
+            None => {
+                let mut cmd = Command::new(&opts.moatd);
+                cmd.arg("--judge-after-dnat=false");
+                cmd
+            }
+        };
+        cmd.arg("--policy-dir")
+            .arg(policy_dir)
             .arg("--state-dir")
-            .arg(self.workdir.join("state"))
+            .arg(self.dir.join("state"))
             .arg("--socket")
             .arg(&self.socket)
             .arg("--pending-dir")
-            .arg(self.workdir.join("pending"))
+            .arg(self.dir.join("pending"))
             .arg("--pin-root")
-            .arg(pin_root)
+            .arg(&self.pin_root)
             .arg("--poll-ms")
             .arg("1000")
             .stdin(Stdio::null())
@@ -645,9 +744,10 @@ impl Node {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", self.opts.moatd.display()))?;
+            .with_context(|| format!("starting {}", opts.moatd.display()))?;
+        // `ip netns exec` execs moatd in place: the child's pid is moatd's.
         let pid = child.id() as i32;
-        cleanup::register("moatd", move || {
+        cleanup::register(format!("moatd of {}", self.name), move || {
             // SAFETY: plain kill(2) of our own child.
             unsafe {
                 libc::kill(pid, libc::SIGTERM);
@@ -682,7 +782,8 @@ impl Node {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 bail!(
-                    "moatd exited during start ({status}); log: {}\n{}",
+                    "moatd of {} exited during start ({status}); log: {}\n{}",
+                    self.name,
                     self.log_path().display(),
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
                 );
@@ -694,69 +795,249 @@ impl Node {
         }
     }
 
-    /// CNI ADD for every pod through moat-cni (which registers the endpoint with moatd and
-    /// attaches the programs before it answers); DEL registered for teardown. Then every
-    /// endpoint must be known with an identity.
-    fn add_pods(
-        &mut self,
-        cni: &Cni,
-        namespaces: Vec<(String, String)>,
-        lab_id: u32,
-    ) -> Result<()> {
+    /// Reload, and check that this moatd took every object into its maps.
+    fn reload(&mut self, expected_policies: usize) -> Result<()> {
+        let status = self
+            .call(&Request::Reload, Duration::from_secs(120))
+            .context("Reload")?;
+        if status["result"] != "status" {
+            bail!("{}: Reload answered {status}", self.name);
+        }
+        let rejected: Vec<String> = status["rejected"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| r.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !rejected.is_empty() {
+            bail!("moatd rejected: {} ({})", rejected.join("; "), self.name);
+        }
+        // A moatd that reports generations must have applied this reload to the maps.
+        let generation = status["generation"].as_u64();
+        if let (Some(before), Some(after)) = (self.generation, generation)
+            && after <= before
+        {
+            bail!(
+                "reload did not reach the maps of {} (generation {before} -> {after}); see {}",
+                self.name,
+                self.log_path().display()
+            );
+        }
+        self.generation = generation;
+        let held = status["policies"].as_u64().unwrap_or(0) as usize;
+        if held != expected_policies {
+            bail!(
+                "moatd of {} holds {held} policies, the case has {expected_policies}",
+                self.name
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Node {
+    pub fn setup(file: &CaseFile, opts: LiveOptions) -> Result<Self> {
+        anyhow::ensure!(
+            nix::unistd::Uid::effective().is_root(),
+            "the datapath run needs root (network namespaces, bpffs, netfilter)"
+        );
+        anyhow::ensure!(
+            opts.moatd.is_file(),
+            "moatd binary not found at {} (build it: cargo build -p moat-node-daemon --bin moatd, or pass --moatd)",
+            opts.moatd.display()
+        );
         let pid = std::process::id();
-        for (index, (key, netns)) in namespaces.into_iter().enumerate() {
-            let (ns, name) = key.split_once('/').context("pod key ns/name")?;
+        let served = file.served_union();
+        let sctp = sctp_support();
+        let mut setup = BTreeMap::new();
+
+        // Work directory, private to this run.
+        let workdir = std::env::temp_dir().join(format!("moat-conformance-{pid}"));
+        let _ = std::fs::remove_dir_all(&workdir);
+        let policy_dir = workdir.join("policies");
+        std::fs::create_dir_all(&policy_dir)?;
+
+        // The lab reserves a 10.77.<id>.0/24 and a name tag nobody else on the machine uses.
+        let lab = fresh_lab()?;
+        let hosts = if opts.remote_backends {
+            remote_hosts(&lab, &workdir, &opts)?
+        } else {
+            vec![local_host(&lab, &workdir, &opts)?]
+        };
+        for host in &hosts {
+            setup.insert(format!("pods on {}", host.name), host.cni.describe());
+        }
+        setup.insert("lab_subnet".into(), lab.v4_subnet());
+
+        // Pods: a network namespace each (the runtime's part); moat-cni wires them once
+        // moatd runs. With remote backends each pod has a twin on the second node.
+        let mut namespaces = Vec::new();
+        for (host, suffix) in [(0, ""), (1, "-b")].into_iter().take(hosts.len()) {
+            for key in &file.model.pod_order {
+                let netns = format!("{}-{}{suffix}", lab.tag, key.replace('/', "-"));
+                sh(&format!(
+                    "ip netns del {netns} 2>/dev/null; ip netns add {netns} && ip -n {netns} link set lo up"
+                ))
+                .with_context(|| format!("creating the namespace of pod {key}"))?;
+                {
+                    let netns = netns.clone();
+                    cleanup::register(format!("netns {key}{suffix}"), move || {
+                        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+                    });
+                }
+                namespaces.push((host, key.clone(), netns));
+            }
+        }
+
+        let mut node = Node {
+            pods: BTreeMap::new(),
+            twins: BTreeMap::new(),
+            lab: Some(lab),
+            workdir,
+            policy_dir,
+            hosts,
+            chain: None,
+            served,
+            sctp,
+            events: None,
+            opts,
+            setup,
+        };
+
+        // Base objects, then moatd, then the pods.
+        node.write_cluster_objects()?;
+        let first_case = None::<&Case>;
+        node.write_model_objects(file, first_case)?;
+        for host in &mut node.hosts {
+            host.start_moatd(&node.opts, &node.policy_dir)?;
+        }
+        node.add_pods(namespaces)?;
+        if node.opts.remote_backends {
+            // Each node knows the other's pods only from the datastore (status.podIPs, as
+            // the kubelets publish them): until then they are "world" to it.
+            node.write_model_objects(file, first_case)?;
+            for host in &mut node.hosts {
+                host.reload(0)?;
+            }
+        }
+
+        // Listeners, in the pods that Services lead to.
+        for key in &file.model.pod_order {
+            let pod = node.backend(key);
+            for (port, proto) in &node.served {
+                if *proto == Proto::Sctp && node.sctp.is_err() {
+                    continue;
+                }
+                start_listener(pod.netns.clone(), *port, *proto)
+                    .with_context(|| format!("pod {}", pod.key))?;
+            }
+        }
+
+        // Services.
+        if !node.opts.direct {
+            node.install_services()?;
+        }
+
+        node.start_events();
+        for host in &node.hosts {
+            node.setup.insert(
+                format!("moatd of {}", host.name),
+                format!(
+                    "{} (log: {})",
+                    node.opts.moatd.display(),
+                    host.log_path().display()
+                ),
+            );
+            node.setup.insert(
+                format!("pin_root of {}", host.name),
+                host.pin_root.display().to_string(),
+            );
+        }
+        node.setup.insert(
+            "sctp".into(),
+            match &node.sctp {
+                Ok(()) => "supported".into(),
+                Err(e) => e.clone(),
+            },
+        );
+        Ok(node)
+    }
+
+    /// CNI ADD for every pod through moat-cni on its host (which registers the endpoint with
+    /// moatd and attaches the programs before it answers); DEL registered for teardown. Then
+    /// every host must know its own pods as endpoints with an identity.
+    fn add_pods(&mut self, namespaces: Vec<(usize, String, String)>) -> Result<()> {
+        let pid = std::process::id();
+        let lab_id = self.lab.as_ref().map(|l| l.id).unwrap_or(0);
+        for (index, (host, key, netns)) in namespaces.into_iter().enumerate() {
+            let (ns, model_name) = key.split_once('/').context("pod key ns/name")?;
+            let name = pod_name(model_name, host);
             let attachment = Attachment {
                 container_id: format!("conformance-{pid}-{ns}-{name}"),
                 netns: format!("/run/netns/{netns}"),
                 args: format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
             };
+            let cni = self.hosts[host].cni.clone();
             let result = cni
                 .run("ADD", &attachment)
-                .with_context(|| format!("CNI ADD of pod {key}"))?;
+                .with_context(|| format!("CNI ADD of pod {ns}/{name}"))?;
             {
-                let (cni, attachment) = (cni.clone(), attachment.clone());
-                cleanup::register(format!("CNI DEL {key}"), move || {
+                let attachment = attachment.clone();
+                cleanup::register(format!("CNI DEL {ns}/{name}"), move || {
                     let _ = cni.run("DEL", &attachment);
                 });
             }
-            let lab = lab_pod_from_result(&key, &netns, &result)
-                .with_context(|| format!("pod {key}: CNI result {result}"))?;
+            let lab = lab_pod_from_result(
+                &format!("{ns}/{name}"),
+                &netns,
+                &result,
+                self.hosts[host].netns.as_deref(),
+            )
+            .with_context(|| format!("pod {key}: CNI result {result}"))?;
             let netns_file = Arc::new(File::open(format!("/run/netns/{netns}"))?);
-            self.pods.insert(
-                key.clone(),
-                LivePod {
-                    key: key.clone(),
-                    lab,
-                    netns: netns_file,
-                    cluster_ip: Ipv4Addr::new(10, 100, lab_id as u8, index as u8 + 1),
-                    next_port: AtomicU32::new((pid.wrapping_mul(7919)) % SRC_PORT_SPAN),
-                },
+            let pod = LivePod {
+                key: key.clone(),
+                lab,
+                netns: netns_file,
+                cluster_ip: Ipv4Addr::new(10, 100, lab_id as u8, index as u8 + 1),
+                next_port: AtomicU32::new((pid.wrapping_mul(7919)) % SRC_PORT_SPAN),
+            };
+            if host == 0 {
+                self.pods.insert(key, pod);
+            } else {
+                self.twins.insert(key, pod);
+            }
+        }
+        for (host, local) in self.hosts.iter().zip([self.pods.len(), self.twins.len()]) {
+            let answer = host.call(&Request::ListEndpoints, Duration::from_secs(10))?;
+            let endpoints = answer["endpoints"].as_array().cloned().unwrap_or_default();
+            anyhow::ensure!(
+                endpoints.len() == local
+                    && endpoints
+                        .iter()
+                        .all(|e| e["identity"].as_u64().unwrap_or(0) != 0),
+                "endpoints of {} after CNI ADD: {answer}",
+                host.name
             );
         }
-        // Every endpoint known with an identity.
-        let answer = call(
-            &self.socket,
-            &Request::ListEndpoints,
-            Duration::from_secs(10),
-        )?;
-        let endpoints = answer["endpoints"].as_array().cloned().unwrap_or_default();
-        anyhow::ensure!(
-            endpoints.len() == self.pods.len()
-                && endpoints
-                    .iter()
-                    .all(|e| e["identity"].as_u64().unwrap_or(0) != 0),
-            "moatd endpoints after CNI ADD: {answer}"
-        );
         Ok(())
     }
 
+    /// Per-pod ClusterIPs as kube-proxy's iptables mode installs them, on the clients' node:
+    /// the machine itself (a chain removed at the end) or the first node's namespace (gone
+    /// with it). The DNAT target is the pod's backend: itself, or its twin on the other node.
     fn install_services(&mut self) -> Result<()> {
-        remove_stale_chains();
         let chain = chain_name();
-        remove_chain(&chain);
+        let netns = self.hosts[0].netns.clone();
+        if netns.is_none() {
+            remove_stale_chains();
+            remove_chain(&chain);
+        }
         let mut rules = format!("*nat\n:{chain} - [0:0]\n");
         for pod in self.pods.values() {
+            let backend = self.backend(&pod.key);
             for (port, proto) in &self.served {
                 if *proto == Proto::Sctp && self.sctp.is_err() {
                     // No SCTP conntrack/NAT helper to rely on, and nothing listens.
@@ -767,18 +1048,26 @@ impl Node {
                     cip = pod.cluster_ip,
                     p = proto.lower(),
                     key = pod.key,
-                    ip = pod.lab.v4,
+                    ip = backend.lab.v4,
                 ));
             }
         }
         rules.push_str(&format!(
             "-I PREROUTING 1 -j {chain}\n-I OUTPUT 1 -j {chain}\nCOMMIT\n"
         ));
-        {
+        if netns.is_none() {
             let chain = chain.clone();
             cleanup::register("iptables chain", move || remove_chain(&chain));
         }
-        let mut child = Command::new("iptables-restore")
+        let mut cmd = match &netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns, "iptables-restore"]);
+                cmd
+            }
+            None => Command::new("iptables-restore"),
+        };
+        let mut child = cmd
             .args(["-w", "--noflush"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -796,64 +1085,90 @@ impl Node {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let (place, target) = match &netns {
+            Some(netns) => (
+                format!("in {}'s namespace {netns}", self.hosts[0].name),
+                format!("the pod's twin on {}", self.hosts[1].name),
+            ),
+            None => ("on this machine".to_string(), "the pod itself".to_string()),
+        };
         self.setup.insert(
             "services".into(),
             format!(
-                "per-pod ClusterIP 10.100.{}.<n> (moatd --service-cidr default 10.96.0.0/12), iptables nat chain {chain} jumped from PREROUTING and OUTPUT, DNAT to <podIP>:<port>",
+                "per-pod ClusterIP 10.100.{}.<n> (moatd --service-cidr default 10.96.0.0/12), iptables nat chain {chain} {place} jumped from PREROUTING and OUTPUT, DNAT to {target}",
                 self.lab.as_ref().map(|l| l.id).unwrap_or(0)
             ),
         );
-        self.chain = Some(chain);
+        if netns.is_none() {
+            self.chain = Some(chain);
+        }
         Ok(())
     }
 
+    /// One reader per host's ring; events are kept with the index of the host they came from.
     fn start_events(&mut self) {
-        let mut reader = match EventReader::open(&self.pins) {
-            Ok(r) => r,
-            Err(e) => {
-                self.setup
-                    .insert("events".into(), format!("not available: {e}"));
-                return;
-            }
-        };
         let buf = Arc::new(Mutex::new(Vec::new()));
         let lost = Arc::new(AtomicUsize::new(0));
-        let (b, l) = (buf.clone(), lost.clone());
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    let Ok(events) = reader.wait(Duration::from_millis(100)) else {
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    };
-                    let mut guard = b.lock().unwrap_or_else(|e| e.into_inner());
-                    for e in events {
-                        if guard.len() < 200_000 {
-                            guard.push(e);
-                        } else {
-                            l.fetch_add(1, Ordering::Relaxed);
+        let mut readers = 0;
+        for (index, host) in self.hosts.iter().enumerate() {
+            let mut reader = match EventReader::open(&host.pins) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.setup.insert(
+                        format!("events of {}", host.name),
+                        format!("not available: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let (b, l, s) = (buf.clone(), lost.clone(), stop.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("events-{index}"))
+                .spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        let Ok(events) = reader.wait(Duration::from_millis(100)) else {
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        };
+                        let mut guard = b.lock().unwrap_or_else(|e| e.into_inner());
+                        for e in events {
+                            if guard.len() < 200_000 {
+                                guard.push((index, e));
+                            } else {
+                                l.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                }
-            });
-        if spawned.is_ok() {
+                });
+            if spawned.is_ok() {
+                readers += 1;
+            }
+        }
+        if readers > 0 {
             cleanup::register("events", move || stop.store(true, Ordering::Relaxed));
             self.events = Some(Events { buf, lost });
             self.setup.insert(
                 "events".into(),
-                "datapath ring read by this runner (moatd does not read it)".into(),
+                "datapath ring(s) read by this runner (moatd does not read them)".into(),
             );
         }
     }
 
-    fn take_events(&self) -> Vec<FlowEvent> {
+    fn take_events(&self) -> Vec<(usize, FlowEvent)> {
         match &self.events {
             Some(ev) => std::mem::take(&mut *ev.buf.lock().unwrap_or_else(|e| e.into_inner())),
             None => Vec::new(),
         }
+    }
+
+    /// The Node objects (remote backends only), written once.
+    fn write_cluster_objects(&self) -> Result<()> {
+        let nodes = node_objects(&self.hosts);
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        write_atomic(&self.policy_dir, "02-nodes.yaml", &yaml_docs(&nodes)?)
     }
 
     /// Namespace and Pod objects with the case's labels (the base labels when `case` is None).
@@ -892,12 +1207,33 @@ impl Node {
                 Some(c) => c.pod_labels(model, key),
                 None => m.labels.clone(),
             };
-            pods.push(json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": m.name, "namespace": m.namespace, "labels": labels},
-                "spec": {"containers": containers},
-            }));
+            // One Pod per host (a twin on the second with remote backends), with the
+            // addresses moat-cni gave it once it has them, as the kubelet publishes them.
+            for (host, placed) in [&self.pods, &self.twins]
+                .into_iter()
+                .take(self.hosts.len())
+                .enumerate()
+            {
+                let mut pod = json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": pod_name(&m.name, host),
+                        "namespace": m.namespace,
+                        "labels": labels,
+                    },
+                    "spec": {"containers": containers},
+                });
+                if self.opts.remote_backends
+                    && let Some(p) = placed.get(key)
+                {
+                    pod["status"] = json!({"podIPs": [
+                        {"ip": p.lab.v4.to_string()},
+                        {"ip": p.lab.v6.to_string()},
+                    ]});
+                }
+                pods.push(pod);
+            }
         }
         write_atomic(
             &self.policy_dir,
@@ -908,52 +1244,26 @@ impl Node {
         Ok(())
     }
 
-    fn pod_ip(&self, key: &str) -> Ipv4Addr {
-        self.pods[key].lab.v4
+    /// The pod a probe to `key`'s Service reaches: its twin on the other node with remote
+    /// backends, the pod itself otherwise.
+    fn backend(&self, key: &str) -> &LivePod {
+        self.twins.get(key).unwrap_or(&self.pods[key])
     }
 
     /// Puts the case's objects in place and waits until moatd has them in the maps.
     fn apply_case(&mut self, file: &CaseFile, case: &Case) -> Result<()> {
-        let policies = case.resolved_policies(&file.model, &|k| self.pod_ip(k).to_string())?;
+        // An address in a policy means the pod a probe reaches: the backend.
+        let policies =
+            case.resolved_policies(&file.model, &|k| self.backend(k).lab.v4.to_string())?;
         self.write_model_objects(file, Some(case))?;
         if policies.is_empty() {
             let _ = std::fs::remove_file(self.policy_dir.join("10-policies.yaml"));
         } else {
             write_atomic(&self.policy_dir, "10-policies.yaml", &yaml_docs(&policies)?)?;
         }
-        let status = call(&self.socket, &Request::Reload, Duration::from_secs(120))
-            .context("moatd Reload")?;
-        if status["result"] != "status" {
-            bail!("Reload answered {status}");
-        }
-        let rejected: Vec<String> = status["rejected"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|r| r.as_str().unwrap_or_default().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !rejected.is_empty() {
-            bail!("moatd rejected: {}", rejected.join("; "));
-        }
-        // A moatd that reports generations must have applied this reload to the maps.
-        let generation = status["generation"].as_u64();
-        if let (Some(before), Some(after)) = (self.generation, generation)
-            && after <= before
-        {
-            bail!(
-                "reload did not reach the maps (generation {before} -> {after}); see {}",
-                self.log_path().display()
-            );
-        }
-        self.generation = generation;
-        let held = status["policies"].as_u64().unwrap_or(0) as usize;
-        if held != policies.len() {
-            bail!(
-                "moatd holds {held} policies, the case has {}",
-                policies.len()
-            );
+        // Every node reads the same objects (one cluster); each must hold them all.
+        for host in &mut self.hosts {
+            host.reload(policies.len())?;
         }
         Ok(())
     }
@@ -1079,13 +1389,22 @@ impl Node {
         if r.loopback || r.outcome == crate::report::Outcome::Skipped {
             return;
         }
+        // With remote backends the trace goes to the Service address the probe used: the
+        // client's moatd reads its node's DNAT rules, finds the backend on the other node and
+        // judges it as the datapath does (egress after DNAT here, ingress there).
+        let to = if self.opts.remote_backends {
+            self.pods[&r.to].cluster_ip.to_string()
+        } else {
+            r.to.clone()
+        };
         let request = Request::Trace {
             from: r.from.clone(),
-            to: r.to.clone(),
+            to,
             port: r.port,
             protocol: r.protocol.clone(),
         };
-        let traced = call(&self.socket, &request, Duration::from_secs(10))
+        let traced = self.hosts[0]
+            .call(&request, Duration::from_secs(10))
             .map(|answer| answer["trace"]["verdict"].as_str().map(str::to_string));
         let seen = if observed { "allowed" } else { "denied" };
         let problem = match traced {
@@ -1101,8 +1420,13 @@ impl Node {
         *r = r.clone().failed(&detail);
     }
 
-    fn rule_texts(&self) -> BTreeMap<u32, String> {
-        let Ok(answer) = call(&self.socket, &Request::Policy, Duration::from_secs(10)) else {
+    /// Each host's rule texts by rule id (ids are each moatd's own).
+    fn rule_texts(&self) -> Vec<BTreeMap<u32, String>> {
+        self.hosts.iter().map(Self::host_rule_texts).collect()
+    }
+
+    fn host_rule_texts(host: &Host) -> BTreeMap<u32, String> {
+        let Ok(answer) = host.call(&Request::Policy, Duration::from_secs(10)) else {
             return BTreeMap::new();
         };
         let document = &answer["document"];
@@ -1116,29 +1440,35 @@ impl Node {
             .unwrap_or_default()
     }
 
-    fn ifname(&self, ifindex: u32) -> String {
-        self.pods
+    fn ifname(&self, host: usize, ifindex: u32) -> String {
+        let placed = if host == 0 { &self.pods } else { &self.twins };
+        placed
             .values()
             .find(|p| p.lab.ifindex == ifindex)
             .map(|p| format!("{}({})", p.lab.host_if, p.key))
             .unwrap_or_else(|| format!("ifindex {ifindex}"))
+            + &if self.hosts.len() > 1 {
+                format!(" on {}", self.hosts[host].name)
+            } else {
+                String::new()
+            }
     }
 
     fn evidence(
         &self,
         r: &ProbeResult,
         src_ports: &[u16],
-        events: &[FlowEvent],
-        rules: &BTreeMap<u32, String>,
+        events: &[(usize, FlowEvent)],
+        rules: &[BTreeMap<u32, String>],
     ) -> String {
-        let client = self.pod_ip(&r.from);
+        let client = self.pods[&r.from].lab.v4;
         let proto = match r.protocol.as_str() {
             "TCP" => 6,
             "UDP" => 17,
             _ => 132,
         };
         let mut lines = Vec::new();
-        for e in events {
+        for (host, e) in events {
             if e.family != 4 || e.proto != proto {
                 continue;
             }
@@ -1149,7 +1479,8 @@ impl Node {
                 continue;
             }
             let rule = rules
-                .get(&e.rule_id)
+                .get(*host)
+                .and_then(|r| r.get(&e.rule_id))
                 .map(|t| format!(" ({t})"))
                 .unwrap_or_default();
             lines.push(format!(
@@ -1164,7 +1495,7 @@ impl Node {
                 } else {
                     "ingress"
                 },
-                self.ifname(e.ifindex),
+                self.ifname(*host, e.ifindex),
                 if forward { "forward" } else { "reply" },
                 e.sport,
                 e.dport,
@@ -1188,7 +1519,7 @@ impl Node {
         });
         let head = format!(
             "{client} -> {target} (backend {}), source ports {src_ports:?}",
-            IpAddr::V4(self.pod_ip(&r.to))
+            IpAddr::V4(self.backend(&r.to).lab.v4)
         );
         if lines.is_empty() {
             format!(
@@ -1201,11 +1532,20 @@ impl Node {
 
     /// Warnings moatd logged during the run (resync drift, rejected objects...).
     pub fn moatd_warnings(&self) -> Vec<String> {
-        std::fs::read_to_string(self.log_path())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .map(str::to_string)
+        let several = self.hosts.len() > 1;
+        self.hosts
+            .iter()
+            .flat_map(|host| {
+                std::fs::read_to_string(host.log_path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(|l| match several {
+                        true => format!("{}: {l}", host.name),
+                        false => l.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -1219,9 +1559,11 @@ impl Node {
     /// Undoes the node changes; keeps the work directory (moatd log) when asked to.
     pub fn teardown(mut self, keep_workdir: bool) {
         cleanup::run_all();
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        for host in &mut self.hosts {
+            if let Some(mut child) = host.daemon.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         drop(self.lab.take());
         if let Some(chain) = self.chain.take() {

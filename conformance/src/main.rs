@@ -45,6 +45,11 @@ struct Args {
     /// Probe pod IPs instead of per-pod ClusterIP Services.
     #[arg(long, conflicts_with = "offline")]
     direct: bool,
+    /// Every Service's backend on another node: two node namespaces (own uplink, routes and
+    /// moatd each), every pod with a twin on the second node, and each pod's Service DNATed
+    /// on the first node to that twin; probes start on the first node.
+    #[arg(long, conflicts_with_all = ["offline", "direct", "kube"])]
+    remote_backends: bool,
     /// Judge every probe with the pure policy engine only (no kernel, SCTP included).
     #[arg(long)]
     offline: bool,
@@ -113,6 +118,8 @@ fn run(args: Args) -> Result<bool> {
         "kubernetes, through per-pod ClusterIP Services"
     } else if args.direct {
         "datapath, direct to pod IPs"
+    } else if args.remote_backends {
+        "datapath, two nodes, through per-pod ClusterIP Services to backends on the other node"
     } else {
         "datapath, through per-pod ClusterIP Services"
     };
@@ -145,6 +152,7 @@ fn run(args: Args) -> Result<bool> {
     } else {
         let opts = LiveOptions {
             direct: args.direct,
+            remote_backends: args.remote_backends,
             parallel: args.parallel.max(1),
             timeout: Duration::from_millis(args.timeout_ms.max(1)),
             moatd: args.moatd.clone().unwrap_or_else(default_moatd),

@@ -1,6 +1,7 @@
 //! moat-conformance end to end: the whole shared file through the pure engine, and a diverse
-//! subset of cases through the real datapath (pods, moatd, eBPF), both to pod IPs and through
-//! per-pod ClusterIP Services; the runner also fails any probe whose outcome `moatctl trace`
+//! subset of cases through the real datapath (pods, moatd, eBPF), to pod IPs, through
+//! per-pod ClusterIP Services, and through Services whose backends are all on a second node
+//! (two node namespaces, a moatd each); the runner also fails any probe whose outcome `moatctl trace`
 //! (the engine's explanation, cross-checked with the maps) does not predict. A doctored file
 //! checks that the runner really detects wrong expectations and rejected objects (a runner
 //! that always passes would pass nothing here).
@@ -131,7 +132,9 @@ fn offline_whole_file() {
     );
 }
 
-fn datapath_subset(direct: bool) {
+/// `mode`: the runner's flag choosing where probes go (none: through per-pod Services to
+/// the pod on this node).
+fn datapath_subset(mode: Option<&str>) {
     let _serial = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let doc = load();
     let probes = probes_of(&doc, SUBSET);
@@ -145,9 +148,7 @@ fn datapath_subset(direct: bool) {
         "--report",
         report.to_str().unwrap(),
     ];
-    if direct {
-        args.push("--direct");
-    }
+    args.extend(mode);
     for id in SUBSET {
         args.extend(["--filter", id]);
     }
@@ -190,12 +191,21 @@ fn datapath_subset(direct: bool) {
 
 #[test]
 fn datapath_subset_direct() {
-    datapath_subset(true);
+    datapath_subset(Some("--direct"));
 }
 
 #[test]
 fn datapath_subset_through_services() {
-    datapath_subset(false);
+    datapath_subset(None);
+}
+
+/// Every Service's backend on another node: the clients' node judges their egress after
+/// DNAT (the real destination is a remote pod it knows only from the datastore), the
+/// backends' node judges ingress from clients it knows only from the datastore, and
+/// `moatctl trace` to each Service address names the remote backend and the verdict.
+#[test]
+fn datapath_subset_remote_backends() {
+    datapath_subset(Some("--remote-backends"));
 }
 
 /// Inverted expectations must fail probe by probe, and a policy moatd rejects must fail its

@@ -38,6 +38,18 @@ pub struct PodModel {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ip_placeholder: Option<String>,
+    /// Container ports the case file names itself (e.g. upstream's `web` for 80/TCP), for
+    /// named-port policies; empty means the runner's `serve-<port>-<proto>` names only.
+    #[serde(default)]
+    pub ports: Vec<NamedPort>,
+}
+
+/// One named container port of a model pod (`model.pods.*.ports[]`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Proto,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +169,22 @@ impl CaseFile {
                     "pod {key} is in namespace {}, which is not in model.namespaces",
                     pod.namespace
                 );
+            }
+        }
+        for (key, pod) in &self.model.pods {
+            let mut seen = std::collections::BTreeSet::new();
+            for p in &pod.ports {
+                if p.name.is_empty() || p.name.len() > 15 || p.port == 0 {
+                    bail!(
+                        "pod {key}: bad named port {} ({}/{})",
+                        p.name,
+                        p.port,
+                        p.protocol
+                    );
+                }
+                if !seen.insert(p.name.as_str()) {
+                    bail!("pod {key}: port name {} given twice", p.name);
+                }
             }
         }
         for case in &self.cases {

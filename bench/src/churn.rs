@@ -3,7 +3,7 @@
 //! fake host interfaces, as moat-cni would after attaching.
 //!
 //! Synthetic scale (defaults): 10,000 pods in 500 namespaces with 1,000 NetworkPolicies
-//! (local-datastore YAML, see `moatd::churn`); 100 pods on this node. Measured, each as the
+//! (local-datastore YAML, see `moat_testkit::churn`); 100 pods on this node. Measured, each as the
 //! time from the event to the maps holding its result:
 //!   - a pod registering with labels an identity already has (CNI ADD);
 //!   - a pod registering with a label set of its own (a new identity);
@@ -21,9 +21,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use moat_testkit::churn::{self, LocalPod, Scale};
 use moatd::{
     api::{Request, Response},
-    churn::{self, LocalPod, Scale},
     daemon::{Daemon, DaemonConfig, DatastoreConfig, Routing},
     flows::JournalConfig,
 };

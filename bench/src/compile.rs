@@ -21,8 +21,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use moat_policy::bench::{Rng, apps_per_namespace, namespace_name, pod, policy, synthetic};
 use moat_policy::{Delta, Engine, NetworkPolicy, compile};
+use moat_testkit::synthetic::{Rng, apps_per_namespace, namespace_name, pod, policy, synthetic};
 use serde_json::{Value, json};
 
 const USAGE: &str = "usage: moat-bench policy [--out FILE] [--pods N] [--policies N] [--namespaces N] [--samples N]";

@@ -32,7 +32,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use moat_common::{DIRECTION_EGRESS, VERDICT_DROP, reason};
-use moat_datapath::{Maps, PinDir, attach_endpoint, lab::Lab};
+use moat_datapath::{Maps, PinDir, attach_endpoint};
+use moat_testkit::lab::{Lab, LabPod};
 use moatd::api::{self, EndpointSpec, Request, Response};
 use serde_json::{Value, json};
 
@@ -178,7 +179,7 @@ fn counters(maps: &Maps, socket: &Path) -> Result<Counters> {
 }
 
 /// Sends `rate` datagrams/s for `secs` from inside the sender pod; returns how many.
-fn send_at(lab_pod: &moat_datapath::lab::LabPod, to: SocketAddr, rate: u64, secs: u64) -> u64 {
+fn send_at(lab_pod: &LabPod, to: SocketAddr, rate: u64, secs: u64) -> u64 {
     lab_pod
         .run(move || {
             let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind");

@@ -29,7 +29,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use moat_datapath::{Datapath, Maps, PinDir, lab::Lab};
+use moat_datapath::{Datapath, Maps, PinDir};
+use moat_testkit::lab::Lab;
 use serde_json::{Map, Value, json};
 
 use traffic::{CONFIGS, Config};

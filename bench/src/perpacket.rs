@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Result, bail};
 use ipnetwork::IpNetwork;
 use moat_common::*;
-use moat_datapath::{
-    Maps, PinDir,
+use moat_datapath::{Maps, PinDir};
+use moat_testkit::{
     packet::{Packet, TCP_ACK, TCP_SYN},
     testrun::{Hook, TC_ACT_OK, TC_ACT_SHOT, TestRunner},
 };

@@ -16,7 +16,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use moat_common::*;
-use moat_datapath::{Maps, PinDir, lab::LabPod};
+use moat_datapath::{Maps, PinDir};
+use moat_testkit::lab::LabPod;
 
 use crate::util::{AttachGuard, ChildGuard, IptablesGuard, run_timeout, sh, wait_listening};
 

@@ -49,7 +49,7 @@ pub fn check_interrupted() -> Result<()> {
 
 /// Runs a shell command, failing with its output.
 pub fn sh(cmd: &str) -> Result<String> {
-    moat_datapath::lab::sh(cmd)
+    moat_testkit::lab::sh(cmd)
 }
 
 pub fn which(tool: &str) -> bool {

@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use moat_datapath::{is_attached, lab::probe};
+use moat_datapath::is_attached;
+use moat_testkit::lab::probe;
 use serde_json::{Value, json};
 use support::*;
 

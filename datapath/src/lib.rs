@@ -10,11 +10,9 @@ pub mod lab;
 pub mod layout;
 pub mod loader;
 pub mod maps;
-pub mod packet;
 pub mod pins;
 pub mod rtnl;
 pub mod tc;
-pub mod testrun;
 
 pub use attach::{AttachMode, attach_endpoint, attach_endpoint_with, detach_endpoint, is_attached};
 pub use events::EventReader;

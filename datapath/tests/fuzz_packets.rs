@@ -31,7 +31,7 @@ use moat_common::{
     CT_FLAG_SERVICE, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_HOST, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DROP, reason,
 };
-use moat_datapath::{
+use moat_testkit::{
     packet::{Ext, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     testrun::{Hook, TC_ACT_OK, TC_ACT_SHOT},
 };
@@ -193,7 +193,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         // Random bytes behind a real IP ethertype, so the IP parser sees them.
         1 => (prop::sample::select(vec![0x0800u16, 0x86dd]), prop::collection::vec(any::<u8>(), 1..120))
             .prop_map(|(ethertype, body)| {
-                let mut b = moat_datapath::packet::ethernet_header(ethertype);
+                let mut b = moat_testkit::packet::ethernet_header(ethertype);
                 b.extend_from_slice(&body);
                 Frame::Bytes(b)
             }),
@@ -445,7 +445,7 @@ fn arbitrary_frames_get_a_verdict_and_default_deny_admits_no_new_flow() {
     }
     // A frame that only ARP can make pass, run last so the tallies include an ARP pass.
     assert_eq!(
-        f.run_raw(Hook::ToContainer, &moat_datapath::packet::arp_request()),
+        f.run_raw(Hook::ToContainer, &moat_testkit::packet::arp_request()),
         TC_ACT_OK
     );
     passes.set(passes.get() + 1);

@@ -15,8 +15,8 @@ use std::{
 use moat_common::*;
 use moat_datapath::{
     AttachMode, EventReader, Maps, attach_endpoint_with, detach_endpoint, is_attached,
-    lab::{Lab, LabPod, probe},
 };
+use moat_testkit::lab::{Lab, LabPod, probe};
 use support::{LoadedDatapath, endpoint};
 
 const CLIENT: u32 = 1000;

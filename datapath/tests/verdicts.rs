@@ -10,7 +10,7 @@ use std::{
 };
 
 use moat_common::*;
-use moat_datapath::{
+use moat_testkit::{
     packet::{self, Ext, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     testrun::{Hook, TC_ACT_OK, TC_ACT_SHOT},
 };

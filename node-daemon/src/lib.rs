@@ -3,7 +3,6 @@
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
 pub mod after_dnat;
-pub mod churn;
 pub mod daemon;
 pub mod desired;
 pub mod flows;

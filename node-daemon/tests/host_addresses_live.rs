@@ -15,10 +15,8 @@ use std::{
 };
 
 use moat_common::{IDENTITY_HOST, IpcacheKeyV4, IpcacheKeyV6};
-use moat_datapath::{
-    Maps,
-    lab::{Lab, probe, sh},
-};
+use moat_datapath::Maps;
+use moat_testkit::lab::{Lab, probe, sh};
 use support_moatd::{Env, register};
 
 /// Every pod of `prod` is isolated for ingress, with no rule admitting anyone.

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::lab::in_netns;
+use moat_testkit::lab::in_netns;
 use moatd::api::MasqueradeStatus;
 use serde_json::json;
 use support_cni::Netns;
@@ -51,7 +51,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// `lab::sh`, failing the test on an error (its message carries the command's output).
 fn sh(cmd: &str) -> String {
-    moat_datapath::lab::sh(cmd).unwrap()
+    moat_testkit::lab::sh(cmd).unwrap()
 }
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {

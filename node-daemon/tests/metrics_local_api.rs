@@ -14,10 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::{
-    PinDir, attach_endpoint, detach_endpoint,
-    lab::{LabPod, probe, sh},
-};
+use moat_datapath::{PinDir, attach_endpoint, detach_endpoint};
+use moat_testkit::lab::{LabPod, probe, sh};
 use moatd::api::{self, EndpointSpec, Request, Response};
 
 /// A running moatd, killed when dropped.

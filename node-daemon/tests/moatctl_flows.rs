@@ -14,10 +14,8 @@ use std::{
 };
 
 use moat_common::{LAYOUT_VERSION, METRIC_EVENTS_RATE_LIMITED};
-use moat_datapath::{
-    Maps,
-    lab::{Lab, LabPod, probe},
-};
+use moat_datapath::Maps;
+use moat_testkit::lab::{Lab, LabPod, probe};
 use moatd::{api::DaemonStatus, flows::FlowRecord};
 use support_moatd::{Env, LONG, SHORT, register};
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::lab::{Lab, LabPod, probe};
+use moat_testkit::lab::{Lab, LabPod, probe};
 use moatd::api::{Request, Response};
 use support_moatd::{Env, LONG, SHORT, register};
 

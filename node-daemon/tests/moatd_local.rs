@@ -10,10 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::{
-    is_attached,
-    lab::{Lab, LabPod, probe},
-};
+use moat_datapath::is_attached;
+use moat_testkit::lab::{Lab, LabPod, probe};
 use moatd::api;
 use support_moatd::{Env, LONG, SHORT, register};
 

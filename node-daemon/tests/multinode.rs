@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::lab::{LabPod, probe};
+use moat_testkit::lab::{LabPod, probe};
 use moatd::api::{self, Request, Response};
 use serde_json::{Value, json};
 
@@ -34,7 +34,7 @@ const TIMEOUT: Duration = Duration::from_millis(700);
 
 /// `lab::sh`, failing the test on an error (its message carries the command's output).
 fn sh(cmd: &str) -> String {
-    moat_datapath::lab::sh(cmd).unwrap()
+    moat_testkit::lab::sh(cmd).unwrap()
 }
 
 fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {

@@ -17,7 +17,7 @@ use support_moatd::{Daemon, Env};
 
 /// `lab::sh`, failing the test on an error (its message carries the command's output).
 fn sh(cmd: &str) -> String {
-    moat_datapath::lab::sh(cmd).unwrap()
+    moat_testkit::lab::sh(cmd).unwrap()
 }
 
 /// A network namespace, deleted when dropped.

@@ -28,10 +28,8 @@ use std::{
     time::Duration,
 };
 
-use moat_datapath::{
-    attach::attached_interfaces,
-    lab::{LabPod, probe},
-};
+use moat_datapath::attach::attached_interfaces;
+use moat_testkit::lab::{LabPod, probe};
 use moatd::{
     daemon::{Daemon as InProcess, DaemonConfig, DatastoreConfig, Routing},
     flows::JournalConfig,
@@ -279,7 +277,7 @@ fn kill_9_under_churn_never_gives_a_wrong_verdict_and_leaves_nothing() {
         })
     };
 
-    let mut rng = moat_policy::bench::Rng::new(u64::from(tag));
+    let mut rng = moat_testkit::synthetic::Rng::new(u64::from(tag));
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(400 + rng.below(600) as u64));
         daemon.kill();

@@ -12,7 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::{PinDir, lab::LabPod};
+use moat_datapath::PinDir;
+use moat_testkit::lab::LabPod;
 use serde_json::{Value, json};
 
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";

@@ -6,10 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
 use moat_common::{IDENTITY_HOST, IDENTITY_WORLD, IPCACHE_FLAG_SERVICE, IpcacheValue};
-use moat_datapath::{
-    EventReader, Maps,
-    testrun::{Hook, TestRunner},
-};
+use moat_datapath::{EventReader, Maps};
+use moat_testkit::testrun::{Hook, TestRunner};
 
 use super::{DummyLink, LoadedDatapath, endpoint};
 

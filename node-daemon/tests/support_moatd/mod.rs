@@ -8,7 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_datapath::{PinDir, attach_endpoint, lab::LabPod};
+use moat_datapath::{PinDir, attach_endpoint};
+use moat_testkit::lab::LabPod;
 use moatd::api::{self, EndpointSpec, Request, Response};
 
 pub const SHORT: Duration = Duration::from_millis(700);

@@ -7,7 +7,7 @@ use anyhow::Context;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use moat_common::program_name;
 
-use crate::{PinDir, Result};
+use moat_datapath::{PinDir, Result};
 
 /// Which of the two endpoint programs to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use crate::api::EndpointSpec;
+use moat_api::EndpointSpec;
 
 /// Distinct `app` labels per namespace.
 pub const APPS: usize = 5;
@@ -124,7 +124,7 @@ fn pod_ips_key() -> &'static str {
             Some(addr(REMOTE_NET, 0)),
         );
         let ok = write_file(&dir, "probe.yaml", &probe).is_ok()
-            && crate::local::load(&dir)
+            && moatd::local::load(&dir)
                 .pods
                 .values()
                 .any(|p| !p.ips.is_empty());
@@ -301,7 +301,7 @@ mod tests {
         let cluster = generate(&scale);
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), &cluster).unwrap();
-        let objects = crate::local::load(dir.path());
+        let objects = moatd::local::load(dir.path());
         assert!(objects.rejected.is_empty(), "{:?}", objects.rejected);
         assert_eq!(objects.namespaces.len(), 10);
         assert_eq!(objects.pods.len(), 300);

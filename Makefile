@@ -28,10 +28,11 @@ test: bootstrap lint static
 	BIN=target/debug bash scripts/demo.sh --check
 	$(MAKE) fuzz-smoke
 
-# Every cargo-fuzz target for about 10 s, built without a sanitizer (quick to build); new
+# Every cargo-fuzz target for about 10 s, built without a sanitizer or optimisation (quick to
+# build); new
 # inputs go to fuzz/target/corpus (ignored by git).
 fuzz-smoke: bootstrap
-	FUZZ_SANITIZER=none bash scripts/fuzz.sh 10
+	FUZZ_SANITIZER=none FUZZ_PROFILE=dev bash scripts/fuzz.sh 10
 
 # The long run, with AddressSanitizer: FUZZ_SECONDS per target (make fuzz FUZZ_SECONDS=3600).
 fuzz: bootstrap

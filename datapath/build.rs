@@ -34,7 +34,12 @@ fn main() -> anyhow::Result<()> {
     let nightly = pinned(&toolchain_env, "MOAT_NIGHTLY")?;
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    let target_dir = out_dir.join("ebpf-target");
+    // One eBPF build tree for every host build of this checkout (debug, release, the static
+    // musl build, clippy and the fuzz crate each have their own OUT_DIR): the object depends
+    // only on the eBPF sources and the pinned nightly, so the second build is a no-op instead
+    // of another compile of `core` for the BPF target. Cargo's lock on that tree serialises
+    // concurrent builds.
+    let target_dir = manifest_dir.join("../target/ebpf");
     let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),

@@ -16,7 +16,8 @@
 # FUZZ_SANITIZER (default: address) is passed to `cargo fuzz build -s`: `make test`'s short
 # run uses `none`, which builds in a fraction of the time (moatd's dependency tree under ASan
 # dominates the build) and still finds panics, loops and budget breaches; the long run keeps
-# AddressSanitizer for the unsafe code in dependencies.
+# AddressSanitizer for the unsafe code in dependencies. FUZZ_PROFILE (default: release) is
+# `dev` for the short run as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The pinned nightly (toolchain.env is the one place that names it).
@@ -42,8 +43,16 @@ fi
 # run` would rebuild first, and in a tree that is being edited that is a relink of every
 # target between runs. The flags are those `cargo fuzz run` passes (artefacts in
 # fuzz/artifacts/<target>/).
-cargo +"$MOAT_NIGHTLY" fuzz build -s "$sanitizer" >&2
-bin=target/$(rustc +"$MOAT_NIGHTLY" -vV | sed -n 's/^host: //p')/release
+# FUZZ_PROFILE=dev (make test's smoke run) builds without optimisation: a fraction of the
+# build time, fewer executions per second, the same checks.
+if [[ ${FUZZ_PROFILE:-release} == dev ]]; then
+  cargo +"$MOAT_NIGHTLY" fuzz build --dev -s "$sanitizer" >&2
+  profile_dir=debug
+else
+  cargo +"$MOAT_NIGHTLY" fuzz build -s "$sanitizer" >&2
+  profile_dir=release
+fi
+bin=target/$(rustc +"$MOAT_NIGHTLY" -vV | sed -n 's/^host: //p')/$profile_dir
 
 mkdir -p target/logs
 total_runs=0 total_new=0 total_secs=0

@@ -177,6 +177,9 @@ pub struct DaemonStatus {
     pub identities: usize,
     #[serde(default)]
     pub policies: usize,
+    /// ClusterNetworkPolicies held (Admin and Baseline tiers).
+    #[serde(default)]
+    pub cluster_policies: usize,
     /// Objects the datastore refused, with the reason; the last good state stays in force.
     #[serde(default)]
     pub rejected: Vec<String>,

@@ -47,7 +47,7 @@ pub fn fill(
                 } else {
                     ACTION_ALLOW
                 },
-                _pad: [0; 3],
+                ..PolicyValue::default()
             };
             maps.upsert_policy(&key, &value)?;
         }

@@ -64,7 +64,7 @@ pub fn install(maps: &mut Maps, ifindex: u32) -> Result<()> {
         &PolicyValue {
             rule_id: 100,
             action: ACTION_ALLOW,
-            _pad: [0; 3],
+            ..PolicyValue::default()
         },
     )?;
     Ok(())

@@ -133,7 +133,7 @@ pub fn install_policy(maps: &mut Maps) -> Result<()> {
             &PolicyValue {
                 rule_id,
                 action: ACTION_ALLOW,
-                _pad: [0; 3],
+                ..PolicyValue::default()
             },
         )?;
     }

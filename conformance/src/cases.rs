@@ -63,6 +63,10 @@ pub struct Case {
     #[serde(default)]
     pub policies: Vec<Value>,
     pub probes: Vec<Probe>,
+    /// Set when this runner cannot express the case (e.g. a probe to a node address): its
+    /// probes are reported as skipped with this reason, never silently dropped.
+    #[serde(default)]
+    pub skip: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

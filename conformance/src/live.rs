@@ -826,7 +826,9 @@ impl Host {
             );
         }
         self.generation = generation;
-        let held = status["policies"].as_u64().unwrap_or(0) as usize;
+        // NetworkPolicies and ClusterNetworkPolicies together: the case lists both.
+        let held = (status["policies"].as_u64().unwrap_or(0)
+            + status["cluster_policies"].as_u64().unwrap_or(0)) as usize;
         if held != expected_policies {
             bail!(
                 "moatd of {} holds {held} policies, the case has {expected_policies}",
@@ -1209,6 +1211,23 @@ impl Node {
             };
             // One Pod per host (a twin on the second with remote backends), with the
             // addresses moat-cni gave it once it has them, as the kubelet publishes them.
+            // The names the case file gives this pod's ports (upstream's `web` for 80/TCP),
+            // in a container of their own beside the `serve-` ones.
+            let mut pod_containers = containers.clone();
+            if !m.ports.is_empty() {
+                let ports: Vec<serde_json::Value> = m
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "name": p.name,
+                            "containerPort": p.port,
+                            "protocol": p.protocol.name(),
+                        })
+                    })
+                    .collect();
+                pod_containers.push(json!({"name": "cont-named", "ports": ports}));
+            }
             for (host, placed) in [&self.pods, &self.twins]
                 .into_iter()
                 .take(self.hosts.len())
@@ -1222,7 +1241,7 @@ impl Node {
                         "namespace": m.namespace,
                         "labels": labels,
                     },
-                    "spec": {"containers": containers},
+                    "spec": {"containers": pod_containers},
                 });
                 if self.opts.remote_backends
                     && let Some(p) = placed.get(key)
@@ -1279,6 +1298,9 @@ impl Node {
     }
 
     pub fn run_case(&mut self, file: &CaseFile, case: &Case) -> CaseResult {
+        if let Some(reason) = &case.skip {
+            return CaseResult::skipped_case(case, reason, self.opts.keep_all);
+        }
         let start = Instant::now();
         if let Err(e) = self.apply_case(file, case) {
             return CaseResult::not_run(

@@ -7,10 +7,13 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
-use moat_policy::{ContainerPort, Engine, FlowEnd, LabelSet, NetworkPolicy, Pod, PodRef, evaluate};
+use moat_policy::{
+    ClusterNetworkPolicy, ContainerPort, Engine, FlowEnd, LabelSet, NetworkPolicy, Pod, PodRef,
+    evaluate,
+};
 
 use crate::{
-    cases::{Case, CaseFile, Proto},
+    cases::{Case, CaseFile, NamedPort, Proto},
     report::{CaseResult, ProbeResult},
 };
 
@@ -25,7 +28,9 @@ pub fn offline_ip(file: &CaseFile, pod: &str) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, index as u8 + 1)
 }
 
-pub fn container_ports(served: &[(u16, Proto)]) -> Vec<ContainerPort> {
+/// A pod's container ports: `serve-<port>-<proto>` for every served port, plus the names
+/// the case file gives the pod itself (e.g. upstream's `web` for 80/TCP).
+pub fn container_ports(served: &[(u16, Proto)], named: &[NamedPort]) -> Vec<ContainerPort> {
     served
         .iter()
         .map(|(port, proto)| ContainerPort {
@@ -33,7 +38,31 @@ pub fn container_ports(served: &[(u16, Proto)]) -> Vec<ContainerPort> {
             port: *port,
             protocol: proto.policy(),
         })
+        .chain(named.iter().map(|p| ContainerPort {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.policy(),
+        }))
         .collect()
+}
+
+/// Applies a case's policies: ClusterNetworkPolicies and NetworkPolicies, told apart by
+/// apiVersion and kind.
+pub fn apply_policies(engine: &mut Engine, policies: Vec<serde_json::Value>) -> Result<()> {
+    for value in policies {
+        if ClusterNetworkPolicy::is_one(&value) {
+            let policy = ClusterNetworkPolicy::from_value(value).map_err(|e| anyhow!("{e}"))?;
+            engine
+                .upsert_cluster_policy(&policy)
+                .map_err(|e| anyhow!("ClusterNetworkPolicy {}: {e}", policy.name()))?;
+        } else {
+            let policy = NetworkPolicy::from_value(value).map_err(|e| anyhow!("{e}"))?;
+            engine
+                .upsert_policy(&policy)
+                .map_err(|e| anyhow!("NetworkPolicy {}: {e}", policy.object()))?;
+        }
+    }
+    Ok(())
 }
 
 fn label_set(map: &std::collections::BTreeMap<String, String>) -> LabelSet {
@@ -55,26 +84,21 @@ fn build_engine(file: &CaseFile, case: &Case, served: &[(u16, Proto)]) -> Result
             .upsert_namespace(ns, label_set(&case.namespace_labels(model, ns)))
             .map_err(|e| anyhow!("Namespace {ns}: {e}"))?;
     }
-    let ports = container_ports(served);
     for key in &model.pod_order {
         let m = &model.pods[key];
+        let ports = container_ports(served, &m.ports);
         engine
             .upsert_pod(Pod {
                 namespace: m.namespace.clone(),
                 name: m.name.clone(),
                 labels: label_set(&case.pod_labels(model, key)),
                 ips: vec![IpAddr::V4(offline_ip(file, key))],
-                ports: ports.clone(),
+                ports,
             })
             .map_err(|e| anyhow!("Pod {key}: {e}"))?;
     }
     let policies = case.resolved_policies(model, &|p| offline_ip(file, p).to_string())?;
-    for value in policies {
-        let policy = NetworkPolicy::from_value(value).map_err(|e| anyhow!("{e}"))?;
-        engine
-            .upsert_policy(&policy)
-            .map_err(|e| anyhow!("NetworkPolicy {}: {e}", policy.object()))?;
-    }
+    apply_policies(&mut engine, policies)?;
     Ok(engine)
 }
 
@@ -84,6 +108,9 @@ pub fn run_case(
     served: &[(u16, Proto)],
     keep_all: bool,
 ) -> CaseResult {
+    if let Some(reason) = &case.skip {
+        return CaseResult::skipped_case(case, reason, keep_all);
+    }
     let start = Instant::now();
     let engine = match build_engine(file, case, served) {
         Ok(e) => e,

@@ -163,6 +163,23 @@ impl CaseResult {
         )
     }
 
+    /// A case the file marks as not expressible here: every probe skipped with its reason.
+    pub fn skipped_case(case: &Case, reason: &str, keep_all: bool) -> Self {
+        let results = case
+            .probes
+            .iter()
+            .map(|p| ProbeResult::new(p).skipped(reason))
+            .collect();
+        Self::new(
+            &case.id,
+            &case.name,
+            results,
+            None,
+            Duration::ZERO,
+            keep_all,
+        )
+    }
+
     pub fn new(
         id: &str,
         name: &str,

@@ -53,7 +53,7 @@ fn allow(
     let value = PolicyValue {
         rule_id,
         action: ACTION_ALLOW,
-        _pad: [0; 3],
+        ..PolicyValue::default()
     };
     maps.upsert_policy(&key, &value).unwrap();
 }
@@ -430,7 +430,7 @@ fn drop_events_carry_reason_rule_and_tuple() {
         &PolicyValue {
             rule_id: 777,
             action: ACTION_DENY,
-            _pad: [0; 3],
+            ..PolicyValue::default()
         },
     )
     .unwrap();
@@ -750,6 +750,12 @@ fn loading_over_an_incompatible_pinned_map_is_refused_naming_the_pin() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains(&path.display().to_string()), "{err}");
-    assert!(err.contains("value size 4, expected 8"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "value size 4, expected {}",
+            std::mem::size_of::<PolicyValue>()
+        )),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -53,7 +53,7 @@ impl Fixture {
                 &PolicyValue {
                     rule_id,
                     action,
-                    _pad: [0; 3],
+                    ..PolicyValue::default()
                 },
             )
             .unwrap();
@@ -231,7 +231,8 @@ fn port_ranges_cover_end_port() {
         port_end: 2000,
         proto: PROTO_TCP,
         action: ACTION_ALLOW,
-        _pad: [0; 2],
+        tier: moat_common::TIER_NETPOL,
+        _pad: 0,
     };
     set.count = 1;
     let key = PortRangeKey {
@@ -261,7 +262,8 @@ fn any_port(rule_id: u32, proto: u8, action: u8) -> PortRuleSet {
         port_end: u16::MAX,
         proto,
         action,
-        _pad: [0; 2],
+        tier: moat_common::TIER_NETPOL,
+        _pad: 0,
     };
     set.count = 1;
     set
@@ -668,7 +670,7 @@ fn allow_peer_out(f: &mut Fixture, dport: u16, proto: u8, rule_id: u32) {
             &PolicyValue {
                 rule_id,
                 action: ACTION_ALLOW,
-                _pad: [0; 3],
+                ..PolicyValue::default()
             },
         )
         .unwrap();

@@ -1124,6 +1124,12 @@ impl Daemon {
                 self.change(|e| e.upsert_moat_policy(policy))
             }
             (ObjectKey::MoatPolicy(ns, name), _) => self.change(|e| e.delete_moat_policy(ns, name)),
+            (ObjectKey::ClusterNetworkPolicy(..), Some(Object::ClusterNetworkPolicy(policy))) => {
+                self.change(|e| e.upsert_cluster_policy(policy))
+            }
+            (ObjectKey::ClusterNetworkPolicy(name), _) => {
+                self.change(|e| e.delete_cluster_policy(name))
+            }
             (ObjectKey::Node(_), _) => {
                 self.objects.set(key, object);
                 self.routes_dirty = true;
@@ -1415,6 +1421,7 @@ impl Daemon {
             endpoints: self.endpoints.len(),
             identities: self.engine.state().identities.len(),
             policies: self.objects.policies.len(),
+            cluster_policies: self.objects.cluster_policies.len(),
             rejected: self.rejected.clone(),
             pin_dir: self.pins.base().display().to_string(),
             generation: self.generation,

@@ -594,7 +594,7 @@ mod tests {
         let allow = PolicyValue {
             rule_id: 20,
             action: ACTION_ALLOW,
-            _pad: [0; 3],
+            ..PolicyValue::default()
         };
         state.policy.insert(key(1), allow);
         state.policy.insert(

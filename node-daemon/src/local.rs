@@ -15,7 +15,7 @@ use std::{
 
 use crate::kube::convert::{self, NodeInfo};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use moat_policy::{ContainerPort, LabelSet, MoatPolicy, NetworkPolicy};
+use moat_policy::{ClusterNetworkPolicy, ContainerPort, LabelSet, MoatPolicy, NetworkPolicy};
 use serde::Deserialize;
 
 pub const MODE_ANNOTATION: &str = "moat.io/mode";
@@ -38,6 +38,8 @@ pub struct LocalObjects {
     pub policies: BTreeMap<(String, String), NetworkPolicy>,
     /// Moat's own policy objects (mode, default-deny posture, external CIDR groups).
     pub moat_policies: BTreeMap<(String, String), MoatPolicy>,
+    /// ClusterNetworkPolicies (Admin and Baseline tiers) by name.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Nodes by name: their pod CIDRs and addresses (routes between nodes).
     pub nodes: BTreeMap<String, NodeInfo>,
     /// "<file>: <kind> <ns/name>: <reason>"
@@ -82,6 +84,7 @@ pub enum ObjectKey {
     Pod(String, String),
     NetworkPolicy(String, String),
     MoatPolicy(String, String),
+    ClusterNetworkPolicy(String),
     Node(String),
 }
 
@@ -92,6 +95,7 @@ impl std::fmt::Display for ObjectKey {
             Self::Pod(ns, name) => write!(f, "Pod {ns}/{name}"),
             Self::NetworkPolicy(ns, name) => write!(f, "NetworkPolicy {ns}/{name}"),
             Self::MoatPolicy(ns, name) => write!(f, "MoatPolicy {ns}/{name}"),
+            Self::ClusterNetworkPolicy(name) => write!(f, "ClusterNetworkPolicy {name}"),
             Self::Node(name) => write!(f, "Node {name}"),
         }
     }
@@ -104,6 +108,7 @@ pub enum Object {
     Pod(PodMeta),
     NetworkPolicy(NetworkPolicy),
     MoatPolicy(MoatPolicy),
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
     Node(NodeInfo),
 }
 
@@ -126,6 +131,11 @@ impl LocalObjects {
                 let (ns, name) = two(k);
                 ObjectKey::MoatPolicy(ns, name)
             }))
+            .chain(
+                self.cluster_policies
+                    .keys()
+                    .map(|n| ObjectKey::ClusterNetworkPolicy(n.clone())),
+            )
             .chain(self.nodes.keys().map(|n| ObjectKey::Node(n.clone())))
     }
 
@@ -145,6 +155,11 @@ impl LocalObjects {
                 .get(&pair(ns, name))
                 .cloned()
                 .map(Object::MoatPolicy),
+            ObjectKey::ClusterNetworkPolicy(n) => self
+                .cluster_policies
+                .get(n)
+                .cloned()
+                .map(Object::ClusterNetworkPolicy),
             ObjectKey::Node(n) => self.nodes.get(n).cloned().map(Object::Node),
         }
     }
@@ -165,6 +180,9 @@ impl LocalObjects {
             ObjectKey::MoatPolicy(ns, name) => {
                 let k = pair(ns, name);
                 self.moat_policies.get(&k) == other.moat_policies.get(&k)
+            }
+            ObjectKey::ClusterNetworkPolicy(n) => {
+                self.cluster_policies.get(n) == other.cluster_policies.get(n)
             }
             ObjectKey::Node(n) => self.nodes.get(n) == other.nodes.get(n),
         }
@@ -196,6 +214,12 @@ impl LocalObjects {
             }
             (ObjectKey::MoatPolicy(ns, name), _) => {
                 self.moat_policies.remove(&pair(ns, name));
+            }
+            (ObjectKey::ClusterNetworkPolicy(n), Some(Object::ClusterNetworkPolicy(v))) => {
+                self.cluster_policies.insert(n.clone(), v);
+            }
+            (ObjectKey::ClusterNetworkPolicy(n), _) => {
+                self.cluster_policies.remove(n);
             }
             (ObjectKey::Node(n), Some(Object::Node(v))) => {
                 self.nodes.insert(n.clone(), v);
@@ -317,6 +341,7 @@ fn object_key(value: &serde_json::Value) -> Option<ObjectKey> {
         "Pod" => ObjectKey::Pod(namespace(), name),
         "NetworkPolicy" => ObjectKey::NetworkPolicy(namespace(), name),
         "MoatPolicy" => ObjectKey::MoatPolicy(namespace(), name),
+        "ClusterNetworkPolicy" => ObjectKey::ClusterNetworkPolicy(name),
         "Node" => ObjectKey::Node(name),
         _ => return None,
     })
@@ -566,6 +591,12 @@ fn add_object(out: &mut LocalObjects, json: &serde_json::Value) -> Result<Option
                 (policy.namespace().to_string(), policy.name().to_string()),
                 policy,
             );
+        }
+        Some("ClusterNetworkPolicy") => {
+            let policy =
+                ClusterNetworkPolicy::from_value(json.clone()).map_err(|e| e.to_string())?;
+            out.cluster_policies
+                .insert(policy.name().to_string(), policy);
         }
         Some("Node") => {
             let node = Node::deserialize(json).map_err(|e| format!("Node: {e}"))?;

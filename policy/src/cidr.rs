@@ -47,12 +47,19 @@ pub fn flatten(items: &[CidrItem]) -> Vec<(IpNetwork, Vec<PortRule>)> {
         .collect()
 }
 
-/// Rule `a` makes rule `b` redundant: same action, covers b's protocol and ports.
+/// Rule `a` makes rule `b` redundant: same tier, covers b's protocol and ports, and either
+/// (NetworkPolicy tier) has the same action, or (ClusterNetworkPolicy tiers, where the first
+/// matching rule decides) comes first, whatever its action.
 fn subsumes(a: &PortRule, b: &PortRule) -> bool {
-    a.action == b.action
-        && (a.proto == 0 || a.proto == b.proto)
+    let covers = (a.proto == 0 || a.proto == b.proto)
         && a.port_start <= b.port_start
-        && b.port_end <= a.port_end
+        && b.port_end <= a.port_end;
+    let decides = if a.tier == moat_common::TIER_NETPOL {
+        a.action == b.action
+    } else {
+        a.rule_id <= b.rule_id
+    };
+    a.tier == b.tier && covers && decides
 }
 
 /// Packs rules into a `PortRuleSet`: duplicates and subsumed rules go first (the lowest rule
@@ -75,8 +82,12 @@ pub fn build_rule_set(mut rules: Vec<PortRule>) -> Result<PortRuleSet, usize> {
         let mut merged: Vec<PortRule> = Vec::new();
         for r in kept {
             match merged.last_mut() {
+                // Only NetworkPolicy-tier rules merge: in the ordered tiers a merged range
+                // would move rules past others.
                 Some(m)
                     if m.action == r.action
+                        && m.tier == moat_common::TIER_NETPOL
+                        && r.tier == moat_common::TIER_NETPOL
                         && m.proto == r.proto
                         && u32::from(r.port_start) <= u32::from(m.port_end) + 1 =>
                 {
@@ -117,7 +128,8 @@ mod tests {
             port_end: end,
             proto,
             action: ACTION_ALLOW,
-            _pad: [0; 2],
+            tier: moat_common::TIER_NETPOL,
+            _pad: 0,
         }
     }
 

@@ -27,6 +27,7 @@ use moat_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::{CidrItem, build_rule_set, flatten};
+use crate::cnp::{CnpPeer, NormalizedCnp, NormalizedCnpRule, Tier};
 use crate::error::Error;
 use crate::identity::{
     CanonicalKey, HashedIds, IDENTITY_END, Identity, IdentityRegistry, SecurityLabels,
@@ -100,7 +101,18 @@ pub struct ClusterInputs {
     pub pods: BTreeMap<PodRef, Pod>,
     pub policies: BTreeMap<(String, String), NormalizedPolicy>,
     pub moat_policies: BTreeMap<(String, String), NormalizedMoatPolicy>,
+    /// ClusterNetworkPolicies by name (cluster-scoped), both tiers.
+    pub cluster_policies: BTreeMap<String, NormalizedCnp>,
+    /// The cluster's Nodes, for ClusterNetworkPolicy `nodes` peers.
+    pub nodes: BTreeMap<String, NodeInfo>,
     pub host_ips: BTreeSet<IpAddr>,
+}
+
+/// A Node as ClusterNetworkPolicy `nodes` peers see it: its labels and its addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub labels: LabelSet,
+    pub ips: Vec<IpAddr>,
 }
 
 /// Which kind of object a policy (and its rules) comes from.
@@ -111,6 +123,28 @@ pub enum PolicyKind {
     #[default]
     NetworkPolicy,
     MoatPolicy,
+    /// A ClusterNetworkPolicy of the Admin tier (cluster-scoped: its rules' namespace is "").
+    AdminClusterNetworkPolicy,
+    /// A ClusterNetworkPolicy of the Baseline tier.
+    BaselineClusterNetworkPolicy,
+}
+
+impl PolicyKind {
+    pub fn of_tier(tier: Tier) -> Self {
+        match tier {
+            Tier::Admin => PolicyKind::AdminClusterNetworkPolicy,
+            Tier::Baseline => PolicyKind::BaselineClusterNetworkPolicy,
+        }
+    }
+
+    /// The datapath tier of this kind's rules (moat_common::TIER_*).
+    pub fn tier(self) -> u8 {
+        match self {
+            PolicyKind::NetworkPolicy | PolicyKind::MoatPolicy => moat_common::TIER_NETPOL,
+            PolicyKind::AdminClusterNetworkPolicy => moat_common::TIER_ADMIN,
+            PolicyKind::BaselineClusterNetworkPolicy => moat_common::TIER_BASELINE,
+        }
+    }
 }
 
 fn in_namespace<'a, V>(
@@ -158,6 +192,10 @@ impl ClusterInputs {
         match kind {
             PolicyKind::NetworkPolicy => self.policies.get(&key),
             PolicyKind::MoatPolicy => self.moat_policies.get(&key).map(|m| &m.policy),
+            // Not namespaced policies: see `cluster_policies`.
+            PolicyKind::AdminClusterNetworkPolicy | PolicyKind::BaselineClusterNetworkPolicy => {
+                None
+            }
         }
     }
 
@@ -205,8 +243,23 @@ pub struct RuleRef {
 
 impl std::fmt::Display for RuleRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.kind == PolicyKind::MoatPolicy {
-            write!(f, "MoatPolicy ")?;
+        match self.kind {
+            PolicyKind::NetworkPolicy => {}
+            PolicyKind::MoatPolicy => write!(f, "MoatPolicy ")?,
+            PolicyKind::AdminClusterNetworkPolicy | PolicyKind::BaselineClusterNetworkPolicy => {
+                let tier = if self.kind == PolicyKind::AdminClusterNetworkPolicy {
+                    "Admin"
+                } else {
+                    "Baseline"
+                };
+                return write!(
+                    f,
+                    "ClusterNetworkPolicy {} ({tier}) {}[{}]",
+                    self.policy,
+                    self.direction.name(),
+                    self.index
+                );
+            }
         }
         write!(
             f,
@@ -312,6 +365,9 @@ pub struct DatapathState {
     pub cidr_v4: BTreeMap<(u32, u8, Ipv4Network), PortRuleSet>,
     pub cidr_v6: BTreeMap<(u32, u8, Ipv6Network), PortRuleSet>,
     pub rules: BTreeMap<u32, RuleRef>,
+    /// ClusterNetworkPolicy rules by (tier, rule id): their ids are numbered in evaluation
+    /// order within a tier (see `cnp_rule_id`), a space apart from `rules`.
+    pub cluster_rules: BTreeMap<(u8, u32), RuleRef>,
     /// Pods whose mode a MoatPolicy sets (strictest wins); other pods keep the daemon's
     /// default (or their `moat.io/mode` annotation).
     pub modes: BTreeMap<PodRef, Mode>,
@@ -420,6 +476,96 @@ pub(crate) struct Tables {
     pub groups: BTreeMap<Identity, Vec<Group>>,
     /// Which pods claim an address (the first in name order wins the ipcache entry).
     pub ip_pods: BTreeMap<IpAddr, BTreeSet<PodRef>>,
+    /// Each ClusterNetworkPolicy's slot among the policies of its tier and priority (see
+    /// `cnp_rule_id`).
+    pub cnp_slots: BTreeMap<String, u32>,
+}
+
+/// The id of a ClusterNetworkPolicy rule. Within a tier the datapath takes the lowest id as
+/// the first rule, so the id orders by priority, then policy (its slot), then rule index:
+///   priority (10 bits, 0-1000) | slot (16 bits, 1-65535) | direction (1) | index (5, < 25)
+/// Ids depend only on the policy's own name, priority and rule position (the slot is a hash
+/// of the name, probed past the other policies of the same tier and priority), so they are
+/// the same on every node and across restarts, and adding a policy leaves others' ids alone
+/// unless two names collide at one priority.
+pub fn cnp_rule_id(priority: u32, slot: u32, direction: Direction, index: u32) -> u32 {
+    (priority << 22) | (slot << 6) | (u32::from(direction.as_u8()) << 5) | index
+}
+
+const CNP_SLOTS: u32 = (1 << 16) - 1;
+
+/// Slots for every ClusterNetworkPolicy (see `cnp_rule_id`). Policies of one tier and
+/// priority that hash to the same slot take the next free one, in name order. Two policies
+/// of the same tier and priority may be evaluated in either order (the API says so); the
+/// slot fixes one.
+pub(crate) fn cnp_slots(policies: &BTreeMap<String, NormalizedCnp>) -> BTreeMap<String, u32> {
+    let mut used: BTreeSet<(Tier, u32, u32)> = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for (name, p) in policies {
+        let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let mut slot = hash % CNP_SLOTS + 1;
+        while !used.insert((p.tier, p.priority, slot)) {
+            slot = slot % CNP_SLOTS + 1;
+        }
+        out.insert(name.clone(), slot);
+    }
+    out
+}
+
+/// The rule refs of a ClusterNetworkPolicy with their rules.
+pub(crate) fn cnp_rule_refs(
+    policy: &NormalizedCnp,
+) -> impl Iterator<Item = (RuleRef, &NormalizedCnpRule)> {
+    Direction::BOTH.into_iter().flat_map(move |d| {
+        policy.rules(d).iter().enumerate().map(move |(i, rule)| {
+            (
+                RuleRef {
+                    kind: PolicyKind::of_tier(policy.tier),
+                    namespace: String::new(),
+                    policy: policy.name.clone(),
+                    direction: d,
+                    index: i as u32,
+                },
+                rule,
+            )
+        })
+    })
+}
+
+/// A ClusterNetworkPolicy rule in the form `compile_rule` takes: pod peers become selector
+/// peers with an explicit namespace selector, networks and the selected nodes' addresses
+/// become address blocks.
+pub(crate) fn cnp_as_rule(inputs: &ClusterInputs, rule: &NormalizedCnpRule) -> Rule {
+    let peers = rule.peers.as_ref().map(|peers| {
+        let mut out = Vec::new();
+        for peer in peers {
+            match peer {
+                CnpPeer::Pods(sel) => out.push(Peer::Selector {
+                    pods: Some(sel.pods.clone().unwrap_or_default()),
+                    namespaces: Some(sel.namespaces.clone()),
+                }),
+                CnpPeer::Networks(nets) => out.extend(nets.iter().map(|n| Peer::IpBlock {
+                    cidr: *n,
+                    except: vec![],
+                })),
+                CnpPeer::Nodes(sel) => {
+                    for node in inputs.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                        out.extend(node.ips.iter().map(|ip| Peer::IpBlock {
+                            cidr: IpNetwork::from(*ip),
+                            except: vec![],
+                        }));
+                    }
+                }
+            }
+        }
+        out
+    });
+    Rule {
+        peers,
+        ports: rule.ports.clone(),
+    }
 }
 
 /// The rule refs of a policy with their rules.
@@ -702,6 +848,23 @@ pub(crate) fn build(
     for (kind, p) in inputs.all_policies() {
         t.add_policy_rules(kind, p);
     }
+    t.cnp_slots = cnp_slots(&inputs.cluster_policies);
+    for p in inputs.cluster_policies.values() {
+        for (r, rule) in cnp_rule_refs(p) {
+            let peers = selector_peers(&cnp_as_rule(inputs, rule));
+            if !peers.is_empty() {
+                let ids = t.match_peers("", &peers);
+                t.remotes.insert(
+                    r,
+                    Remotes {
+                        policy_ns: String::new(),
+                        peers,
+                        ids,
+                    },
+                );
+            }
+        }
+    }
 
     let mut raw = Vec::new();
     let mut vkeys = BTreeSet::new();
@@ -722,6 +885,17 @@ pub(crate) fn build(
             .map(|(id, s)| (*id, s.to_label_set()))
             .collect(),
         rules: alloc.rules.iter().map(|(k, id)| (id, k.clone())).collect(),
+        cluster_rules: inputs
+            .cluster_policies
+            .values()
+            .flat_map(|p| {
+                let slot = t.cnp_slots[&p.name];
+                cnp_rule_refs(p).map(move |(r, _)| {
+                    let id = cnp_rule_id(p.priority, slot, r.direction, r.index);
+                    ((p.tier.as_u8(), id), r)
+                })
+            })
+            .collect(),
         ..Default::default()
     };
     state.ipcache.extend(world_entries());
@@ -759,14 +933,31 @@ pub fn compile_with(
 
 /// (name, protocol) of every named port in ingress rules of policies that select `labels`.
 fn ingress_named_ports(inputs: &ClusterInputs, labels: &SecurityLabels) -> BTreeSet<(String, u8)> {
-    selecting(inputs, labels, Direction::Ingress)
+    let netpol = selecting(inputs, labels, Direction::Ingress)
         .flat_map(|(_, p)| p.ingress.iter().flatten())
-        .flat_map(|r| &r.ports)
+        .flat_map(|r| &r.ports);
+    let cluster = cluster_selecting(inputs, labels, Direction::Ingress)
+        .flat_map(|p| &p.ingress)
+        .flat_map(|r| &r.ports);
+    netpol
+        .chain(cluster)
         .filter_map(|p| match &p.port {
             PortSpec::Named(n) => Some((n.clone(), p.proto)),
             _ => None,
         })
         .collect()
+}
+
+/// ClusterNetworkPolicies whose subject selects pods with `labels` and that have rules in
+/// `direction` (a policy with no rules in a direction does not affect it).
+pub(crate) fn cluster_selecting<'a>(
+    inputs: &'a ClusterInputs,
+    labels: &'a SecurityLabels,
+    direction: Direction,
+) -> impl Iterator<Item = &'a NormalizedCnp> + 'a {
+    inputs.cluster_policies.values().filter(move |p| {
+        !p.rules(direction).is_empty() && p.selects(&labels.namespace_labels, &labels.pod_labels)
+    })
 }
 
 /// Policies that isolate pods with `labels` in `direction`.
@@ -860,27 +1051,48 @@ impl Ctx<'_> {
                     policy_id,
                     dir,
                     rule_id,
+                    tier: moat_common::TIER_NETPOL,
+                    action: ACTION_ALLOW,
                 };
                 self.compile_rule(&mut out, &rule_ref, rule, local_resolution, direction);
+            }
+        }
+        for policy in cluster_selecting(self.inputs, labels, direction) {
+            let slot = self.tables.cnp_slots[&policy.name];
+            for (rule_ref, rule) in cnp_rule_refs(policy).filter(|(r, _)| r.direction == direction)
+            {
+                let mut out = RuleOut {
+                    only_remotes: self.only_remotes,
+                    state: &mut *state,
+                    ranges: &mut ranges,
+                    cidr_items: &mut cidr_items,
+                    policy_id,
+                    dir,
+                    rule_id: cnp_rule_id(policy.priority, slot, direction, rule_ref.index),
+                    tier: policy.tier.as_u8(),
+                    action: rule.action.as_u8(),
+                };
+                let as_rule = cnp_as_rule(self.inputs, rule);
+                self.compile_rule(&mut out, &rule_ref, &as_rule, local_resolution, direction);
             }
         }
         if self.only_remotes.is_some() {
             cidr_items.clear();
         }
-        if !selected {
-            if self.only_remotes.is_some_and(|only| !only.contains(&0)) {
-                return Ok(());
-            }
-            insert_policy(
+        if !selected && self.only_remotes.is_none_or(|only| only.contains(&0)) {
+            insert_entry(
                 state,
-                policy_id,
-                0,
-                0,
-                0,
-                dir,
+                PolicyKey {
+                    policy_id,
+                    remote_identity: 0,
+                    dport: 0,
+                    proto: 0,
+                    direction: dir,
+                },
+                moat_common::TIER_NETPOL,
+                ACTION_ALLOW,
                 moat_common::rule::NOT_ISOLATED,
             );
-            return Ok(());
         }
         for (key, rules) in ranges {
             let set = build_rule_set(rules).map_err(|count| Error::TooManyPortRules {
@@ -1086,6 +1298,9 @@ struct RuleOut<'a> {
     policy_id: u32,
     dir: u8,
     rule_id: u32,
+    /// moat_common::TIER_* and ACTION_* of the rule.
+    tier: u8,
+    action: u8,
 }
 
 impl RuleOut<'_> {
@@ -1095,9 +1310,21 @@ impl RuleOut<'_> {
             port_start: m.start,
             port_end: m.end,
             proto: m.proto,
-            action: ACTION_ALLOW,
-            _pad: [0; 2],
+            action: self.action,
+            tier: self.tier,
+            _pad: 0,
         }
+    }
+
+    fn insert(&mut self, remote: u32, dport: u16, proto: u8) {
+        let key = PolicyKey {
+            policy_id: self.policy_id,
+            remote_identity: remote,
+            dport,
+            proto,
+            direction: self.dir,
+        };
+        insert_entry(self.state, key, self.tier, self.action, self.rule_id);
     }
 
     /// Identity-keyed entries for one port match: exact keys for single ports, short ranges
@@ -1109,12 +1336,12 @@ impl RuleOut<'_> {
         {
             return;
         }
-        let (pid, dir, rid) = (self.policy_id, self.dir, self.rule_id);
+        let (pid, dir) = (self.policy_id, self.dir);
         if (m.start, m.end) == ANY_PORT {
-            insert_policy(self.state, pid, remote, 0, m.proto, dir, rid);
+            self.insert(remote, 0, m.proto);
         } else if u32::from(m.end) - u32::from(m.start) < EXACT_RANGE_MAX_PORTS {
             for port in m.start..=m.end {
-                insert_policy(self.state, pid, remote, port, m.proto, dir, rid);
+                self.insert(remote, port, m.proto);
             }
         } else {
             let key = PortRangeKey {
@@ -1130,36 +1357,18 @@ impl RuleOut<'_> {
     }
 }
 
-/// Inserts an ALLOW entry; when two rules produce the same key the lower rule id names it, so
-/// the result does not depend on iteration order.
-fn insert_policy(
-    state: &mut DatapathState,
-    policy_id: u32,
-    remote: u32,
-    dport: u16,
-    proto: u8,
-    direction: u8,
-    rule_id: u32,
-) {
-    let key = PolicyKey {
-        policy_id,
-        remote_identity: remote,
-        dport,
-        proto,
-        direction,
+/// Adds one rule to a key's entry in its tier. Within a tier the lower rule id wins: for
+/// NetworkPolicy (allow-only) that names the entry independently of iteration order; for the
+/// ClusterNetworkPolicy tiers it is the rule evaluated first (`cnp_rule_id`).
+fn insert_entry(state: &mut DatapathState, key: PolicyKey, tier: u8, action: u8, rule_id: u32) {
+    let v = state.policy.entry(key).or_default();
+    let (current_action, current_rule) = match tier {
+        moat_common::TIER_ADMIN => (&mut v.admin_action, &mut v.admin_rule),
+        moat_common::TIER_BASELINE => (&mut v.baseline_action, &mut v.baseline_rule),
+        _ => (&mut v.action, &mut v.rule_id),
     };
-    let value = PolicyValue {
-        rule_id,
-        action: ACTION_ALLOW,
-        _pad: [0; 3],
-    };
-    state
-        .policy
-        .entry(key)
-        .and_modify(|v| {
-            if rule_id < v.rule_id {
-                *v = value;
-            }
-        })
-        .or_insert(value);
+    if *current_action == 0 || rule_id < *current_rule {
+        *current_action = action;
+        *current_rule = rule_id;
+    }
 }

@@ -27,9 +27,11 @@ use std::net::IpAddr;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use moat_common::{PolicyKey, PolicyValue, PortRangeKey, PortRuleSet};
 
+use crate::cnp::ClusterNetworkPolicy;
 use crate::compile::{
-    Allocators, ClusterInputs, Ctx, DatapathState, Endpoint, Group, Pod, PodRef, PolicyKind,
-    RuleRef, Tables, assign_groups, build, grouping, peer_matches, rule_refs, variant_keys,
+    Allocators, ClusterInputs, Ctx, DatapathState, Endpoint, Group, NodeInfo, Pod, PodRef,
+    PolicyKind, RuleRef, Tables, assign_groups, build, grouping, peer_matches, rule_refs,
+    variant_keys,
 };
 use crate::error::Error;
 use crate::identity::{Collision, Identity, SecurityLabels};
@@ -96,6 +98,7 @@ pub struct Delta {
     pub cidr_v4: MapDelta<(u32, u8, Ipv4Network), PortRuleSet>,
     pub cidr_v6: MapDelta<(u32, u8, Ipv6Network), PortRuleSet>,
     pub rules: MapDelta<u32, RuleRef>,
+    pub cluster_rules: MapDelta<(u8, u32), RuleRef>,
     pub modes: MapDelta<PodRef, Mode>,
 }
 
@@ -110,6 +113,7 @@ impl Delta {
             cidr_v4: MapDelta::between(&old.cidr_v4, &new.cidr_v4),
             cidr_v6: MapDelta::between(&old.cidr_v6, &new.cidr_v6),
             rules: MapDelta::between(&old.rules, &new.rules),
+            cluster_rules: MapDelta::between(&old.cluster_rules, &new.cluster_rules),
             modes: MapDelta::between(&old.modes, &new.modes),
         }
     }
@@ -123,6 +127,7 @@ impl Delta {
         self.cidr_v4.apply(&mut state.cidr_v4);
         self.cidr_v6.apply(&mut state.cidr_v6);
         self.rules.apply(&mut state.rules);
+        self.cluster_rules.apply(&mut state.cluster_rules);
         self.modes.apply(&mut state.modes);
     }
 
@@ -135,6 +140,7 @@ impl Delta {
             && self.cidr_v4.is_empty()
             && self.cidr_v6.is_empty()
             && self.rules.is_empty()
+            && self.cluster_rules.is_empty()
             && self.modes.is_empty()
     }
 
@@ -146,6 +152,7 @@ impl Delta {
             && self.cidr_v4.is_empty()
             && self.cidr_v6.is_empty()
             && self.rules.is_empty()
+            && self.cluster_rules.is_empty()
     }
 }
 
@@ -319,6 +326,62 @@ impl Engine {
         self.apply(change, move |inputs| {
             restore(&mut inputs.moat_policies, key, Some(old))
         })
+    }
+
+    /// A ClusterNetworkPolicy added or changed. Cluster policies change rarely and touch
+    /// every identity they select, so this compiles from scratch and diffs.
+    pub fn upsert_cluster_policy(&mut self, policy: &ClusterNetworkPolicy) -> Result<Delta, Error> {
+        let normalized = policy.normalize()?;
+        let name = normalized.name.clone();
+        let old = self
+            .inputs
+            .cluster_policies
+            .insert(name.clone(), normalized);
+        if old.as_ref() == self.inputs.cluster_policies.get(&name) {
+            return Ok(Delta::default());
+        }
+        self.rebuild(move |inputs| restore(&mut inputs.cluster_policies, name, old))
+    }
+
+    pub fn delete_cluster_policy(&mut self, name: &str) -> Result<Delta, Error> {
+        let Some(old) = self.inputs.cluster_policies.remove(name) else {
+            return Ok(Delta::default());
+        };
+        let name = name.to_string();
+        self.rebuild(move |inputs| restore(&mut inputs.cluster_policies, name, Some(old)))
+    }
+
+    /// The cluster's Nodes (for `nodes` peers). A change matters only to cluster policies.
+    pub fn set_nodes(&mut self, nodes: BTreeMap<String, NodeInfo>) -> Result<Delta, Error> {
+        if nodes == self.inputs.nodes {
+            return Ok(Delta::default());
+        }
+        let old = std::mem::replace(&mut self.inputs.nodes, nodes);
+        if self.inputs.cluster_policies.is_empty() {
+            return Ok(Delta::default());
+        }
+        self.rebuild(move |inputs| inputs.nodes = old)
+    }
+
+    /// A full compile of the current inputs, applied as a diff; on error the inputs are put
+    /// back with `undo` and nothing changes.
+    fn rebuild(&mut self, undo: impl FnOnce(&mut ClusterInputs)) -> Result<Delta, Error> {
+        match build(&self.inputs, &mut self.alloc) {
+            Ok((tables, next)) => {
+                let delta = Delta::between(&self.state, &next);
+                self.tables = tables;
+                delta.apply(&mut self.state);
+                Ok(delta)
+            }
+            Err(e) => {
+                undo(&mut self.inputs);
+                let (tables, state) =
+                    build(&self.inputs, &mut self.alloc).expect("the previous inputs compiled");
+                debug_assert!(state == self.state, "undo restores the previous state");
+                self.tables = tables;
+                Err(e)
+            }
+        }
     }
 
     pub fn upsert_pod(&mut self, pod: Pod) -> Result<Delta, Error> {
@@ -528,6 +591,16 @@ fn step(
         return Ok(None);
     }
     let removed_ids: Vec<Identity> = emptied.values().copied().collect();
+    // Cluster policies select across namespaces and are not indexed for incremental steps:
+    // an identity that comes or goes, or pods that named ports of theirs may resolve on,
+    // take the full compile.
+    if !inputs.cluster_policies.is_empty()
+        && (!added.is_empty()
+            || !removed_ids.is_empty()
+            || (!ch.pods.is_empty() && cluster_named_ports(inputs)))
+    {
+        return Ok(None);
+    }
     // Groups before this step, of every identity whose groups change.
     let mut old_groups: BTreeMap<Identity, Vec<Group>> = BTreeMap::new();
     for id in &removed_ids {
@@ -802,4 +875,15 @@ fn step(
     let mut delta = Delta::between(&old_sub, &new_sub);
     delta.rules = MapDelta::between(&rules_old, &rules_new);
     Ok(Some(delta))
+}
+
+/// Whether any cluster policy names a port (its resolution depends on pods).
+fn cluster_named_ports(inputs: &ClusterInputs) -> bool {
+    inputs.cluster_policies.values().any(|p| {
+        p.ingress
+            .iter()
+            .chain(&p.egress)
+            .flat_map(|r| &r.ports)
+            .any(|port| matches!(port.port, crate::netpol::PortSpec::Named(_)))
+    })
 }

@@ -5,7 +5,10 @@
 
 use std::net::IpAddr;
 
-use moat_common::{ACTION_ALLOW, ACTION_DENY, PolicyKey, PortRangeKey, reason, rule};
+use moat_common::{
+    ACTION_ALLOW, ACTION_DENY, PolicyKey, PortRangeKey, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL,
+    reason, rule,
+};
 use serde::Serialize;
 
 use crate::cidr::rules_of;
@@ -76,8 +79,8 @@ pub fn lookup(
     if remote == Identity::HOST && direction == Direction::Ingress {
         return verdict(true, rule::HOST, reason::HOST);
     }
-    // (b) Every lookup, in datapath order, collecting (rule_id, action).
-    let mut matches: Vec<(u32, u8)> = Vec::new();
+    // (b) Every lookup, in datapath order, collecting (tier, rule_id, action).
+    let mut matches: Vec<(u8, u32, u8)> = Vec::new();
     let r = remote.0;
     for (rid, port, p) in [
         (r, dport, proto),
@@ -95,7 +98,15 @@ pub fn lookup(
             direction: dir,
         };
         if let Some(v) = state.policy.get(&key) {
-            matches.push((v.rule_id, v.action));
+            for (tier, rule_id, action) in [
+                (TIER_NETPOL, v.rule_id, v.action),
+                (TIER_ADMIN, v.admin_rule, v.admin_action),
+                (TIER_BASELINE, v.baseline_rule, v.baseline_action),
+            ] {
+                if action != 0 {
+                    matches.push((tier, rule_id, action));
+                }
+            }
         }
     }
     for rid in [r, 0] {
@@ -110,7 +121,7 @@ pub fn lookup(
             // The key already fixed the protocol; rules only bound the port.
             for rule in rules_of(set) {
                 if rule.port_start <= dport && dport <= rule.port_end {
-                    matches.push((rule.rule_id, rule.action));
+                    matches.push((rule.tier, rule.rule_id, rule.action));
                 }
             }
         }
@@ -135,18 +146,52 @@ pub fn lookup(
                 && rule.port_start <= dport
                 && dport <= rule.port_end
             {
-                matches.push((rule.rule_id, rule.action));
+                matches.push((rule.tier, rule.rule_id, rule.action));
             }
         }
     }
-    // (c) Deny wins, then the first allow, else default deny.
-    if let Some((rid, _)) = matches.iter().find(|(_, a)| *a == ACTION_DENY) {
+    // (c) The tiers, as the datapath combines them. Admin: the first rule (lowest id)
+    // decides unless it passes.
+    let first_in = |tier: u8| {
+        matches
+            .iter()
+            .filter(|(t, _, _)| *t == tier)
+            .min_by_key(|(_, rid, _)| *rid)
+            .map(|(_, rid, action)| (*rid, *action))
+    };
+    match first_in(TIER_ADMIN) {
+        Some((rid, ACTION_ALLOW)) => return verdict(true, rid, reason::ADMIN_ACCEPT),
+        Some((rid, ACTION_DENY)) => return verdict(false, rid, reason::ADMIN_DENY),
+        _ => {}
+    }
+    // NetworkPolicy: deny wins, then the first allow, else default deny.
+    let netpol = || matches.iter().filter(|(t, _, _)| *t == TIER_NETPOL);
+    if let Some((_, rid, _)) = netpol().find(|(_, _, a)| *a == ACTION_DENY) {
         return verdict(false, *rid, reason::POLICY_DENY);
     }
-    if let Some((rid, _)) = matches.iter().find(|(_, a)| *a == ACTION_ALLOW) {
-        return verdict(true, *rid, reason::POLICY_ALLOW);
+    match netpol().find(|(_, _, a)| *a == ACTION_ALLOW) {
+        // Not isolated by any NetworkPolicy: the Baseline tier may still decide.
+        Some((_, rule::NOT_ISOLATED, _)) => match first_in(TIER_BASELINE) {
+            Some((rid, ACTION_ALLOW)) => verdict(true, rid, reason::BASELINE_ACCEPT),
+            Some((rid, ACTION_DENY)) => verdict(false, rid, reason::BASELINE_DENY),
+            _ => verdict(true, rule::NOT_ISOLATED, reason::POLICY_ALLOW),
+        },
+        Some((_, rid, _)) => verdict(true, *rid, reason::POLICY_ALLOW),
+        None => verdict(false, rule::NONE, reason::DEFAULT_DENY),
     }
-    verdict(false, rule::NONE, reason::DEFAULT_DENY)
+}
+
+impl DatapathState {
+    /// The rule a verdict names: a ClusterNetworkPolicy rule when the reason is one of the
+    /// tiers', else a NetworkPolicy or MoatPolicy rule.
+    pub fn rule_for(&self, reason: u8, rule_id: u32) -> Option<&RuleRef> {
+        let tier = match reason {
+            reason::ADMIN_ACCEPT | reason::ADMIN_DENY => TIER_ADMIN,
+            reason::BASELINE_ACCEPT | reason::BASELINE_DENY => TIER_BASELINE,
+            _ => return self.rules.get(&rule_id),
+        };
+        self.cluster_rules.get(&(tier, rule_id))
+    }
 }
 
 fn min_v4() -> ipnetwork::Ipv4Network {
@@ -243,7 +288,7 @@ pub fn evaluate(
     Ok(Verdict {
         allowed,
         rule_id,
-        rule: state.rules.get(&rule_id).cloned(),
+        rule: deciding.and_then(|v| state.rule_for(v.reason, v.rule_id).cloned()),
         egress,
         ingress,
     })

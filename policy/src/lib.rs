@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod cidr;
+pub mod cnp;
 pub mod compile;
 pub mod engine;
 pub mod error;
@@ -25,9 +26,10 @@ pub mod netpol;
 pub mod selector;
 pub mod yaml;
 
+pub use cnp::{ClusterNetworkPolicy, NormalizedCnp, Tier};
 pub use compile::{
-    Allocators, ClusterInputs, ContainerPort, DatapathState, Endpoint, Pod, PodRef, PolicyKind,
-    RuleRef, compile, compile_with,
+    Allocators, ClusterInputs, ContainerPort, DatapathState, Endpoint, NodeInfo, Pod, PodRef,
+    PolicyKind, RuleRef, cnp_rule_id, compile, compile_with,
 };
 pub use engine::{Delta, Engine, MapDelta};
 pub use error::Error;

@@ -7,7 +7,7 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Bumped on any change to a type below. Pinned state of another layout is never reused.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Identities
@@ -46,8 +46,19 @@ pub const VERDICT_DROP: u8 = 1;
 /// Allowed only because the endpoint is in audit mode; enforce would have dropped it.
 pub const VERDICT_AUDIT: u8 = 2;
 
+/// A rule's action. NetworkPolicy and MoatPolicy rules allow or deny; ClusterNetworkPolicy
+/// rules accept (ACTION_ALLOW), deny, or pass (skip the rest of their tier).
 pub const ACTION_ALLOW: u8 = 1;
 pub const ACTION_DENY: u8 = 2;
+pub const ACTION_PASS: u8 = 3;
+
+/// The tiers a rule belongs to, judged in this order: Admin ClusterNetworkPolicies, then
+/// NetworkPolicies (and MoatPolicies), then Baseline ClusterNetworkPolicies, then the default
+/// (allow). Within Admin and Baseline the first matching rule decides, and "first" is the
+/// lowest rule id: moatd numbers those rules in evaluation order (priority, policy, index).
+pub const TIER_NETPOL: u8 = 0;
+pub const TIER_ADMIN: u8 = 1;
+pub const TIER_BASELINE: u8 = 2;
 
 /// Why a packet got its verdict. Values below `REASON_FIRST_DROP` allow.
 pub mod reason {
@@ -74,6 +85,10 @@ pub mod reason {
     /// Part of a flow this endpoint admitted, forwarded by the sending pod's hook straight
     /// into this pod (the host's stack and this endpoint's own hook never see the packet).
     pub const PEER_DELIVERED: u8 = 10;
+    /// A new flow matched an Accept rule of an Admin ClusterNetworkPolicy.
+    pub const ADMIN_ACCEPT: u8 = 11;
+    /// A new flow matched an Accept rule of a Baseline ClusterNetworkPolicy.
+    pub const BASELINE_ACCEPT: u8 = 12;
 
     pub const FIRST_DROP: u8 = 16;
     /// A new flow matched a deny rule.
@@ -92,6 +107,10 @@ pub mod reason {
     pub const STATE_MAP_FULL: u8 = 22;
     /// The interface has programs but no endpoint entry (not registered, or being torn down).
     pub const UNKNOWN_ENDPOINT: u8 = 23;
+    /// A new flow matched a Deny rule of an Admin ClusterNetworkPolicy.
+    pub const ADMIN_DENY: u8 = 24;
+    /// A new flow matched a Deny rule of a Baseline ClusterNetworkPolicy.
+    pub const BASELINE_DENY: u8 = 25;
 
     pub const COUNT: usize = 32;
 
@@ -111,6 +130,8 @@ pub mod reason {
             LEARN => "learn",
             PEER_ADMITTED => "peer-admitted",
             PEER_DELIVERED => "peer-delivered",
+            ADMIN_ACCEPT => "admin-accept",
+            BASELINE_ACCEPT => "baseline-accept",
             POLICY_DENY => "policy-deny",
             DEFAULT_DENY => "default-deny",
             SPOOFED_SOURCE => "spoofed-source",
@@ -119,6 +140,8 @@ pub mod reason {
             FRAGMENT_UNKNOWN => "fragment-unknown",
             STATE_MAP_FULL => "state-map-full",
             UNKNOWN_ENDPOINT => "unknown-endpoint",
+            ADMIN_DENY => "admin-deny",
+            BASELINE_DENY => "baseline-deny",
             _ => "unknown",
         }
     }
@@ -226,7 +249,8 @@ pub const MAX_ENDPOINT_V6: usize = 2;
 pub const ENDPOINT_FLAG_LOG_ALLOWS: u8 = 1;
 /// Lookup hints, set by moatd from the entries it wrote for the endpoint's policy id. Each
 /// lets the datapath skip work that cannot change the verdict; 0 (no hints) is always safe.
-/// No deny entry exists for this policy id: the first allow found decides.
+/// No deny entry and no ClusterNetworkPolicy entry exists for this policy id: the first allow
+/// found decides.
 pub const ENDPOINT_FLAG_NO_DENY: u8 = 2;
 /// No port-range entry exists for this policy id.
 pub const ENDPOINT_FLAG_NO_RANGES: u8 = 4;
@@ -235,10 +259,10 @@ pub const ENDPOINT_FLAG_NO_CIDR: u8 = 8;
 pub const ENDPOINT_HINT_FLAGS: u8 =
     ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
 
-/// The ENDPOINT_FLAG_NO_* hints a policy entry rules out for its policy id (a deny entry
-/// makes deny lookups necessary).
+/// The ENDPOINT_FLAG_NO_* hints a policy entry rules out for its policy id (a deny entry or a
+/// tier entry makes every lookup necessary).
 pub fn policy_entry_needs(value: &PolicyValue) -> u8 {
-    if value.action == ACTION_DENY {
+    if value.action == ACTION_DENY || value.admin_action != 0 || value.baseline_action != 0 {
         ENDPOINT_FLAG_NO_DENY
     } else {
         0
@@ -253,7 +277,7 @@ pub fn rule_set_needs(set: &PortRuleSet, table: u8) -> u8 {
     let mut i = 0;
     let mut has_deny = false;
     while i < count {
-        has_deny |= set.rules[i].action == ACTION_DENY;
+        has_deny |= set.rules[i].action == ACTION_DENY || set.rules[i].tier != TIER_NETPOL;
         i += 1;
     }
     table | if has_deny { ENDPOINT_FLAG_NO_DENY } else { 0 }
@@ -328,12 +352,44 @@ pub struct PolicyKey {
     pub direction: u8,
 }
 
+/// One key's verdicts in each tier. The NetworkPolicy tier (`rule_id`, `action`) is as it has
+/// always been: ACTION_ALLOW or ACTION_DENY, 0 for none. The Admin and Baseline tiers hold
+/// the first ClusterNetworkPolicy rule (lowest id) of that tier that covers the key, with its
+/// action, or action 0. One value per key keeps a verdict at the same number of lookups
+/// whatever the number of tiers and rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
     pub rule_id: u32,
     pub action: u8,
-    pub _pad: [u8; 3],
+    pub admin_action: u8,
+    pub baseline_action: u8,
+    pub _pad: u8,
+    pub admin_rule: u32,
+    pub baseline_rule: u32,
+}
+
+impl PolicyValue {
+    /// A NetworkPolicy-tier entry and nothing in the other tiers.
+    pub const fn netpol(action: u8, rule_id: u32) -> Self {
+        Self {
+            rule_id,
+            action,
+            admin_action: 0,
+            baseline_action: 0,
+            _pad: 0,
+            admin_rule: 0,
+            baseline_rule: 0,
+        }
+    }
+
+    pub const fn allow(rule_id: u32) -> Self {
+        Self::netpol(ACTION_ALLOW, rule_id)
+    }
+
+    pub const fn deny(rule_id: u32) -> Self {
+        Self::netpol(ACTION_DENY, rule_id)
+    }
 }
 
 #[repr(C)]
@@ -357,7 +413,9 @@ pub struct PortRule {
     /// 0 = any protocol.
     pub proto: u8,
     pub action: u8,
-    pub _pad: [u8; 2],
+    /// TIER_NETPOL, TIER_ADMIN or TIER_BASELINE.
+    pub tier: u8,
+    pub _pad: u8,
 }
 
 pub const MAX_PORT_RULES: usize = 16;
@@ -655,7 +713,7 @@ const _: () = {
     assert!(size_of::<IpcacheKeyV6>() == 16);
     assert!(size_of::<IpcacheValue>() == 16);
     assert!(size_of::<PolicyKey>() == 12);
-    assert!(size_of::<PolicyValue>() == 8);
+    assert!(size_of::<PolicyValue>() == 16);
     assert!(size_of::<PortRangeKey>() == 12);
     assert!(size_of::<PortRule>() == 12);
     assert!(size_of::<PortRuleSet>() == 196);

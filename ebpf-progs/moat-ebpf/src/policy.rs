@@ -10,22 +10,30 @@
 //!   6. MOAT_POLICY (P, *, 0, 0, D)     allow-all (also: endpoint not isolated)
 //!   7. MOAT_PORTRANGES (P, R, p, D) then (P, *, p, D): endPort ranges
 //!   8. MOAT_CIDR4/6 longest prefix of the remote address under (P, D): ipBlocks
-//! Precedence: a DENY found at any step wins over every ALLOW (an explicit deny is absolute);
-//! otherwise the first ALLOW in this order names the rule; otherwise default deny.
+//! Each step yields up to three tiers' answers (see `PolicyValue`). They combine as the
+//! tiers are judged:
+//!   Admin ClusterNetworkPolicy: the first matching rule (lowest id over all steps) decides
+//!     if it accepts or denies; a Pass, or no match, hands over to
+//!   NetworkPolicy (and MoatPolicy): a DENY found at any step wins over every ALLOW (an
+//!     explicit deny is absolute); otherwise the first ALLOW in step order names the rule;
+//!     otherwise default deny. The NOT_ISOLATED allow (no NetworkPolicy selects the endpoint
+//!     in this direction) hands over to
+//!   Baseline ClusterNetworkPolicy: the first matching rule decides if it accepts or denies;
+//!     a Pass, or no match, leaves the NOT_ISOLATED allow.
 //! Every step is a constant-time hash or a bounded LPM walk, so the cost of a verdict does
-//! not grow with the number of rules.
+//! not grow with the number of rules or policies, in any tier.
 
 use moat_common::{
     ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, ENDPOINT_FLAG_NO_CIDR,
     ENDPOINT_FLAG_NO_DENY, ENDPOINT_FLAG_NO_RANGES, FAMILY_V4, IDENTITY_ANY, MAX_PORT_RULES,
-    PolicyKey, PortRangeKey, PortRuleSet, reason, rule,
+    PolicyKey, PortRangeKey, PortRuleSet, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL, reason, rule,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 
 use crate::{
     maps::{CIDR_V4, CIDR_V6, POLICY, PORT_RANGES},
-    scratch::{self, LOOKUP_SLOTS, SCRATCH_LOOKUPS},
+    scratch::{self, LOOKUP_SLOTS, Lookups, SCRATCH_LOOKUPS},
 };
 
 pub struct Decision {
@@ -39,8 +47,30 @@ fn pack(action: u8, rule_id: u32) -> u64 {
     ((action as u64) << 32) | rule_id as u64
 }
 
+/// Keeps in `acc` whichever of it and (action, rule_id) comes first in its tier (the lower
+/// rule id); action 0 is no match.
 #[inline(always)]
-fn exact(policy_id: u32, remote: u32, dport: u16, proto: u8, direction: u8) -> u64 {
+fn first_in_tier(acc: *mut u64, action: u8, rule_id: u32) {
+    if action == 0 {
+        return;
+    }
+    let current = scratch::get(acc);
+    if current == 0 || rule_id < current as u32 {
+        scratch::put(acc, pack(action, rule_id));
+    }
+}
+
+/// One MOAT_POLICY lookup: folds the Admin and Baseline answers into `lookups` and returns
+/// the NetworkPolicy tier's, packed.
+#[inline(always)]
+fn exact(
+    lookups: *mut Lookups,
+    policy_id: u32,
+    remote: u32,
+    dport: u16,
+    proto: u8,
+    direction: u8,
+) -> u64 {
     let key = PolicyKey {
         policy_id,
         remote_identity: remote,
@@ -49,17 +79,35 @@ fn exact(policy_id: u32, remote: u32, dport: u16, proto: u8, direction: u8) -> u
         direction,
     };
     match unsafe { POLICY.get(&key) } {
-        Some(value) => pack(value.action, value.rule_id),
+        Some(value) => {
+            unsafe {
+                first_in_tier(&mut (*lookups).admin, value.admin_action, value.admin_rule);
+                first_in_tier(
+                    &mut (*lookups).baseline,
+                    value.baseline_action,
+                    value.baseline_rule,
+                );
+            }
+            pack(value.action, value.rule_id)
+        }
         None => 0,
     }
 }
 
-/// Scans a rule set for rules covering (proto, dport) into `slot`: the first deny, else the
-/// first allow. `match_proto` is false for the range map, whose key already fixes the
-/// protocol. The running result lives in scratch memory so that loop iterations that differ
-/// only in it are merged by the verifier.
+/// Scans a rule set for rules covering (proto, dport): NetworkPolicy-tier rules into `slot`
+/// (the first deny, else the first allow), Admin and Baseline rules into their running
+/// firsts. `match_proto` is false for the range map, whose key already fixes the protocol.
+/// The running results live in scratch memory so that loop iterations that differ only in
+/// them are merged by the verifier.
 #[inline(always)]
-fn scan(slot: *mut u64, set: &PortRuleSet, proto: u8, dport: u16, match_proto: bool) {
+fn scan(
+    lookups: *mut Lookups,
+    slot: *mut u64,
+    set: &PortRuleSet,
+    proto: u8,
+    dport: u16,
+    match_proto: bool,
+) {
     scratch::put(slot, 0);
     let count = set.count as usize;
     for i in 0..MAX_PORT_RULES {
@@ -69,18 +117,32 @@ fn scan(slot: *mut u64, set: &PortRuleSet, proto: u8, dport: u16, match_proto: b
         let r = &set.rules[i];
         let proto_ok = !match_proto || r.proto == 0 || r.proto == proto;
         if proto_ok && r.port_start <= dport && dport <= r.port_end {
-            let current = (scratch::get(slot) >> 32) as u8;
-            if (r.action == ACTION_DENY && current != ACTION_DENY)
-                || (r.action == ACTION_ALLOW && current == 0)
-            {
-                scratch::put(slot, pack(r.action, r.rule_id));
+            if r.tier == TIER_NETPOL {
+                let current = (scratch::get(slot) >> 32) as u8;
+                if (r.action == ACTION_DENY && current != ACTION_DENY)
+                    || (r.action == ACTION_ALLOW && current == 0)
+                {
+                    scratch::put(slot, pack(r.action, r.rule_id));
+                }
+            } else if r.tier == TIER_ADMIN {
+                unsafe { first_in_tier(&mut (*lookups).admin, r.action, r.rule_id) };
+            } else if r.tier == TIER_BASELINE {
+                unsafe { first_in_tier(&mut (*lookups).baseline, r.action, r.rule_id) };
             }
         }
     }
 }
 
 #[inline(always)]
-fn ranges(slot: *mut u64, policy_id: u32, remote: u32, dport: u16, proto: u8, direction: u8) {
+fn ranges(
+    lookups: *mut Lookups,
+    slot: *mut u64,
+    policy_id: u32,
+    remote: u32,
+    dport: u16,
+    proto: u8,
+    direction: u8,
+) {
     let key = PortRangeKey {
         policy_id,
         remote_identity: remote,
@@ -89,13 +151,15 @@ fn ranges(slot: *mut u64, policy_id: u32, remote: u32, dport: u16, proto: u8, di
         _pad: [0; 2],
     };
     match unsafe { PORT_RANGES.get(&key) } {
-        Some(set) => scan(slot, set, proto, dport, false),
+        Some(set) => scan(lookups, slot, set, proto, dport, false),
         None => scratch::put(slot, 0),
     }
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn cidr(
+    lookups: *mut Lookups,
     slot: *mut u64,
     policy_id: u32,
     family: u8,
@@ -128,7 +192,7 @@ fn cidr(
         CIDR_V6.get(&key)
     };
     match set {
-        Some(set) => scan(slot, set, proto, dport, true),
+        Some(set) => scan(lookups, slot, set, proto, dport, true),
         None => scratch::put(slot, 0),
     }
 }
@@ -158,6 +222,10 @@ pub fn decide(
         };
     };
     let slots = unsafe { &mut (*lookups).slots };
+    unsafe {
+        scratch::put(&mut (*lookups).admin, 0);
+        scratch::put(&mut (*lookups).baseline, 0);
+    }
     let p = policy_id;
     let d = direction;
     let r = remote_identity;
@@ -165,7 +233,7 @@ pub fn decide(
     // Without deny entries the first allow is the answer: the rest is skipped.
     macro_rules! step {
         ($slot:expr, $remote:expr, $port:expr, $protocol:expr) => {
-            let found = exact(p, $remote, $port, $protocol, d);
+            let found = exact(lookups, p, $remote, $port, $protocol, d);
             if no_deny && (found >> 32) as u8 == ACTION_ALLOW {
                 return Decision {
                     allowed: true,
@@ -183,19 +251,45 @@ pub fn decide(
     step!(4, IDENTITY_ANY, 0, proto);
     step!(5, IDENTITY_ANY, 0, 0);
     if hints & ENDPOINT_FLAG_NO_RANGES == 0 {
-        ranges(&mut slots[6], p, r, dport, proto, d);
-        ranges(&mut slots[7], p, IDENTITY_ANY, dport, proto, d);
+        ranges(lookups, &mut slots[6], p, r, dport, proto, d);
+        ranges(lookups, &mut slots[7], p, IDENTITY_ANY, dport, proto, d);
     } else {
         scratch::put(&mut slots[6], 0);
         scratch::put(&mut slots[7], 0);
     }
     if hints & ENDPOINT_FLAG_NO_CIDR == 0 {
-        cidr(&mut slots[8], p, family, remote_addr, dport, proto, d);
+        cidr(
+            lookups,
+            &mut slots[8],
+            p,
+            family,
+            remote_addr,
+            dport,
+            proto,
+            d,
+        );
     } else {
         scratch::put(&mut slots[8], 0);
     }
 
-    // Deny anywhere wins; else the first allow in lookup order names the rule.
+    // Admin tier: its first rule decides unless it passes.
+    let admin = unsafe { scratch::get(&(*lookups).admin) };
+    let admin_action = (admin >> 32) as u8;
+    if admin_action == ACTION_ALLOW || admin_action == ACTION_DENY {
+        let allowed = admin_action == ACTION_ALLOW;
+        return Decision {
+            allowed,
+            reason: if allowed {
+                reason::ADMIN_ACCEPT
+            } else {
+                reason::ADMIN_DENY
+            },
+            rule_id: admin as u32,
+        };
+    }
+
+    // NetworkPolicy tier: deny anywhere wins; else the first allow in lookup order names
+    // the rule.
     let decision = unsafe { &mut (*lookups).decision };
     scratch::put(decision, (reason::DEFAULT_DENY as u64) << 32);
     for i in 0..LOOKUP_SLOTS {
@@ -215,6 +309,24 @@ pub fn decide(
         }
     }
     let packed = scratch::get(decision);
+
+    // Baseline tier: only for an endpoint no NetworkPolicy isolates in this direction.
+    if packed as u32 == rule::NOT_ISOLATED && (packed >> 32) as u8 == reason::POLICY_ALLOW {
+        let baseline = unsafe { scratch::get(&(*lookups).baseline) };
+        let baseline_action = (baseline >> 32) as u8;
+        if baseline_action == ACTION_ALLOW || baseline_action == ACTION_DENY {
+            let allowed = baseline_action == ACTION_ALLOW;
+            return Decision {
+                allowed,
+                reason: if allowed {
+                    reason::BASELINE_ACCEPT
+                } else {
+                    reason::BASELINE_DENY
+                },
+                rule_id: baseline as u32,
+            };
+        }
+    }
     Decision {
         allowed: (packed >> 40) & 1 == 1,
         reason: (packed >> 32) as u8,

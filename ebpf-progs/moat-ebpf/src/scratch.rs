@@ -20,6 +20,10 @@ pub struct Lookups {
     pub slots: [u64; LOOKUP_SLOTS],
     /// The combined decision: (allowed << 40) | (reason << 32) | rule_id.
     pub decision: u64,
+    /// The first Admin and Baseline ClusterNetworkPolicy rules found so far (the lowest rule
+    /// id): (action << 32) | rule_id, 0 for none.
+    pub admin: u64,
+    pub baseline: u64,
 }
 
 /// What the first stage hands the second about a new flow. The endpoint entry travels as a

@@ -400,6 +400,9 @@ impl ClusterState {
             pods: c.pods.clone(),
             policies: c.policies.clone(),
             moat_policies: c.moat_policies.clone(),
+            // Not watched from the API server yet: ClusterNetworkPolicies come from the
+            // local datastore only (issue 17 records what remains).
+            cluster_policies: Default::default(),
             nodes: c.nodes.clone(),
             rejected,
         }

@@ -31,70 +31,63 @@ use serde_json::{Map, Value, json};
 
 use crate::util::{check_interrupted, round};
 
-const USAGE: &str = "usage: moat-bench churn [--out FILE] [--pods N] [--namespaces N] \
-                     [--policies N] [--local N] [--rate PER_S] [--secs S] [--samples N] \
-                     [--new-samples N] [--policy-samples N] [--state-dir DIR]";
-
-struct Args {
+/// `moat-bench churn`'s flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The results file.
+    #[arg(long, value_name = "FILE", default_value = "bench/results.json")]
     out: PathBuf,
     /// Where the endpoint registry is kept (default: under the run's temp directory).
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    scale: Scale,
+    #[arg(long, value_name = "N", default_value_t = Scale::default().pods)]
+    pods: usize,
+    #[arg(long, value_name = "N", default_value_t = Scale::default().namespaces)]
+    namespaces: usize,
+    #[arg(long, value_name = "N", default_value_t = Scale::default().policies)]
+    policies: usize,
+    /// Pods on this node before measuring.
+    #[arg(long, value_name = "N", default_value_t = Scale::default().local_base)]
+    local: usize,
+    /// Pod events per second in the sustained part.
+    #[arg(long, value_name = "PER_S", default_value_t = 200)]
     rate: u64,
+    #[arg(long, value_name = "S", default_value_t = 60)]
     secs: u64,
+    #[arg(long, value_name = "N", default_value_t = 300)]
     samples: usize,
+    #[arg(long, value_name = "N", default_value_t = 150)]
     new_samples: usize,
+    #[arg(long, value_name = "N", default_value_t = 200)]
     policy_samples: usize,
+    /// The cluster's shape, from the flags above.
+    #[arg(skip)]
+    scale: Scale,
 }
 
-fn parse_args(args: &[String]) -> Result<Args> {
-    let mut a = Args {
-        out: PathBuf::from("bench/results.json"),
-        state_dir: None,
-        scale: Scale::default(),
-        rate: 200,
-        secs: 60,
-        samples: 300,
-        new_samples: 150,
-        policy_samples: 200,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--out" => a.out = PathBuf::from(value),
-            "--state-dir" => a.state_dir = Some(PathBuf::from(value)),
-            "--pods" => a.scale.pods = value.parse()?,
-            "--namespaces" => a.scale.namespaces = value.parse()?,
-            "--policies" => a.scale.policies = value.parse()?,
-            "--local" => a.scale.local_base = value.parse()?,
-            "--rate" => a.rate = value.parse()?,
-            "--secs" => a.secs = value.parse()?,
-            "--samples" => a.samples = value.parse()?,
-            "--new-samples" => a.new_samples = value.parse()?,
-            "--policy-samples" => a.policy_samples = value.parse()?,
-            _ => bail!("unknown flag {flag}\n{USAGE}"),
+impl Args {
+    fn resolve(&mut self) -> Result<()> {
+        self.scale = Scale {
+            pods: self.pods,
+            namespaces: self.namespaces,
+            policies: self.policies,
+            local_base: self.local,
+            existing_pool: self.samples.max(100),
+            new_identity_pool: self.new_samples.max(1),
+        };
+        if self.scale.namespaces == 0 || self.rate == 0 || self.secs == 0 {
+            bail!("--namespaces, --rate and --secs must be positive");
         }
+        Ok(())
     }
-    a.scale.existing_pool = a.samples.max(100);
-    a.scale.new_identity_pool = a.new_samples.max(1);
-    if a.scale.namespaces == 0 || a.rate == 0 || a.secs == 0 {
-        bail!("--namespaces, --rate and --secs must be positive");
-    }
-    Ok(a)
 }
 
-/// `moat-bench churn ...` (args after the subcommand).
-pub fn main(args: &[String]) -> ExitCode {
-    let args = match parse_args(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(2);
-        }
-    };
+/// `moat-bench churn`.
+pub fn main(mut args: Args) -> ExitCode {
+    if let Err(e) = args.resolve() {
+        eprintln!("{e:#}");
+        return ExitCode::from(2);
+    }
     crate::util::install_signal_handlers();
     let started = Instant::now();
     let mut section = Map::new();

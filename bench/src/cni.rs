@@ -16,65 +16,59 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
+use moat_testkit::{Moatd, cni};
 use serde_json::{Map, Value, json};
 
 use crate::util::{self, check_interrupted, round};
 
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench-cni";
-const USAGE: &str = "usage: moat-bench cni [--out FILE] [--pods N] [--warmup N] [--bin-dir DIR]";
 /// The target: Moat's DEL p50 at most half of bridge + host-local's.
 const DEL_RATIO_TARGET: f64 = 0.5;
 
-struct Args {
+/// `moat-bench cni`'s flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The results file.
+    #[arg(long, value_name = "FILE", default_value = "bench/results.json")]
     out: PathBuf,
+    /// Timed pods per configuration (at least 2).
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pods: usize,
+    /// Pods run first and not counted.
+    #[arg(long, value_name = "N", default_value_t = 5)]
     warmup: usize,
+    /// Where moatd, moat-cni and moat-ipam are (default: next to moat-bench).
+    #[arg(long = "bin-dir", value_name = "DIR")]
+    bin_dir_flag: Option<PathBuf>,
+    #[arg(skip)]
     bin_dir: PathBuf,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut it = std::env::args().skip(2);
-    let exe = std::env::current_exe()?;
-    let mut args = Args {
-        out: PathBuf::from("bench/results.json"),
-        pods: 100,
-        warmup: 5,
-        bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
-    };
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--out" => args.out = PathBuf::from(value),
-            "--pods" => args.pods = value.parse()?,
-            "--warmup" => args.warmup = value.parse()?,
-            "--bin-dir" => args.bin_dir = PathBuf::from(value),
-            _ => bail!("unknown flag {flag}\n{USAGE}"),
+impl Args {
+    fn resolve(&mut self) -> Result<()> {
+        self.bin_dir = match self.bin_dir_flag.take() {
+            Some(dir) => dir,
+            None => util::exe_dir()?,
+        };
+        if self.pods < 2 {
+            bail!("--pods must be at least 2");
         }
+        Ok(())
     }
-    if args.pods < 2 {
-        bail!("--pods must be at least 2");
-    }
-    Ok(args)
 }
 
-pub fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(2);
-        }
-    };
+pub fn main(mut args: Args) -> ExitCode {
+    if let Err(e) = args.resolve() {
+        eprintln!("{e:#}");
+        return ExitCode::from(2);
+    }
     util::install_signal_handlers();
     let started = Instant::now();
     let mut section = Map::new();
@@ -106,7 +100,7 @@ pub fn main() -> ExitCode {
 
 struct World {
     dir: PathBuf,
-    daemon: Option<Child>,
+    daemon: Option<Moatd>,
 }
 
 impl World {
@@ -172,46 +166,20 @@ impl World {
         if !moatd.exists() {
             bail!("{} missing: make build builds it", moatd.display());
         }
-        let mut command = Command::new(moatd);
-        // SAFETY: prctl is async-signal-safe; moatd dies with this process, even on SIGKILL.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command
+        let daemon = Moatd::builder(moatd)
             // The host's own namespace: no host-wide rules left behind by a benchmark.
-            .args(["--judge-after-dnat=false", "--masquerade=false"])
-            .arg("--policy-dir")
-            .arg(self.dir.join("policies"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--pending-dir")
-            .arg(self.dir.join("pending"))
-            .arg("--pin-root")
-            .arg(PIN_ROOT)
-            .arg("--poll-ms")
-            .arg("100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", moatd.display()))?;
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.moatd(&json!({"op": "status"}))
-                && status["ready"] == json!(true)
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("moatd did not become ready within 30 s")
+            .no_host_rules()
+            .layout(&self.dir)
+            .pin_root(PIN_ROOT)
+            .poll_ms(100)
+            .quiet()
+            // moatd dies with this process, even on SIGKILL.
+            .die_with_parent()
+            .wait_for_ready()
+            .timeout(Duration::from_secs(30))
+            .spawn()?;
+        self.daemon = Some(daemon);
+        Ok(())
     }
 
     fn moatd(&self, request: &Value) -> Option<Value> {
@@ -230,10 +198,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.daemon.take());
         for link in ["mbcni0", "mbcni2"] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
         }
@@ -286,32 +251,19 @@ fn exec_plugin(
     att: &Attachment<'_>,
 ) -> Result<Value> {
     let plugin = config["type"].as_str().context("plugin type")?;
-    let mut child = Command::new(cni_path.join(plugin))
+    let output = cni::Exec::new(cni_path.join(plugin), command)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", cni_path)
-        .env("CNI_CONTAINERID", &att.container_id)
-        .env("CNI_NETNS", att.netns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={}",
-                att.pod
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .path(cni_path)
+        .container_id(&att.container_id)
+        .netns(att.netns.path())
+        .ifname("eth0")
+        .args(format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={}",
+            att.pod
+        ))
+        .run(Some(config))
         .with_context(|| format!("spawning {plugin}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(&serde_json::to_vec(config)?)?;
-    let output = child.wait_with_output()?;
     if !output.status.success() {
         bail!(
             "{plugin} {command} failed: {}{}",
@@ -319,10 +271,7 @@ fn exec_plugin(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    if output.stdout.is_empty() {
-        return Ok(Value::Null);
-    }
-    Ok(serde_json::from_slice(&output.stdout)?)
+    Ok(output.json()?)
 }
 
 impl Conflist {

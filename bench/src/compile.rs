@@ -20,14 +20,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use moat_policy::{Delta, Engine, NetworkPolicy, compile};
 use moat_testkit::synthetic::{Rng, apps_per_namespace, namespace_name, pod, policy, synthetic};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: moat-bench policy [--out FILE] [--pods N] [--policies N] [--namespaces N] [--samples N]";
+/// `moat-bench policy`'s flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The results file.
+    #[arg(long, value_name = "FILE", default_value = "bench/results.json")]
+    out: PathBuf,
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pods: usize,
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    policies: usize,
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    namespaces: usize,
+    /// Samples per kind of incremental update.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    samples: usize,
+}
 
-pub fn main(args: &[String]) -> ExitCode {
+pub fn main(args: Args) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -37,23 +52,14 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<()> {
-    let mut out = PathBuf::from("bench/results.json");
-    let (mut pods, mut policies, mut namespaces, mut samples) = (10_000, 1_000, 500, 200);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--out" => out = PathBuf::from(value),
-            "--pods" => pods = value.parse()?,
-            "--policies" => policies = value.parse()?,
-            "--namespaces" => namespaces = value.parse()?,
-            "--samples" => samples = value.parse()?,
-            _ => bail!("unknown flag {flag}\n{USAGE}"),
-        }
-    }
+fn run(args: Args) -> Result<()> {
+    let Args {
+        out,
+        pods,
+        policies,
+        namespaces,
+        samples,
+    } = args;
     let section = measure(pods, policies, namespaces, samples.max(1));
     println!("{}", serde_json::to_string_pretty(&section)?);
     crate::util::write_section(&out, "policy", section)?;

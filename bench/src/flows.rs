@@ -33,7 +33,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use moat_common::{DIRECTION_EGRESS, VERDICT_DROP, reason};
 use moat_datapath::{Maps, PinDir, attach_endpoint};
-use moat_testkit::lab::{Lab, LabPod};
+use moat_testkit::{
+    Moatd,
+    lab::{Lab, LabPod},
+};
 use moatd::api::{self, EndpointSpec, Request, Response};
 use serde_json::{Value, json};
 
@@ -42,48 +45,39 @@ use crate::util::{self, check_interrupted, round};
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench-flows";
 const TARGET_EVENTS_PER_S: u64 = 50_000;
 const SINK_PORT: u16 = 9999;
-const USAGE: &str =
-    "usage: moat-bench flows [--out FILE] [--secs N] [--rates 10000,25000,...] [--bin-dir DIR]";
-
-struct Args {
+/// `moat-bench flows`'s flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The results file.
+    #[arg(long, value_name = "FILE", default_value = "bench/results.json")]
     out: PathBuf,
+    /// Seconds per offered rate.
+    #[arg(long, value_name = "N", default_value_t = 5)]
     secs: u64,
+    /// Offered drop events per second, one measurement each.
+    #[arg(
+        long,
+        value_name = "10000,25000,...",
+        value_delimiter = ',',
+        value_parser = parse_rate,
+        default_values_t = [10_000u64, 25_000, 50_000, 100_000, 150_000, 200_000, 300_000]
+    )]
     rates: Vec<u64>,
+    /// Where moatd and moatctl are (default: next to moat-bench).
+    #[arg(long = "bin-dir", value_name = "DIR")]
+    bin_dir_flag: Option<PathBuf>,
+    #[arg(skip)]
     bin_dir: PathBuf,
 }
 
-fn parse_args(argv: &[String]) -> Result<Args> {
-    let exe = std::env::current_exe()?;
-    let mut args = Args {
-        out: PathBuf::from("bench/results.json"),
-        secs: 5,
-        rates: vec![10_000, 25_000, 50_000, 100_000, 150_000, 200_000, 300_000],
-        bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
-    };
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--out" => args.out = PathBuf::from(value),
-            "--secs" => args.secs = value.parse()?,
-            "--rates" => {
-                args.rates = value
-                    .split(',')
-                    .map(|r| r.trim().parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--bin-dir" => args.bin_dir = PathBuf::from(value),
-            _ => bail!("unknown flag {flag}\n{USAGE}"),
-        }
-    }
-    Ok(args)
+/// One rate of `--rates` (spaces around it allowed).
+fn parse_rate(value: &str) -> Result<u64, std::num::ParseIntError> {
+    value.trim().parse()
 }
 
-pub fn main(argv: &[String]) -> ExitCode {
-    let args = match parse_args(argv) {
-        Ok(a) => a,
+pub fn main(mut args: Args) -> ExitCode {
+    args.bin_dir = match args.bin_dir_flag.take().map_or_else(util::exe_dir, Ok) {
+        Ok(dir) => dir,
         Err(e) => {
             eprintln!("{e:#}");
             return ExitCode::from(2);
@@ -226,34 +220,20 @@ fn run(args: &Args) -> Result<Value> {
     let socket = dir.0.join("moatd.sock");
     // The limiter far above the offered rates: the pipeline is what is measured.
     let (rate_per_cpu, burst) = (1_000_000u32, 100_000u32);
-    let _daemon = spawn_tied(
-        Command::new(&moatd)
-            // The host's own namespace: no host-wide rules left behind by a benchmark.
-            .args(["--judge-after-dnat=false", "--masquerade=false"])
-            .arg("--policy-dir")
-            .arg(dir.0.join("policies"))
-            .arg("--state-dir")
-            .arg(dir.0.join("state"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--pending-dir")
-            .arg(dir.0.join("pending"))
-            .arg("--pin-root")
-            .arg(PIN_ROOT)
-            .args(["--metrics-addr", ""])
-            .args(["--event-rate-per-cpu", &rate_per_cpu.to_string()])
-            .args(["--event-burst", &burst.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .with_context(|| format!("starting {}", moatd.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&socket).map(|s| !s.ready).unwrap_or(true) {
-        if Instant::now() > deadline {
-            bail!("moatd did not become ready within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _daemon = Moatd::builder(&moatd)
+        // The host's own namespace: no host-wide rules left behind by a benchmark.
+        .no_host_rules()
+        .layout(&dir.0)
+        .pin_root(PIN_ROOT)
+        .args(["--metrics-addr", ""])
+        .args(["--event-rate-per-cpu", &rate_per_cpu.to_string()])
+        .args(["--event-burst", &burst.to_string()])
+        .quiet()
+        // moatd dies with this process, even on SIGKILL.
+        .die_with_parent()
+        .wait_for_ready()
+        .timeout(Duration::from_secs(30))
+        .spawn()?;
 
     let mut lab = Lab::new("mbf")?;
     let sender = lab.add_pod("sender")?;

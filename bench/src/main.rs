@@ -29,6 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
 use moat_datapath::{Datapath, Maps, PinDir};
 use moat_testkit::lab::Lab;
 use serde_json::{Map, Value, json};
@@ -37,125 +38,114 @@ use traffic::{CONFIGS, Config};
 use util::{check_interrupted, median, round};
 
 const PIN_ROOT: &str = "/sys/fs/bpf/moat-bench";
-const USAGE: &str = "usage: moat-bench datapath [--out FILE] [--rounds N] [--secs S] \
-                     [--repeat N] [--batches N] [--entries N] [--iptables-rules N] \
-                     [--attach tc|tcx] [--metrics latency,connrate,throughput] \
-                     [--configs none,moat_1,moat_100k,moat_100k_host_stack,iptables_10k] [--per-packet-only]";
+/// Moat's benchmarks (`make bench` runs them all); each writes its own section of the results
+/// file and keeps the others.
+#[derive(Parser)]
+#[command(name = "moat-bench")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
 
+#[derive(Subcommand)]
+enum Bench {
+    /// Per-packet cost and real pod-to-pod traffic (section "datapath").
+    Datapath(Args),
+    /// The policy engine's compile cost, pure (section "policy").
+    Policy(compile::Args),
+    /// Control-plane churn at cluster scale on a real moatd core (section "churn").
+    Churn(churn::Args),
+    /// CNI ADD/DEL latency against the reference plugins (section "cni").
+    Cni(cni::Args),
+    /// `moatctl flows --follow` against the ring buffer (section "flows").
+    Flows(flows::Args),
+}
+
+#[derive(clap::Args)]
 struct Args {
+    /// The results file.
+    #[arg(long, value_name = "FILE", default_value = "bench/results.json")]
     out: PathBuf,
+    #[arg(long, value_name = "N", default_value_t = 15)]
     rounds: usize,
+    #[arg(long, value_name = "S", default_value_t = 1)]
     secs: u64,
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
     repeat: u32,
+    #[arg(long, value_name = "N", default_value_t = 7)]
     batches: usize,
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     entries: usize,
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     iptables_rules: usize,
     /// Skip the traffic part: a quick loop for tuning the programs' per-packet cost.
+    #[arg(long)]
     per_packet_only: bool,
     /// How the traffic part attaches the programs (default: as moat-cni does).
+    #[arg(long = "attach", value_name = "tc|tcx", value_parser = parse_attach)]
+    attach_flag: Option<moat_datapath::AttachMode>,
+    #[arg(skip)]
     attach: moat_datapath::AttachMode,
-    /// A subset of the metrics and configurations, for a quick loop on one figure. `none`
-    /// is always measured: every overhead is paired with it.
+    /// A subset of the metrics, for a quick loop on one figure.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = METRICS)]
     metrics: Vec<Metric>,
+    /// A subset of the configurations (none,moat_1,moat_100k,moat_100k_host_stack,iptables_10k).
+    /// `none` is always measured: every overhead is paired with it.
+    #[arg(long = "configs", value_name = "LIST", value_delimiter = ',', value_parser = parse_config)]
+    configs_flag: Option<Vec<Config>>,
+    #[arg(skip)]
     configs: Vec<Config>,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut it = std::env::args().skip(1);
-    match it.next().as_deref() {
-        Some("datapath") => {}
-        _ => bail!("{USAGE}"),
+fn parse_attach(value: &str) -> Result<moat_datapath::AttachMode> {
+    match value {
+        "tc" => Ok(moat_datapath::AttachMode::Tc),
+        "tcx" => Ok(moat_datapath::AttachMode::Tcx),
+        other => bail!("--attach takes tc or tcx, not {other:?}"),
     }
-    let mut args = Args {
-        out: PathBuf::from("bench/results.json"),
-        rounds: 15,
-        secs: 1,
-        repeat: 200_000,
-        batches: 7,
-        entries: 100_000,
-        iptables_rules: 10_000,
-        per_packet_only: false,
-        attach: moat_datapath::AttachMode::default(),
-        metrics: METRICS.to_vec(),
-        configs: CONFIGS.to_vec(),
-    };
-    while let Some(flag) = it.next() {
-        if flag == "--per-packet-only" {
-            args.per_packet_only = true;
-            continue;
+}
+
+fn parse_config(value: &str) -> Result<Config> {
+    CONFIGS
+        .into_iter()
+        .find(|c| c.name() == value)
+        .with_context(|| format!("--configs: unknown configuration {value:?}"))
+}
+
+impl Args {
+    /// Checks the values and resolves the defaults that depend on other flags.
+    fn resolve(&mut self) -> Result<()> {
+        if self.rounds == 0 || self.secs == 0 || self.batches == 0 || self.repeat == 0 {
+            bail!("--rounds, --secs, --batches and --repeat must be positive");
         }
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--out" => args.out = PathBuf::from(value),
-            "--rounds" => args.rounds = value.parse()?,
-            "--secs" => args.secs = value.parse()?,
-            "--repeat" => args.repeat = value.parse()?,
-            "--batches" => args.batches = value.parse()?,
-            "--entries" => args.entries = value.parse()?,
-            "--iptables-rules" => args.iptables_rules = value.parse()?,
-            "--attach" => {
-                args.attach = match value.as_str() {
-                    "tc" => moat_datapath::AttachMode::Tc,
-                    "tcx" => moat_datapath::AttachMode::Tcx,
-                    other => bail!("--attach takes tc or tcx, not {other:?}"),
-                }
-            }
-            "--metrics" => {
-                args.metrics = value
-                    .split(',')
-                    .map(|m| match m {
-                        "latency" => Ok(Metric::Latency),
-                        "connrate" => Ok(Metric::Connrate),
-                        "throughput" => Ok(Metric::Throughput),
-                        other => bail!("--metrics: unknown metric {other:?}"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--configs" => {
-                let wanted: Vec<&str> = value.split(',').collect();
-                if let Some(bad) = wanted
-                    .iter()
-                    .find(|w| !CONFIGS.iter().any(|c| c.name() == **w))
-                {
-                    bail!("--configs: unknown configuration {bad:?}");
-                }
-                args.configs = CONFIGS
-                    .into_iter()
-                    .filter(|c| *c == Config::None || wanted.contains(&c.name()))
-                    .collect();
-            }
-            _ => bail!("unknown flag {flag}\n{USAGE}"),
-        }
+        self.attach = self.attach_flag.unwrap_or_default();
+        self.configs = match &self.configs_flag {
+            None => CONFIGS.to_vec(),
+            Some(wanted) => CONFIGS
+                .into_iter()
+                .filter(|c| *c == Config::None || wanted.contains(c))
+                .collect(),
+        };
+        Ok(())
     }
-    if args.rounds == 0 || args.secs == 0 || args.batches == 0 || args.repeat == 0 {
-        bail!("--rounds, --secs, --batches and --repeat must be positive");
-    }
-    Ok(args)
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("churn") {
-        return churn::main(&argv[2..]);
+    match Cli::parse().bench {
+        Bench::Datapath(args) => datapath(args),
+        Bench::Policy(args) => compile::main(args),
+        Bench::Churn(args) => churn::main(args),
+        Bench::Cni(args) => cni::main(args),
+        Bench::Flows(args) => flows::main(args),
     }
-    if argv.get(1).map(String::as_str) == Some("policy") {
-        return compile::main(&argv[2..]);
+}
+
+/// `moat-bench datapath`.
+fn datapath(mut args: Args) -> ExitCode {
+    if let Err(e) = args.resolve() {
+        eprintln!("{e:#}");
+        return ExitCode::from(2);
     }
-    if argv.get(1).map(String::as_str) == Some("cni") {
-        return cni::main();
-    }
-    if argv.get(1).map(String::as_str) == Some("flows") {
-        return flows::main(&argv[2..]);
-    }
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(2);
-        }
-    };
     util::install_signal_handlers();
     let started = Instant::now();
     let mut section = Map::new();
@@ -311,7 +301,7 @@ impl Sample {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Metric {
     Latency,
     Connrate,

@@ -47,6 +47,13 @@ pub fn check_interrupted() -> Result<()> {
 // Commands
 // ---------------------------------------------------------------------------------------------
 
+/// The directory of the running executable (where `make build` puts moatd, moatctl, moat-cni
+/// and moat-ipam next to moat-bench).
+pub fn exe_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("exe dir")?.to_path_buf())
+}
+
 /// Runs a shell command, failing with its output.
 pub fn sh(cmd: &str) -> Result<String> {
     moat_testkit::lab::sh(cmd)

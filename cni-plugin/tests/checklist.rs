@@ -3,12 +3,12 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::process::{Command as Process, Stdio};
 
 use moat_cni_protocol::{
     AttachmentRequest, CniError, CniVersion, DispatchOutcome, ErrorCode, Interface, IpConfig,
     NetworkConfig, NetworkRequest, Plugin, Route, SuccessResult, dispatch,
 };
+use moat_testkit::cni::Exec;
 use serde_json::{Value, json};
 
 /// One recorded call: the command, and the request it carried.
@@ -287,30 +287,16 @@ fn req_08_own_netns_is_code_8_before_the_plugin_runs_unless_overridden() {
 fn req_08_binary_refuses_its_own_netns_with_code_8() {
     let binary = env!("CARGO_BIN_EXE_moat-cni");
     let run_binary = |netns: &str, override_set: bool| {
-        let mut cmd = Process::new(binary);
-        cmd.env_clear()
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", "ctr1")
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin");
+        let mut exec = Exec::new(binary, "ADD");
+        exec.env_clear()
+            .container_id("ctr1")
+            .netns(netns)
+            .ifname("eth0")
+            .path("/opt/cni/bin");
         if override_set {
-            cmd.env("CNI_NETNS_OVERRIDE", "1");
+            exec.env("CNI_NETNS_OVERRIDE", "1");
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(&serde_json::to_vec(&config("1.1.0")).unwrap())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
+        let output = exec.run(Some(&config("1.1.0"))).unwrap();
         assert_eq!(output.status.code(), Some(1));
         serde_json::from_slice::<Value>(&output.stdout).unwrap()
     };
@@ -901,26 +887,14 @@ fn req_86_attachment_identity_is_container_id_plus_ifname() {
 fn req_48_binary_answers_version_and_chained_add_without_prev_result_is_code_7() {
     let binary = env!("CARGO_BIN_EXE_moat-cni");
     let run_binary = |command: &str, stdin: &Value| {
-        let mut child = Process::new(binary)
+        Exec::new(binary, command)
             .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "ctr1")
-            .env("CNI_NETNS", "/run/netns/pod")
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
+            .container_id("ctr1")
+            .netns("/run/netns/pod")
+            .ifname("eth0")
+            .path("/opt/cni/bin")
+            .run(Some(stdin))
             .unwrap()
-            .write_all(&serde_json::to_vec(stdin).unwrap())
-            .unwrap();
-        child.wait_with_output().unwrap()
     };
     let version = run_binary("VERSION", &json!({"cniVersion": "1.1.0"}));
     assert!(version.status.success());

@@ -5,13 +5,10 @@
 //! (what kind-tests' chained cluster runs) and onto a single-plugin bridge `.conf`; plus any
 //! `*.conflist` checked in under manifests/ or kind-tests/.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
+use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
+use moat_testkit::cni::Exec;
 use moatd::install::{self, CniMode};
 use serde_json::{Value, json};
 
@@ -44,11 +41,7 @@ fn moat_cni() -> &'static str {
 
 /// Versions moat-cni lists in its VERSION answer.
 fn supported_versions() -> Vec<String> {
-    let out = Command::new(moat_cni())
-        .env("CNI_COMMAND", "VERSION")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = Exec::new(moat_cni(), "VERSION").run(None).unwrap();
     assert!(out.status.success());
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     answer["supportedVersions"]
@@ -138,21 +131,10 @@ fn moat_cni_accepts(list: &Value) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     request["socket"] = json!(dir.path().join("nobody.sock"));
     request["registrationTimeoutMs"] = json!(200);
-    let mut child = Command::new(moat_cni())
-        .env("CNI_COMMAND", "STATUS")
-        .env("CNI_PATH", dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let out = Exec::new(moat_cni(), "STATUS")
+        .path(dir.path())
+        .run(Some(&request))
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&serde_json::to_vec(&request).unwrap())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     match answer["code"].as_u64() {
         Some(50) => Ok(()),

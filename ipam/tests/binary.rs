@@ -1,10 +1,10 @@
 //! Runs the real moat-ipam binary the way a runtime does: CNI_* variables and config on stdin.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
+use moat_testkit::cni::Exec;
 use serde_json::{Value, json};
 
 fn network_config(data_dir: &Path, version: &str, extra: Value) -> Value {
@@ -29,26 +29,15 @@ fn network_config(data_dir: &Path, version: &str, extra: Value) -> Value {
 }
 
 fn spawn_ipam(command: &str, container_id: &str, config: &Value) -> std::process::Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moat-ipam"))
+    Exec::new(env!("CARGO_BIN_EXE_moat-ipam"), command)
         .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", "/run/netns/test")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=p")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("moat-ipam binary starts");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&serde_json::to_vec(config).unwrap())
-        .unwrap();
-    child
+        .container_id(container_id)
+        .netns("/run/netns/test")
+        .ifname("eth0")
+        .path("/opt/cni/bin")
+        .args("IgnoreUnknown=1;K8S_POD_NAME=p")
+        .spawn(Some(config))
+        .expect("moat-ipam binary starts")
 }
 
 fn run_ipam(command: &str, container_id: &str, config: &Value) -> Output {

@@ -10,23 +10,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use moat_datapath::{PinDir, attach_endpoint, detach_endpoint};
-use moat_testkit::lab::{LabPod, probe, sh};
+use moat_testkit::{
+    Moatd,
+    lab::{LabPod, probe, sh},
+};
 use moatd::api::{self, EndpointSpec, Request, Response};
-
-/// A running moatd, killed when dropped.
-struct Moatd(Child);
-
-impl Drop for Moatd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Env {
     root: PathBuf,
@@ -72,33 +65,16 @@ impl Env {
     }
 
     fn start(&self) -> Moatd {
-        let daemon = Moatd(
-            Command::new(env!("CARGO_BIN_EXE_moatd"))
-                // The host's own namespace: no host-wide netfilter rules.
-                .arg("--judge-after-dnat=false")
-                .arg("--policy-dir")
-                .arg(self.policies())
-                .arg("--state-dir")
-                .arg(self.root.join("state"))
-                .arg("--socket")
-                .arg(self.socket())
-                .arg("--pending-dir")
-                .arg(self.root.join("pending"))
-                .arg("--pin-root")
-                .arg(&self.pin_root)
-                .arg("--poll-ms")
-                .arg("100")
-                .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{}", self.metrics_port))
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        );
-        wait_until("moatd serves its API", || {
-            api::call(&self.socket(), &Request::Status, Duration::from_secs(2)).is_ok()
-        });
-        daemon
+        Moatd::builder(env!("CARGO_BIN_EXE_moatd"))
+            // The host's own namespace: no host-wide netfilter rules.
+            .arg("--judge-after-dnat=false")
+            .layout(&self.root)
+            .pin_root(&self.pin_root)
+            .poll_ms(100)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn call(&self, request: Request) -> Response {

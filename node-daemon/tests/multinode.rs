@@ -22,11 +22,15 @@ mod support_cni;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use moat_testkit::lab::{LabPod, probe};
+use moat_testkit::{
+    Moatd,
+    lab::{LabPod, probe},
+    moatd::Netns,
+};
 use moatd::api::{self, Request, Response};
 use serde_json::{Value, json};
 
@@ -57,7 +61,7 @@ struct Node {
     v6: Ipv6Addr,
     pod_v4: &'static str,
     pod_v6: &'static str,
-    daemon: Option<Child>,
+    daemon: Option<Moatd>,
     /// moatd flags beyond the common ones.
     extra_args: Vec<String>,
 }
@@ -68,38 +72,24 @@ impl Node {
     }
 
     fn start(&mut self, policies: &Path) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .arg(env!("CARGO_BIN_EXE_moatd"))
+        let daemon = Moatd::builder(env!("CARGO_BIN_EXE_moatd"))
+            .netns(Netns::IpNetnsExec(self.netns.clone()))
             .args(["--node-name", self.name, "--routing", "direct"])
-            .arg("--policy-dir")
-            .arg(policies)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--pending-dir")
-            .arg(self.dir.join("pending"))
-            .arg("--pin-root")
-            .arg(&self.pin_root)
-            .args(["--poll-ms", "100", "--metrics-addr", ""])
+            .policy_dir(policies)
+            .state_dir(self.dir.join("state"))
+            .socket(self.socket())
+            .pending_dir(self.dir.join("pending"))
+            .pin_root(&self.pin_root)
+            .poll_ms(100)
+            .args(["--metrics-addr", ""])
             .args(&self.extra_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let socket = self.socket();
-        eventually("moatd ready", Duration::from_secs(20), || {
-            api::call(&socket, &Request::Status, Duration::from_secs(2)).is_ok()
-        });
+            .unwrap_or_else(|e| panic!("moatd ready: {e:#}"));
+        self.daemon = Some(daemon);
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.daemon.take());
     }
 
     fn status(&self) -> api::DaemonStatus {

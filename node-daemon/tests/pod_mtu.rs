@@ -7,11 +7,9 @@
 mod support_cni;
 mod support_moatd;
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
+use moat_testkit::cni::Exec;
 use serde_json::{Value, json};
 use support_moatd::{Daemon, Env};
 
@@ -71,36 +69,16 @@ fn add_in(node: &Netns, env: &Env, pod: &Netns, container_id: &str, mtu: Option<
     if let Some(mtu) = mtu {
         conf["mtu"] = mtu.into();
     }
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", node.path()))
-        .arg(bin.join("moat-cni"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", pod.path())
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
-        )
-        .env("CNI_PATH", &bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let out = Exec::new(bin.join("moat-cni"), "ADD")
+        .nsenter_net(node.path())
+        .container_id(container_id)
+        .netns(pod.path())
+        .ifname("eth0")
+        .args(moat_testkit::cni::pod_args("default", container_id))
+        .path(&bin)
+        .run(Some(&conf))
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ADD failed: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ADD failed: {}", out.text());
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -8,31 +8,18 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use moat_datapath::PinDir;
-use moat_testkit::lab::LabPod;
+use moat_testkit::{Moatd, cni::Exec, lab::LabPod};
 use serde_json::{Value, json};
 
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
-/// target/debug/, where cargo puts the workspace binaries (`make test` builds them first).
-pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let path = target_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (make test does)",
-        path.display()
-    );
-    path
-}
+/// target/debug/<name>, where cargo puts the workspace binaries (`make test` builds them first).
+pub use moat_testkit::workspace_bin;
 
 pub fn require_root() {
     assert!(
@@ -55,7 +42,7 @@ pub struct World {
     pub tag: String,
     pub dir: tempfile::TempDir,
     pub pin_root: PathBuf,
-    daemon: Option<Child>,
+    daemon: Option<Moatd>,
 }
 
 impl World {
@@ -114,39 +101,19 @@ impl World {
     }
 
     pub fn start_moatd(&mut self) {
-        let child = Command::new(workspace_bin("moatd"))
-            .arg("--policy-dir")
-            .arg(self.policies())
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--pending-dir")
-            .arg(self.pending())
-            .arg("--pin-root")
-            .arg(&self.pin_root)
-            .arg("--poll-ms")
-            .arg("100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let daemon = Moatd::builder(workspace_bin("moatd"))
+            .layout(self.dir.path())
+            .pin_root(&self.pin_root)
+            .poll_ms(100)
+            .quiet()
+            .timeout(Duration::from_secs(30))
             .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.moatd(json!({"op": "status"})).is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("moatd did not become ready");
+            .unwrap_or_else(|e| panic!("moatd did not become ready: {e:#}"));
+        self.daemon = Some(daemon);
     }
 
     pub fn stop_moatd(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.daemon.take());
     }
 
     /// One raw request to moatd; None when it is not reachable.
@@ -298,44 +265,31 @@ pub fn exec_plugin_status(
     inv: Option<&Invocation>,
     config: &Value,
 ) -> (Outcome, std::process::ExitStatus) {
-    let mut cmd = Command::new(cni_path.join(plugin_type));
-    cmd.env_clear()
+    let mut exec = Exec::new(cni_path.join(plugin_type), command);
+    exec.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", cni_path);
+        .path(cni_path);
     if let Some(inv) = inv {
-        cmd.env("CNI_CONTAINERID", &inv.container_id)
-            .env("CNI_IFNAME", &inv.ifname)
-            .env("CNI_ARGS", &inv.args)
-            .envs(inv.env.iter().map(|(k, v)| (k, v)));
+        exec.container_id(&inv.container_id)
+            .ifname(&inv.ifname)
+            .args(&inv.args);
+        for (key, value) in &inv.env {
+            exec.env(key, value);
+        }
         if let Some(netns) = &inv.netns {
-            cmd.env("CNI_NETNS", netns);
+            exec.netns(netns);
         }
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let output = exec
+        .run(Some(config))
         .unwrap_or_else(|e| panic!("spawning {plugin_type}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&serde_json::to_vec(config).unwrap())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let parsed = if output.stdout.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{plugin_type} {command}: stdout not JSON ({e}): {:?} stderr {:?}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })
-    };
+    let parsed = output.json().unwrap_or_else(|e| {
+        panic!(
+            "{plugin_type} {command}: stdout not JSON ({e}): {:?} stderr {:?}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
     let outcome = if output.status.success() {
         Ok(parsed)
     } else {

@@ -3,25 +3,16 @@
 #![allow(dead_code)]
 
 use std::{
-    io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
+use moat_testkit::cni::Exec;
 use serde_json::Value;
 
-/// target/debug/, where cargo puts the workspace binaries (`make test` builds them first).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let moatd = PathBuf::from(env!("CARGO_BIN_EXE_moatd"));
-    let path = moatd.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (make test does)",
-        path.display()
-    );
-    path
-}
+/// target/debug/<name>, where cargo puts the workspace binaries (`make test` builds them first).
+pub use moat_testkit::workspace_bin;
 
 /// A CNI_PATH directory under `dir` with moat-cni and moat-ipam.
 pub fn cni_path(dir: &Path) -> PathBuf {
@@ -54,16 +45,11 @@ pub fn run(
     command: &str,
     pod: &CniPod,
 ) -> Result<Value, String> {
-    let plugin = bin.join("moat-cni");
-    let cmd = match node {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg(&plugin);
-            c
-        }
-        None => Command::new(&plugin),
-    };
-    run_command(cmd, bin, conf, command, pod)
+    let mut exec = Exec::new(bin.join("moat-cni"), command);
+    if let Some(ns) = node {
+        exec.nsenter_net(format!("/run/netns/{ns}"));
+    }
+    run_exec(exec, bin, conf, pod)
 }
 
 /// Runs moat-cni as `ip netns exec <node>` does: in the node's network namespace and with a
@@ -76,51 +62,24 @@ pub fn run_with_node_sys(
     command: &str,
     pod: &CniPod,
 ) -> Result<Value, String> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", node]).arg(bin.join("moat-cni"));
-    run_command(cmd, bin, conf, command, pod)
+    let mut exec = Exec::new(bin.join("moat-cni"), command);
+    exec.ip_netns_exec(node);
+    run_exec(exec, bin, conf, pod)
 }
 
-fn run_command(
-    mut cmd: Command,
-    bin: &Path,
-    conf: &Value,
-    command: &str,
-    pod: &CniPod,
-) -> Result<Value, String> {
-    let mut child = cmd
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", pod.container_id)
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                pod.namespace, pod.name
-            ),
-        )
-        .env("CNI_PATH", bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+fn run_exec(mut exec: Exec, bin: &Path, conf: &Value, pod: &CniPod) -> Result<Value, String> {
+    let out = exec
+        .container_id(pod.container_id)
+        .netns(format!("/run/netns/{}", pod.netns))
+        .ifname("eth0")
+        .args(moat_testkit::cni::pod_args(pod.namespace, pod.name))
+        .path(bin)
+        .run(Some(conf))
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
     } else {
-        Err(format!(
-            "{} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(out.text())
     }
 }
 

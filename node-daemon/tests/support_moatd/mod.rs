@@ -2,49 +2,17 @@
 //! root, killed when dropped (also when a test fails).
 #![allow(dead_code)]
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use moat_datapath::{PinDir, attach_endpoint};
-use moat_testkit::lab::LabPod;
+use moat_testkit::{Moatd, MoatdBuilder, lab::LabPod, moatd::Netns};
 use moatd::api::{self, EndpointSpec, Request, Response};
 
 pub const SHORT: Duration = Duration::from_millis(700);
 pub const LONG: Duration = Duration::from_secs(3);
 
 /// A running moatd, killed when dropped (also when a test fails).
-pub struct Daemon(Child);
-
-impl Daemon {
-    /// Takes over a moatd a test spawned itself (other flags, environment).
-    pub fn from_child(child: Child) -> Self {
-        Self(child)
-    }
-
-    /// The exit status if moatd has exited (it should not).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.0.try_wait().ok().flatten()
-    }
-
-    /// moatd's process id (for its /proc/<pid>/status).
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+pub type Daemon = Moatd;
 
 pub struct Env {
     root: PathBuf,
@@ -99,59 +67,26 @@ impl Env {
     /// moatd with this environment's own policy directory, state, socket, pending directory
     /// and pins, in the network namespace `netns` (a name under /run/netns) if given:
     /// `nsenter --net` changes only the network, so the host's bpffs stays visible.
-    pub fn moatd_command(&self, netns: Option<&str>) -> Command {
-        let mut command = match netns {
-            Some(name) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{name}"))
-                    .arg(env!("CARGO_BIN_EXE_moatd"));
-                c
-            }
-            None => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_moatd"));
-                // In the host's own namespace, shared with other tests and the user: no
-                // host-wide netfilter rules (tests of them run moatd in a namespace).
-                c.arg("--judge-after-dnat=false");
-                c
-            }
+    pub fn moatd_command(&self, netns: Option<&str>) -> MoatdBuilder {
+        let mut moatd = Moatd::builder(env!("CARGO_BIN_EXE_moatd"));
+        match netns {
+            Some(name) => moatd.netns(Netns::Nsenter(name.into())),
+            // In the host's own namespace, shared with other tests and the user: no host-wide
+            // netfilter rules, neither after-DNAT judgement nor the masquerade table (tests of
+            // them run moatd in a namespace).
+            None => moatd.no_host_rules(),
         };
-        if netns.is_none() {
-            // The host's nftables are shared with everyone: no masquerade table there from a
-            // test's moatd (the masquerade test runs its moatd in a namespace).
-            command.arg("--masquerade=false");
-        }
-        command
-            .arg("--policy-dir")
-            .arg(self.policies())
-            .arg("--state-dir")
-            .arg(self.root.join("state"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--pending-dir")
-            .arg(self.pending())
-            .arg("--pin-root")
-            .arg(&self.pin_root)
-            .args(["--poll-ms", "100"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        command
+        moatd
+            .layout(&self.root)
+            .pin_root(&self.pin_root)
+            .poll_ms(100);
+        moatd
     }
 
-    /// Spawns `command` (a [`Self::moatd_command`]) and returns once moatd answers on this
+    /// Spawns `moatd` (a [`Self::moatd_command`]) and returns once it answers on this
     /// environment's socket; fails at once if it exits instead.
-    pub fn spawn_and_wait(&self, command: &mut Command) -> Daemon {
-        let mut daemon = Daemon(command.spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if api::call(&self.socket(), &Request::Status, Duration::from_secs(2)).is_ok() {
-                return daemon;
-            }
-            if let Some(status) = daemon.exited() {
-                panic!("moatd exited ({status}) before it answered");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("moatd did not answer within 20 s");
+    pub fn spawn_and_wait(&self, moatd: &mut MoatdBuilder) -> Daemon {
+        moatd.spawn().unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// A standalone moat-cni network config for pods of this moatd: its socket, pins and

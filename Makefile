@@ -50,7 +50,9 @@ clean:
 
 # The NetworkPolicy conformance cases (conformance/cases/netpol-cases.json) on this
 # node: pure engine, then real pods + moatd + datapath through per-pod Services, direct, and
-# through Services whose every backend is on a second node (two node namespaces).
+# through Services whose every backend is on a second node (two node namespaces); then the
+# translated upstream ClusterNetworkPolicy cases (conformance/cases/cnp-cases.json) the same
+# four ways.
 .PHONY: conformance
 conformance: build
 	@rc=0; \
@@ -58,4 +60,9 @@ conformance: build
 	./target/release/moat-conformance --report target/conformance-services.json || rc=1; \
 	./target/release/moat-conformance --direct --report target/conformance-direct.json || rc=1; \
 	./target/release/moat-conformance --remote-backends --report target/conformance-remote.json || rc=1; \
+	cnp=conformance/cases/cnp-cases.json; \
+	./target/release/moat-conformance --cases $$cnp --offline --report target/cnp-offline.json || rc=1; \
+	./target/release/moat-conformance --cases $$cnp --report target/cnp-services.json || rc=1; \
+	./target/release/moat-conformance --cases $$cnp --direct --report target/cnp-direct.json || rc=1; \
+	./target/release/moat-conformance --cases $$cnp --remote-backends --report target/cnp-remote.json || rc=1; \
 	exit $$rc

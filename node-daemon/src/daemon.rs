@@ -491,17 +491,34 @@ impl Daemon {
                 .unwrap_or_default();
             format!("identity {id} ({labels})")
         };
-        let rule = |id: u32| {
-            state
-                .rules
-                .get(&id)
-                .map(|r| r.to_string())
+        // A tier's rule, by the reason its verdict would carry (the tiers number rules
+        // apart).
+        let rule = |tier: u8, id: u32| {
+            let reason = match tier {
+                moat_common::TIER_ADMIN => reason::ADMIN_ACCEPT,
+                moat_common::TIER_BASELINE => reason::BASELINE_ACCEPT,
+                _ => reason::POLICY_ALLOW,
+            };
+            self.engine
+                .describe_rule(reason, id)
                 .unwrap_or_else(|| match id {
                     rule::NOT_ISOLATED => "not isolated (no policy selects it)".into(),
                     other => other.to_string(),
                 })
         };
-        let action = |a: u8| if a == ACTION_DENY { "deny" } else { "allow" }.to_string();
+        let action = |tier: u8, a: u8| {
+            let name = match a {
+                ACTION_DENY => "deny",
+                moat_common::ACTION_PASS => "pass",
+                _ if tier == moat_common::TIER_NETPOL => "allow",
+                _ => "accept",
+            };
+            match tier {
+                moat_common::TIER_ADMIN => format!("admin {name}"),
+                moat_common::TIER_BASELINE => format!("baseline {name}"),
+                _ => name.to_string(),
+            }
+        };
         let mut out = Vec::new();
         for (k, v) in state.policy.range(
             PolicyKey {
@@ -518,18 +535,32 @@ impl Daemon {
                 direction: u8::MAX,
             },
         ) {
-            out.push(crate::api::EffectiveRule {
-                direction: dir(k.direction),
-                peer: identity(k.remote_identity),
-                protocol: proto_name(k.proto),
-                ports: if k.dport == 0 {
-                    "any".into()
-                } else {
-                    k.dport.to_string()
-                },
-                action: action(v.action),
-                rule: rule(v.rule_id),
-            });
+            // One row per tier with an answer for this key, the tiers in evaluation order.
+            for (tier, a, id) in [
+                (moat_common::TIER_ADMIN, v.admin_action, v.admin_rule),
+                (moat_common::TIER_NETPOL, v.action, v.rule_id),
+                (
+                    moat_common::TIER_BASELINE,
+                    v.baseline_action,
+                    v.baseline_rule,
+                ),
+            ] {
+                if a == 0 {
+                    continue;
+                }
+                out.push(crate::api::EffectiveRule {
+                    direction: dir(k.direction),
+                    peer: identity(k.remote_identity),
+                    protocol: proto_name(k.proto),
+                    ports: if k.dport == 0 {
+                        "any".into()
+                    } else {
+                        k.dport.to_string()
+                    },
+                    action: action(tier, a),
+                    rule: rule(tier, id),
+                });
+            }
         }
         let sets = state
             .port_ranges
@@ -570,8 +601,8 @@ impl Daemon {
                     } else {
                         format!("{}-{}", r.port_start, r.port_end)
                     },
-                    action: action(r.action),
-                    rule: rule(r.rule_id),
+                    action: action(r.tier, r.action),
+                    rule: rule(r.tier, r.rule_id),
                 });
             }
             if set.count == 0 {
@@ -630,7 +661,7 @@ impl Daemon {
         pod: Option<&PodRef>,
         ingress: bool,
     ) -> String {
-        if let Some(r) = self.engine.state().rules.get(&v.rule_id) {
+        if let Some(r) = self.engine.describe_rule(v.reason, v.rule_id) {
             return format!("{} by {r}", if v.allowed { "allowed" } else { "denied" });
         }
         match v.rule_id {
@@ -893,8 +924,8 @@ impl Daemon {
                 .to_string(),
             )
         });
-        let rule = if let Some(r) = self.engine.state().rules.get(&e.rule_id) {
-            r.to_string()
+        let rule = if let Some(r) = self.engine.describe_rule(e.reason, e.rule_id) {
+            r
         } else if e.rule_id == rule::NOT_ISOLATED {
             "no policy selects the endpoint (allow all)".into()
         } else if e.reason == reason::DEFAULT_DENY {

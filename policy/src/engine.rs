@@ -202,6 +202,34 @@ impl Engine {
         &self.inputs
     }
 
+    /// Names the rule behind a verdict (its reason tells the tier): for a ClusterNetworkPolicy
+    /// rule the tier, policy, priority, rule (by name when it has one, else by index) and
+    /// action; for a NetworkPolicy or MoatPolicy rule its policy and index.
+    pub fn describe_rule(&self, reason: u8, rule_id: u32) -> Option<String> {
+        let r = self.state.rule_for(reason, rule_id)?;
+        let Some(cnp) = self.inputs.cluster_policies.get(&r.policy).filter(|_| {
+            matches!(
+                r.kind,
+                PolicyKind::AdminClusterNetworkPolicy | PolicyKind::BaselineClusterNetworkPolicy
+            )
+        }) else {
+            return Some(r.to_string());
+        };
+        let rule = cnp.rules(r.direction).get(r.index as usize)?;
+        let which = match &rule.name {
+            Some(name) => format!("rule {name:?}"),
+            None => format!("rule {}", r.index),
+        };
+        Some(format!(
+            "{} ClusterNetworkPolicy {} (priority {}) {} {which}: {}",
+            cnp.tier.name(),
+            cnp.name,
+            cnp.priority,
+            r.direction.name(),
+            rule.action.name()
+        ))
+    }
+
     /// Identity hash collisions currently resolved by salting (for logs and metrics).
     pub fn collisions(&self) -> &[Collision<SecurityLabels>] {
         self.alloc.identities.collisions()

@@ -444,3 +444,60 @@ fn tier_order_is_what_the_reference_checks() {
         check(&[cnp], &netpols).unwrap();
     }
 }
+
+/// A verdict names the deciding tier, policy, priority and rule (by name, else by index),
+/// and the offline replay reports the tier's reason.
+#[test]
+fn verdicts_name_the_deciding_tier_policy_priority_and_rule() {
+    let mut engine = Engine::new();
+    for (ns, _) in NAMESPACES {
+        engine.upsert_namespace(ns, ns_labels(ns)).unwrap();
+    }
+    for p in pods() {
+        engine.upsert_pod(p).unwrap();
+    }
+    let admin = ClusterNetworkPolicy::from_yaml(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 7\n  subject: {namespaces: {matchLabels: {team: t1}}}\n  ingress:\n  - {name: no-db, action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]}\n  - {action: Pass, from: [{namespaces: {}}]}\n",
+    )
+    .unwrap();
+    let baseline = ClusterNetworkPolicy::from_yaml(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: isolate}\nspec:\n  tier: Baseline\n  priority: 3\n  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {matchLabels: {team: t2}}}]}\n",
+    )
+    .unwrap();
+    engine.upsert_cluster_policy(&admin).unwrap();
+    engine.upsert_cluster_policy(&baseline).unwrap();
+    let pod = |ns: &str, name: &str| FlowEnd::Pod(PodRef::new(ns, name));
+    let why = |from: FlowEnd, to: FlowEnd| {
+        let v = evaluate(engine.state(), &from, &to, 80, 6).unwrap();
+        let ingress = v.ingress.unwrap();
+        (
+            v.allowed,
+            moat_common::reason::name(ingress.reason),
+            engine.describe_rule(ingress.reason, ingress.rule_id),
+        )
+    };
+    assert_eq!(
+        why(pod("z", "db"), pod("x", "web")),
+        (
+            false,
+            "admin-deny",
+            Some(
+                "Admin ClusterNetworkPolicy guard (priority 7) ingress rule \"no-db\": Deny".into()
+            )
+        )
+    );
+    // x/web passes its Admin tier; no NetworkPolicy; the Baseline denies team t2.
+    assert_eq!(
+        why(pod("y", "web"), pod("x", "web")),
+        (
+            false,
+            "baseline-deny",
+            Some("Baseline ClusterNetworkPolicy isolate (priority 3) ingress rule 0: Deny".into())
+        )
+    );
+    // Passed by the Admin tier, nothing else matches: the default allows.
+    assert_eq!(
+        why(pod("z", "web"), pod("x", "web")),
+        (true, "policy-allow", None)
+    );
+}

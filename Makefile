@@ -52,7 +52,7 @@ clean:
 # node: pure engine, then real pods + moatd + datapath through per-pod Services, direct, and
 # through Services whose every backend is on a second node (two node namespaces); then the
 # translated upstream ClusterNetworkPolicy cases (conformance/cases/cnp-cases.json) the same
-# four ways.
+# four ways and direct over IPv6.
 .PHONY: conformance
 conformance: build
 	@rc=0; \
@@ -64,5 +64,6 @@ conformance: build
 	./target/release/moat-conformance --cases $$cnp --offline --report target/cnp-offline.json || rc=1; \
 	./target/release/moat-conformance --cases $$cnp --report target/cnp-services.json || rc=1; \
 	./target/release/moat-conformance --cases $$cnp --direct --report target/cnp-direct.json || rc=1; \
+	./target/release/moat-conformance --cases $$cnp --direct --ipv6 --report target/cnp-direct-v6.json || rc=1; \
 	./target/release/moat-conformance --cases $$cnp --remote-backends --report target/cnp-remote.json || rc=1; \
 	exit $$rc

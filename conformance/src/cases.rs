@@ -278,7 +278,12 @@ impl Case {
                     .ip_placeholder
                     .clone()
                     .unwrap_or_else(|| format!("{{{{ip {key}}}}}"));
-                text = text.replace(&placeholder, &ip_of(key));
+                let ip = ip_of(key);
+                // A /32 after an IPv4 placeholder is the host prefix: /128 for IPv6.
+                if ip.contains(':') {
+                    text = text.replace(&format!("{placeholder}/32"), &format!("{ip}/128"));
+                }
+                text = text.replace(&placeholder, &ip);
             }
             if let Some(at) = text.find("{{") {
                 let near: String = text[at..].chars().take(40).collect();

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use moat_common::{FlowEvent, reason, v4_from_raw};
+use moat_common::{FlowEvent, reason, v4_from_raw, v6_from_raw};
 use moat_datapath::{
     EventReader, PinDir,
     lab::{Lab, LabPod, sh},
@@ -42,6 +42,8 @@ pub struct LiveOptions {
     /// Every Service's backend on another node: two node namespaces on a fabric, a moatd in
     /// each, and each pod's Service DNATed on the client's node to the pod's twin on the other.
     pub remote_backends: bool,
+    /// Probe the pods' IPv6 addresses (with `direct`); IP placeholders become /128s.
+    pub ipv6: bool,
     pub parallel: usize,
     pub timeout: Duration,
     pub moatd: PathBuf,
@@ -162,11 +164,11 @@ fn sctp_support() -> Result<(), String> {
     }
 }
 
-fn socket_for(proto: Proto) -> std::io::Result<Socket> {
+fn socket_for(proto: Proto, domain: Domain) -> std::io::Result<Socket> {
     match proto {
-        Proto::Tcp => Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)),
-        Proto::Udp => Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)),
-        Proto::Sctp => Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::from(132))),
+        Proto::Tcp => Socket::new(domain, Type::STREAM, Some(Protocol::TCP)),
+        Proto::Udp => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)),
+        Proto::Sctp => Socket::new(domain, Type::STREAM, Some(Protocol::from(132))),
     }
 }
 
@@ -182,11 +184,15 @@ fn start_listener(netns: Arc<File>, port: u16, proto: Proto) -> Result<()> {
         .spawn(move || {
             let bound = (|| -> std::io::Result<Socket> {
                 enter(&netns)?;
-                let sock = socket_for(proto)?;
+                // One dual-stack socket answers probes to the pod's IPv4 and IPv6 addresses.
+                let sock = socket_for(proto, Domain::IPV6)?;
+                sock.set_only_v6(false)?;
                 sock.set_reuse_address(true)?;
-                sock.bind(&SockAddr::from(SocketAddrV4::new(
-                    Ipv4Addr::UNSPECIFIED,
+                sock.bind(&SockAddr::from(SocketAddrV6::new(
+                    Ipv6Addr::UNSPECIFIED,
                     port,
+                    0,
+                    0,
                 )))?;
                 if proto != Proto::Udp {
                     sock.listen(1024)?;
@@ -240,15 +246,16 @@ fn start_listener(netns: Arc<File>, port: u16, proto: Proto) -> Result<()> {
 /// back; Ok(false): refused, timed out or wrong echo. Err: the source port was taken.
 fn probe_once(
     proto: Proto,
-    target: SocketAddrV4,
+    target: SocketAddr,
     src_port: u16,
     timeout: Duration,
 ) -> std::io::Result<bool> {
-    let sock = socket_for(proto)?;
-    sock.bind(&SockAddr::from(SocketAddrV4::new(
-        Ipv4Addr::UNSPECIFIED,
-        src_port,
-    )))?;
+    let (domain, unspecified) = match target {
+        SocketAddr::V4(_) => (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        SocketAddr::V6(_) => (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    };
+    let sock = socket_for(proto, domain)?;
+    sock.bind(&SockAddr::from(SocketAddr::new(unspecified, src_port)))?;
     let payload = format!("moat-conformance {src_port}");
     let deadline = Instant::now() + timeout;
     let target = SockAddr::from(target);
@@ -300,7 +307,7 @@ impl LivePod {
     }
 
     /// Probes with a fresh source port (skipping ports that happen to be taken).
-    fn probe(&self, proto: Proto, target: SocketAddrV4, timeout: Duration) -> (bool, u16) {
+    fn probe(&self, proto: Proto, target: SocketAddr, timeout: Duration) -> (bool, u16) {
         for _ in 0..64 {
             let port = self.next_src_port();
             match probe_once(proto, target, port, timeout) {
@@ -1273,7 +1280,7 @@ impl Node {
     fn apply_case(&mut self, file: &CaseFile, case: &Case) -> Result<()> {
         // An address in a policy means the pod a probe reaches: the backend.
         let policies =
-            case.resolved_policies(&file.model, &|k| self.backend(k).lab.v4.to_string())?;
+            case.resolved_policies(&file.model, &|k| self.address(self.backend(k)).to_string())?;
         self.write_model_objects(file, Some(case))?;
         if policies.is_empty() {
             let _ = std::fs::remove_file(self.policy_dir.join("10-policies.yaml"));
@@ -1287,14 +1294,23 @@ impl Node {
         Ok(())
     }
 
-    fn target(&self, probe: &Probe) -> SocketAddrV4 {
+    /// The address probes use for a pod: IPv4, or IPv6 with `--ipv6`.
+    fn address(&self, pod: &LivePod) -> IpAddr {
+        if self.opts.ipv6 {
+            IpAddr::V6(pod.lab.v6)
+        } else {
+            IpAddr::V4(pod.lab.v4)
+        }
+    }
+
+    fn target(&self, probe: &Probe) -> SocketAddr {
         let pod = &self.pods[&probe.to];
         let ip = if self.opts.direct {
-            pod.lab.v4
+            self.address(pod)
         } else {
-            pod.cluster_ip
+            IpAddr::V4(pod.cluster_ip)
         };
-        SocketAddrV4::new(ip, probe.port)
+        SocketAddr::new(ip, probe.port)
     }
 
     pub fn run_case(&mut self, file: &CaseFile, case: &Case) -> CaseResult {
@@ -1408,7 +1424,9 @@ impl Node {
     /// or a trace moatd refuses, fails the probe.
     fn cross_check_trace(&self, r: &mut ProbeResult) {
         let Some(observed) = r.observed else { return };
-        if r.loopback || r.outcome == crate::report::Outcome::Skipped {
+        // The trace of a pod-to-pod flow judges the addresses both pods have, IPv4 first: it
+        // says nothing about the IPv6 probe (the IPv6 verdicts are checked by the probes).
+        if r.loopback || r.outcome == crate::report::Outcome::Skipped || self.opts.ipv6 {
             return;
         }
         // With remote backends the trace goes to the Service address the probe used: the
@@ -1483,7 +1501,7 @@ impl Node {
         events: &[(usize, FlowEvent)],
         rules: &[BTreeMap<u32, String>],
     ) -> String {
-        let client = self.pods[&r.from].lab.v4;
+        let client = self.address(&self.pods[&r.from]);
         let proto = match r.protocol.as_str() {
             "TCP" => 6,
             "UDP" => 17,
@@ -1491,10 +1509,20 @@ impl Node {
         };
         let mut lines = Vec::new();
         for (host, e) in events {
-            if e.family != 4 || e.proto != proto {
+            if e.family != if client.is_ipv6() { 6 } else { 4 } || e.proto != proto {
                 continue;
             }
-            let (s, d) = (v4_from_raw(e.saddr[0]), v4_from_raw(e.daddr[0]));
+            let (s, d) = if client.is_ipv6() {
+                (
+                    IpAddr::V6(v6_from_raw(e.saddr)),
+                    IpAddr::V6(v6_from_raw(e.daddr)),
+                )
+            } else {
+                (
+                    IpAddr::V4(v4_from_raw(e.saddr[0])),
+                    IpAddr::V4(v4_from_raw(e.daddr[0])),
+                )
+            };
             let forward = s == client && src_ports.contains(&e.sport) && e.dport == r.port;
             let reply = d == client && src_ports.contains(&e.dport) && e.sport == r.port;
             if !(forward || reply) {
@@ -1541,7 +1569,7 @@ impl Node {
         });
         let head = format!(
             "{client} -> {target} (backend {}), source ports {src_ports:?}",
-            IpAddr::V4(self.backend(&r.to).lab.v4)
+            self.address(self.backend(&r.to))
         );
         if lines.is_empty() {
             format!(

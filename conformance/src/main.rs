@@ -50,6 +50,10 @@ struct Args {
     /// on the first node to that twin; probes start on the first node.
     #[arg(long, conflicts_with_all = ["offline", "direct", "kube"])]
     remote_backends: bool,
+    /// Probe the pods' IPv6 addresses (direct only): IP placeholders in policies become the
+    /// pods' IPv6 addresses (a /32 after one becomes /128).
+    #[arg(long, requires = "direct")]
+    ipv6: bool,
     /// Judge every probe with the pure policy engine only (no kernel, SCTP included).
     #[arg(long)]
     offline: bool,
@@ -116,6 +120,8 @@ fn run(args: Args) -> Result<bool> {
         "kubernetes, direct to pod IPs"
     } else if args.kube {
         "kubernetes, through per-pod ClusterIP Services"
+    } else if args.direct && args.ipv6 {
+        "datapath, direct to pod IPv6 addresses"
     } else if args.direct {
         "datapath, direct to pod IPs"
     } else if args.remote_backends {
@@ -153,6 +159,7 @@ fn run(args: Args) -> Result<bool> {
         let opts = LiveOptions {
             direct: args.direct,
             remote_backends: args.remote_backends,
+            ipv6: args.ipv6,
             parallel: args.parallel.max(1),
             timeout: Duration::from_millis(args.timeout_ms.max(1)),
             moatd: args.moatd.clone().unwrap_or_else(default_moatd),

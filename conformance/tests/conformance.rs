@@ -297,11 +297,23 @@ fn cnp_offline_whole_file() {
 /// and NetworkPolicy verdicts combined by the eBPF programs, every probe a real connection.
 #[test]
 fn cnp_datapath_through_services() {
+    cnp_datapath(&[]);
+}
+
+/// And over IPv6, to the pods' IPv6 addresses (networks peers as /128s).
+#[test]
+fn cnp_datapath_ipv6_direct() {
+    cnp_datapath(&["--direct", "--ipv6"]);
+}
+
+fn cnp_datapath(mode: &[&str]) {
     let _serial = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let doc = cnp_doc();
     let (total, marked) = cnp_probe_counts(&doc);
     let moatd = moatd();
-    let r = run(&["--cases", CNP_CASES, "--moatd", moatd.to_str().unwrap()]);
+    let mut args = vec!["--cases", CNP_CASES, "--moatd", moatd.to_str().unwrap()];
+    args.extend(mode);
+    let r = run(&args);
     let (passed, failed, skipped) = r.counts;
     assert_eq!(failed, 0, "failed probes");
     assert_eq!(r.code, 0);

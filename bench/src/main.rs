@@ -18,6 +18,7 @@ mod compile;
 mod fill;
 mod flows;
 mod perpacket;
+mod tiers;
 mod traffic;
 mod util;
 
@@ -237,6 +238,13 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         per_packet.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
     );
     check_interrupted()?;
+    eprintln!("moat-bench: per-packet cost of ClusterNetworkPolicy tiers (BPF_PROG_TEST_RUN)");
+    let tiers = cluster_tiers(args);
+    section.insert(
+        "cluster_policy_per_packet".into(),
+        tiers.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+    );
+    check_interrupted()?;
     if args.per_packet_only {
         return Ok(());
     }
@@ -246,6 +254,18 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
     let traffic = traffic(args, &small, &large)?;
     section.insert("traffic".into(), traffic);
     Ok(())
+}
+
+fn cluster_tiers(args: &Args) -> Result<Value> {
+    let link = util::VethGuard::new(&format!("mbcn{}", std::process::id() % 10_000))?;
+    tiers::measure(
+        PIN_ROOT,
+        link.ifindex,
+        &tiers::Params {
+            repeat: args.repeat,
+            batches: args.batches,
+        },
+    )
 }
 
 fn per_packet(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
@@ -605,6 +625,17 @@ fn summarize(section: &mut Map<String, Value>) {
     let conn_hs = overhead(section, host_stack, "connrate_per_s");
     let tput_hs = overhead(section, host_stack, "throughput_gbit_s");
     section.insert("cost_ratio_100k_vs_1".into(), json!(cost_new));
+    // The last configuration: 1,000 ClusterNetworkPolicies against none.
+    let tiers = v
+        .pointer("/cluster_policy_per_packet/configurations")
+        .and_then(|c| c.as_array())
+        .and_then(|c| c.last())
+        .and_then(|c| c.get("ratio_vs_none"))
+        .and_then(|r| r.as_f64());
+    section.insert(
+        "cost_ratio_1000_cluster_policies_vs_none".into(),
+        json!(tiers),
+    );
     section.insert("cost_ratio_established_100k_vs_1".into(), json!(cost_est));
     section.insert("latency_overhead_pct_100k".into(), json!(lat));
     section.insert("connrate_overhead_pct_100k".into(), json!(conn));
@@ -657,6 +688,7 @@ fn summarize(section: &mut Map<String, Value>) {
         "targets".into(),
         json!({
             "cost_ratio_100k_vs_1": target(cost_new, 1.1, ""),
+            "cost_ratio_1000_cluster_policies_vs_none": target(tiers, 1.1, ""),
             "latency_overhead_pct_100k": target(lat, 3.0, "%"),
             "connrate_overhead_pct_100k": target(conn, 5.0, "%"),
             "throughput_overhead_pct_100k": target(tput, 3.0, "%"),

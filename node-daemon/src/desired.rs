@@ -139,7 +139,7 @@ pub fn build(
 
 /// ENDPOINT_FLAG_NO_* hints per policy id: which lookups can never match for it. A policy id
 /// with no entries at all gets every hint (its verdict is default deny either way).
-fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {
+pub fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {
     let mut lacks: BTreeMap<u32, u8> = BTreeMap::new();
     let mut clear = |policy_id: u32, bits: u8| {
         *lacks.entry(policy_id).or_insert(ENDPOINT_HINT_FLAGS) &= !bits;

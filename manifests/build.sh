@@ -6,14 +6,15 @@
 #   manifests/build.sh --check    exit 1 if moat.yaml is not up to date
 #   manifests/build.sh --stdout   print the bundle instead of writing it
 #
-# Order: the CRD first (so the ClusterRole's moat.io rule and any MoatPolicy
-# refer to an existing type), then RBAC, the ConfigMap of settings, then the
+# Order: the CRDs first (so the ClusterRole's rules and any MoatPolicy or
+# ClusterNetworkPolicy refer to existing types), then RBAC, the ConfigMap of settings, then the
 # DaemonSet that uses them.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 parts=(
   crds/moatpolicies.moat.io.yaml
+  crds/clusternetworkpolicies.policy.networking.k8s.io.yaml
   rbac.yaml
   configmap.yaml
   daemonset.yaml

@@ -1,6 +1,8 @@
 //! The Kubernetes datastore against an in-process API server that speaks the real list/watch
 //! protocol (moat-fake-apiserver): initial sync, every kind's add/modify/delete, rejected
-//! policies, MoatPolicies (and a cluster without their CRD), 410 Gone and relists, bookmarks, API server restarts, and churn.
+//! policies, MoatPolicies (and a cluster without their CRD), ClusterNetworkPolicies (v1beta1 or
+//! v1alpha2, their Accepted status condition, a cluster without their CRD), 410 Gone and
+//! relists, bookmarks, API server restarts, and churn.
 
 use moat_fake_apiserver as support_kube;
 
@@ -638,4 +640,263 @@ fn cluster_without_the_moatpolicy_crd_is_ready_and_picks_it_up_later() {
             .any(|k| k.kind == "moatpolicies" && !k.not_served)
     });
     assert!(status.ready);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ClusterNetworkPolicy (issue 17)
+// ---------------------------------------------------------------------------------------------
+
+/// An Admin CNP at `version`: namespaces of team a refuse ingress from team b's.
+fn guardrail(version: &str, name: &str, priority: i64) -> serde_json::Value {
+    json!({"apiVersion": format!("policy.networking.k8s.io/{version}"),
+           "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name},
+           "spec": {"tier": "Admin", "priority": priority,
+                    "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                    "ingress": [{"name": "no-team-b", "action": "Deny",
+                                 "from": [{"namespaces": {"matchLabels": {"team": "b"}}}]}]}})
+}
+
+/// The policies the engine would enforce: every CNP of the snapshot compiled by the policy
+/// engine moatd runs (what `apply_object` feeds it), by name and priority.
+fn enforced(objects: &LocalObjects) -> Vec<(String, i64)> {
+    let mut engine = moat_policy::Engine::new();
+    objects
+        .cluster_policies
+        .values()
+        .map(|p| {
+            engine
+                .upsert_cluster_policy(p)
+                .unwrap_or_else(|e| panic!("{} does not compile: {e}", p.name()));
+            (p.name().to_string(), p.spec.priority)
+        })
+        .collect()
+}
+
+/// The Accepted condition on the stored object, once it says `status`.
+fn wait_accepted(
+    server: &FakeApiServer,
+    kind: &str,
+    name: &str,
+    status: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let object = server.get(kind, "", name).expect("stored");
+        let conditions = object["status"]["conditions"].as_array().cloned();
+        if let Some(c) = conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c["type"] == "Accepted" && c["status"] == status)
+        {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Accepted={status} on {name}: {object:#}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_writes(server: &FakeApiServer, name: &str) -> usize {
+    server
+        .writes()
+        .iter()
+        .filter(|w| w.res == Res::ClusterNetworkPolicies && w.status && w.name == name)
+        .count()
+}
+
+#[test]
+fn cluster_network_policy_is_enforced_updated_and_deleted() {
+    let server = populated_server();
+    server.apply(guardrail("v1beta1", "guard", 10));
+    let ds = start(&server);
+    let objects = ds.snapshot().1;
+    assert_eq!(enforced(&objects), vec![("guard".to_string(), 10)]);
+    assert!(objects.rejected.is_empty(), "{:?}", objects.rejected);
+    let status = ds.status();
+    let kind = status
+        .kinds
+        .iter()
+        .find(|k| k.kind == "clusternetworkpolicies")
+        .unwrap();
+    assert!(
+        kind.synced && !kind.not_served && kind.objects == 1,
+        "{status:#?}"
+    );
+
+    server.apply(guardrail("v1beta1", "guard", 20));
+    wait_for(&ds, "CNP updated", |o| {
+        enforced(o) == vec![("guard".to_string(), 20)]
+    });
+    server.apply(guardrail("v1beta1", "second", 30));
+    wait_for(&ds, "second CNP", |o| o.cluster_policies.len() == 2);
+
+    server.delete("ClusterNetworkPolicy", "", "guard");
+    wait_for(&ds, "CNP deleted", |o| {
+        enforced(o) == vec![("second".to_string(), 30)]
+    });
+}
+
+#[test]
+fn good_cluster_network_policy_gets_accepted_true_once() {
+    let server = populated_server();
+    server.apply(guardrail("v1beta1", "guard", 10));
+    let ds = start(&server);
+    let condition = wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True");
+    assert_eq!(condition["reason"], "Accepted");
+    assert_eq!(condition["observedGeneration"], 1);
+    assert!(condition["lastTransitionTime"].is_string(), "{condition}");
+    assert!(condition["message"].as_str().unwrap().contains("accepted"));
+    let write = server
+        .writes()
+        .into_iter()
+        .find(|w| w.status && w.name == "guard")
+        .unwrap();
+    assert_eq!(write.method, "PATCH");
+    assert!(write.content_type.contains("merge-patch"), "{write:?}");
+    assert_eq!(status_writes(&server, "guard"), 1);
+
+    // A relist, a resync and an unrelated change write nothing more: the condition already
+    // says it.
+    server.expire_watches();
+    wait_status(&ds, "CNPs relisted", |s| {
+        lists(s, "clusternetworkpolicies") >= 2
+    });
+    server.apply(namespace("other", json!({"team": "c"})));
+    wait_for(&ds, "namespace added", |o| {
+        o.namespaces.contains_key("other")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(status_writes(&server, "guard"), 1);
+
+    // A new generation is reported as observed.
+    server.apply(guardrail("v1beta1", "guard", 11));
+    let deadline = Instant::now() + WAIT;
+    while wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True")["observedGeneration"] != 2
+    {
+        assert!(Instant::now() < deadline, "observedGeneration not 2");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(status_writes(&server, "guard"), 2);
+}
+
+#[test]
+fn invalid_cluster_network_policy_is_rejected_and_its_last_good_version_stays() {
+    let server = populated_server();
+    server.apply(guardrail("v1beta1", "guard", 10));
+    let ds = start(&server);
+    wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True");
+
+    // Accepted by the fake API server (no schema there), refused by Moat.
+    server.apply(guardrail("v1beta1", "guard", 5000));
+    wait_for(&ds, "CNP rejected", |o| {
+        o.rejected
+            .iter()
+            .any(|r| r.starts_with("ClusterNetworkPolicy guard"))
+    });
+    let objects = ds.snapshot().1;
+    assert_eq!(
+        enforced(&objects),
+        vec![("guard".to_string(), 10)],
+        "the last good version keeps enforcing"
+    );
+    let rejected = objects
+        .rejected
+        .iter()
+        .find(|r| r.starts_with("ClusterNetworkPolicy guard"))
+        .unwrap();
+    assert!(rejected.contains("priority"), "{rejected}");
+    assert!(rejected.contains("last good version"), "{rejected}");
+    let condition = wait_accepted(&server, "ClusterNetworkPolicy", "guard", "False");
+    assert_eq!(condition["reason"], "Invalid");
+    assert_eq!(condition["observedGeneration"], 2);
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains("priority"), "{message}");
+
+    // A policy that was never good is rejected and enforces nothing.
+    server.apply(guardrail("v1beta1", "broken", -1));
+    wait_accepted(&server, "ClusterNetworkPolicy", "broken", "False");
+    let objects = ds.snapshot().1;
+    assert!(!objects.cluster_policies.contains_key("broken"));
+
+    // Fixed: enforced in its new version, accepted again, nothing rejected about it.
+    server.apply(guardrail("v1beta1", "guard", 15));
+    wait_for(&ds, "CNP fixed", |o| {
+        enforced(o).contains(&("guard".to_string(), 15))
+    });
+    wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True");
+    server.delete("ClusterNetworkPolicy", "", "broken");
+    wait_for(&ds, "rejection gone with the object", |o| {
+        o.rejected.is_empty()
+    });
+}
+
+#[test]
+fn v1alpha2_only_api_server_is_watched_at_v1alpha2() {
+    let server = populated_server();
+    server.set_served(Res::ClusterNetworkPolicies, false);
+    server.apply(guardrail("v1alpha2", "guard", 10));
+    let ds = start(&server);
+    let objects = ds.snapshot().1;
+    assert_eq!(enforced(&objects), vec![("guard".to_string(), 10)]);
+    let status = ds.status();
+    let kind = status
+        .kinds
+        .iter()
+        .find(|k| k.kind == "clusternetworkpolicies")
+        .unwrap();
+    assert!(
+        kind.synced && kind.healthy && !kind.not_served,
+        "{status:#?}"
+    );
+    assert!(status.connected, "{status:#?}");
+    assert_eq!(server.lists(Res::ClusterNetworkPolicies), 0);
+    assert!(server.lists(Res::ClusterNetworkPoliciesV1alpha2) >= 1);
+    // The status goes to the version the object was read at.
+    let v1alpha2 = "policy.networking.k8s.io/v1alpha2/ClusterNetworkPolicy";
+    wait_accepted(&server, v1alpha2, "guard", "True");
+    server.apply(guardrail("v1alpha2", "guard", 9999));
+    wait_accepted(&server, v1alpha2, "guard", "False");
+    assert_eq!(enforced(&ds.snapshot().1), vec![("guard".to_string(), 10)]);
+    server.delete(v1alpha2, "", "guard");
+    wait_for(&ds, "CNP deleted", |o| {
+        o.cluster_policies.is_empty() && o.rejected.is_empty()
+    });
+}
+
+#[test]
+fn cluster_without_the_cnp_crd_runs_without_cluster_policies_and_picks_it_up_later() {
+    let server = populated_server();
+    server.set_served(Res::ClusterNetworkPolicies, false);
+    server.set_served(Res::ClusterNetworkPoliciesV1alpha2, false);
+    let ds = start(&server);
+    let status = ds.status();
+    let kind = status
+        .kinds
+        .iter()
+        .find(|k| k.kind == "clusternetworkpolicies")
+        .unwrap();
+    assert!(
+        kind.not_served && kind.synced && kind.healthy && kind.errors == 0,
+        "{status:#?}"
+    );
+    assert!(status.connected, "{status:#?}");
+    assert!(ds.snapshot().1.cluster_policies.is_empty());
+
+    // The CRD gets installed (both versions); v1beta1 is preferred.
+    server.set_served(Res::ClusterNetworkPolicies, true);
+    server.set_served(Res::ClusterNetworkPoliciesV1alpha2, true);
+    server.apply(guardrail("v1beta1", "guard", 10));
+    wait_for(&ds, "CNP after the CRD appeared", |o| {
+        o.cluster_policies.contains_key("guard")
+    });
+    wait_status(&ds, "clusternetworkpolicies served", |s| {
+        s.kinds
+            .iter()
+            .any(|k| k.kind == "clusternetworkpolicies" && !k.not_served)
+    });
+    wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True");
 }

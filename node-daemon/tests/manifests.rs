@@ -380,7 +380,7 @@ fn configmap_daemonset_arguments_and_moatd_flags_agree() {
 }
 
 #[test]
-fn rbac_reads_what_moatd_watches_and_writes_only_node_status() {
+fn rbac_reads_what_moatd_watches_and_writes_only_statuses() {
     let docs = bundle();
     let role: ClusterRole = one(&docs, "ClusterRole");
     let mut covered = BTreeSet::new();
@@ -391,6 +391,9 @@ fn rbac_reads_what_moatd_watches_and_writes_only_node_status() {
         // nodes/<name>/status), in a rule of its own so it cannot widen to anything else.
         if resources == ["nodes/status"] {
             assert_eq!(verbs, BTreeSet::from(["patch"]));
+        } else if resources == ["clusternetworkpolicies/status"] {
+            // The Accepted condition on each ClusterNetworkPolicy (issue 17), its status only.
+            assert_eq!(verbs, BTreeSet::from(["patch", "update"]));
         } else {
             assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
         }
@@ -407,6 +410,8 @@ fn rbac_reads_what_moatd_watches_and_writes_only_node_status() {
         "/nodes/status",
         "networking.k8s.io/networkpolicies",
         "moat.io/moatpolicies",
+        "policy.networking.k8s.io/clusternetworkpolicies",
+        "policy.networking.k8s.io/clusternetworkpolicies/status",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -441,9 +446,59 @@ fn rbac_reads_what_moatd_watches_and_writes_only_node_status() {
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(Some(subjects[0].name.clone()), sa.metadata.name);
     assert_eq!(subjects[0].namespace, sa.metadata.namespace);
-    // The CRD in the bundle is the generated one.
-    let crd: CustomResourceDefinition = one(&docs, "CustomResourceDefinition");
-    assert_eq!(crd, moat_crds::moatpolicy_crd());
+    // The MoatPolicy CRD in the bundle is the generated one.
+    let crds: Vec<CustomResourceDefinition> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .map(|d| serde_json::from_value(d.clone()).unwrap())
+        .collect();
+    assert_eq!(crds.len(), 2, "MoatPolicy and ClusterNetworkPolicy");
+    let moat = crds
+        .iter()
+        .find(|c| c.spec.group == "moat.io")
+        .expect("MoatPolicy CRD");
+    assert_eq!(moat, &moat_crds::moatpolicy_crd());
+}
+
+/// The ClusterNetworkPolicy CRD (upstream's, issue 17): cluster-scoped, both versions moatd
+/// may watch served with a status subresource, v1beta1 stored, and the two versions' schemas
+/// the same (moat_policy::cnp reads them alike, so no conversion is needed).
+#[test]
+fn cluster_network_policy_crd_serves_both_versions_with_status() {
+    let crd: CustomResourceDefinition = serde_json::from_value(
+        documents(
+            &repo().join("manifests/crds/clusternetworkpolicies.policy.networking.k8s.io.yaml"),
+        )
+        .remove(0),
+    )
+    .unwrap();
+    assert_eq!(crd.spec.group, moat_policy::cnp::API_GROUP);
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert_eq!(crd.spec.names.plural, "clusternetworkpolicies");
+    assert_eq!(crd.spec.names.kind, "ClusterNetworkPolicy");
+    let versions: Vec<(&str, bool, bool)> = crd
+        .spec
+        .versions
+        .iter()
+        .map(|v| (v.name.as_str(), v.served, v.storage))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![("v1beta1", true, true), ("v1alpha2", true, false)]
+    );
+    for v in &crd.spec.versions {
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{} has no status subresource",
+            v.name
+        );
+        let full = |name: &str| format!("{}/{name}", moat_policy::cnp::API_GROUP);
+        assert!(moat_policy::cnp::API_VERSIONS.contains(&full(&v.name).as_str()));
+    }
+    assert_eq!(crd.spec.versions[0].schema, crd.spec.versions[1].schema);
 }
 
 /// What each container may hold beyond "drop ALL" (issue 16 item 8). The reasons live in

@@ -1,5 +1,5 @@
 //! Kubernetes objects to the datastore's own shapes, with no I/O: what a Pod, Namespace,
-//! NetworkPolicy, MoatPolicy or Node means to Moat. Kept apart from the watches so that it is tested in
+//! NetworkPolicy, MoatPolicy, ClusterNetworkPolicy or Node means to Moat. Kept apart from the watches so that it is tested in
 //! milliseconds and the watch shell stays thin.
 
 use std::net::IpAddr;
@@ -242,6 +242,178 @@ pub fn node_info(node: &Node) -> NodeInfo {
     info
 }
 
+// ---------------------------------------------------------------------------------------------
+// ClusterNetworkPolicy (policy.networking.k8s.io, issue 17)
+// ---------------------------------------------------------------------------------------------
+
+/// The versions moatd may watch, preferred first. Both carry one schema (moat_policy::cnp), so
+/// the first one the API server serves is used: v1beta1 (the storage version of Moat's CRD),
+/// else v1alpha2 (what upstream's v0.2 CRD and other implementations install).
+pub const CLUSTER_POLICY_VERSIONS: [&str; 2] = ["v1beta1", "v1alpha2"];
+
+pub const CLUSTER_POLICY_PLURAL: &str = "clusternetworkpolicies";
+
+/// The condition type moatd writes on each ClusterNetworkPolicy's status. Upstream defines
+/// `status.conditions` (metav1.Condition, merged on `type`) but names no type; `Accepted` is
+/// the Gateway API's convention for "the implementation took the object", which this is.
+pub const ACCEPTED_CONDITION: &str = "Accepted";
+/// Reasons of the Accepted condition (CamelCase, as metav1.Condition requires).
+pub const ACCEPTED_REASON: &str = "Accepted";
+pub const INVALID_REASON: &str = "Invalid";
+
+/// The API resource of one ClusterNetworkPolicy version (cluster-scoped).
+pub fn cluster_policy_resource(version: &str) -> kube::core::ApiResource {
+    kube::core::ApiResource {
+        group: moat_policy::cnp::API_GROUP.into(),
+        version: version.into(),
+        api_version: format!("{}/{version}", moat_policy::cnp::API_GROUP),
+        kind: moat_policy::cnp::KIND.into(),
+        plural: CLUSTER_POLICY_PLURAL.into(),
+    }
+}
+
+pub fn cluster_policy_key(object: &kube::core::DynamicObject) -> ObjectKey {
+    (
+        String::new(),
+        object.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The object as moat_policy reads it: the whole object, with its apiVersion and kind (list
+/// items may come without them; `version` is the one it was read at), minus what the API
+/// server and implementations add (status) and that means nothing to policy. The metadata is
+/// reduced by moat_policy itself (it keeps name, labels, annotations).
+fn cluster_policy_value(
+    object: &kube::core::DynamicObject,
+    version: &str,
+) -> Result<serde_json::Value, String> {
+    let mut value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    if let Some(map) = value.as_object_mut() {
+        map.remove("status");
+        map.entry("apiVersion").or_insert_with(|| {
+            serde_json::json!(format!("{}/{version}", moat_policy::cnp::API_GROUP))
+        });
+        map.entry("kind")
+            .or_insert_with(|| serde_json::json!(moat_policy::cnp::KIND));
+    }
+    Ok(value)
+}
+
+/// Parsed and validated by the engine's own `ClusterNetworkPolicy::from_value`, so that a CNP
+/// from the API server and one from a local YAML file are judged alike. Err: "<name>: reason".
+pub fn cluster_policy(
+    object: &kube::core::DynamicObject,
+    version: &str,
+) -> Result<moat_policy::ClusterNetworkPolicy, String> {
+    let name = cluster_policy_key(object).1;
+    let result = cluster_policy_value(object, version)
+        .and_then(|v| moat_policy::ClusterNetworkPolicy::from_value(v).map_err(|e| e.to_string()));
+    result.map_err(|text| {
+        if text.starts_with(&name) {
+            text
+        } else {
+            format!("{name}: {text}")
+        }
+    })
+}
+
+/// The Accepted condition moatd wants on a CNP: (status, reason, message).
+pub fn accepted_condition(
+    policy: &Result<moat_policy::ClusterNetworkPolicy, String>,
+) -> (&'static str, &'static str, String) {
+    match policy {
+        Ok(_) => (
+            "True",
+            ACCEPTED_REASON,
+            "Moat accepted the policy: it is valid and enforced in its tier".into(),
+        ),
+        Err(e) => {
+            // metav1.Condition's message is at most 32768 bytes.
+            let mut message = format!(
+                "Moat rejected the policy (its last good version, if any, stays in force): {e}"
+            );
+            if message.len() > 32768 {
+                let mut end = 32768;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+            }
+            ("False", INVALID_REASON, message)
+        }
+    }
+}
+
+/// A status write moatd owes one ClusterNetworkPolicy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusPatch {
+    pub name: String,
+    /// The version the object was watched at; the patch goes to the same one.
+    pub version: String,
+    /// The object's resourceVersion when it was read.
+    pub resource_version: String,
+    /// (status, reason, message, observedGeneration): what the patch sets, timestamps aside.
+    pub wanted: (String, String, String, Option<i64>),
+    /// A JSON merge patch of `status.conditions`: the object's other conditions as they were,
+    /// Accepted replaced (a merge patch replaces a list whole; CRDs take no strategic merge).
+    pub body: serde_json::Value,
+}
+
+/// The status patch a CNP needs, or None when its Accepted condition already says what moatd
+/// would write (status, reason, message and observedGeneration): a resync or a relist of an
+/// unchanged object writes nothing, and neither does the event of moatd's own patch.
+pub fn cluster_policy_status(
+    object: &kube::core::DynamicObject,
+    version: &str,
+    policy: &Result<moat_policy::ClusterNetworkPolicy, String>,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<StatusPatch> {
+    let (status, reason, message) = accepted_condition(policy);
+    let generation = object.metadata.generation;
+    let conditions: Vec<serde_json::Value> = object.data["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let current = conditions.iter().find(|c| c["type"] == ACCEPTED_CONDITION);
+    if let Some(c) = current
+        && c["status"] == status
+        && c["reason"] == reason
+        && c["message"] == message.as_str()
+        && c["observedGeneration"].as_i64() == generation
+    {
+        return None;
+    }
+    // lastTransitionTime moves only when the status does.
+    let transition = match current {
+        Some(c) if c["status"] == status && c["lastTransitionTime"].is_string() => {
+            c["lastTransitionTime"].clone()
+        }
+        _ => serde_json::json!(now.to_string()),
+    };
+    let mut condition = serde_json::json!({
+        "type": ACCEPTED_CONDITION,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+    });
+    if let Some(g) = generation {
+        condition["observedGeneration"] = serde_json::json!(g);
+    }
+    let mut all: Vec<serde_json::Value> = conditions
+        .into_iter()
+        .filter(|c| c["type"] != ACCEPTED_CONDITION)
+        .collect();
+    all.push(condition);
+    Some(StatusPatch {
+        name: cluster_policy_key(object).1,
+        version: version.to_string(),
+        resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
+        wanted: (status.into(), reason.into(), message, generation),
+        body: serde_json::json!({"status": {"conditions": all}}),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +556,74 @@ mod tests {
         )
         .unwrap();
         assert_eq!(node_info(&old).pod_cidrs.len(), 1);
+    }
+
+    fn cnp_object(priority: i64, status: serde_json::Value) -> kube::core::DynamicObject {
+        // As a list item: no apiVersion nor kind, with what the API server adds.
+        serde_json::from_value(json!({
+            "metadata": {"name": "guard", "uid": "u-1", "resourceVersion": "7",
+                         "generation": 3, "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"tier": "Baseline", "priority": priority,
+                     "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn cluster_policy_reads_an_api_object_like_a_local_file() {
+        let object = cnp_object(100, json!({"conditions": []}));
+        let from_api = cluster_policy(&object, "v1alpha2").unwrap();
+        let local = moat_policy::ClusterNetworkPolicy::from_yaml(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Baseline\n  priority: 100\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n",
+        )
+        .unwrap();
+        assert_eq!(from_api, local);
+        let error = cluster_policy(&cnp_object(1001, json!({})), "v1beta1").unwrap_err();
+        assert!(error.starts_with("guard"), "{error}");
+        assert!(error.contains("priority"), "{error}");
+    }
+
+    #[test]
+    fn cluster_policy_status_is_written_only_when_it_would_change() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        let object = cnp_object(
+            100,
+            json!({"conditions": [
+            {"type": "Other", "status": "True", "reason": "X", "message": "",
+             "lastTransitionTime": "2025-01-01T00:00:00Z"}]}),
+        );
+        let policy = cluster_policy(&object, "v1beta1");
+        let patch = cluster_policy_status(&object, "v1beta1", &policy, now).unwrap();
+        assert_eq!(patch.version, "v1beta1");
+        assert_eq!(patch.resource_version, "7");
+        let conditions = patch.body["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conditions.len(), 2, "the other condition is kept");
+        let accepted = &conditions[1];
+        assert_eq!(accepted["type"], "Accepted");
+        assert_eq!(accepted["status"], "True");
+        assert_eq!(accepted["reason"], "Accepted");
+        assert_eq!(accepted["observedGeneration"], 3);
+        assert_eq!(accepted["lastTransitionTime"], "2026-01-02T03:04:05Z");
+        // Once written, the same object needs nothing.
+        let written = cnp_object(100, patch.body["status"].clone());
+        assert_eq!(
+            cluster_policy_status(&written, "v1beta1", &policy, now),
+            None
+        );
+        // Rejected: False, with the reason; the transition time moves.
+        let bad = cnp_object(1001, patch.body["status"].clone());
+        let rejected = cluster_policy(&bad, "v1beta1");
+        let later: k8s_openapi::jiff::Timestamp = "2026-01-02T04:00:00Z".parse().unwrap();
+        let patch = cluster_policy_status(&bad, "v1beta1", &rejected, later).unwrap();
+        let accepted = &patch.body["status"]["conditions"][1];
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "Invalid");
+        assert!(
+            accepted["message"].as_str().unwrap().contains("priority"),
+            "{accepted}"
+        );
+        assert_eq!(accepted["lastTransitionTime"], "2026-01-02T04:00:00Z");
     }
 }

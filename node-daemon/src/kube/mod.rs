@@ -1,6 +1,7 @@
 //! The `kubernetes` datastore: Pods (all namespaces), Namespaces, NetworkPolicies,
-//! MoatPolicies (moat.io/v1alpha1, optional: a cluster without the CRD has none) and this
-//! node's Node, watched from the API server and kept as a snapshot in the same shape as the
+//! MoatPolicies (moat.io/v1alpha1, optional: a cluster without the CRD has none),
+//! ClusterNetworkPolicies (policy.networking.k8s.io v1beta1, else v1alpha2; optional too; each
+//! one's `Accepted` status condition is written back) and the Nodes, watched from the API server and kept as a snapshot in the same shape as the
 //! `local` datastore (`LocalObjects`), so that one policy engine serves both.
 //!
 //! moatd's core is synchronous: the datastore runs its watchers on a thread of its own (a
@@ -86,7 +87,8 @@ pub struct KindStatus {
     pub lists: u64,
     pub errors: u64,
     pub objects: usize,
-    /// The API server does not serve the kind (the MoatPolicy CRD is not installed).
+    /// The API server does not serve the kind (the MoatPolicy or ClusterNetworkPolicy CRD is
+    /// not installed).
     pub not_served: bool,
 }
 

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use moat_policy::{LabelSet, MoatPolicy, NetworkPolicy};
+use moat_policy::{ClusterNetworkPolicy, LabelSet, MoatPolicy, NetworkPolicy};
 
-use super::convert::{NodeInfo, ObjectKey, PodItem};
+use super::convert::{NodeInfo, ObjectKey, PodItem, StatusPatch};
 use crate::local::{LocalObjects, PodMeta};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,9 +18,10 @@ pub enum Kind {
     NetworkPolicies,
     Nodes,
     MoatPolicies,
+    ClusterPolicies,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 impl Kind {
     pub const ALL: [Kind; KINDS] = [
@@ -29,6 +30,7 @@ impl Kind {
         Kind::NetworkPolicies,
         Kind::Nodes,
         Kind::MoatPolicies,
+        Kind::ClusterPolicies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,13 +40,14 @@ impl Kind {
             Kind::NetworkPolicies => "networkpolicies",
             Kind::Nodes => "nodes",
             Kind::MoatPolicies => "moatpolicies",
+            Kind::ClusterPolicies => "clusternetworkpolicies",
         }
     }
 
     /// A kind whose API may not be served at all (a CRD not installed): "not found" then
     /// means "no objects", not a failure.
     pub fn optional(self) -> bool {
-        self == Kind::MoatPolicies
+        matches!(self, Kind::MoatPolicies | Kind::ClusterPolicies)
     }
 
     fn index(self) -> usize {
@@ -64,6 +67,14 @@ impl Kind {
             Some(Kind::Nodes)
         } else if path.ends_with("/apis/moat.io/v1alpha1/moatpolicies") {
             Some(Kind::MoatPolicies)
+        } else if super::convert::CLUSTER_POLICY_VERSIONS.iter().any(|v| {
+            path.ends_with(&format!(
+                "/apis/{}/{v}/{}",
+                moat_policy::cnp::API_GROUP,
+                super::convert::CLUSTER_POLICY_PLURAL
+            ))
+        }) {
+            Some(Kind::ClusterPolicies)
         } else {
             None
         }
@@ -90,6 +101,12 @@ pub enum Item {
         key: ObjectKey,
         policy: Result<MoatPolicy, String>,
     },
+    /// A ClusterNetworkPolicy (cluster-scoped: keyed by name). Err: "<name>: reason"; its last
+    /// good version, if any, stays in force.
+    ClusterPolicy {
+        name: String,
+        policy: Result<ClusterNetworkPolicy, String>,
+    },
 }
 
 impl Item {
@@ -100,6 +117,7 @@ impl Item {
             Item::Policy { .. } => Kind::NetworkPolicies,
             Item::Node { .. } => Kind::Nodes,
             Item::MoatPolicy { .. } => Kind::MoatPolicies,
+            Item::ClusterPolicy { .. } => Kind::ClusterPolicies,
         }
     }
 }
@@ -121,6 +139,9 @@ pub enum Update {
     /// The API server does not serve this (optional) kind: its CRD is not installed. It
     /// counts as listed, with no objects, until a list succeeds.
     NotServed(Kind),
+    /// A ClusterNetworkPolicy's status condition should be written. For the watch shell,
+    /// which writes it; it changes nothing here.
+    Status(StatusPatch),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -146,6 +167,10 @@ struct Content {
     policy_errors: BTreeMap<ObjectKey, String>,
     moat_policies: BTreeMap<ObjectKey, MoatPolicy>,
     moat_policy_errors: BTreeMap<ObjectKey, String>,
+    /// The last good version of each ClusterNetworkPolicy (kept while a newer one is
+    /// rejected), and the rejections.
+    cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    cluster_policy_errors: BTreeMap<String, String>,
     /// Every node: this node's pod CIDRs, and the others' for routes between nodes.
     nodes: BTreeMap<String, NodeInfo>,
 }
@@ -217,6 +242,14 @@ impl ClusterState {
             Kind::MoatPolicies => {
                 self.content.moat_policies.len() + self.content.moat_policy_errors.len()
             }
+            Kind::ClusterPolicies => {
+                let c = &self.content;
+                c.cluster_policies.len()
+                    + c.cluster_policy_errors
+                        .keys()
+                        .filter(|k| !c.cluster_policies.contains_key(*k))
+                        .count()
+            }
         }
     }
 
@@ -285,6 +318,7 @@ impl ClusterState {
                 h.last_error = Some(message);
             }),
             Update::Reachable(kind) => self.mark_reachable(kind),
+            Update::Status(_) => {}
         }
     }
 
@@ -316,6 +350,16 @@ impl ClusterState {
                 let b = set(&mut c.moat_policies, key, good);
                 a | b
             }
+            // Unlike a NetworkPolicy, a rejected CNP does not take its last good version
+            // out: an admin guardrail must not vanish because of a bad edit (issue 17).
+            Item::ClusterPolicy { name, policy } => match policy {
+                Ok(p) => {
+                    let a = set(&mut c.cluster_policy_errors, name.clone(), None);
+                    let b = set(&mut c.cluster_policies, name, Some(p));
+                    a | b
+                }
+                Err(e) => set(&mut c.cluster_policy_errors, name, Some(e)),
+            },
         };
         self.dirty |= changed;
     }
@@ -338,6 +382,11 @@ impl ClusterState {
             Kind::MoatPolicies => {
                 let a = c.moat_policy_errors.remove(key).is_some();
                 let b = c.moat_policies.remove(key).is_some();
+                a | b
+            }
+            Kind::ClusterPolicies => {
+                let a = c.cluster_policy_errors.remove(&key.1).is_some();
+                let b = c.cluster_policies.remove(&key.1).is_some();
                 a | b
             }
         };
@@ -372,6 +421,18 @@ impl ClusterState {
                 let b = replace(&mut c.moat_policy_errors, f.moat_policy_errors);
                 a | b
             }
+            Kind::ClusterPolicies => {
+                // A policy listed but rejected keeps its last good version from before.
+                let mut good = f.cluster_policies;
+                for name in f.cluster_policy_errors.keys() {
+                    if let Some(p) = c.cluster_policies.get(name) {
+                        good.entry(name.clone()).or_insert_with(|| p.clone());
+                    }
+                }
+                let a = replace(&mut c.cluster_policies, good);
+                let b = replace(&mut c.cluster_policy_errors, f.cluster_policy_errors);
+                a | b
+            }
         };
         self.dirty |= changed;
     }
@@ -393,6 +454,13 @@ impl ClusterState {
                     .values()
                     .map(|e| format!("MoatPolicy {e}")),
             )
+            .chain(c.cluster_policy_errors.iter().map(|(name, e)| {
+                if c.cluster_policies.contains_key(name) {
+                    format!("ClusterNetworkPolicy {e} (its last good version stays in force)")
+                } else {
+                    format!("ClusterNetworkPolicy {e}")
+                }
+            }))
             .collect();
         rejected.extend(c.pod_warnings.values().cloned());
         LocalObjects {
@@ -400,9 +468,7 @@ impl ClusterState {
             pods: c.pods.clone(),
             policies: c.policies.clone(),
             moat_policies: c.moat_policies.clone(),
-            // Not watched from the API server yet: ClusterNetworkPolicies come from the
-            // local datastore only (issue 17 records what remains).
-            cluster_policies: Default::default(),
+            cluster_policies: c.cluster_policies.clone(),
             nodes: c.nodes.clone(),
             rejected,
         }
@@ -459,6 +525,7 @@ mod tests {
             Kind::Namespaces,
             Kind::NetworkPolicies,
             Kind::MoatPolicies,
+            Kind::ClusterPolicies,
         ] {
             s.apply(Update::Init(kind));
             s.apply(Update::InitDone(kind));
@@ -575,6 +642,8 @@ mod tests {
             s.apply(Update::Init(kind));
             s.apply(Update::InitDone(kind));
         }
+        s.apply(Update::Init(Kind::ClusterPolicies));
+        s.apply(Update::NotServed(Kind::ClusterPolicies));
         assert!(!s.synced());
         s.apply(Update::Init(Kind::MoatPolicies));
         s.apply(Update::NotServed(Kind::MoatPolicies));
@@ -596,5 +665,92 @@ mod tests {
             warning: None,
         })));
         assert!(s.objects().pods.is_empty());
+    }
+
+    fn cnp(name: &str, priority: u32) -> Item {
+        let value = serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1beta1",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "tier": "Admin",
+                "priority": priority,
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+            },
+        });
+        Item::ClusterPolicy {
+            name: name.into(),
+            policy: Ok(ClusterNetworkPolicy::from_value(value).unwrap()),
+        }
+    }
+
+    fn bad_cnp(name: &str) -> Item {
+        Item::ClusterPolicy {
+            name: name.into(),
+            policy: Err(format!("{name}: spec.priority: above 1000")),
+        }
+    }
+
+    #[test]
+    fn rejected_cluster_policy_keeps_its_last_good_version_through_relists() {
+        let mut s = synced_state();
+        s.apply(Update::Apply(cnp("guard", 10)));
+        assert!(s.take_dirty());
+        assert_eq!(s.objects().cluster_policies.len(), 1);
+        s.apply(Update::Apply(bad_cnp("guard")));
+        assert!(s.take_dirty());
+        let o = s.objects();
+        assert_eq!(o.cluster_policies["guard"], {
+            let Item::ClusterPolicy { policy, .. } = cnp("guard", 10) else {
+                unreachable!()
+            };
+            policy.unwrap()
+        });
+        assert_eq!(
+            o.rejected,
+            vec![
+                "ClusterNetworkPolicy guard: spec.priority: above 1000 (its last good version \
+                 stays in force)"
+                    .to_string()
+            ]
+        );
+        assert_eq!(s.object_count(Kind::ClusterPolicies), 1);
+        // A relist that still holds the bad version changes nothing.
+        s.apply(Update::Init(Kind::ClusterPolicies));
+        s.apply(Update::InitApply(bad_cnp("guard")));
+        s.apply(Update::InitDone(Kind::ClusterPolicies));
+        assert!(!s.take_dirty());
+        assert_eq!(s.objects().cluster_policies.len(), 1);
+        // Fixed: the new version, no rejection.
+        s.apply(Update::Apply(cnp("guard", 20)));
+        assert!(s.take_dirty());
+        assert!(s.objects().rejected.is_empty());
+        // Deleted: gone.
+        s.apply(Update::Delete(
+            Kind::ClusterPolicies,
+            (String::new(), "guard".into()),
+        ));
+        assert!(s.objects().cluster_policies.is_empty());
+        // Never good: rejected and absent.
+        s.apply(Update::Apply(bad_cnp("new")));
+        let o = s.objects();
+        assert!(o.cluster_policies.is_empty());
+        assert_eq!(
+            o.rejected,
+            vec!["ClusterNetworkPolicy new: spec.priority: above 1000".to_string()]
+        );
+    }
+
+    #[test]
+    fn cluster_policy_paths_of_both_versions_are_that_kind() {
+        for v in ["v1beta1", "v1alpha2"] {
+            assert_eq!(
+                Kind::from_path(&format!(
+                    "/apis/policy.networking.k8s.io/{v}/clusternetworkpolicies"
+                )),
+                Some(Kind::ClusterPolicies)
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource,
+    api::{DynamicObject, Patch, PatchParams},
     runtime::watcher::{self, Event},
 };
 use serde::de::DeserializeOwned;
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ClusterAccess, KubeConfig, Shared,
-    convert::{self, ObjectKey},
+    convert::{self, ObjectKey, StatusPatch},
     state::{ClusterState, Item, Kind, Update},
 };
 
@@ -67,64 +68,94 @@ pub(super) fn run(
             max: config.backoff_max.max(config.backoff_initial),
         };
         tokio::spawn(watch_kind(
-            Api::<Pod>::all(client.clone()),
+            vec![Api::<Pod>::all(client.clone())],
             watcher::Config::default(),
             Kind::Pods,
-            |p| Item::Pod(convert::pod_item(p)),
+            |p, _| (Item::Pod(convert::pod_item(p)), None),
             convert::pod_key,
             tx.clone(),
             backoff,
         ));
         tokio::spawn(watch_kind(
-            Api::<Namespace>::all(client.clone()),
+            vec![Api::<Namespace>::all(client.clone())],
             watcher::Config::default(),
             Kind::Namespaces,
-            |n| Item::Namespace {
-                name: convert::namespace_key(n).1,
-                labels: convert::namespace_labels(n),
+            |n, _| {
+                let item = Item::Namespace {
+                    name: convert::namespace_key(n).1,
+                    labels: convert::namespace_labels(n),
+                };
+                (item, None)
             },
             convert::namespace_key,
             tx.clone(),
             backoff,
         ));
         tokio::spawn(watch_kind(
-            Api::<NetworkPolicy>::all(client.clone()),
+            vec![Api::<NetworkPolicy>::all(client.clone())],
             watcher::Config::default(),
             Kind::NetworkPolicies,
-            |p| Item::Policy {
-                key: convert::policy_key(p),
-                policy: convert::network_policy(p),
+            |p, _| {
+                let item = Item::Policy {
+                    key: convert::policy_key(p),
+                    policy: convert::network_policy(p),
+                };
+                (item, None)
             },
             convert::policy_key,
             tx.clone(),
             backoff,
         ));
         tokio::spawn(watch_kind(
-            Api::<moat_crds::MoatPolicy>::all(client.clone()),
+            vec![Api::<moat_crds::MoatPolicy>::all(client.clone())],
             watcher::Config::default(),
             Kind::MoatPolicies,
-            |p| Item::MoatPolicy {
-                key: convert::moat_policy_key(p),
-                policy: convert::moat_policy(p),
+            |p, _| {
+                let item = Item::MoatPolicy {
+                    key: convert::moat_policy_key(p),
+                    policy: convert::moat_policy(p),
+                };
+                (item, None)
             },
             convert::moat_policy_key,
             tx.clone(),
             backoff,
         ));
+        // ClusterNetworkPolicies, at the first version served: v1beta1, else v1alpha2 (see
+        // `watch_kind`); neither served means no CRD, and no cluster policies.
+        let cnp_apis = convert::CLUSTER_POLICY_VERSIONS
+            .iter()
+            .map(|v| {
+                Api::<DynamicObject>::all_with(client.clone(), &convert::cluster_policy_resource(v))
+            })
+            .collect();
         tokio::spawn(watch_kind(
-            Api::<Node>::all(client),
+            cnp_apis,
+            watcher::Config::default(),
+            Kind::ClusterPolicies,
+            cluster_policy_item,
+            convert::cluster_policy_key,
+            tx.clone(),
+            backoff,
+        ));
+        tokio::spawn(watch_kind(
+            vec![Api::<Node>::all(client.clone())],
             // Every node: the others' pod CIDRs and addresses are routed to (--routing direct).
             watcher::Config::default(),
             Kind::Nodes,
-            |n| Item::Node {
-                name: convert::node_key(n).1,
-                info: convert::node_info(n),
+            |n, _| {
+                let item = Item::Node {
+                    name: convert::node_key(n).1,
+                    info: convert::node_info(n),
+                };
+                (item, None)
             },
             convert::node_key,
             tx,
             backoff,
         ));
-        publish_loop(rx, shared, &config, shutdown).await;
+        let status = StatusWriter::new(client, backoff);
+        publish_loop(rx, shared, &config, status, shutdown).await;
     });
     // Dropping the runtime cancels the watchers.
 }
@@ -192,11 +223,38 @@ fn not_served(error: &watcher::Error) -> bool {
     )
 }
 
+/// What one object becomes: the item the state keeps, and for a ClusterNetworkPolicy the
+/// status write it needs, if any (sent ahead of the item). The index says which of the
+/// watch's `apis` the object came from.
+type ToItem<K> = fn(&K, usize) -> (Item, Option<StatusPatch>);
+
+fn cluster_policy_item(object: &DynamicObject, api: usize) -> (Item, Option<StatusPatch>) {
+    let version = convert::CLUSTER_POLICY_VERSIONS[api];
+    let policy = convert::cluster_policy(object, version);
+    let status = convert::cluster_policy_status(
+        object,
+        version,
+        &policy,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let item = Item::ClusterPolicy {
+        name: convert::cluster_policy_key(object).1,
+        policy,
+    };
+    (item, status)
+}
+
+/// Watches one kind through the first of `apis` the API server serves (one API for most
+/// kinds; the versions of a ClusterNetworkPolicy, preferred first). A list answered 404 moves
+/// on to the next version at once; when none is served, an optional kind counts as listed and
+/// empty (said once in the log, not as an error), and the preferred version is tried again
+/// after the backoff, in case the CRD is installed. A version that stops being served (its
+/// CRD deleted or changed) sends the watch back through the same order.
 async fn watch_kind<K>(
-    api: Api<K>,
+    apis: Vec<Api<K>>,
     config: watcher::Config,
     kind: Kind,
-    to_item: fn(&K) -> Item,
+    to_item: ToItem<K>,
     key_of: fn(&K) -> ObjectKey,
     tx: mpsc::UnboundedSender<Update>,
     backoff: Backoff,
@@ -207,21 +265,54 @@ async fn watch_kind<K>(
     let mut last_error: Option<Instant> = None;
     // After this long without errors the backoff starts over from the initial delay.
     let settled = backoff.max * 2;
+    let mut candidate = 0;
+    // "Not served" is logged once, and again only after the kind has been served meanwhile.
+    let mut said_not_served = false;
     loop {
+        let api = apis[candidate].clone();
         let mut stream = watcher::watcher(api.clone(), config.clone()).boxed();
         while let Some(next) = stream.next().await {
+            let mut status = None;
             let update = match next {
                 Ok(Event::Init) => Update::Init(kind),
-                Ok(Event::InitApply(object)) => Update::InitApply(to_item(&object)),
-                Ok(Event::InitDone) => Update::InitDone(kind),
-                Ok(Event::Apply(object)) => Update::Apply(to_item(&object)),
+                Ok(Event::InitApply(object)) => {
+                    let (item, s) = to_item(&object, candidate);
+                    status = s;
+                    Update::InitApply(item)
+                }
+                Ok(Event::InitDone) => {
+                    if said_not_served || candidate > 0 {
+                        info!(kind = kind.name(), path = %api.resource_url(), "served; watching it");
+                    }
+                    said_not_served = false;
+                    Update::InitDone(kind)
+                }
+                Ok(Event::Apply(object)) => {
+                    let (item, s) = to_item(&object, candidate);
+                    status = s;
+                    Update::Apply(item)
+                }
                 Ok(Event::Delete(object)) => Update::Delete(kind, key_of(&object)),
                 Err(error) => {
                     let restart = gone_at_watch_start(&error);
                     debug!(kind = kind.name(), %error, "watch error");
                     // An optional kind that is not served is no failure: it has no objects,
                     // and the list is retried (with backoff) in case its CRD is installed.
-                    let update = if kind.optional() && not_served(&error) {
+                    let unserved = kind.optional() && not_served(&error);
+                    if unserved && candidate + 1 < apis.len() {
+                        // The next version, at once.
+                        candidate += 1;
+                        break;
+                    }
+                    let update = if unserved {
+                        candidate = 0;
+                        if !said_not_served {
+                            info!(
+                                kind = kind.name(),
+                                "not served by the API server (CRD not installed); running without them"
+                            );
+                            said_not_served = true;
+                        }
                         Update::NotServed(kind)
                     } else {
                         Update::Error(kind, error.to_string())
@@ -235,12 +326,17 @@ async fn watch_kind<K>(
                     last_error = Some(Instant::now());
                     tokio::time::sleep(jitter(delay)).await;
                     delay = (delay * 2).min(backoff.max);
-                    if restart {
+                    if restart || unserved {
                         break;
                     }
                     continue;
                 }
             };
+            if let Some(status) = status
+                && tx.send(Update::Status(status)).is_err()
+            {
+                return;
+            }
             if tx.send(update).is_err() {
                 return;
             }
@@ -252,6 +348,7 @@ async fn publish_loop(
     mut rx: mpsc::UnboundedReceiver<Update>,
     shared: Arc<Shared>,
     config: &KubeConfig,
+    mut status: StatusWriter,
     mut shutdown: oneshot::Receiver<()>,
 ) {
     let mut state = ClusterState::new(config.node_name.clone());
@@ -264,9 +361,11 @@ async fn publish_loop(
             _ = &mut shutdown => break,
             update = rx.recv() => {
                 let Some(update) = update else { break };
+                status.take(&update);
                 state.apply(update);
                 // Take whatever else is queued now: one publish for the lot.
                 while let Ok(update) = rx.try_recv() {
+                    status.take(&update);
                     state.apply(update);
                 }
                 pending |= state.take_dirty();
@@ -302,6 +401,86 @@ async fn publish_loop(
                 }
             }
         }
+    }
+}
+
+/// Writes the Accepted condition of ClusterNetworkPolicies (PATCH .../<name>/status, a JSON
+/// merge patch). Every node writes, with the same content: moatd has no leader election, and
+/// a condition that already says what a node would write is not written again (see
+/// `convert::cluster_policy_status`), so after the first node's patch the others see it in
+/// the watch and stay quiet. Two nodes racing can both write once; they differ at most in
+/// `lastTransitionTime`. The same patch for the same resourceVersion is sent once.
+struct StatusWriter {
+    client: Client,
+    backoff: Backoff,
+    /// name -> (what was last sent, for which resourceVersion).
+    sent: std::collections::HashMap<String, (StatusPatch, String)>,
+}
+
+impl StatusWriter {
+    fn new(client: Client, backoff: Backoff) -> Self {
+        Self {
+            client,
+            backoff,
+            sent: Default::default(),
+        }
+    }
+
+    fn take(&mut self, update: &Update) {
+        match update {
+            Update::Status(patch) => self.write(patch.clone()),
+            Update::Delete(Kind::ClusterPolicies, key) => {
+                self.sent.remove(&key.1);
+            }
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, patch: StatusPatch) {
+        if let Some((sent, rv)) = self.sent.get(&patch.name)
+            && sent.wanted == patch.wanted
+            && *rv == patch.resource_version
+        {
+            return;
+        }
+        self.sent.insert(
+            patch.name.clone(),
+            (patch.clone(), patch.resource_version.clone()),
+        );
+        let api: Api<DynamicObject> = Api::all_with(
+            self.client.clone(),
+            &convert::cluster_policy_resource(&patch.version),
+        );
+        let backoff = self.backoff;
+        tokio::spawn(async move {
+            let mut delay = backoff.initial;
+            for attempt in 1..=5 {
+                let result = api
+                    .patch_status(
+                        &patch.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch.body),
+                    )
+                    .await;
+                match result {
+                    Ok(_) => {
+                        debug!(name = %patch.name, status = %patch.wanted.0, "ClusterNetworkPolicy status written");
+                        return;
+                    }
+                    // Deleted meanwhile, or not ours to write (RBAC): no retry.
+                    Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => {
+                        warn!(name = %patch.name, error = %s.message, "ClusterNetworkPolicy status not written");
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(name = %patch.name, attempt, error = %e, "ClusterNetworkPolicy status write failed; retrying");
+                        tokio::time::sleep(jitter(delay)).await;
+                        delay = (delay * 2).min(backoff.max);
+                    }
+                }
+            }
+            warn!(name = %patch.name, "ClusterNetworkPolicy status not written after 5 attempts");
+        });
     }
 }
 

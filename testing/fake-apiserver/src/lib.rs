@@ -8,6 +8,8 @@
 //! 410 answer. Tests can also stop and restart it on the same port, stop serving a resource
 //! (a CRD that is not installed answers 404), read back every write request, and have created
 //! pods "run" at once (phase Running, Ready, an address) since no kubelet is there.
+//! ClusterNetworkPolicies are served at v1beta1 and v1alpha2 (stored apart, no conversion),
+//! cluster-scoped, with a status subresource and metadata.generation.
 //!
 //! Plain HTTP/1.1 over tokio TCP on 127.0.0.1, one request per connection.
 
@@ -35,10 +37,16 @@ pub enum Res {
     Services,
     MoatPolicies,
     DaemonSets,
+    /// policy.networking.k8s.io/v1beta1 ClusterNetworkPolicy (cluster-scoped, with a status
+    /// subresource).
+    ClusterNetworkPolicies,
+    /// The same kind at v1alpha2. Stored apart from v1beta1 (no conversion here): a test
+    /// serves one or the other, or both with different objects.
+    ClusterNetworkPoliciesV1alpha2,
 }
 
 impl Res {
-    pub const ALL: [Res; 7] = [
+    pub const ALL: [Res; 9] = [
         Res::Pods,
         Res::Namespaces,
         Res::NetworkPolicies,
@@ -46,6 +54,8 @@ impl Res {
         Res::Services,
         Res::MoatPolicies,
         Res::DaemonSets,
+        Res::ClusterNetworkPolicies,
+        Res::ClusterNetworkPoliciesV1alpha2,
     ];
 
     /// URL prefix of its API group/version, plural, namespaced.
@@ -58,14 +68,43 @@ impl Res {
             Res::Services => ("/api/v1", "services", true),
             Res::MoatPolicies => ("/apis/moat.io/v1alpha1", "moatpolicies", true),
             Res::DaemonSets => ("/apis/apps/v1", "daemonsets", true),
+            Res::ClusterNetworkPolicies => (
+                "/apis/policy.networking.k8s.io/v1beta1",
+                "clusternetworkpolicies",
+                false,
+            ),
+            Res::ClusterNetworkPoliciesV1alpha2 => (
+                "/apis/policy.networking.k8s.io/v1alpha2",
+                "clusternetworkpolicies",
+                false,
+            ),
         }
     }
 
+    /// By kind (the first resource of that kind: v1beta1 for a ClusterNetworkPolicy), or by
+    /// `<apiVersion>/<kind>` (`policy.networking.k8s.io/v1alpha2/ClusterNetworkPolicy`).
     fn from_kind(kind: &str) -> Res {
         Res::ALL
             .into_iter()
-            .find(|r| r.kind() == kind)
+            .find(|r| r.kind() == kind || format!("{}/{}", r.api_version(), r.kind()) == kind)
             .unwrap_or_else(|| panic!("fake API server does not serve kind {kind}"))
+    }
+
+    /// Writes to the object itself leave its status alone; metadata.generation is kept.
+    fn has_status_subresource(self) -> bool {
+        matches!(
+            self,
+            Res::ClusterNetworkPolicies | Res::ClusterNetworkPoliciesV1alpha2
+        )
+    }
+
+    /// By the object's kind and, when it has one that is served here, its apiVersion.
+    fn of_object(object: &Value) -> Res {
+        let kind = object["kind"].as_str().expect("object without kind");
+        Res::ALL
+            .into_iter()
+            .find(|r| r.kind() == kind && object["apiVersion"] == r.api_version())
+            .unwrap_or_else(|| Res::from_kind(kind))
     }
 
     pub fn kind(self) -> &'static str {
@@ -77,6 +116,9 @@ impl Res {
             Res::Services => "Service",
             Res::MoatPolicies => "MoatPolicy",
             Res::DaemonSets => "DaemonSet",
+            Res::ClusterNetworkPolicies | Res::ClusterNetworkPoliciesV1alpha2 => {
+                "ClusterNetworkPolicy"
+            }
         }
     }
 
@@ -85,6 +127,8 @@ impl Res {
             Res::NetworkPolicies => "networking.k8s.io/v1",
             Res::MoatPolicies => "moat.io/v1alpha1",
             Res::DaemonSets => "apps/v1",
+            Res::ClusterNetworkPolicies => "policy.networking.k8s.io/v1beta1",
+            Res::ClusterNetworkPoliciesV1alpha2 => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -251,6 +295,25 @@ fn record(s: &mut State, res: Res, event_type: &'static str, object: Value, logg
     object["kind"] = json!(res.kind());
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
     let key = key_of(&object);
+    if res.has_status_subresource() && event_type != "DELETED" {
+        // As the real API server does for a custom resource with a status subresource:
+        // metadata.generation moves when the spec does, and a write without a status (a
+        // test's `apply` of the object) keeps the one stored.
+        let previous = s.objects.get(&res).and_then(|m| m.get(&key));
+        let generation = match previous {
+            Some(p) if p["spec"] == object["spec"] => {
+                p["metadata"]["generation"].as_i64().unwrap_or(1)
+            }
+            Some(p) => p["metadata"]["generation"].as_i64().unwrap_or(0) + 1,
+            None => 1,
+        };
+        if object.get("status").is_none()
+            && let Some(status) = previous.and_then(|p| p.get("status"))
+        {
+            object["status"] = status.clone();
+        }
+        object["metadata"]["generation"] = json!(generation);
+    }
     if event_type == "DELETED" {
         s.objects.entry(res).or_default().remove(&key);
     } else {
@@ -409,7 +472,7 @@ impl FakeApiServer {
     }
 
     fn upsert(&self, object: Value, logged: bool) -> u64 {
-        let res = Res::from_kind(object["kind"].as_str().expect("object without kind"));
+        let res = Res::of_object(&object);
         let key = key_of(&object);
         let exists = self
             .inner

@@ -50,7 +50,11 @@ fn pod(name: &str, ip: Ipv4Addr) -> Pod {
 /// Policy `i` of `n`: the first passes the measured port; the rest deny the peer on a port
 /// of their own (a key the measured packet never hits), alternating Admin and Baseline.
 fn cluster_policy(i: usize) -> String {
-    let tier = if i.is_multiple_of(2) { "Admin" } else { "Baseline" };
+    let tier = if i.is_multiple_of(2) {
+        "Admin"
+    } else {
+        "Baseline"
+    };
     let rule = if i == 0 {
         "  - {name: hand-over, action: Pass, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 9999}}}]}\n".to_string()
     } else {

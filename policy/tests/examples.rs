@@ -84,7 +84,10 @@ fn the_readme_guardrails_hold() {
     // The gateway is the one way into payments.
     let (ok, why) = allowed(&e, pod("gateway", "gateway"), pod("payments", "api"));
     assert!(ok, "{why}");
-    assert!(why.contains("payments-only-from-gateway") && why.contains("gateway-in"), "{why}");
+    assert!(
+        why.contains("payments-only-from-gateway") && why.contains("gateway-in"),
+        "{why}"
+    );
     // payments' own NetworkPolicy lets shop in; the Admin Deny wins.
     let (ok, why) = allowed(&e, pod("shop", "web"), pod("payments", "api"));
     assert!(!ok);
@@ -101,7 +104,10 @@ fn the_readme_guardrails_hold() {
     // misc has no NetworkPolicy: the Baseline isolation applies.
     let (ok, why) = allowed(&e, pod("misc", "x"), pod("misc", "y"));
     assert!(!ok);
-    assert!(why.contains("Baseline") && why.contains("default-isolation"), "{why}");
+    assert!(
+        why.contains("Baseline") && why.contains("default-isolation"),
+        "{why}"
+    );
     // Nobody reaches the metadata address.
     let metadata = FlowEnd::Address(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)));
     let (ok, why) = allowed(&e, pod("shop", "web"), metadata);

@@ -274,18 +274,8 @@ pub fn decide(
 
     // Admin tier: its first rule decides unless it passes.
     let admin = unsafe { scratch::get(&(*lookups).admin) };
-    let admin_action = (admin >> 32) as u8;
-    if admin_action == ACTION_ALLOW || admin_action == ACTION_DENY {
-        let allowed = admin_action == ACTION_ALLOW;
-        return Decision {
-            allowed,
-            reason: if allowed {
-                reason::ADMIN_ACCEPT
-            } else {
-                reason::ADMIN_DENY
-            },
-            rule_id: admin as u32,
-        };
+    if let Some(decision) = tier_decision(admin, reason::ADMIN_ACCEPT, reason::ADMIN_DENY) {
+        return decision;
     }
 
     // NetworkPolicy tier: deny anywhere wins; else the first allow in lookup order names
@@ -313,18 +303,10 @@ pub fn decide(
     // Baseline tier: only for an endpoint no NetworkPolicy isolates in this direction.
     if packed as u32 == rule::NOT_ISOLATED && (packed >> 32) as u8 == reason::POLICY_ALLOW {
         let baseline = unsafe { scratch::get(&(*lookups).baseline) };
-        let baseline_action = (baseline >> 32) as u8;
-        if baseline_action == ACTION_ALLOW || baseline_action == ACTION_DENY {
-            let allowed = baseline_action == ACTION_ALLOW;
-            return Decision {
-                allowed,
-                reason: if allowed {
-                    reason::BASELINE_ACCEPT
-                } else {
-                    reason::BASELINE_DENY
-                },
-                rule_id: baseline as u32,
-            };
+        if let Some(decision) =
+            tier_decision(baseline, reason::BASELINE_ACCEPT, reason::BASELINE_DENY)
+        {
+            return decision;
         }
     }
     Decision {
@@ -332,6 +314,22 @@ pub fn decide(
         reason: (packed >> 32) as u8,
         rule_id: packed as u32,
     }
+}
+
+/// A cluster tier's verdict from its first rule, packed as (action << 32) | rule_id: Accept
+/// and Deny decide; a Pass, or no rule, hands the flow to the next tier (None).
+#[inline(always)]
+fn tier_decision(first: u64, accept: u8, deny: u8) -> Option<Decision> {
+    let action = (first >> 32) as u8;
+    if action != ACTION_ALLOW && action != ACTION_DENY {
+        return None;
+    }
+    let allowed = action == ACTION_ALLOW;
+    Some(Decision {
+        allowed,
+        reason: if allowed { accept } else { deny },
+        rule_id: first as u32,
+    })
 }
 
 /// Packs the family and an endpoint's lookup hints into `decide`'s third argument.

@@ -93,6 +93,9 @@ pub enum Request {
         namespace: String,
         since_secs: Option<u64>,
     },
+    /// Baseline ClusterNetworkPolicy YAML isolating each namespace from the namespaces it was
+    /// not seen receiving traffic from.
+    PolicySuggestBaseline { since_secs: Option<u64> },
     /// Re-read the datastore now and answer once the result is in the maps (the watcher
     /// does the same on its own; this makes a change's application observable).
     Reload,

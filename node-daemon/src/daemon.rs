@@ -1521,6 +1521,16 @@ impl Daemon {
                 });
                 Response::Suggestion { yaml }
             }
+            Request::PolicySuggestBaseline { since_secs } => {
+                let filter = flows::FlowFilter {
+                    since_secs,
+                    ..Default::default()
+                };
+                let records = flows::read(&self.cfg.journal, &filter);
+                Response::Suggestion {
+                    yaml: crate::suggest::suggest_baseline(&records),
+                }
+            }
             Request::Flows { filter } => Response::Flows {
                 flows: flows::read(&self.cfg.journal, &filter),
             },

@@ -1,5 +1,8 @@
 //! `moatctl policy suggest`: turns what learn and audit mode observed into standard
-//! NetworkPolicy YAML that allows exactly those flows. Pure: records and labels in, text out.
+//! NetworkPolicy YAML that allows exactly those flows; `moatctl policy suggest-baseline`
+//! turns the flows seen between namespaces into Baseline ClusterNetworkPolicies that isolate
+//! each namespace from every other it was not seen talking to. Pure: records and labels in,
+//! text out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -159,4 +162,171 @@ pub fn suggest(
         out.push_str(&body);
     }
     out
+}
+
+/// Baseline ClusterNetworkPolicies isolating namespaces: one per namespace that received
+/// traffic, accepting what came from its own namespace and from every namespace it was seen
+/// receiving from (pod peers only), then denying every other pod. Flows a perimeter dropped
+/// are not evidence of need and are left out; anything else seen (allowed, audited, learned)
+/// is. Baseline is the tier a team's NetworkPolicy overrides, so this is a starting posture,
+/// not a ceiling.
+pub fn suggest_baseline(records: &[FlowRecord]) -> String {
+    // destination namespace -> source namespace -> flows seen
+    let mut edges: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in records {
+        if r.verdict == Verdict::Dropped {
+            continue;
+        }
+        let (Some(endpoint), Some(peer)) = (r.endpoint.as_deref(), r.peer.as_deref()) else {
+            continue;
+        };
+        let (Some((local_ns, _)), Some((peer_ns, _))) =
+            (endpoint.split_once('/'), peer.split_once('/'))
+        else {
+            continue;
+        };
+        let (from, to) = match r.direction {
+            Direction::Ingress => (peer_ns, local_ns),
+            Direction::Egress => (local_ns, peer_ns),
+        };
+        *edges
+            .entry(to.to_string())
+            .or_default()
+            .entry(from.to_string())
+            .or_default() += 1;
+    }
+    let mut out = String::new();
+    for (ns, sources) in &edges {
+        let mut allowed: BTreeSet<&str> = sources.keys().map(String::as_str).collect();
+        allowed.insert(ns);
+        let quoted = |n: &str| serde_json::to_string(n).unwrap_or_default();
+        let seen: Vec<String> = sources
+            .iter()
+            .filter(|(from, _)| *from != ns)
+            .map(|(from, n)| format!("{from} ({n})"))
+            .collect();
+        out.push_str(
+            "---
+",
+        );
+        out.push_str(&format!(
+            "# Suggested by moatctl: isolate namespace {ns}; other namespaces seen sending to it: {}\n",
+            if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+        ));
+        out.push_str(
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata:\n",
+        );
+        out.push_str(&format!("  name: baseline-isolate-{ns}\n"));
+        out.push_str("spec:\n  tier: Baseline\n  priority: 500\n  subject:\n    namespaces:\n");
+        out.push_str(&format!(
+            "      matchLabels:\n        kubernetes.io/metadata.name: {}\n",
+            quoted(ns)
+        ));
+        out.push_str(
+            "  ingress:\n  - name: seen\n    action: Accept\n    from:\n    - namespaces:\n",
+        );
+        out.push_str("        matchExpressions:\n        - key: kubernetes.io/metadata.name\n          operator: In\n");
+        out.push_str(&format!(
+            "          values: [{}]\n",
+            allowed
+                .iter()
+                .map(|n| quoted(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        out.push_str(
+            "  - name: everyone-else\n    action: Deny\n    from:\n    - namespaces: {}\n",
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_policy::{ClusterNetworkPolicy, Engine, FlowEnd, Pod, evaluate};
+
+    fn record(direction: Direction, endpoint: &str, peer: &str, verdict: Verdict) -> FlowRecord {
+        FlowRecord {
+            time_ms: 0,
+            verdict,
+            reason: "policy-allow".into(),
+            direction,
+            mode: Mode::Learn,
+            protocol: "TCP".into(),
+            source: "10.0.0.1".into(),
+            destination: "10.0.0.2".into(),
+            source_port: 40000,
+            destination_port: 80,
+            endpoint: Some(endpoint.into()),
+            peer: Some(peer.into()),
+            local_identity: 0,
+            remote_identity: 0,
+            rule_id: 0,
+            rule: String::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The suggestion parses, and compiled it keeps every flow seen and refuses the rest.
+    #[test]
+    fn baseline_suggestion_keeps_what_was_seen_and_isolates_the_rest() {
+        let records = [
+            record(Direction::Ingress, "shop/db", "web/front", Verdict::Allowed),
+            record(Direction::Egress, "shop/api", "shop/db", Verdict::Allowed),
+            // Dropped flows are not evidence.
+            record(Direction::Ingress, "shop/db", "misc/x", Verdict::Dropped),
+            record(Direction::Egress, "misc/x", "web/front", Verdict::Audit),
+        ];
+        let yaml = suggest_baseline(&records);
+        let policies =
+            ClusterNetworkPolicy::all_from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(policies.len(), 2, "{yaml}");
+        let mut engine = Engine::new();
+        for ns in ["shop", "web", "misc"] {
+            let mut l = LabelSet::new();
+            l.insert("kubernetes.io/metadata.name", ns);
+            engine.upsert_namespace(ns, l).unwrap();
+        }
+        for (i, (ns, name)) in [
+            ("shop", "db"),
+            ("shop", "api"),
+            ("web", "front"),
+            ("misc", "x"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            engine
+                .upsert_pod(Pod {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    labels: LabelSet::new(),
+                    ips: vec![std::net::IpAddr::from([10, 3, 0, i as u8 + 1])],
+                    ports: vec![],
+                })
+                .unwrap();
+        }
+        for p in &policies {
+            engine.upsert_cluster_policy(p).unwrap();
+        }
+        let ok = |from: (&str, &str), to: (&str, &str)| {
+            evaluate(
+                engine.state(),
+                &FlowEnd::Pod(PodRef::new(from.0, from.1)),
+                &FlowEnd::Pod(PodRef::new(to.0, to.1)),
+                80,
+                6,
+            )
+            .unwrap()
+            .allowed
+        };
+        assert!(ok(("web", "front"), ("shop", "db")));
+        assert!(ok(("shop", "api"), ("shop", "db")));
+        assert!(ok(("misc", "x"), ("web", "front")));
+        assert!(!ok(("misc", "x"), ("shop", "db")), "only dropped before");
+        assert!(!ok(("shop", "db"), ("web", "front")), "never seen");
+        // misc received nothing: no policy for it, it stays open.
+        assert!(ok(("shop", "db"), ("misc", "x")));
+    }
 }

@@ -116,6 +116,13 @@ enum PolicyCmd {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Baseline ClusterNetworkPolicy YAML isolating every namespace that received traffic
+    /// from the namespaces it was not seen receiving from (cluster-wide, from the journal).
+    SuggestBaseline {
+        /// Only flows of the last period, e.g. 10m.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -751,6 +758,20 @@ fn main() {
                 ),
                 other => fail(format!("unexpected answer {other:?}")),
             },
+            PolicyCmd::SuggestBaseline { since } => {
+                let request = Request::PolicySuggestBaseline {
+                    since_secs: since.as_deref().map(parse_since),
+                };
+                match call(&args, request) {
+                    Response::Suggestion { yaml } => {
+                        if yaml.is_empty() {
+                            fail("no flows between pods in the journal yet".to_string());
+                        }
+                        print!("{yaml}");
+                    }
+                    other => fail(format!("unexpected answer {other:?}")),
+                }
+            }
             PolicyCmd::Suggest { namespace, since } => {
                 let request = Request::PolicySuggest {
                     namespace: namespace.clone(),

@@ -61,6 +61,7 @@ fn shellcheck_passes_on_every_script() {
         "kind-tests/netpol-smoke.sh",
         "kind-tests/churn-smoke.sh",
         "kind-tests/conformance.sh",
+        "kind-tests/cnp-conformance.sh",
         "kind-tests/down.sh",
         ".ci/run",
     ] {

@@ -1213,3 +1213,152 @@ fn lookup_hints_skip_only_lookups_that_cannot_matter() {
     );
     assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 3, 81)), TC_ACT_OK);
 }
+
+// --- ClusterNetworkPolicy tiers -------------------------------------------------------------
+
+/// One key's entry with an answer in each tier ((action, rule id), action 0 = none).
+fn tiered(netpol: (u8, u32), admin: (u8, u32), baseline: (u8, u32)) -> PolicyValue {
+    PolicyValue {
+        rule_id: netpol.1,
+        action: netpol.0,
+        admin_action: admin.0,
+        admin_rule: admin.1,
+        baseline_action: baseline.0,
+        baseline_rule: baseline.1,
+        ..PolicyValue::default()
+    }
+}
+
+impl Fixture {
+    fn entry(&mut self, remote: u32, dport: u16, proto: u8, value: PolicyValue) {
+        let key = PolicyKey {
+            policy_id: POD,
+            remote_identity: remote,
+            dport,
+            proto,
+            direction: DIRECTION_EGRESS,
+        };
+        self.maps.upsert_policy(&key, &value).unwrap();
+    }
+
+    /// (verdict, reason, rule id) of the one event the last packets produced.
+    fn last_event(&mut self) -> (u8, u8, u32) {
+        let e = *self.drained().last().expect("an event");
+        (e.verdict, e.reason, e.rule_id)
+    }
+}
+
+const NONE: (u8, u32) = (0, 0);
+
+#[test]
+fn admin_first_rule_decides_and_a_pass_hands_over_to_network_policy() {
+    let mut f = Fixture::new("tier-admin");
+    set_mode(&mut f, MODE_ENFORCE, ENDPOINT_FLAG_LOG_ALLOWS);
+    // A NetworkPolicy allows 80; an Admin Deny (rule 500) covers the same key.
+    f.entry(
+        PEER,
+        80,
+        PROTO_TCP,
+        tiered((ACTION_ALLOW, 100), (ACTION_DENY, 500), NONE),
+    );
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_SHOT);
+    assert_eq!(f.last_event(), (VERDICT_DROP, reason::ADMIN_DENY, 500));
+    // An earlier Admin rule (200) passes everything: the Deny is skipped, the NetworkPolicy
+    // tier decides: 80 allowed by it, 81 not (isolated, no allow).
+    f.entry(0, 0, 0, tiered(NONE, (ACTION_PASS, 200), NONE));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 2, 80)), TC_ACT_OK);
+    assert_eq!(f.last_event(), (VERDICT_ALLOW, reason::POLICY_ALLOW, 100));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 3, 81)), TC_ACT_SHOT);
+    assert_eq!(
+        f.last_event(),
+        (VERDICT_DROP, reason::DEFAULT_DENY, rule::NONE)
+    );
+    // An even earlier Admin Accept (150) on 81 accepts what no NetworkPolicy allows.
+    f.entry(PEER, 81, PROTO_TCP, tiered(NONE, (ACTION_ALLOW, 150), NONE));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 4, 81)), TC_ACT_OK);
+    assert_eq!(f.last_event(), (VERDICT_ALLOW, reason::ADMIN_ACCEPT, 150));
+}
+
+#[test]
+fn baseline_decides_only_where_no_network_policy_isolates() {
+    let mut f = Fixture::new("tier-base");
+    set_mode(&mut f, MODE_ENFORCE, ENDPOINT_FLAG_LOG_ALLOWS);
+    // Not isolated (the NOT_ISOLATED allow), a Baseline Deny of everything (rule 700) and a
+    // Baseline Accept of 80 that comes first (600).
+    f.entry(
+        0,
+        0,
+        0,
+        tiered((ACTION_ALLOW, rule::NOT_ISOLATED), NONE, (ACTION_DENY, 700)),
+    );
+    f.entry(PEER, 80, PROTO_TCP, tiered(NONE, NONE, (ACTION_ALLOW, 600)));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_OK);
+    assert_eq!(
+        f.last_event(),
+        (VERDICT_ALLOW, reason::BASELINE_ACCEPT, 600)
+    );
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 2, 81)), TC_ACT_SHOT);
+    assert_eq!(f.last_event(), (VERDICT_DROP, reason::BASELINE_DENY, 700));
+    // A Baseline Pass that comes first leaves the default allow.
+    f.entry(PEER, 82, PROTO_TCP, tiered(NONE, NONE, (ACTION_PASS, 650)));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 3, 82)), TC_ACT_OK);
+    assert_eq!(
+        f.last_event(),
+        (VERDICT_ALLOW, reason::POLICY_ALLOW, rule::NOT_ISOLATED)
+    );
+    // Once a NetworkPolicy isolates the endpoint (no NOT_ISOLATED entry; it allows 81), the
+    // Baseline tier is not consulted: 81 allowed by it, 80 default deny.
+    f.entry(0, 0, 0, tiered(NONE, NONE, (ACTION_DENY, 700)));
+    f.entry(PEER, 81, PROTO_TCP, tiered((ACTION_ALLOW, 110), NONE, NONE));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 4, 81)), TC_ACT_OK);
+    assert_eq!(f.last_event(), (VERDICT_ALLOW, reason::POLICY_ALLOW, 110));
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 5, 80)), TC_ACT_SHOT);
+    assert_eq!(
+        f.last_event(),
+        (VERDICT_DROP, reason::DEFAULT_DENY, rule::NONE)
+    );
+}
+
+#[test]
+fn cidr_rule_sets_carry_their_tier_on_v4_and_v6() {
+    let mut f = Fixture::new("tier-cidr");
+    let mut set = any_port(130, 0, ACTION_ALLOW);
+    set.rules[1] = PortRule {
+        rule_id: 900,
+        port_start: 443,
+        port_end: 443,
+        proto: PROTO_TCP,
+        action: ACTION_DENY,
+        tier: TIER_ADMIN,
+        _pad: 0,
+    };
+    set.count = 2;
+    for cidr in ["203.0.113.0/24", "2001:db8::/32"] {
+        f.maps
+            .upsert_cidr(POD, DIRECTION_EGRESS, net(cidr), &set)
+            .unwrap();
+    }
+    for dst in [
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)),
+        IpAddr::V6("2001:db8::5".parse().unwrap()),
+    ] {
+        let src = if dst.is_ipv4() { pod_v4() } else { pod_v6() };
+        assert_eq!(f.out(&syn(src, dst, 1, 80)), TC_ACT_OK, "{dst}");
+        assert_eq!(f.out(&syn(src, dst, 2, 443)), TC_ACT_SHOT, "{dst}");
+        assert_eq!(f.last_event(), (VERDICT_DROP, reason::ADMIN_DENY, 900));
+    }
+}
+
+#[test]
+fn audit_mode_lets_an_admin_deny_through_and_reports_it() {
+    let mut f = Fixture::new("tier-audit");
+    set_mode(&mut f, MODE_AUDIT, 0);
+    f.entry(
+        PEER,
+        80,
+        PROTO_TCP,
+        tiered((ACTION_ALLOW, 100), (ACTION_DENY, 500), NONE),
+    );
+    assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_OK);
+    assert_eq!(f.last_event(), (VERDICT_AUDIT, reason::ADMIN_DENY, 500));
+}

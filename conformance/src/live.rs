@@ -22,10 +22,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use moat_common::{FlowEvent, reason, v4_from_raw, v6_from_raw};
-use moat_datapath::{
-    EventReader, PinDir,
-    lab::{Lab, LabPod, sh},
-};
+use moat_datapath::{EventReader, PinDir};
+use moat_testkit::lab::{Lab, LabPod, sh};
 use moatd::api::Request;
 use nix::sched::{CloneFlags, setns};
 use serde_json::json;

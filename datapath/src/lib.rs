@@ -6,7 +6,6 @@
 pub mod attach;
 pub mod events;
 pub mod fill;
-pub mod lab;
 pub mod layout;
 pub mod loader;
 pub mod maps;

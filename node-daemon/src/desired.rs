@@ -626,7 +626,8 @@ mod tests {
     mod incremental {
         use super::super::*;
         use crate::api::EndpointSpec;
-        use moat_policy::{Engine, PodRef, bench};
+        use moat_policy::{Engine, PodRef};
+        use moat_testkit::synthetic as bench;
 
         struct World {
             engine: Engine,

@@ -12,7 +12,6 @@
 //! types of the `moat-crds` crate, whose tests round-trip every example through that type and
 //! [`MoatPolicy`], so the schema the API server enforces and this engine's object agree.
 
-pub mod bench;
 pub mod cidr;
 pub mod cnp;
 pub mod compile;

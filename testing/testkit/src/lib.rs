@@ -6,10 +6,8 @@
 //! - [`cni`]: one execution of a CNI plugin binary (the `CNI_*` environment, the config on
 //!   stdin, its exit status and output);
 //! - with feature `datapath`: [`packet`] (crafted frames), [`testrun`] (BPF_PROG_TEST_RUN of
-//!   the pinned programs) and [`lab`] (pods as network namespaces; it still lives in
-//!   moat-datapath, see below);
-//! - with feature `policy`: [`synthetic`], clusters for the policy engine's benchmarks (it
-//!   still lives in moat-policy, see below);
+//!   the pinned programs) and [`lab`] (pods as network namespaces);
+//! - with feature `policy`: [`synthetic`], clusters for the policy engine's benchmarks;
 //! - with feature `moatd`: [`churn`], a local-datastore cluster for moatd's churn benchmark.
 
 pub mod cni;
@@ -22,17 +20,13 @@ pub mod packet;
 #[cfg(feature = "datapath")]
 pub mod testrun;
 
-/// The namespace lab. Its code is still `moat_datapath::lab`: the conformance runner
-/// (conformance/src/live.rs) imports it from there, so it moves here together with that import.
-/// Tests and benchmarks name it through this path already.
+/// The namespace lab: pods as network namespaces wired by veths.
 #[cfg(feature = "datapath")]
-pub use moat_datapath::lab;
+pub mod lab;
 
-/// Synthetic clusters for the policy engine. The code is still `moat_policy::bench`: moatd's
-/// own unit tests (node-daemon/src/desired.rs) import it from there, so it moves here together
-/// with that import.
+/// Synthetic clusters for the policy engine's benchmarks and moatd's property tests.
 #[cfg(feature = "policy")]
-pub use moat_policy::bench as synthetic;
+pub mod synthetic;
 
 pub use moatd::{Moatd, MoatdBuilder};
 

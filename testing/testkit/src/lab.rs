@@ -57,7 +57,11 @@ impl LabPod {
 
     /// Writes this pod's endpoint entry (enforce mode) and its ipcache entries (with the
     /// veth, as moatd writes local endpoints), for tests and benchmarks without moatd.
-    pub fn register(&self, maps: &mut crate::Maps, identity: u32) -> crate::Result<()> {
+    pub fn register(
+        &self,
+        maps: &mut moat_datapath::Maps,
+        identity: u32,
+    ) -> moat_datapath::Result<()> {
         let mut ep = moat_common::EndpointInfo {
             identity,
             policy_id: identity,

@@ -7,9 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::json;
 
-use crate::compile::{ClusterInputs, ContainerPort, Pod};
-use crate::labels::LabelSet;
-use crate::netpol::{NetworkPolicy, Protocol};
+use moat_policy::{ClusterInputs, ContainerPort, LabelSet, NetworkPolicy, Pod, Protocol};
 
 /// SplitMix64: tiny, deterministic, good enough to shape test data.
 #[derive(Clone, Debug)]
@@ -193,8 +191,7 @@ pub fn synthetic(pods: usize, policies: usize, namespaces: usize, seed: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::compile;
-    use crate::engine::Engine;
+    use moat_policy::{Engine, compile};
 
     #[test]
     fn synthetic_is_deterministic_sized_and_compiles() {

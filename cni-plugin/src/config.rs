@@ -22,6 +22,19 @@ pub enum Mode {
     Standalone,
 }
 
+/// The keys moat-cni reads from its own entry of the network config, besides the CNI spec's
+/// `type` and `ipam` (README's "Conflist: moat-cni's keys" is checked against this list).
+pub const KEYS: &[&str] = &[
+    "mode",
+    "socket",
+    "pinRoot",
+    "pendingDir",
+    "registrationTimeoutMs",
+    "mtu",
+    "hostVethPrefix",
+    "attach",
+];
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Raw {
@@ -143,6 +156,47 @@ mod tests {
 
     fn parse(doc: &str) -> Result<MoatConfig, CniError> {
         MoatConfig::from_network(&NetworkConfig::from_slice(doc.as_bytes()).unwrap())
+    }
+
+    /// Every key of `KEYS` reaches its field of `Raw`, and the exhaustive destructuring below
+    /// stops compiling when `Raw` gains a field (which then belongs in `KEYS` and the README).
+    #[test]
+    fn keys_are_the_raw_fields() {
+        let value = |key: &str| match key {
+            "mode" => r#""standalone""#,
+            "socket" | "pinRoot" | "pendingDir" => r#""/x""#,
+            "registrationTimeoutMs" | "mtu" => "1400",
+            "hostVethPrefix" => r#""abc""#,
+            "attach" => r#""tcx""#,
+            other => panic!("no sample value for {other}"),
+        };
+        let body: Vec<String> = KEYS
+            .iter()
+            .map(|k| format!(r#""{k}":{}"#, value(k)))
+            .collect();
+        let raw: Raw = serde_json::from_str(&format!("{{{}}}", body.join(","))).unwrap();
+        let Raw {
+            mode,
+            socket,
+            pin_root,
+            pending_dir,
+            registration_timeout_ms,
+            mtu,
+            host_veth_prefix,
+            attach,
+        } = raw;
+        let set = [
+            mode.is_some(),
+            socket.is_some(),
+            pin_root.is_some(),
+            pending_dir.is_some(),
+            registration_timeout_ms.is_some(),
+            mtu.is_some(),
+            host_veth_prefix.is_some(),
+            attach.is_some(),
+        ];
+        assert_eq!(set.len(), KEYS.len());
+        assert!(set.iter().all(|s| *s), "{set:?}");
     }
 
     #[test]

@@ -95,6 +95,11 @@ fn check_document(doc: &Value, name: &str) -> String {
         "Pod" => drop(strict::<Pod>(doc, name)),
         "NetworkPolicy" => drop(strict::<NetworkPolicy>(doc, name)),
         "MoatPolicy" => drop(strict::<moat_crds::MoatPolicy>(doc, name)),
+        "ClusterNetworkPolicy" => {
+            drop(strict::<moat_policy::ClusterNetworkPolicy>(doc, name));
+            moat_policy::ClusterNetworkPolicy::from_value(doc.clone())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
         other => panic!("{name}: no check for kind {other:?}"),
     }
     kind

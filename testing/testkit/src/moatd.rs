@@ -62,7 +62,9 @@ impl MoatdBuilder {
             quiet: false,
             die_with_parent: false,
             wait_for_ready: false,
-            timeout: Duration::from_secs(20),
+            // Generous: loading and verifying the eBPF object takes seconds on a loaded 2-core
+            // machine, and only a failing start waits this long.
+            timeout: Duration::from_secs(60),
         }
     }
 

@@ -483,8 +483,17 @@ pub fn web_policy(namespace: &str) -> String {
     )
 }
 
+/// Whether the kernel's device list has the link, asked over netlink (`ip link show`). Not
+/// /sys/class/net: a device being unregistered leaves the device list (and its tc filters
+/// with it) before its sysfs entry goes, so sysfs would report a link that netlink, the
+/// filter query and the packet path no longer see.
 pub fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// IFF_UP set on the host link (false when it does not exist).

@@ -394,10 +394,29 @@ impl Engine {
     /// A full compile of the current inputs, applied as a diff; on error the inputs are put
     /// back with `undo` and nothing changes.
     fn rebuild(&mut self, undo: impl FnOnce(&mut ClusterInputs)) -> Result<Delta, Error> {
-        match build(&self.inputs, &mut self.alloc) {
-            Ok((tables, next)) => {
-                let delta = Delta::between(&self.state, &next);
-                self.tables = tables;
+        let outcome = self.full_compile_delta();
+        self.settle(outcome, undo)
+    }
+
+    /// A from-scratch compile of the inputs as a delta from the current state (the tables
+    /// are replaced by the fresh ones).
+    fn full_compile_delta(&mut self) -> Result<Delta, Error> {
+        build(&self.inputs, &mut self.alloc).map(|(tables, next)| {
+            let delta = Delta::between(&self.state, &next);
+            self.tables = tables;
+            delta
+        })
+    }
+
+    /// Applies a computed delta to the state, or on error undoes the input change and
+    /// rebuilds the tables and allocators (they may be half-updated).
+    fn settle(
+        &mut self,
+        outcome: Result<Delta, Error>,
+        undo: impl FnOnce(&mut ClusterInputs),
+    ) -> Result<Delta, Error> {
+        match outcome {
+            Ok(delta) => {
                 delta.apply(&mut self.state);
                 Ok(delta)
             }
@@ -456,28 +475,10 @@ impl Engine {
         );
         let outcome = match outcome {
             Ok(Some(delta)) => Ok(delta),
-            Ok(None) => build(&self.inputs, &mut self.alloc).map(|(tables, next)| {
-                let delta = Delta::between(&self.state, &next);
-                self.tables = tables;
-                delta
-            }),
+            Ok(None) => self.full_compile_delta(),
             Err(e) => Err(e),
         };
-        match outcome {
-            Ok(delta) => {
-                delta.apply(&mut self.state);
-                Ok(delta)
-            }
-            Err(e) => {
-                undo(&mut self.inputs);
-                // The tables and allocators may be half-updated: rebuild them.
-                let (tables, state) =
-                    build(&self.inputs, &mut self.alloc).expect("the previous inputs compiled");
-                debug_assert!(state == self.state, "undo restores the previous state");
-                self.tables = tables;
-                Err(e)
-            }
-        }
+        self.settle(outcome, undo)
     }
 }
 

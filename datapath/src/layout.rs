@@ -34,7 +34,7 @@ const fn spec(
     }
 }
 
-pub fn specs() -> [MapSpec; 16] {
+pub fn specs() -> [MapSpec; 19] {
     [
         spec(
             map_name::ENDPOINTS,
@@ -136,6 +136,27 @@ pub fn specs() -> [MapSpec; 16] {
             map_size::EVENTS_BYTES,
         ),
         spec(map_name::META, MapType::Array, 4, size_of::<Meta>(), 1),
+        spec(
+            map_name::THREAT_CONFIG,
+            MapType::Array,
+            4,
+            size_of::<ThreatConfig>(),
+            1,
+        ),
+        spec(
+            map_name::THREATS,
+            MapType::Array,
+            4,
+            size_of::<ThreatSlot>(),
+            map_size::THREATS,
+        ),
+        spec(
+            map_name::THREAT_EVENTS,
+            MapType::RingBuf,
+            0,
+            0,
+            map_size::THREAT_EVENTS_BYTES,
+        ),
     ]
 }
 

@@ -12,9 +12,10 @@ pub mod maps;
 pub mod pins;
 pub mod rtnl;
 pub mod tc;
+pub mod threats;
 
 pub use attach::{AttachMode, attach_endpoint, attach_endpoint_with, detach_endpoint, is_attached};
-pub use events::EventReader;
+pub use events::{EventReader, ThreatEventReader};
 pub use loader::Datapath;
 pub use maps::Maps;
 pub use pins::PinDir;

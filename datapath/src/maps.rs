@@ -400,6 +400,46 @@ impl Maps {
         Ok(own.len())
     }
 
+    /// Sets or clears `flag` in an endpoint's entry, keeping the rest of it. Only replaces an
+    /// existing entry (an endpoint removed meanwhile is not brought back); `Ok(false)` when
+    /// there is none. moatd's own endpoint writes carry the same bit (see `EndpointRecord`),
+    /// so a later rewrite of the entry does not undo this.
+    pub fn set_endpoint_flag(&mut self, ifindex: u32, flag: u8, on: bool) -> Result<bool> {
+        let Some(mut info) = self.endpoint(ifindex) else {
+            return Ok(false);
+        };
+        if on {
+            info.flags |= flag;
+        } else {
+            info.flags &= !flag;
+        }
+        match self.endpoints.insert(ifindex, info, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(e) => match ignore_missing(Err(e)) {
+                Ok(()) => Ok(false),
+                Err(e) => Err(map_err(format!("writing endpoint {ifindex}"))(e)),
+            },
+        }
+    }
+
+    /// Deletes every connection of an endpoint: its own entries and those of other endpoints
+    /// linked to it. Used when it is quarantined, so that its established connections end at
+    /// once: its next packets are judged as new flows. Returns the entries deleted.
+    pub fn cut_conntrack(&mut self, ifindex: u32) -> Result<usize> {
+        let doomed: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| k.ifindex == ifindex || v.peer_ifindex == ifindex)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            ignore_missing(self.conntrack.remove(key))
+                .map_err(map_err("removing conntrack entry"))?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Every non-zero counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         let mut out = Vec::new();

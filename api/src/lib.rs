@@ -23,12 +23,14 @@ use serde::{Deserialize, Serialize};
 mod explain;
 pub mod framing;
 mod mode;
+mod threat;
 mod verdict;
 
 pub use explain::{
     MapEntries, PolicyDocument, ServiceBackend, ServiceTrace, Trace, TracePath, TraceVerdict,
 };
 pub use mode::{EndpointMode, UnknownMode};
+pub use threat::{QuarantineInfo, QuarantineResult, ThreatRecord};
 pub use verdict::{Direction, UnknownVerdict, Verdict};
 
 pub const DEFAULT_SOCKET: &str = "/run/moat/moatd.sock";
@@ -103,6 +105,17 @@ pub enum Request {
     /// matching record as it is journaled (`Flows` lines, an empty one as a heartbeat) and
     /// `FlowsLost` when this client fell behind. Ends when the client disconnects.
     FollowFlows { filter: FlowFilter },
+    /// Recent threat detections, oldest first (at most `limit`, the newest).
+    Threats {
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Quarantine a pod (`namespace/name`) until released: only the new flows moatd's
+    /// `--quarantine-allow` lists leave it, none enter it, and its connections are cut.
+    Quarantine { pod: String },
+    /// End a manual or detector quarantine (a pod's `moat.io/quarantine` annotation keeps
+    /// it quarantined while present).
+    Release { pod: String },
 }
 
 /// Requests moatd's server answers around the daemon's state rather than inside it; their
@@ -162,6 +175,9 @@ pub struct EndpointStatus {
     pub policy_id: u32,
     pub mode: EndpointMode,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Why the endpoint is quarantined; absent when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineInfo>,
 }
 
 /// Only `ready` is required on the wire: the rest is informational, so a client decodes the
@@ -205,6 +221,12 @@ pub struct DaemonStatus {
     /// place). Empty when all is well.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Quarantined pods (namespace/name) and why.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub quarantined: std::collections::BTreeMap<String, QuarantineInfo>,
+    /// Threat detection: `on`, `off`, or why it is unavailable.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub threat_detection: String,
 }
 
 /// moatd's nftables table that masquerades pod egress leaving the cluster.
@@ -321,6 +343,10 @@ pub enum Response {
     FlowsLost {
         lost: u64,
     },
+    Threats {
+        threats: Vec<ThreatRecord>,
+    },
+    Quarantine(QuarantineResult),
     /// An answer kind this build does not know (a newer moatd); never sent by moatd.
     #[serde(other)]
     Other,

@@ -18,6 +18,8 @@ use moat_datapath::{
 use moat_policy::{Engine, LabelSet, Mode, Pod, PodRef};
 use tracing::{info, warn};
 
+mod threat_response;
+
 use crate::service_nat::BackendPlace;
 use crate::{
     api::{
@@ -117,6 +119,18 @@ pub struct Daemon {
     /// The after-DNAT rules (None when turned off) and why they are not in place, if not.
     after_dnat: Option<crate::after_dnat::AfterDnatRules>,
     after_dnat_problems: Vec<String>,
+    /// Pods quarantined by request or detector (persisted); annotated pods are read from
+    /// their metadata.
+    quarantine: crate::quarantine::QuarantineStore,
+    /// Endpoints (host ifindex) that became quarantined: their connections are cut once the
+    /// flag is in the maps.
+    pending_cuts: BTreeSet<u32>,
+    /// Connections cut by the last reconcile's quarantines.
+    last_cuts: usize,
+    threat_policy: crate::threats::ThreatPolicy,
+    /// `on`, `off`, or why detection is unavailable.
+    threat_status: String,
+    threats: crate::threats::journal::ThreatJournal,
 }
 
 /// How long start-up waits for the Kubernetes datastore's first sync before it serves the
@@ -163,7 +177,18 @@ impl Daemon {
                 crate::after_dnat::host_families(),
             )
         });
+        let quarantine = crate::quarantine::QuarantineStore::load(&cfg.state_dir)?;
+        let threats = crate::threats::journal::ThreatJournal::open(
+            &cfg.state_dir.join("threats"),
+            crate::threats::journal::CAPACITY,
+        );
         let mut daemon = Self {
+            quarantine,
+            pending_cuts: BTreeSet::new(),
+            last_cuts: 0,
+            threat_policy: crate::threats::ThreatPolicy::default(),
+            threat_status: "not configured".into(),
+            threats,
             pins,
             _datapath: datapath,
             maps,
@@ -707,7 +732,7 @@ impl Daemon {
             .ingress
             .as_ref()
             .map(|v| self.explain_direction(v, dst_pod.as_ref(), true));
-        Ok(Trace {
+        let mut trace = Trace {
             from: from.to_string(),
             to: to.to_string(),
             port,
@@ -720,7 +745,9 @@ impl Daemon {
                 rule: engine.rule.as_ref().map(|r| r.to_string()),
             },
             maps_agree: true,
-        })
+        };
+        self.quarantine_trace(&mut trace, src_pod.as_ref(), dst_pod.as_ref(), proto);
+        Ok(trace)
     }
 
     /// A connection to a Service address, as the datapath handles it: the source's hook
@@ -1275,6 +1302,7 @@ impl Daemon {
     /// Writes what the engine changes since the last reconcile touched (incrementally; from
     /// scratch after start-up or a failed write).
     pub fn reconcile(&mut self) -> anyhow::Result<WriteStats> {
+        self.refresh_quarantine_flags();
         if self.hold_writes {
             return Ok(WriteStats::default());
         }
@@ -1285,6 +1313,7 @@ impl Daemon {
         match desired::apply(&mut self.maps, &plan.before, &plan.after) {
             Ok(stats) => {
                 self.applied.commit(plan);
+                self.cut_quarantined_connections();
                 Ok(stats)
             }
             Err(e) => {
@@ -1464,6 +1493,8 @@ impl Daemon {
             masquerade: self.masquerade.as_ref().map(|k| k.status()),
             host_addresses: self.host_addresses().iter().copied().collect(),
             warnings: self.after_dnat_problems.clone(),
+            quarantined: self.quarantined_pods(),
+            threat_detection: self.threat_status.clone(),
         }
     }
 
@@ -1531,6 +1562,28 @@ impl Daemon {
                     yaml: crate::suggest::suggest_baseline(&records),
                 }
             }
+            Request::Threats { limit } => Response::Threats {
+                threats: self.threats.recent(limit),
+            },
+            Request::Quarantine { pod } => {
+                let info = crate::api::QuarantineInfo {
+                    reason: crate::quarantine::MANUAL.into(),
+                    since_ms: flows::now_ms(),
+                    detail: None,
+                };
+                match self.quarantine_pod(&pod, info) {
+                    Ok(r) => Response::Quarantine(r),
+                    Err(e) => Response::Error {
+                        message: format!("{e:#}"),
+                    },
+                }
+            }
+            Request::Release { pod } => match self.release_pod(&pod) {
+                Ok(r) => Response::Quarantine(r),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
             Request::Flows { filter } => Response::Flows {
                 flows: flows::read(&self.cfg.journal, &filter),
             },
@@ -1560,6 +1613,7 @@ impl Daemon {
                             policy_id: compiled.map(|c| c.policy_id).unwrap_or(0),
                             mode: r.mode,
                             labels: labels.0,
+                            quarantine: self.effective_quarantine(&r.pod_ref().to_string()),
                         }
                     })
                     .collect();

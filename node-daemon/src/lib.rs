@@ -14,12 +14,14 @@ pub mod local;
 pub mod masquerade;
 pub mod memory;
 pub mod metrics;
+pub mod quarantine;
 pub mod routes;
 pub mod server;
 pub mod service_nat;
 pub mod status;
 pub mod store;
 pub mod suggest;
+pub mod threats;
 
 /// The local API lives in its own light crate (shared with moat-cni); `crate::api` keeps its
 /// old path for moatd's modules and tools.

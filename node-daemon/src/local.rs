@@ -25,6 +25,8 @@ pub struct PodMeta {
     pub labels: LabelSet,
     pub ports: Vec<ContainerPort>,
     pub mode: Option<moat_policy::Mode>,
+    /// The pod carries `moat.io/quarantine: "true"` (crate::quarantine).
+    pub quarantine: bool,
     /// Addresses the datastore reports (status.podIPs). Pods that are not registered on
     /// this node but have addresses are remote workloads: they get ipcache entries so that
     /// policy can name them.

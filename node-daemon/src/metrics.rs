@@ -80,6 +80,14 @@ pub struct Recorder {
     event_to_maps: Family<EventLabels, Histogram, fn() -> Histogram>,
     drops: Family<DropLabels, Counter>,
     journaled: Counter,
+    threats: Family<ThreatLabels, Counter>,
+}
+
+/// No pod labels: one series per detector and response, however many pods misbehave.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ThreatLabels {
+    kind: &'static str,
+    response: &'static str,
 }
 
 impl Default for Recorder {
@@ -88,6 +96,7 @@ impl Default for Recorder {
             event_to_maps: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             drops: Family::default(),
             journaled: Counter::default(),
+            threats: Family::default(),
         };
         // Every kind is exposed from the start (zero samples), so dashboards see the series.
         for kind in [
@@ -111,6 +120,16 @@ impl Recorder {
                 event: kind.name().into(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one threat detection.
+    pub fn threat(&self, kind: u8, response: crate::threats::Response) {
+        self.threats
+            .get_or_create(&ThreatLabels {
+                kind: moat_common::threat::name(kind),
+                response: response.name(),
+            })
+            .inc();
     }
 
     /// Counts journaled flow records; drops (and audit "would drop") per rule.
@@ -146,6 +165,12 @@ impl Recorder {
             "moat_flow_events_journaled",
             "Datapath flow events written to the flow journal",
             self.journaled.clone(),
+        );
+        registry.register(
+            "moat_threats",
+            "Threat detections reported by the datapath, per detector kind and the response \
+             moatd applied (log, or quarantine of the source pod)",
+            self.threats.clone(),
         );
     }
 }

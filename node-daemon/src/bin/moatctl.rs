@@ -86,6 +86,19 @@ enum Command {
         #[arg(long)]
         port: String,
     },
+    /// Recent threat detections (port scans, host sweeps, SYN floods, policy probing, DNS
+    /// tunnels, spoofing) with their evidence and moatd's response.
+    Threats {
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Quarantine a pod of this node (namespace/name): only the new flows moatd's
+    /// --quarantine-allow lists (DNS by default) leave it, nothing enters it, and its open
+    /// connections are cut. Lasts until `moatctl release`, across moatd restarts.
+    Quarantine { pod: String },
+    /// End a pod's quarantine (a `moat.io/quarantine: "true"` annotation keeps it).
+    Release { pod: String },
     /// Decoded dumps of the datapath maps.
     Bpf {
         #[command(subcommand)]
@@ -524,6 +537,55 @@ fn bpf(args: &Args, what: &BpfCmd) {
     });
 }
 
+fn clock_text(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
+fn threat_cells(t: &api::ThreatRecord) -> Vec<String> {
+    vec![
+        clock_text(t.time_ms),
+        t.kind.clone(),
+        t.source_pod.clone().unwrap_or_else(|| t.source.clone()),
+        t.source_identity.to_string(),
+        t.evidence(),
+        t.response.clone(),
+        t.destination_pod
+            .clone()
+            .unwrap_or_else(|| t.destination.clone()),
+        t.endpoint.clone().unwrap_or_default(),
+        t.action.clone().unwrap_or_default(),
+    ]
+}
+
+/// The answer to `quarantine` or (`release`) `release`.
+fn print_quarantine(output: Output, answer: Response, release: bool) {
+    let Response::Quarantine(r) = answer else {
+        fail(format!("unexpected answer {answer:?}"));
+    };
+    if matches!(output, Output::Json | Output::Yaml) {
+        print_value(output, &to_value(&r));
+        return;
+    }
+    match (&r.info, release) {
+        (None, _) => println!("{} released", r.pod),
+        (Some(info), true) => println!(
+            "{} still quarantined ({}): remove the annotation to release it",
+            r.pod, info.reason
+        ),
+        (Some(info), false) => println!(
+            "{} quarantined ({}): {} endpoint(s), {} connection(s) cut",
+            r.pod, info.reason, r.endpoints, r.connections_cut
+        ),
+    }
+}
+
 fn unix_ms_text(ms: u64) -> String {
     if ms == 0 {
         return "unknown".into();
@@ -554,6 +616,22 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
     println!("identities:  {}", s.identities);
     println!("policies:    {}", s.policies);
     println!("generation:  {}", s.generation);
+    if !s.threat_detection.is_empty() {
+        println!("threats:     detection {}", s.threat_detection);
+    }
+    if s.quarantined.is_empty() {
+        println!("quarantined: none");
+    } else {
+        println!("quarantined:");
+        for (pod, q) in &s.quarantined {
+            let detail = q
+                .detail
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            println!("  {pod} ({}{detail})", q.reason);
+        }
+    }
     if s.rejected.is_empty() {
         println!("rejected:    none");
     } else {
@@ -676,7 +754,14 @@ fn main() {
             print(
                 args.output,
                 &rows,
-                &["ENDPOINT", "IDENTITY", "MODE", "ADDRESSES", "INTERFACE"],
+                &[
+                    "ENDPOINT",
+                    "IDENTITY",
+                    "MODE",
+                    "ADDRESSES",
+                    "INTERFACE",
+                    "QUARANTINE",
+                ],
                 &["CONTAINER", "POLICY-ID", "LABELS"],
                 |e| {
                     vec![
@@ -690,6 +775,9 @@ fn main() {
                             .collect::<Vec<_>>()
                             .join(","),
                         e.spec.host_ifname.clone(),
+                        e.quarantine
+                            .as_ref()
+                            .map_or_else(|| "-".into(), |q| q.reason.clone()),
                         e.spec.container_id.chars().take(12).collect(),
                         e.policy_id.to_string(),
                         e.labels
@@ -852,6 +940,27 @@ fn main() {
                 }
                 other => fail(format!("unexpected answer {other:?}")),
             }
+        }
+        Command::Threats { limit } => {
+            let Response::Threats { threats } = call(&args, Request::Threats { limit: *limit })
+            else {
+                fail("unexpected answer");
+            };
+            print(
+                args.output,
+                &threats,
+                &["TIME", "KIND", "SOURCE", "IDENTITY", "EVIDENCE", "RESPONSE"],
+                &["DESTINATION", "ENDPOINT", "ACTION"],
+                threat_cells,
+            );
+        }
+        Command::Quarantine { pod } => {
+            let request = Request::Quarantine { pod: pod.clone() };
+            print_quarantine(args.output, call(&args, request), false);
+        }
+        Command::Release { pod } => {
+            let request = Request::Release { pod: pod.clone() };
+            print_quarantine(args.output, call(&args, request), true);
         }
         Command::Bpf { what } => bpf(&args, what),
     }

@@ -150,6 +150,147 @@ struct Args {
     /// unjudged: only for a network namespace that is not the node's own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     judge_after_dnat: bool,
+    #[command(flatten)]
+    threats: ThreatArgs,
+}
+
+/// Threat detection settings (`--threat-*`, `--quarantine-allow`).
+#[derive(clap::Args, Debug)]
+struct ThreatArgs {
+    /// `on` or `off`: the datapath's threat detectors (port scans, host sweeps, SYN floods,
+    /// policy probing, DNS tunnels, spoofing).
+    #[arg(long, value_enum, default_value = "on")]
+    threat_detection: OnOff,
+    /// port-scan: the detection window...
+    #[arg(long = "threat-port-scan-window", default_value = "10s", value_parser = moatd::threats::parse_duration)]
+    threat_port_scan_window: Duration,
+    /// ...and how many distinct destination ports one source probes on one peer in it fire the detector.
+    #[arg(long = "threat-port-scan-threshold", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_port_scan_threshold: u32,
+    /// What moatd does when port-scan fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(long = "threat-port-scan-response", value_enum, default_value = "log")]
+    threat_port_scan_response: moatd::threats::Response,
+    /// host-sweep: the detection window...
+    #[arg(long = "threat-host-sweep-window", default_value = "10s", value_parser = moatd::threats::parse_duration)]
+    threat_host_sweep_window: Duration,
+    /// ...and how many distinct addresses one source contacts on one protocol and port in it fire the detector.
+    #[arg(long = "threat-host-sweep-threshold", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_host_sweep_threshold: u32,
+    /// What moatd does when host-sweep fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(long = "threat-host-sweep-response", value_enum, default_value = "log")]
+    threat_host_sweep_response: moatd::threats::Response,
+    /// syn-flood: the detection window...
+    #[arg(long = "threat-syn-flood-window", default_value = "5s", value_parser = moatd::threats::parse_duration)]
+    threat_syn_flood_window: Duration,
+    /// ...and how many half-open TCP connections towards one endpoint and port in it fire the detector.
+    #[arg(long = "threat-syn-flood-threshold", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_syn_flood_threshold: u32,
+    /// What moatd does when syn-flood fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(long = "threat-syn-flood-response", value_enum, default_value = "log")]
+    threat_syn_flood_response: moatd::threats::Response,
+    /// policy-probing: the detection window...
+    #[arg(long = "threat-policy-probing-window", default_value = "10s", value_parser = moatd::threats::parse_duration)]
+    threat_policy_probing_window: Duration,
+    /// ...and how many policy drops of one source's new flows in it fire the detector.
+    #[arg(long = "threat-policy-probing-threshold", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_policy_probing_threshold: u32,
+    /// What moatd does when policy-probing fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(
+        long = "threat-policy-probing-response",
+        value_enum,
+        default_value = "log"
+    )]
+    threat_policy_probing_response: moatd::threats::Response,
+    /// dns-tunnel: the detection window...
+    #[arg(long = "threat-dns-tunnel-window", default_value = "10s", value_parser = moatd::threats::parse_duration)]
+    threat_dns_tunnel_window: Duration,
+    /// ...and how many suspicious DNS names (long labels or names, many distinct characters) from one source in it fire the detector.
+    #[arg(long = "threat-dns-tunnel-threshold", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_dns_tunnel_threshold: u32,
+    /// What moatd does when dns-tunnel fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(long = "threat-dns-tunnel-response", value_enum, default_value = "log")]
+    threat_dns_tunnel_response: moatd::threats::Response,
+    /// spoofing: the detection window...
+    #[arg(long = "threat-spoofing-window", default_value = "10s", value_parser = moatd::threats::parse_duration)]
+    threat_spoofing_window: Duration,
+    /// ...and how many packets a pod sends from an address that is not its own in it fire the detector.
+    #[arg(long = "threat-spoofing-threshold", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threat_spoofing_threshold: u32,
+    /// What moatd does when spoofing fires: `log`, or `quarantine` the source if it is a pod of
+    /// this node.
+    #[arg(long = "threat-spoofing-response", value_enum, default_value = "log")]
+    threat_spoofing_response: moatd::threats::Response,
+    /// What a quarantined pod may still open: egress new flows to these protocol/ports
+    /// (comma-separated, at most 4); everything else to and from it is dropped.
+    #[arg(long, default_value = "udp/53,tcp/53", value_parser = moat_datapath::threats::parse_quarantine_allow)]
+    quarantine_allow: std::vec::Vec<moat_common::QuarantineAllow>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl ThreatArgs {
+    fn policy(&self) -> moatd::threats::ThreatPolicy {
+        use moat_common::threat;
+        let mut policy = moatd::threats::ThreatPolicy {
+            enabled: self.threat_detection == OnOff::On,
+            ..Default::default()
+        };
+        let per_kind = [
+            (
+                threat::PORT_SCAN,
+                self.threat_port_scan_window,
+                self.threat_port_scan_threshold,
+                self.threat_port_scan_response,
+            ),
+            (
+                threat::HOST_SWEEP,
+                self.threat_host_sweep_window,
+                self.threat_host_sweep_threshold,
+                self.threat_host_sweep_response,
+            ),
+            (
+                threat::SYN_FLOOD,
+                self.threat_syn_flood_window,
+                self.threat_syn_flood_threshold,
+                self.threat_syn_flood_response,
+            ),
+            (
+                threat::POLICY_PROBING,
+                self.threat_policy_probing_window,
+                self.threat_policy_probing_threshold,
+                self.threat_policy_probing_response,
+            ),
+            (
+                threat::DNS_TUNNEL,
+                self.threat_dns_tunnel_window,
+                self.threat_dns_tunnel_threshold,
+                self.threat_dns_tunnel_response,
+            ),
+            (
+                threat::SPOOFING,
+                self.threat_spoofing_window,
+                self.threat_spoofing_threshold,
+                self.threat_spoofing_response,
+            ),
+        ];
+        for (kind, window, threshold, response) in per_kind {
+            let d = policy.settings.detector_mut(kind);
+            d.window = window;
+            d.threshold = threshold;
+            policy.responses[kind as usize] = response;
+        }
+        policy.settings.quarantine_allow = self.quarantine_allow.clone();
+        policy
+    }
 }
 
 /// Chained onto kindnet: how often its DaemonSet is read again while Moat refuses to chain
@@ -381,6 +522,7 @@ fn main() -> anyhow::Result<()> {
         judge_after_dnat: args.judge_after_dnat,
     })?;
     server::configure_datapath(daemon.pins(), &datapath_settings)?;
+    daemon.configure_threats(args.threats.policy());
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;
@@ -439,6 +581,10 @@ fn main() -> anyhow::Result<()> {
     moatd::host_addresses::follow(daemon.clone())?;
     let events = daemon.clone();
     std::thread::spawn(move || server::journal_events(events));
+    let threats = daemon.clone();
+    std::thread::Builder::new()
+        .name("moatd-threats".into())
+        .spawn(move || moatd::threats::follow(threats, |_| {}))?;
     if let Some(metrics_listener) = metrics_listener {
         let registry = moatd::metrics::registry(daemon.clone());
         std::thread::Builder::new()
@@ -474,6 +620,37 @@ mod tests {
         assert!(a.judge_after_dnat);
         assert_eq!(a.poll_ms, 300);
         assert_eq!(a.metrics_addr, moatd::metrics::DEFAULT_ADDR);
+    }
+
+    #[test]
+    fn threat_flags_default_to_the_datapaths_defaults_and_set_one_kind_each() {
+        use moat_common::threat;
+        assert_eq!(
+            parse(&[]).threats.policy(),
+            moatd::threats::ThreatPolicy::default()
+        );
+        let policy = parse(&[
+            "--threat-port-scan-window=3s",
+            "--threat-port-scan-threshold",
+            "50",
+            "--threat-syn-flood-response=quarantine",
+            "--quarantine-allow=udp/53",
+            "--threat-detection=off",
+        ])
+        .threats
+        .policy();
+        assert!(!policy.enabled);
+        let scan = policy.settings.detector(threat::PORT_SCAN);
+        assert_eq!((scan.window, scan.threshold), (Duration::from_secs(3), 50));
+        assert_eq!(
+            policy.response(threat::SYN_FLOOD),
+            moatd::threats::Response::Quarantine
+        );
+        assert_eq!(
+            policy.response(threat::PORT_SCAN),
+            moatd::threats::Response::Log
+        );
+        assert_eq!(policy.settings.quarantine_allow.len(), 1);
     }
 
     /// The forms the tests, scripts, manifests and benchmarks start moatd with.

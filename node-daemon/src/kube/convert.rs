@@ -134,6 +134,12 @@ pub fn pod_item(pod: &Pod) -> PodItem {
             }
         }
     }
+    meta.quarantine = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::quarantine::ANNOTATION))
+        .is_some_and(|v| v == "true");
     if let Some(spec) = spec {
         named_ports(&spec.containers, &mut meta.ports);
         // Sidecars (init containers that keep running) serve their ports like containers.

@@ -1,0 +1,181 @@
+//! Quarantine end to end on the real kernel, through the real moatctl: quarantining a pod sets
+//! its endpoint entry's quarantine flag and deletes its connection tracking entries (its own
+//! and those linked to it), the quarantine survives a moatd restart, `release` clears it, and
+//! the `moat.io/quarantine` annotation quarantines while present. (That the datapath then
+//! drops the pod's traffic is tested with real traffic in the datapath's tests.)
+
+mod support_moatd;
+
+use std::{net::IpAddr, process::Command, time::Duration};
+
+use moat_common::ENDPOINT_FLAG_QUARANTINED;
+use moat_datapath::Maps;
+use moat_testkit::lab::{Lab, LabPod, probe};
+use moatd::api::{DaemonStatus, EndpointStatus, QuarantineResult};
+use support_moatd::{Env, LONG, register};
+
+fn pod_yaml(name: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: qt\n  labels:\n    app: {name}\n{annotations}---\n"
+    )
+}
+
+fn pods(annotated: bool) -> String {
+    let annotation = if annotated {
+        "  annotations:\n    moat.io/quarantine: \"true\"\n"
+    } else {
+        ""
+    };
+    pod_yaml("web", "") + &pod_yaml("client", "") + &pod_yaml("tagged", annotation)
+}
+
+fn moatctl(env: &Env, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_moatctl"))
+        .arg("--socket")
+        .arg(env.socket())
+        .arg("--pin-root")
+        .arg(env.pin_root())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moatctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn flag_set(env: &Env, pod: &LabPod) -> bool {
+    let maps = Maps::open(&env.pins()).unwrap();
+    let entry = maps.endpoint(pod.ifindex).expect("endpoint entry");
+    entry.flags & ENDPOINT_FLAG_QUARANTINED != 0
+}
+
+/// Conntrack entries of the pod's own, or linked to it.
+fn connections_of(env: &Env, pod: &LabPod) -> usize {
+    let maps = Maps::open(&env.pins()).unwrap();
+    maps.conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| k.ifindex == pod.ifindex || v.peer_ifindex == pod.ifindex)
+        .count()
+}
+
+fn endpoint(env: &Env, name: &str) -> EndpointStatus {
+    let all: Vec<EndpointStatus> =
+        serde_json::from_str(&moatctl(env, &["-o", "json", "endpoint", "list"])).unwrap();
+    all.into_iter()
+        .find(|e| e.spec.pod_name == name)
+        .unwrap_or_else(|| panic!("no endpoint {name}"))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn quarantine_flags_the_endpoint_cuts_its_connections_survives_restart_and_releases() {
+    let env = Env::new("qtn");
+    env.write("pods.yaml", &pods(false));
+    let mut daemon = env.start();
+    let mut lab = Lab::new("qtn").unwrap();
+    let web = lab.add_pod("web").unwrap();
+    let client = lab.add_pod("client").unwrap();
+    let tagged = lab.add_pod("tagged").unwrap();
+    let _server = probe::EchoServer::start(&web, 8080).unwrap();
+    for pod in [&web, &client, &tagged] {
+        register(&env, pod, "qt");
+    }
+
+    // Established state the quarantine must cut: the client's connections to web.
+    assert!(probe::tcp(&client, IpAddr::V4(web.v4), 8080, LONG));
+    assert!(probe::udp(&client, IpAddr::V4(web.v4), 8080, LONG));
+    assert!(
+        connections_of(&env, &client) > 0,
+        "no conntrack entries to cut"
+    );
+    assert!(!flag_set(&env, &client));
+
+    let answer: QuarantineResult =
+        serde_json::from_str(&moatctl(&env, &["-o", "json", "quarantine", "qt/client"])).unwrap();
+    assert!(answer.quarantined);
+    assert_eq!(answer.endpoints, 1);
+    assert!(answer.connections_cut > 0, "{answer:?}");
+    assert_eq!(answer.info.as_ref().unwrap().reason, "manual");
+    assert!(flag_set(&env, &client));
+    assert_eq!(
+        connections_of(&env, &client),
+        0,
+        "connections survived quarantine"
+    );
+    assert!(!flag_set(&env, &web), "only the quarantined pod is flagged");
+    assert_eq!(
+        endpoint(&env, "client").quarantine.map(|q| q.reason),
+        Some("manual".into())
+    );
+    let table = moatctl(&env, &["endpoint", "list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("qt/client") && l.contains("manual")),
+        "{table}"
+    );
+    // Unknown pods are refused, not recorded.
+    let refused = Command::new(env!("CARGO_BIN_EXE_moatctl"))
+        .arg("--socket")
+        .arg(env.socket())
+        .args(["quarantine", "qt/nobody"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    // A restarted moatd keeps the quarantine (and rewrites every endpoint entry with it).
+    daemon.kill();
+    let mut daemon = env.start();
+    assert!(flag_set(&env, &client), "quarantine lost across a restart");
+    let status: DaemonStatus =
+        serde_json::from_str(&moatctl(&env, &["-o", "json", "status"])).unwrap();
+    assert_eq!(status.quarantined["qt/client"].reason, "manual");
+    // A policy change rewrites endpoint entries (lookup hints): the flag stays.
+    env.write(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: qt}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
+    );
+    moatctl(&env, &["reload"]);
+    assert!(
+        flag_set(&env, &client),
+        "a rewrite of the entry lost the flag"
+    );
+
+    let released: QuarantineResult =
+        serde_json::from_str(&moatctl(&env, &["-o", "json", "release", "qt/client"])).unwrap();
+    assert!(!released.quarantined);
+    assert!(!flag_set(&env, &client));
+    assert_eq!(endpoint(&env, "client").quarantine, None);
+
+    // The annotation quarantines while present.
+    env.write("pods.yaml", &pods(true));
+    wait_until("the annotated pod is flagged", || flag_set(&env, &tagged));
+    assert_eq!(
+        endpoint(&env, "tagged").quarantine.map(|q| q.reason),
+        Some("annotation".into())
+    );
+    env.write("pods.yaml", &pods(false));
+    wait_until("the annotation's removal clears the flag", || {
+        !flag_set(&env, &tagged)
+    });
+
+    daemon.kill();
+    for pod in [&web, &client, &tagged] {
+        let _ = moat_datapath::detach_endpoint(&env.pins(), &pod.host_if);
+    }
+    drop(lab);
+}

@@ -897,6 +897,22 @@ mod tests {
     }
 
     #[test]
+    fn both_datastores_read_the_quarantine_annotation_only_when_true() {
+        let annotated = |value: &str| {
+            POD.replace(
+                "labels: {app: web}",
+                &format!("labels: {{app: web}}, annotations: {{moat.io/quarantine: {value}}}"),
+            )
+        };
+        let [(meta, _), _] = both_datastores(&annotated("\"true\""));
+        assert!(meta.unwrap().quarantine);
+        let [(meta, _), _] = both_datastores(&annotated("\"false\""));
+        assert!(!meta.unwrap().quarantine);
+        let [(meta, _), _] = both_datastores(POD);
+        assert!(!meta.unwrap().quarantine);
+    }
+
+    #[test]
     fn a_pod_that_becomes_host_network_leaves_the_datastore() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "p.yaml", &pod("web", "web"));

@@ -900,3 +900,71 @@ fn cluster_without_the_cnp_crd_runs_without_cluster_policies_and_picks_it_up_lat
     });
     wait_accepted(&server, "ClusterNetworkPolicy", "guard", "True");
 }
+
+fn threat_events(server: &FakeApiServer) -> Vec<serde_json::Value> {
+    server
+        .writes()
+        .into_iter()
+        .filter(|w| w.res == Res::Events && w.method == "POST")
+        .map(|w| w.body)
+        .collect()
+}
+
+#[test]
+fn a_detection_becomes_a_warning_event_on_the_pod_once_per_window() {
+    let server = populated_server();
+    let ds = start(&server);
+    let poster = ds.event_poster();
+    let record = moatd::api::ThreatRecord {
+        kind: "port-scan".into(),
+        source: "10.0.1.5".into(),
+        source_pod: Some("shop/web".into()),
+        count: 60,
+        distinct: Some(40),
+        refused: Some(55),
+        samples: vec!["22".into(), "23".into()],
+        window_ms: 3_000,
+        response: "log".into(),
+        ..Default::default()
+    };
+    poster.post(&record, Some("uid-web"));
+    // The same pod and kind again at once: held back by the rate bound.
+    poster.post(&record, Some("uid-web"));
+    let deadline = Instant::now() + WAIT;
+    while threat_events(&server).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let events = threat_events(&server);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let event = &events[0];
+    assert_eq!(event["metadata"]["namespace"], "shop");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "ThreatDetected");
+    assert_eq!(
+        event["involvedObject"],
+        json!({"apiVersion": "v1", "kind": "Pod", "namespace": "shop", "name": "web", "uid": "uid-web"})
+    );
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("port-scan from shop/web: count 60, ~40 distinct, 55 refused"),
+        "{message}"
+    );
+    assert_eq!(event["source"]["host"], NODE);
+    // The API server kept it: `kubectl get events -n shop` shows it.
+    let name = event["metadata"]["name"].as_str().unwrap();
+    assert!(server.get("Event", "shop", name).is_some());
+    // Another kind about the same pod is an Event of its own.
+    poster.post(
+        &moatd::api::ThreatRecord {
+            kind: "host-sweep".into(),
+            ..record
+        },
+        None,
+    );
+    let deadline = Instant::now() + WAIT;
+    while threat_events(&server).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(threat_events(&server).len(), 2);
+}

@@ -385,7 +385,7 @@ fn configmap_daemonset_arguments_and_moatd_flags_agree() {
 }
 
 #[test]
-fn rbac_reads_what_moatd_watches_and_writes_only_statuses() {
+fn rbac_reads_what_moatd_watches_writes_only_statuses_and_creates_events() {
     let docs = bundle();
     let role: ClusterRole = one(&docs, "ClusterRole");
     let mut covered = BTreeSet::new();
@@ -399,6 +399,9 @@ fn rbac_reads_what_moatd_watches_and_writes_only_statuses() {
         } else if resources == ["clusternetworkpolicies/status"] {
             // The Accepted condition on each ClusterNetworkPolicy (issue 17), its status only.
             assert_eq!(verbs, BTreeSet::from(["patch", "update"]));
+        } else if resources == ["events"] {
+            // Threat detections as Warning Events on the pod (issue 18): create only.
+            assert_eq!(verbs, BTreeSet::from(["create"]));
         } else {
             assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
         }
@@ -413,6 +416,7 @@ fn rbac_reads_what_moatd_watches_and_writes_only_statuses() {
         "/namespaces",
         "/nodes",
         "/nodes/status",
+        "/events",
         "networking.k8s.io/networkpolicies",
         "moat.io/moatpolicies",
         "policy.networking.k8s.io/clusternetworkpolicies",

@@ -582,9 +582,20 @@ fn main() -> anyhow::Result<()> {
     let events = daemon.clone();
     std::thread::spawn(move || server::journal_events(events));
     let threats = daemon.clone();
+    // With the Kubernetes datastore each detection is also a Warning Event on the pod.
+    let poster = daemon
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .threat_event_poster();
     std::thread::Builder::new()
         .name("moatd-threats".into())
-        .spawn(move || moatd::threats::follow(threats, |_| {}))?;
+        .spawn(move || {
+            moatd::threats::follow(threats, |record, uid| {
+                if let Some(poster) = &poster {
+                    poster.post(record, uid);
+                }
+            })
+        })?;
     if let Some(metrics_listener) = metrics_listener {
         let registry = moatd::metrics::registry(daemon.clone());
         std::thread::Builder::new()

@@ -61,6 +61,22 @@ impl Daemon {
         self.threat_policy = policy;
     }
 
+    /// The Kubernetes datastore's poster of detection Events (none with the local datastore).
+    pub fn threat_event_poster(&self) -> Option<crate::kube::events::EventPoster> {
+        match &self.source {
+            super::Source::Kubernetes(ds) => Some(ds.event_poster()),
+            super::Source::Local(_) => None,
+        }
+    }
+
+    /// The uid of a local pod, as its CNI ADD reported it.
+    pub fn pod_uid(&self, pod: &str) -> Option<String> {
+        self.endpoints
+            .values()
+            .find(|r| r.pod_ref().to_string() == pod)
+            .and_then(|r| r.spec.pod_uid.clone())
+    }
+
     /// Why the pod is quarantined, if it is: moatd's entry first, else its annotation.
     pub fn effective_quarantine(&self, pod: &str) -> Option<QuarantineInfo> {
         if let Some(info) = self.quarantine.get(pod) {

@@ -10,6 +10,7 @@
 //! says so; watches come back with backoff, and a 410 Gone is answered by a full relist.
 
 pub mod convert;
+pub mod events;
 mod state;
 mod watch;
 
@@ -346,6 +347,15 @@ impl KubeDatastore {
     /// `mark_network_available` has succeeded.
     pub fn network_available(&self) -> bool {
         self.network_available.load(Ordering::SeqCst)
+    }
+
+    /// Posts threat detection Events (kube/events.rs) from any thread.
+    pub fn event_poster(&self) -> events::EventPoster {
+        events::EventPoster {
+            writer: self.writer.clone(),
+            node: self.node_name.clone(),
+            bound: Default::default(),
+        }
     }
 
     /// One-off reads beside the watches, for callers that must not hold up the daemon.

@@ -76,8 +76,12 @@ impl ThreatPolicy {
 }
 
 /// Reads detections from the datapath's ring for as long as moatd runs, each reported by the
-/// daemon (explained, answered, recorded) and handed to `publish` (the Kubernetes Event).
-pub fn follow(daemon: Arc<Mutex<Daemon>>, publish: impl Fn(&crate::api::ThreatRecord)) {
+/// daemon (explained, answered, recorded) and handed to `publish` with the uid of the pod it
+/// is about, when known (the Kubernetes Event).
+pub fn follow(
+    daemon: Arc<Mutex<Daemon>>,
+    publish: impl Fn(&crate::api::ThreatRecord, Option<&str>),
+) {
     let pins = daemon
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -107,11 +111,16 @@ pub fn follow(daemon: Arc<Mutex<Daemon>>, publish: impl Fn(&crate::api::ThreatRe
             let mut d = daemon.lock().unwrap_or_else(|e| e.into_inner());
             events
                 .iter()
-                .map(|e| d.report_threat(e, mono, wall))
+                .map(|e| {
+                    let record = d.report_threat(e, mono, wall);
+                    let uid = crate::kube::events::subject(&record)
+                        .and_then(|(ns, name)| d.pod_uid(&format!("{ns}/{name}")));
+                    (record, uid)
+                })
                 .collect()
         };
-        for record in &records {
-            publish(record);
+        for (record, uid) in &records {
+            publish(record, uid.as_deref());
         }
     }
 }

@@ -9,7 +9,8 @@
 //! (a CRD that is not installed answers 404), read back every write request, and have created
 //! pods "run" at once (phase Running, Ready, an address) since no kubelet is there.
 //! ClusterNetworkPolicies are served at v1beta1 and v1alpha2 (stored apart, no conversion),
-//! cluster-scoped, with a status subresource and metadata.generation.
+//! cluster-scoped, with a status subresource and metadata.generation. core/v1 Events are
+//! accepted like any object (tests read what was posted).
 //!
 //! Plain HTTP/1.1 over tokio TCP on 127.0.0.1, one request per connection.
 
@@ -43,10 +44,12 @@ pub enum Res {
     /// The same kind at v1alpha2. Stored apart from v1beta1 (no conversion here): a test
     /// serves one or the other, or both with different objects.
     ClusterNetworkPoliciesV1alpha2,
+    /// core/v1 Events (what moatd posts about detections).
+    Events,
 }
 
 impl Res {
-    pub const ALL: [Res; 9] = [
+    pub const ALL: [Res; 10] = [
         Res::Pods,
         Res::Namespaces,
         Res::NetworkPolicies,
@@ -56,6 +59,7 @@ impl Res {
         Res::DaemonSets,
         Res::ClusterNetworkPolicies,
         Res::ClusterNetworkPoliciesV1alpha2,
+        Res::Events,
     ];
 
     /// URL prefix of its API group/version, plural, namespaced.
@@ -68,6 +72,7 @@ impl Res {
             Res::Services => ("/api/v1", "services", true),
             Res::MoatPolicies => ("/apis/moat.io/v1alpha1", "moatpolicies", true),
             Res::DaemonSets => ("/apis/apps/v1", "daemonsets", true),
+            Res::Events => ("/api/v1", "events", true),
             Res::ClusterNetworkPolicies => (
                 "/apis/policy.networking.k8s.io/v1beta1",
                 "clusternetworkpolicies",
@@ -116,6 +121,7 @@ impl Res {
             Res::Services => "Service",
             Res::MoatPolicies => "MoatPolicy",
             Res::DaemonSets => "DaemonSet",
+            Res::Events => "Event",
             Res::ClusterNetworkPolicies | Res::ClusterNetworkPoliciesV1alpha2 => {
                 "ClusterNetworkPolicy"
             }

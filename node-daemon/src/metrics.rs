@@ -539,3 +539,29 @@ fn respond(
     stream.write_all(out.as_bytes())?;
     stream.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::threats::Response;
+
+    #[test]
+    fn threats_are_counted_per_kind_and_response_without_pod_labels() {
+        let recorder = Recorder::default();
+        recorder.threat(moat_common::threat::PORT_SCAN, Response::Quarantine);
+        recorder.threat(moat_common::threat::PORT_SCAN, Response::Quarantine);
+        recorder.threat(moat_common::threat::SPOOFING, Response::Log);
+        let mut registry = Registry::default();
+        recorder.register(&mut registry);
+        let text = render(&registry);
+        assert!(text.contains("# TYPE moat_threats_total counter"), "{text}");
+        assert!(
+            text.contains("moat_threats_total{kind=\"port-scan\",response=\"quarantine\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_threats_total{kind=\"spoofing\",response=\"log\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -8,10 +8,15 @@ mod support_moatd;
 
 use std::{net::IpAddr, process::Command, time::Duration};
 
-use moat_common::ENDPOINT_FLAG_QUARANTINED;
+use moat_common::{ENDPOINT_FLAG_QUARANTINED, FAMILY_V4, PROTO_TCP, ThreatEvent, raw_v4, threat};
 use moat_datapath::Maps;
 use moat_testkit::lab::{Lab, LabPod, probe};
-use moatd::api::{DaemonStatus, EndpointStatus, QuarantineResult};
+use moatd::{
+    api::{DaemonStatus, EndpointSpec, EndpointStatus, QuarantineResult, Request, Response},
+    daemon::{Daemon as InProcess, DaemonConfig, DatastoreConfig, Routing},
+    flows::JournalConfig,
+    threats::{Response as ThreatResponse, ThreatPolicy},
+};
 use support_moatd::{Env, LONG, register};
 
 fn pod_yaml(name: &str, annotations: &str) -> String {
@@ -177,5 +182,129 @@ fn quarantine_flags_the_endpoint_cuts_its_connections_survives_restart_and_relea
     for pod in [&web, &client, &tagged] {
         let _ = moat_datapath::detach_endpoint(&env.pins(), &pod.host_if);
     }
+    drop(lab);
+}
+
+fn in_process(env: &Env) -> InProcess {
+    InProcess::start(DaemonConfig {
+        state_dir: env.root().join("state"),
+        policy_dir: env.policies(),
+        socket: env.root().join("unused.sock"),
+        pending_dir: env.pending(),
+        pin_root: env.pin_root().to_path_buf(),
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        journal: JournalConfig::new(env.root().join("flows")),
+        datastore: DatastoreConfig::Local,
+        node_name: String::new(),
+        routing: Routing::None,
+        // Shares the host's network namespace with other runs: no host-wide rules.
+        judge_after_dnat: false,
+    })
+    .unwrap()
+}
+
+fn register_in_process(daemon: &mut InProcess, pod: &LabPod) {
+    let endpoint = EndpointSpec {
+        container_id: format!("cid-{}", pod.name),
+        ifname: "eth0".into(),
+        netns: format!("/run/netns/{}", pod.netns),
+        host_ifname: pod.host_if.clone(),
+        host_ifindex: pod.ifindex,
+        ips: pod.addrs().to_vec(),
+        pod_namespace: "qt".into(),
+        pod_name: pod.name.clone(),
+        pod_uid: None,
+    };
+    match daemon.handle(Request::Register { endpoint }) {
+        Response::Registered(_) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A detection whose response is `quarantine` quarantines its source pod (the datapath's
+/// report is handed to the daemon as the reader thread does), and is journaled with what
+/// was done; one whose response is `log` only records.
+#[test]
+fn a_detector_set_to_quarantine_quarantines_its_local_source_pod() {
+    let env = Env::new("qtd");
+    env.write("pods.yaml", &pods(false));
+    let mut lab = Lab::new("qtd").unwrap();
+    let scanner = lab.add_pod("client").unwrap();
+    let victim = lab.add_pod("web").unwrap();
+    let mut daemon = in_process(&env);
+    for pod in [&scanner, &victim] {
+        register_in_process(&mut daemon, pod);
+    }
+    let mut policy = ThreatPolicy::default();
+    policy.responses[threat::PORT_SCAN as usize] = ThreatResponse::Quarantine;
+    daemon.configure_threats(policy);
+
+    let scan = ThreatEvent {
+        kind: threat::PORT_SCAN,
+        family: FAMILY_V4,
+        proto: PROTO_TCP,
+        src: [raw_v4(scanner.v4), 0, 0, 0],
+        dst: [raw_v4(victim.v4), 0, 0, 0],
+        ifindex: scanner.ifindex,
+        count: 40,
+        marks: 38,
+        sketch_bits: 30,
+        samples: [22 | 23 << 16, 80, 0, 0],
+        ..Default::default()
+    };
+    let record = daemon.report_threat(&scan, 0, moatd::flows::now_ms());
+    assert_eq!(record.source_pod.as_deref(), Some("qt/client"));
+    assert_eq!(record.destination_pod.as_deref(), Some("qt/web"));
+    assert_eq!(record.response, "quarantine");
+    assert!(
+        record
+            .action
+            .as_deref()
+            .unwrap()
+            .starts_with("quarantined qt/client"),
+        "{record:?}"
+    );
+    assert!(flag_set(&env, &scanner));
+    assert!(!flag_set(&env, &victim));
+    let Response::Endpoints { endpoints } = daemon.handle(Request::ListEndpoints) else {
+        panic!()
+    };
+    let q = endpoints
+        .iter()
+        .find(|e| e.spec.pod_name == "client")
+        .and_then(|e| e.quarantine.clone())
+        .unwrap();
+    assert_eq!(q.reason, "port-scan");
+    assert!(q.detail.unwrap().contains("38 refused"));
+
+    // A log-only detector records without quarantining.
+    let flood = ThreatEvent {
+        kind: threat::SYN_FLOOD,
+        src: [raw_v4(victim.v4), 0, 0, 0],
+        ..scan
+    };
+    let logged = daemon.report_threat(&flood, 0, moatd::flows::now_ms());
+    assert_eq!((logged.response.as_str(), logged.action), ("log", None));
+    assert!(!flag_set(&env, &victim));
+
+    let Response::Threats { threats } = daemon.handle(Request::Threats { limit: None }) else {
+        panic!()
+    };
+    let kinds: Vec<&str> = threats.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(kinds, ["port-scan", "syn-flood"]);
+    let Response::Threats { threats } = daemon.handle(Request::Threats { limit: Some(1) }) else {
+        panic!()
+    };
+    assert_eq!(threats[0].kind, "syn-flood");
+
+    // Both survive a restart: the quarantine in the maps, the detections in the journal.
+    drop(daemon);
+    let mut daemon = in_process(&env);
+    assert!(flag_set(&env, &scanner));
+    let Response::Threats { threats } = daemon.handle(Request::Threats { limit: None }) else {
+        panic!()
+    };
+    assert_eq!(threats.len(), 2);
+    drop(daemon);
     drop(lab);
 }

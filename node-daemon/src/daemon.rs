@@ -179,7 +179,7 @@ impl Daemon {
         });
         let quarantine = crate::quarantine::QuarantineStore::load(&cfg.state_dir)?;
         let threats = crate::threats::journal::ThreatJournal::open(
-            &cfg.state_dir.join("threats"),
+            crate::threats::journal::disk_config(&cfg.state_dir.join("threats")),
             crate::threats::journal::CAPACITY,
         );
         let mut daemon = Self {

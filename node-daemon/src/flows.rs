@@ -10,7 +10,7 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -24,6 +24,8 @@ pub use moat_api::FlowRecord;
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
     pub dir: PathBuf,
+    /// File names are `<stem>.<n>.jsonl` (`flows`; the threat journal uses the same code).
+    pub stem: &'static str,
     /// Bytes per file before rotating.
     pub max_file_bytes: u64,
     /// Files kept (current included).
@@ -36,6 +38,7 @@ impl JournalConfig {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
+            stem: "flows",
             max_file_bytes: 16 << 20,
             max_files: 4,
             max_age: Duration::from_secs(24 * 3600),
@@ -60,14 +63,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn numbered(dir: &Path, n: usize) -> PathBuf {
-    dir.join(format!("flows.{n}.jsonl"))
+fn numbered(cfg: &JournalConfig, n: usize) -> PathBuf {
+    cfg.dir.join(format!("{}.{n}.jsonl", cfg.stem))
 }
 
 impl Journal {
     pub fn open(cfg: JournalConfig) -> std::io::Result<Self> {
         fs::create_dir_all(&cfg.dir)?;
-        let path = numbered(&cfg.dir, 0);
+        let path = numbered(&cfg, 0);
         let current = OpenOptions::new().create(true).append(true).open(&path)?;
         let current_bytes = current.metadata()?.len();
         let next_seq = last_seq(&cfg) + 1;
@@ -89,7 +92,7 @@ impl Journal {
     /// rotate at a record boundary once they reach the size limit, so no file exceeds it by
     /// more than one record. The numbers are used up even when writing fails, so followers
     /// and the journal never disagree on them.
-    pub fn append(&mut self, records: &[FlowRecord]) -> std::io::Result<()> {
+    pub fn append<T: serde::Serialize>(&mut self, records: &[T]) -> std::io::Result<()> {
         let first = self.next_seq;
         self.next_seq += records.len() as u64;
         self.buf.clear();
@@ -116,17 +119,17 @@ impl Journal {
     /// any file whose newest record is past the age limit.
     fn rotate(&mut self) -> std::io::Result<()> {
         self.current.sync_all()?;
-        let dir = self.cfg.dir.clone();
-        let _ = fs::remove_file(numbered(&dir, self.cfg.max_files.saturating_sub(1)));
+        let cfg = &self.cfg;
+        let _ = fs::remove_file(numbered(cfg, cfg.max_files.saturating_sub(1)));
         for n in (0..self.cfg.max_files.saturating_sub(1)).rev() {
-            let from = numbered(&dir, n);
+            let from = numbered(cfg, n);
             if from.exists() {
-                fs::rename(&from, numbered(&dir, n + 1))?;
+                fs::rename(&from, numbered(cfg, n + 1))?;
             }
         }
         let cutoff = now_ms().saturating_sub(self.cfg.max_age.as_millis() as u64);
         for n in 1..self.cfg.max_files {
-            let path = numbered(&dir, n);
+            let path = numbered(cfg, n);
             if let Ok(meta) = fs::metadata(&path) {
                 let modified = meta
                     .modified()
@@ -142,7 +145,7 @@ impl Journal {
         self.current = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(numbered(&dir, 0))?;
+            .open(numbered(cfg, 0))?;
         self.current_bytes = 0;
         Ok(())
     }
@@ -150,14 +153,14 @@ impl Journal {
     /// Total bytes on disk (for status and the size-limit test).
     pub fn disk_bytes(&self) -> u64 {
         (0..self.cfg.max_files)
-            .filter_map(|n| fs::metadata(numbered(&self.cfg.dir, n)).ok())
+            .filter_map(|n| fs::metadata(numbered(&self.cfg, n)).ok())
             .map(|m| m.len())
             .sum()
     }
 }
 
 /// One journal line: `{"seq":N,` followed by the record's own fields.
-fn encode_line(buf: &mut Vec<u8>, seq: u64, r: &FlowRecord) -> std::io::Result<()> {
+fn encode_line<T: serde::Serialize>(buf: &mut Vec<u8>, seq: u64, r: &T) -> std::io::Result<()> {
     let start = buf.len();
     serde_json::to_writer(&mut *buf, r)?;
     // The record is an object: replace its `{` with the sequence field.
@@ -178,7 +181,7 @@ fn line_seq(line: &str) -> u64 {
 /// The highest sequence number on disk (the newest non-empty file's last line).
 fn last_seq(cfg: &JournalConfig) -> u64 {
     for n in 0..cfg.max_files {
-        let Ok(mut file) = File::open(numbered(&cfg.dir, n)) else {
+        let Ok(mut file) = File::open(numbered(cfg, n)) else {
             continue;
         };
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -281,6 +284,28 @@ pub fn hub() -> &'static FlowHub {
 
 pub use moat_api::FlowFilter;
 
+/// Every record of type `T` in the journal that `keep` takes, oldest first, with its
+/// sequence number. Lines of another shape are skipped.
+pub fn read_records<T: serde::de::DeserializeOwned>(
+    cfg: &JournalConfig,
+    keep: impl Fn(&T) -> bool,
+) -> Vec<(u64, T)> {
+    let mut out = Vec::new();
+    for n in (0..cfg.max_files).rev() {
+        let Ok(file) = File::open(numbered(cfg, n)) else {
+            continue;
+        };
+        for line in BufReader::new(file).lines().map_while(Result::ok) {
+            if let Ok(r) = serde_json::from_str::<T>(&line)
+                && keep(&r)
+            {
+                out.push((line_seq(&line), r));
+            }
+        }
+    }
+    out
+}
+
 /// Reads the journal oldest first, applying the filter and the age limit.
 pub fn read(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<FlowRecord> {
     read_sequenced(cfg, filter)
@@ -293,20 +318,9 @@ pub fn read(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<FlowRecord> {
 pub fn read_sequenced(cfg: &JournalConfig, filter: &FlowFilter) -> Vec<(u64, FlowRecord)> {
     let now = now_ms();
     let oldest = now.saturating_sub(cfg.max_age.as_millis() as u64);
-    let mut out = Vec::new();
-    for n in (0..cfg.max_files).rev() {
-        let Ok(file) = File::open(numbered(&cfg.dir, n)) else {
-            continue;
-        };
-        for line in BufReader::new(file).lines().map_while(Result::ok) {
-            if let Ok(r) = serde_json::from_str::<FlowRecord>(&line)
-                && r.time_ms >= oldest
-                && filter.matches(&r, now)
-            {
-                out.push((line_seq(&line), r));
-            }
-        }
-    }
+    let mut out = read_records(cfg, |r: &FlowRecord| {
+        r.time_ms >= oldest && filter.matches(r, now)
+    });
     if let Some(limit) = filter.limit
         && out.len() > limit
     {
@@ -407,7 +421,7 @@ mod tests {
             b.len() as u64
         };
         for n in 0..cfg.max_files {
-            let len = fs::metadata(numbered(&cfg.dir, n))
+            let len = fs::metadata(numbered(&cfg, n))
                 .map(|m| m.len())
                 .unwrap_or(0);
             assert!(len < cfg.max_file_bytes + line_len, "file {n}: {len} bytes");

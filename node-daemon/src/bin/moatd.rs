@@ -477,6 +477,7 @@ fn main() -> anyhow::Result<()> {
     });
     let journal = moatd::flows::JournalConfig {
         dir: args.state_dir.join("flows"),
+        stem: "flows",
         max_file_bytes: args.journal_file_bytes,
         max_files: args.journal_files.max(1),
         max_age: Duration::from_secs(args.journal_max_age_secs),

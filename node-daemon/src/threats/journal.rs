@@ -1,30 +1,35 @@
 //! Recent detections: a fixed-capacity list in memory (the oldest is dropped) for the API,
-//! backed by JSON lines on disk (like the flow journal: two rotating files of bounded size) so
-//! that a restarted moatd still shows what was detected before.
+//! written to disk by the flow journal's code (flows.rs: JSON lines with sequence numbers in
+//! rotating files of bounded size and age) so that a restarted moatd still shows what was
+//! detected before.
 
-use std::{
-    collections::VecDeque,
-    fs::{self, File, OpenOptions},
-    io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
+use std::{collections::VecDeque, path::Path, time::Duration};
+
+use crate::{
+    api::ThreatRecord,
+    flows::{self, Journal, JournalConfig},
 };
-
-use crate::api::ThreatRecord;
 
 /// Detections kept in memory and returned by `moatctl threats`.
 pub const CAPACITY: usize = 1024;
-/// Bytes per file on disk before it rotates (two files are kept).
-const FILE_BYTES: u64 = 1 << 20;
+
+/// Where detections go on disk: `<dir>/threats.<n>.jsonl`, two files of 1 MiB (several
+/// thousand detections), a week at most.
+pub fn disk_config(dir: &Path) -> JournalConfig {
+    JournalConfig {
+        dir: dir.to_path_buf(),
+        stem: "threats",
+        max_file_bytes: 1 << 20,
+        max_files: 2,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+    }
+}
 
 pub struct ThreatJournal {
     recent: VecDeque<ThreatRecord>,
     capacity: usize,
-    /// Where the lines go; None keeps the journal in memory only.
-    dir: Option<PathBuf>,
-}
-
-fn file(dir: &Path, n: usize) -> PathBuf {
-    dir.join(format!("threats.{n}.jsonl"))
+    /// None keeps the journal in memory only (the directory could not be opened).
+    disk: Option<Journal>,
 }
 
 impl ThreatJournal {
@@ -32,24 +37,22 @@ impl ThreatJournal {
         Self {
             recent: VecDeque::with_capacity(capacity.min(CAPACITY)),
             capacity: capacity.max(1),
-            dir: None,
+            disk: None,
         }
     }
 
-    /// Opens the journal under `dir`, taking back the newest records written there.
-    pub fn open(dir: &Path, capacity: usize) -> Self {
+    /// Opens the journal on disk, taking back the newest records written there (within the
+    /// age limit). A directory that cannot be opened leaves it in memory, said in the log.
+    pub fn open(cfg: JournalConfig, capacity: usize) -> Self {
         let mut journal = Self::in_memory(capacity);
-        for n in [1, 0] {
-            let Ok(f) = File::open(file(dir, n)) else {
-                continue;
-            };
-            for line in BufReader::new(f).lines().map_while(Result::ok) {
-                if let Ok(r) = serde_json::from_str::<ThreatRecord>(&line) {
-                    journal.keep(r);
-                }
-            }
+        let oldest = flows::now_ms().saturating_sub(cfg.max_age.as_millis() as u64);
+        for (_, r) in flows::read_records(&cfg, |r: &ThreatRecord| r.time_ms >= oldest) {
+            journal.keep(r);
         }
-        journal.dir = Some(dir.to_path_buf());
+        match Journal::open(cfg) {
+            Ok(disk) => journal.disk = Some(disk),
+            Err(e) => tracing::warn!(error = %e, "threat journal kept in memory only"),
+        }
         journal
     }
 
@@ -63,8 +66,8 @@ impl ThreatJournal {
     /// Keeps the record and appends it to disk. A write failure is returned but the record
     /// stays in memory (the API still shows it).
     pub fn record(&mut self, record: ThreatRecord) -> std::io::Result<()> {
-        let written = match &self.dir {
-            Some(dir) => append(dir, &record),
+        let written = match &mut self.disk {
+            Some(disk) => disk.append(std::slice::from_ref(&record)),
             None => Ok(()),
         };
         self.keep(record);
@@ -78,21 +81,6 @@ impl ThreatJournal {
     }
 }
 
-fn append(dir: &Path, record: &ThreatRecord) -> std::io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let current = file(dir, 0);
-    if fs::metadata(&current).map(|m| m.len()).unwrap_or(0) >= FILE_BYTES {
-        fs::rename(&current, file(dir, 1))?;
-    }
-    let mut line = serde_json::to_vec(record)?;
-    line.push(b'\n');
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(current)?
-        .write_all(&line)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +89,7 @@ mod tests {
         ThreatRecord {
             kind: "port-scan".into(),
             count,
+            time_ms: flows::now_ms(),
             ..Default::default()
         }
     }
@@ -118,15 +107,21 @@ mod tests {
     }
 
     #[test]
-    fn a_reopened_journal_shows_what_was_recorded_before() {
+    fn a_reopened_journal_shows_what_was_recorded_before_within_its_age() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = ThreatJournal::open(dir.path(), 10);
+        let mut j = ThreatJournal::open(disk_config(dir.path()), 10);
         for n in 0..4 {
             j.record(record(n)).unwrap();
         }
+        j.record(ThreatRecord {
+            time_ms: 1,
+            ..record(99)
+        })
+        .unwrap();
         drop(j);
-        let again = ThreatJournal::open(dir.path(), 2);
+        assert!(dir.path().join("threats.0.jsonl").exists());
+        let again = ThreatJournal::open(disk_config(dir.path()), 2);
         let counts: Vec<u32> = again.recent(None).iter().map(|r| r.count).collect();
-        assert_eq!(counts, [2, 3]);
+        assert_eq!(counts, [2, 3], "the newest, and nothing past the age limit");
     }
 }

@@ -237,7 +237,14 @@ fn a_detector_set_to_quarantine_quarantines_its_local_source_pod() {
     }
     let mut policy = ThreatPolicy::default();
     policy.responses[threat::PORT_SCAN as usize] = ThreatResponse::Quarantine;
-    daemon.configure_threats(policy);
+    daemon.configure_threats(policy.clone());
+    // The detectors' settings are in the datapath, as moatd's defaults say.
+    let written = moat_datapath::threats::ThreatConfigMap::open(&env.pins())
+        .unwrap()
+        .read()
+        .unwrap();
+    assert_eq!(written, policy.datapath_config());
+    assert_eq!(daemon.status().threat_detection, "on");
 
     let scan = ThreatEvent {
         kind: threat::PORT_SCAN,

@@ -83,7 +83,12 @@ impl Daemon {
             return Some(info.clone());
         }
         let (ns, name) = pod.split_once('/')?;
-        self.pod_meta(ns, name).quarantine.then(|| QuarantineInfo {
+        let annotated = self
+            .objects
+            .pods
+            .get(&(ns.to_string(), name.to_string()))
+            .is_some_and(|m| m.quarantine);
+        annotated.then(|| QuarantineInfo {
             reason: quarantine::BY_ANNOTATION.into(),
             since_ms: 0,
             detail: None,

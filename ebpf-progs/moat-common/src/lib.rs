@@ -7,7 +7,7 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Bumped on any change to a type below. Pinned state of another layout is never reused.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Identities
@@ -89,6 +89,9 @@ pub mod reason {
     pub const ADMIN_ACCEPT: u8 = 11;
     /// A new flow matched an Accept rule of a Baseline ClusterNetworkPolicy.
     pub const BASELINE_ACCEPT: u8 = 12;
+    /// A quarantined endpoint's new flow that its quarantine allows (DNS by default); the
+    /// endpoint's policy judged it too.
+    pub const QUARANTINE_ALLOWED: u8 = 13;
 
     pub const FIRST_DROP: u8 = 16;
     /// A new flow matched a deny rule.
@@ -111,6 +114,9 @@ pub mod reason {
     pub const ADMIN_DENY: u8 = 24;
     /// A new flow matched a Deny rule of a Baseline ClusterNetworkPolicy.
     pub const BASELINE_DENY: u8 = 25;
+    /// A new flow of a quarantined endpoint that its quarantine does not allow. Checked
+    /// before policy.
+    pub const QUARANTINED: u8 = 26;
 
     pub const COUNT: usize = 32;
 
@@ -132,6 +138,7 @@ pub mod reason {
             PEER_DELIVERED => "peer-delivered",
             ADMIN_ACCEPT => "admin-accept",
             BASELINE_ACCEPT => "baseline-accept",
+            QUARANTINE_ALLOWED => "quarantine-allowed",
             POLICY_DENY => "policy-deny",
             DEFAULT_DENY => "default-deny",
             SPOOFED_SOURCE => "spoofed-source",
@@ -142,6 +149,7 @@ pub mod reason {
             UNKNOWN_ENDPOINT => "unknown-endpoint",
             ADMIN_DENY => "admin-deny",
             BASELINE_DENY => "baseline-deny",
+            QUARANTINED => "quarantined",
             _ => "unknown",
         }
     }
@@ -189,6 +197,9 @@ pub mod map_name {
     pub const METRICS: &str = "MOAT_METRICS";
     pub const EVENTS: &str = "MOAT_EVENTS";
     pub const META: &str = "MOAT_META";
+    pub const THREAT_CONFIG: &str = "MOAT_THREATCFG";
+    pub const THREATS: &str = "MOAT_THREATS";
+    pub const THREAT_EVENTS: &str = "MOAT_THREATEV";
 }
 
 pub mod map_size {
@@ -200,6 +211,10 @@ pub mod map_size {
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    /// Detector slots (see `ThreatSlot`): 8,192 x 112 bytes, about 0.9 MiB.
+    pub const THREATS: u32 = 8_192;
+    /// A detection is reported once per subject and window, so the ring stays small.
+    pub const THREAT_EVENTS_BYTES: u32 = 1 << 18;
 }
 
 /// Program names (the `#[classifier]` function names) and their pin file names.
@@ -256,6 +271,9 @@ pub const ENDPOINT_FLAG_NO_DENY: u8 = 2;
 pub const ENDPOINT_FLAG_NO_RANGES: u8 = 4;
 /// No CIDR entry exists for this policy id.
 pub const ENDPOINT_FLAG_NO_CIDR: u8 = 8;
+/// The endpoint is quarantined: only the new flows `ThreatConfig::quarantine_allow` lists
+/// leave it, and none enter it (checked before policy; see the datapath's threats.rs).
+pub const ENDPOINT_FLAG_QUARANTINED: u8 = 16;
 pub const ENDPOINT_HINT_FLAGS: u8 =
     ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
 
@@ -508,6 +526,9 @@ pub const CT_FLAG_KEY_REVERSED: u8 = 16;
 /// addresses (a flooded or misrouted packet). Packets the endpoint sends in such a flow get
 /// the full source-address check: the entry proves nothing about their source.
 pub const CT_FLAG_FOREIGN_DEST: u8 = 32;
+/// The client's ACK completing this TCP flow's handshake was counted by the SYN-flood
+/// detector (once per entry).
+pub const CT_FLAG_HANDSHAKE_SEEN: u8 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -671,6 +692,156 @@ pub struct FlowEvent {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Threat detection: detector kinds, thresholds, per-subject state and detection events
+// ---------------------------------------------------------------------------------------------
+
+/// Detector kinds. Each indexes `ThreatConfig`'s arrays and names a `ThreatEvent`.
+pub mod threat {
+    /// One source, many distinct destination ports on one peer, mostly refused or dropped.
+    pub const PORT_SCAN: u8 = 1;
+    /// One source, many distinct destination addresses on one protocol and port.
+    pub const HOST_SWEEP: u8 = 2;
+    /// Half-open TCP connections towards one endpoint and port.
+    pub const SYN_FLOOD: u8 = 3;
+    /// Policy drops of one source's new flows.
+    pub const POLICY_PROBING: u8 = 4;
+    /// DNS queries with long or high-entropy names, or many unique names, from one source.
+    pub const DNS_TUNNEL: u8 = 5;
+    /// Packets an endpoint sent with a source address that is not its own.
+    pub const SPOOFING: u8 = 6;
+    /// Array length for per-kind settings (index 0 unused).
+    pub const SLOTS: usize = 8;
+    pub const ALL: [u8; 6] = [
+        PORT_SCAN,
+        HOST_SWEEP,
+        SYN_FLOOD,
+        POLICY_PROBING,
+        DNS_TUNNEL,
+        SPOOFING,
+    ];
+
+    pub const fn name(kind: u8) -> &'static str {
+        match kind {
+            PORT_SCAN => "port-scan",
+            HOST_SWEEP => "host-sweep",
+            SYN_FLOOD => "syn-flood",
+            POLICY_PROBING => "policy-probing",
+            DNS_TUNNEL => "dns-tunnel",
+            SPOOFING => "spoofing",
+            _ => "unknown",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<u8> {
+        ALL.iter().copied().find(|k| self::name(*k) == name)
+    }
+
+    /// Bits of the distinct-value sketch in `ThreatSlot::seen`.
+    pub const SKETCH_BITS: u32 = 256;
+}
+
+/// A quarantine allowance: egress new flows to this protocol and destination port.
+/// `proto` 0 ends the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuarantineAllow {
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+pub const MAX_QUARANTINE_ALLOW: usize = 4;
+
+/// Detector settings, written by moatd into MOAT_THREATCFG[0]. A zero `enabled` turns
+/// every detector off (the datapath then does no detection work at all).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreatConfig {
+    /// Bit `1 << kind` per enabled detector.
+    pub enabled: u32,
+    /// Per kind: the window in milliseconds.
+    pub window_ms: [u32; threat::SLOTS],
+    /// Per kind: the count that fires the detector. For PORT_SCAN and HOST_SWEEP it is a
+    /// number of set bits in the distinct sketch (userspace converts a distinct count with
+    /// m(1 - e^(-n/m)), m = `threat::SKETCH_BITS`); for DNS_TUNNEL,
+    /// suspicious names.
+    pub threshold: [u32; threat::SLOTS],
+    /// DNS_TUNNEL only: set bits of the unique-name sketch that fire the detector too.
+    pub dns_unique_bits: u32,
+    /// DNS_TUNNEL: a label at least this long makes a name suspicious.
+    pub dns_long_label: u16,
+    /// DNS_TUNNEL: a name at least this long is suspicious.
+    pub dns_long_name: u16,
+    /// DNS_TUNNEL: a name at least `dns_entropy_min_len` long using at least this many
+    /// distinct characters is suspicious (a cheap stand-in for Shannon entropy).
+    pub dns_entropy_chars: u16,
+    pub dns_entropy_min_len: u16,
+    pub quarantine_allow: [QuarantineAllow; MAX_QUARANTINE_ALLOW],
+}
+
+/// Who a detector's state belongs to. `src`/`dst` are raw address words as in `CtKey`;
+/// SPOOFING keys by the endpoint's ifindex in `dst[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreatKey {
+    pub kind: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    pub port: u16,
+    pub _pad2: u16,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// One detector slot of MOAT_THREATS, an array used as a direct-mapped cache: a subject
+/// hashes to one slot and takes it over from whoever held it (the least recently seen loses,
+/// as in an LRU of one way). Fixed size, no allocation, and a full table costs detection
+/// accuracy, never a verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreatSlot {
+    pub key: ThreatKey,
+    pub window_start_ns: u64,
+    /// Events of the window: new flows, drops, queries or SYNs.
+    pub count: u32,
+    /// The detector's second count: refused probes (PORT_SCAN), completed handshakes
+    /// (SYN_FLOOD), suspicious names (DNS_TUNNEL).
+    pub marks: u32,
+    /// Non-zero once this window's detection was reported.
+    pub reported: u32,
+    pub _pad: u32,
+    /// Linear-counting sketch of distinct ports, addresses or names.
+    pub seen: [u64; 4],
+    /// The first few ports (PORT_SCAN: two per word) or IPv4 addresses / IPv6 last words
+    /// (HOST_SWEEP) seen this window, as evidence.
+    pub samples: [u32; 4],
+}
+
+/// A detection, from MOAT_THREATEV.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreatEvent {
+    pub timestamp_ns: u64,
+    pub window_start_ns: u64,
+    /// The local endpoint whose hook saw it (its host-side ifindex).
+    pub ifindex: u32,
+    pub count: u32,
+    pub marks: u32,
+    /// Set bits of the distinct sketch (distinct values ~ -m ln(1 - bits/m)).
+    pub sketch_bits: u32,
+    pub kind: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub direction: u8,
+    pub port: u16,
+    pub _pad: u16,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub samples: [u32; 4],
+}
+
+// ---------------------------------------------------------------------------------------------
 // Address helpers: maps store addresses as the raw network-order words read from packets
 // ---------------------------------------------------------------------------------------------
 
@@ -727,6 +898,11 @@ const _: () = {
     assert!(size_of::<RateLimitState>() == 16);
     assert!(size_of::<Meta>() == 8);
     assert!(size_of::<FlowEvent>() == 72);
+    assert!(size_of::<QuarantineAllow>() == 4);
+    assert!(size_of::<ThreatConfig>() == 96);
+    assert!(size_of::<ThreatKey>() == 40);
+    assert!(size_of::<ThreatSlot>() == 112);
+    assert!(size_of::<ThreatEvent>() == 88);
 };
 
 #[cfg(feature = "user")]
@@ -753,6 +929,9 @@ mod pod {
     unsafe impl aya::Pod for RateLimitState {}
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for ThreatConfig {}
+    unsafe impl aya::Pod for ThreatSlot {}
+    unsafe impl aya::Pod for ThreatEvent {}
 }
 
 #[cfg(test)]

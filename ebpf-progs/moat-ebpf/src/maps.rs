@@ -8,7 +8,7 @@ use aya_ebpf::{
 use moat_common::{
     CidrKeyV4, CidrKeyV6, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheKeyV4,
     IpcacheKeyV6, IpcacheValue, METRIC_SLOTS, Meta, MetricValue, PolicyKey, PolicyValue,
-    PortRangeKey, PortRuleSet, RateLimitState, map_size,
+    PortRangeKey, PortRuleSet, RateLimitState, ThreatConfig, ThreatSlot, map_size,
 };
 
 #[map(name = "MOAT_ENDPOINTS")]
@@ -63,3 +63,12 @@ pub static EVENTS: RingBuf = RingBuf::pinned(map_size::EVENTS_BYTES, 0);
 
 #[map(name = "MOAT_META")]
 pub static META: Array<Meta> = Array::pinned(1, 0);
+
+#[map(name = "MOAT_THREATCFG")]
+pub static THREAT_CONFIG: Array<ThreatConfig> = Array::pinned(1, 0);
+
+#[map(name = "MOAT_THREATS")]
+pub static THREATS: Array<ThreatSlot> = Array::pinned(map_size::THREATS, 0);
+
+#[map(name = "MOAT_THREATEV")]
+pub static THREAT_EVENTS: RingBuf = RingBuf::pinned(map_size::THREAT_EVENTS_BYTES, 0);

@@ -16,6 +16,7 @@ mod metrics;
 mod parse;
 mod policy;
 mod scratch;
+mod threats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -23,8 +24,9 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use moat_common::{
-    CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_NOT_ENFORCED, CT_FLAG_SERVICE,
-    DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_LOG_ALLOWS, EndpointInfo, IDENTITY_HOST,
+    CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_HANDSHAKE_SEEN, CT_FLAG_NOT_ENFORCED,
+    CT_FLAG_SERVICE, CT_STATE_SYN_SENT, CtValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ENDPOINT_FLAG_LOG_ALLOWS, ENDPOINT_FLAG_QUARANTINED, EndpointInfo, IDENTITY_HOST,
     IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DROP, is_peer_handoff, peer_handoff, reason, rule,
 };
@@ -32,7 +34,7 @@ use moat_common::{
 use crate::{
     conntrack::{Admission, Lookup},
     events::EventFields,
-    parse::{Packet, Parsed, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[classifier]
@@ -127,6 +129,9 @@ fn after_dnat() -> i64 {
     let cfg = events::config();
     let now = conntrack::now_ns();
     if verdict.enforced_drop() {
+        if is_policy_refusal(verdict.reason) {
+            threats::policy_drop_after_dnat(sender.ifindex, now);
+        }
         drop_judged(&cfg, pkt, &verdict, now);
         return 1;
     }
@@ -150,11 +155,18 @@ enum Tracked {
 #[inline(always)]
 fn judge(ctx: &TcContext, direction: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match track(ctx, ifindex, direction) {
+    let verdict = match track(ctx, ifindex, direction) {
         Tracked::Verdict(verdict) => verdict,
         Tracked::NeedsPolicy => new_flow(ifindex, direction),
         Tracked::ToPeer(peer_ifindex) => to_peer(ctx, peer_ifindex),
+    };
+    // The detectors' work that `track` only noted, and DNS queries, read whichever way their
+    // flow was judged (a tunnel reuses one socket). After the verdict and in a function of
+    // its own: the verifier then walks the verdict's paths once, not once per note.
+    if direction == DIRECTION_EGRESS || threats::noted() {
+        threats::after_verdict(ctx, ifindex, direction as u32);
     }
+    verdict
 }
 
 /// Direct delivery when the host would route the packet to the peer anyway; otherwise the
@@ -216,7 +228,9 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
     let mut live = conntrack::find(&flow, now);
     if let Some(entry) = live.as_deref_mut() {
         if conntrack::proves_source(entry, &flow, direction) {
+            let was_syn_sent = entry.state == CT_STATE_SYN_SENT;
             let lookup = conntrack::update(entry, &flow, &pkt, now);
+            watch_established(entry, &pkt, &lookup, was_syn_sent, ifindex, direction);
             let peer_ifindex = entry.peer_ifindex;
             if direction == DIRECTION_EGRESS
                 && peer_ifindex != 0
@@ -226,7 +240,8 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
                 pass_tracked(lookup, direction, pkt.len);
                 return Tracked::ToPeer(peer_ifindex);
             }
-            return Tracked::Verdict(pass_tracked(lookup, direction, pkt.len));
+            let verdict = pass_tracked(lookup, direction, pkt.len);
+            return Tracked::Verdict(verdict);
         }
     }
     let Some(ep) = endpoint::endpoint_ref(ifindex) else {
@@ -252,16 +267,22 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
             reason: reason::SPOOFED_SOURCE,
             rule_id: rule::NONE,
         };
+        threats::note(threats::watch::SPOOFED, 0, 0);
         return Tracked::Verdict(drop_judged(&cfg, &pkt, &j, now));
     }
     if let Some(entry) = live {
-        return Tracked::Verdict(pass_tracked(
-            conntrack::update(entry, &flow, &pkt, now),
-            direction,
-            pkt.len,
-        ));
+        let was_syn_sent = entry.state == CT_STATE_SYN_SENT;
+        let lookup = conntrack::update(entry, &flow, &pkt, now);
+        watch_established(entry, &pkt, &lookup, was_syn_sent, ifindex, direction);
+        let verdict = pass_tracked(lookup, direction, pkt.len);
+        return Tracked::Verdict(verdict);
     }
     if pkt.icmp_error && conntrack::is_related(ifindex, &pkt, now) {
+        threats::note(
+            threats::watch::ICMP_REFUSED | refusal_counting(direction, false),
+            0,
+            0,
+        );
         return Tracked::Verdict(pass(reason::RELATED, direction, pkt.len));
     }
     // Hand the packet over through scratch memory: see scratch.rs for why.
@@ -274,6 +295,61 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
         scratch::put(&raw mut (*slot).now, now);
     }
     Tracked::NeedsPolicy
+}
+
+/// What the detectors learn from a packet of a live flow: a refused probe (a RST answering a
+/// SYN) and a completed handshake (the SYN-flood detector's other half), noted for
+/// `threats::after_verdict`; a few flag tests on every other packet. The work itself
+/// happens after `track` returns, whose frame has no stack to spare.
+#[inline(always)]
+fn watch_established(
+    entry: &mut CtValue,
+    pkt: &Packet,
+    lookup: &Lookup,
+    was_syn_sent: bool,
+    ifindex: u32,
+    direction: u8,
+) {
+    let reply = matches!(lookup, Lookup::Reply);
+    if was_syn_sent && reply && pkt.tcp_flags & TCP_RST != 0 {
+        let how =
+            threats::watch::RESET_REFUSED | refusal_counting(direction, entry.peer_ifindex != 0);
+        threats::note(how, 0, 0);
+        return;
+    }
+    if threats::completes_handshake(entry, pkt, reply, direction) {
+        entry.flags |= CT_FLAG_HANDSHAKE_SEEN;
+        let victim = if direction == DIRECTION_INGRESS {
+            ifindex
+        } else {
+            entry.peer_ifindex
+        };
+        let family_port = (pkt.family as u32) << 16 | pkt.dport as u32;
+        threats::note(threats::watch::HANDSHAKE, victim, family_port);
+    }
+}
+
+/// A refusal (RST or ICMP error) travelling back to a prober is counted once: at the
+/// prober's own hook (it arrives there, INGRESS), or at the refusing endpoint's hook when the
+/// flow is linked (then the prober's hook never sees the packet) or the prober is not a pod
+/// of this node (`threats::refusal::UNLESS_PROBER_LOCAL` leaves that lookup to the rare path).
+#[inline(always)]
+fn refusal_counting(direction: u8, linked: bool) -> u32 {
+    let counted_here = if direction == DIRECTION_INGRESS || linked {
+        0
+    } else {
+        threats::watch::UNLESS_PROBER_LOCAL
+    };
+    counted_here
+}
+
+/// Policy's own refusals (not state, parsing or quarantine drops): what probing looks like.
+#[inline(always)]
+fn is_policy_refusal(why: u8) -> bool {
+    matches!(
+        why,
+        reason::POLICY_DENY | reason::DEFAULT_DENY | reason::ADMIN_DENY | reason::BASELINE_DENY
+    )
 }
 
 /// A packet that moves TCP state (SYN, FIN, RST) advances the receiving pod's entry of a
@@ -360,6 +436,12 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         pkt.saddr
     };
     let remote = endpoint::remote(pkt.family, &remote_addr);
+
+    // Quarantine comes before everything else, Services and the node included: only the
+    // allowance (DNS by default) leaves, nothing enters.
+    if ep.flags & ENDPOINT_FLAG_QUARANTINED != 0 && threats::quarantine_blocks(pkt, direction) {
+        return quarantine_drop(ifindex, direction, remote.identity);
+    }
 
     // A Service address has no identity of its own: the host's DNAT picks the backend after
     // this hook. Record the tuple (so the un-NATed reply is recognised) and let the backend's
@@ -457,8 +539,17 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         }
     }
 
+    threats::note_judged(judged_facts(&verdict, direction, remote.ifindex));
+    threats::judged_new_flow(ifindex, now);
     if verdict.enforced_drop() {
         return drop_judged(&cfg, pkt, &verdict, now);
+    }
+    // Read again rather than kept: a value kept alive would double the paths the verifier
+    // walks through the policy lookups.
+    if verdict.allowed
+        && unsafe { core::ptr::read_volatile(&ep.flags) } & ENDPOINT_FLAG_QUARANTINED != 0
+    {
+        verdict.reason = reason::QUARANTINE_ALLOWED;
     }
 
     let ct_flags = foreign
@@ -503,6 +594,48 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
 
     report_admitted(&cfg, pkt, &verdict, ep.flags, direction, now);
     TC_ACT_OK
+}
+
+/// A quarantined endpoint's new flow (left in SCRATCH_NEW_FLOW) that its quarantine does not
+/// allow. A function of its own so that its judgement takes no room in `new_flow`'s frame.
+#[inline(never)]
+fn quarantine_drop(ifindex: u32, direction: u8, remote_identity: u32) -> i32 {
+    let Some(slot) = scratch::SCRATCH_NEW_FLOW.get_ptr(0) else {
+        return TC_ACT_SHOT;
+    };
+    let handover = unsafe { &*slot };
+    let j = Judgement {
+        ifindex,
+        local_identity: handover.ep.identity,
+        remote_identity,
+        mode: MODE_ENFORCE,
+        direction,
+        allowed: false,
+        reason: reason::QUARANTINED,
+        rule_id: rule::NONE,
+    };
+    drop_judged(&events::config(), &handover.pkt, &j, handover.now)
+}
+
+/// What the detectors need to know about a judged new flow, packed for
+/// `threats::judged_new_flow` (see `threats::judged`).
+#[inline(always)]
+fn judged_facts(verdict: &Judgement, direction: u8, remote_ifindex: u32) -> u32 {
+    let mut facts = direction as u32;
+    if direction == DIRECTION_INGRESS && remote_ifindex != 0 {
+        facts |= threats::judged::LOCAL_SENDER;
+    }
+    if !verdict.allowed {
+        facts |= threats::judged::REFUSED;
+    }
+    if verdict.enforced_drop() {
+        if is_policy_refusal(verdict.reason) {
+            facts |= threats::judged::POLICY_DROP;
+        }
+    } else {
+        facts |= threats::judged::ADMITTED;
+    }
+    facts
 }
 
 /// Reports a flow that was let through: always when policy refused it (audit and learn

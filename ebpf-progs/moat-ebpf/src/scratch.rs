@@ -46,6 +46,11 @@ pub static SCRATCH_AFTER_DNAT: PerCpuArray<Packet> = PerCpuArray::with_max_entri
 #[map]
 pub static SCRATCH_LOOKUPS: PerCpuArray<Lookups> = PerCpuArray::with_max_entries(1, 0);
 
+/// The question name of a DNS query, copied out of the packet to be read byte by byte.
+#[map]
+pub static SCRATCH_DNS_NAME: PerCpuArray<[u8; crate::threats::DNS_NAME_MAX]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn put<T>(slot: *mut T, value: T) {
     unsafe { core::ptr::write_volatile(slot, value) }

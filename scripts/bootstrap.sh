@@ -18,6 +18,7 @@ DEB_PACKAGES=(
   iproute2 iptables nftables conntrack ethtool jq
   containernetworking-plugins podman busybox-static containerd
   sockperf iperf3 bpftool tcpdump
+  nmap hping3
   shellcheck
 )
 missing=()

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use moat_common::{
     CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_HANDSHAKE_SEEN, CT_FLAG_NOT_ENFORCED,
-    CT_FLAG_SERVICE, CT_STATE_SYN_SENT, CtValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    CT_FLAG_SERVICE, CT_STATE_CLOSING, CtValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
     ENDPOINT_FLAG_LOG_ALLOWS, ENDPOINT_FLAG_QUARANTINED, EndpointInfo, IDENTITY_HOST,
     IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DROP, is_peer_handoff, peer_handoff, reason, rule,
@@ -228,9 +228,9 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
     let mut live = conntrack::find(&flow, now);
     if let Some(entry) = live.as_deref_mut() {
         if conntrack::proves_source(entry, &flow, direction) {
-            let was_syn_sent = entry.state == CT_STATE_SYN_SENT;
+            let was_open = entry.state != CT_STATE_CLOSING;
             let lookup = conntrack::update(entry, &flow, &pkt, now);
-            watch_established(entry, &pkt, &lookup, was_syn_sent, ifindex, direction);
+            watch_established(entry, &pkt, &lookup, was_open, ifindex, direction);
             let peer_ifindex = entry.peer_ifindex;
             if direction == DIRECTION_EGRESS
                 && peer_ifindex != 0
@@ -271,9 +271,9 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
         return Tracked::Verdict(drop_judged(&cfg, &pkt, &j, now));
     }
     if let Some(entry) = live {
-        let was_syn_sent = entry.state == CT_STATE_SYN_SENT;
+        let was_open = entry.state != CT_STATE_CLOSING;
         let lookup = conntrack::update(entry, &flow, &pkt, now);
-        watch_established(entry, &pkt, &lookup, was_syn_sent, ifindex, direction);
+        watch_established(entry, &pkt, &lookup, was_open, ifindex, direction);
         let verdict = pass_tracked(lookup, direction, pkt.len);
         return Tracked::Verdict(verdict);
     }
@@ -298,7 +298,7 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
 }
 
 /// What the detectors learn from a packet of a live flow: a refused probe (a RST answering a
-/// SYN) and a completed handshake (the SYN-flood detector's other half), noted for
+/// SYN, or a FIN, NULL or Xmas probe) and a completed handshake (the SYN-flood detector's other half), noted for
 /// `threats::after_verdict`; a few flag tests on every other packet. The work itself
 /// happens after `track` returns, whose frame has no stack to spare.
 #[inline(always)]
@@ -306,12 +306,12 @@ fn watch_established(
     entry: &mut CtValue,
     pkt: &Packet,
     lookup: &Lookup,
-    was_syn_sent: bool,
+    was_open: bool,
     ifindex: u32,
     direction: u8,
 ) {
     let reply = matches!(lookup, Lookup::Reply);
-    if was_syn_sent && reply && pkt.tcp_flags & TCP_RST != 0 {
+    if was_open && reply && pkt.tcp_flags & TCP_RST != 0 {
         let how =
             threats::watch::RESET_REFUSED | refusal_counting(direction, entry.peer_ifindex != 0);
         threats::note(how, 0, 0);

@@ -15,6 +15,7 @@
 mod churn;
 mod cni;
 mod compile;
+mod detection;
 mod fill;
 mod flows;
 mod perpacket;
@@ -245,6 +246,13 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         tiers.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
     );
     check_interrupted()?;
+    eprintln!("moat-bench: per-packet cost of threat detection (BPF_PROG_TEST_RUN)");
+    let detection = threat_detection(args);
+    section.insert(
+        "threat_detection_per_packet".into(),
+        detection.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+    );
+    check_interrupted()?;
     if args.per_packet_only {
         return Ok(());
     }
@@ -266,6 +274,11 @@ fn cluster_tiers(args: &Args) -> Result<Value> {
             batches: args.batches,
         },
     )
+}
+
+fn threat_detection(args: &Args) -> Result<Value> {
+    let link = util::VethGuard::new(&format!("mbtd{}", std::process::id() % 10_000))?;
+    detection::measure(PIN_ROOT, link.ifindex, args.repeat, args.batches)
 }
 
 fn per_packet(args: &Args, small: &PinDir, large: &PinDir) -> Result<Value> {
@@ -636,6 +649,13 @@ fn summarize(section: &mut Map<String, Value>) {
         "cost_ratio_1000_cluster_policies_vs_none".into(),
         json!(tiers),
     );
+    let detection = v
+        .pointer("/threat_detection_per_packet/new_flow/ratio_on_vs_off")
+        .and_then(|r| r.as_f64());
+    section.insert(
+        "cost_ratio_threat_detection_on_vs_off".into(),
+        json!(detection),
+    );
     section.insert("cost_ratio_established_100k_vs_1".into(), json!(cost_est));
     section.insert("latency_overhead_pct_100k".into(), json!(lat));
     section.insert("connrate_overhead_pct_100k".into(), json!(conn));
@@ -689,6 +709,7 @@ fn summarize(section: &mut Map<String, Value>) {
         json!({
             "cost_ratio_100k_vs_1": target(cost_new, 1.1, ""),
             "cost_ratio_1000_cluster_policies_vs_none": target(tiers, 1.1, ""),
+            "cost_ratio_threat_detection_on_vs_off": target(detection, 1.02, ""),
             "latency_overhead_pct_100k": target(lat, 3.0, "%"),
             "connrate_overhead_pct_100k": target(conn, 5.0, "%"),
             "throughput_overhead_pct_100k": target(tput, 3.0, "%"),

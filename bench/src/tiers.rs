@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 
 use crate::util::{check_interrupted, median, round};
 
-const POD_V4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
-const PEER_V4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+pub const POD_V4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+pub const PEER_V4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 pub const COUNTS: [usize; 4] = [0, 1, 100, 1000];
 
 fn pod(name: &str, ip: Ipv4Addr) -> Pod {
@@ -69,7 +69,7 @@ fn cluster_policy(i: usize) -> String {
     )
 }
 
-fn compiled(n: usize) -> Result<DatapathState> {
+pub fn compiled(n: usize) -> Result<DatapathState> {
     let mut engine = Engine::new();
     let mut ns = LabelSet::new();
     ns.insert("kubernetes.io/metadata.name", "bench");
@@ -88,7 +88,7 @@ fn compiled(n: usize) -> Result<DatapathState> {
 }
 
 /// Writes one compiled state's entries, and the endpoint on `ifindex`, into a datapath.
-fn install(maps: &mut Maps, state: &DatapathState, ifindex: u32) -> Result<usize> {
+pub fn install(maps: &mut Maps, state: &DatapathState, ifindex: u32) -> Result<usize> {
     let hints = moatd::desired::lookup_hints(state);
     let endpoint = &state.endpoints[&PodRef::new("bench", "pod")];
     let flags = hints

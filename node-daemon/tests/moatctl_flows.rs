@@ -104,20 +104,7 @@ impl World {
     }
 
     fn moatctl(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_moatctl"))
-            .arg("--socket")
-            .arg(self.env.socket())
-            .arg("--pin-root")
-            .arg(self.env.pin_root())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "moatctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.env.moatctl(args)
     }
 
     fn status(&self) -> DaemonStatus {

@@ -35,20 +35,7 @@ fn pods(annotated: bool) -> String {
 }
 
 fn moatctl(env: &Env, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_moatctl"))
-        .arg("--socket")
-        .arg(env.socket())
-        .arg("--pin-root")
-        .arg(env.pin_root())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "moatctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    env.moatctl(args)
 }
 
 fn flag_set(env: &Env, pod: &LabPod) -> bool {

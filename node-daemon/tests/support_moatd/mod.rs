@@ -116,6 +116,24 @@ impl Env {
         }
     }
 
+    /// Runs moatctl against this moatd and returns its stdout; fails the test on an error.
+    pub fn moatctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_moatctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-root")
+            .arg(self.pin_root())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "moatctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn write(&self, file: &str, yaml: &str) {
         let tmp = self.policies().join(format!(".{file}.tmp"));
         std::fs::write(&tmp, yaml).unwrap();

@@ -160,10 +160,9 @@ fn judge(ctx: &TcContext, direction: u8) -> i32 {
         Tracked::NeedsPolicy => new_flow(ifindex, direction),
         Tracked::ToPeer(peer_ifindex) => to_peer(ctx, peer_ifindex),
     };
-    // The detectors' work that `track` only noted, and DNS queries, read whichever way their
-    // flow was judged (a tunnel reuses one socket). After the verdict and in a function of
-    // its own: the verifier then walks the verdict's paths once, not once per note.
-    if direction == DIRECTION_EGRESS || threats::noted() {
+    // The detectors' work that `track` only noted, after the verdict and in a function of its
+    // own: the verifier then walks the verdict's paths once, not once per note.
+    if threats::noted() {
         threats::after_verdict(ctx, ifindex, direction as u32);
     }
     verdict
@@ -222,6 +221,10 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
         return Tracked::Verdict(pass(reason::NEIGHBOR, direction, pkt.len));
     }
     let now = conntrack::now_ns();
+    if threats::is_dns_query(&pkt, direction) {
+        // Read after the verdict: a later note of this packet (a spoofed source) replaces it.
+        threats::note(threats::watch::DNS_QUERY, 0, 0);
+    }
     // Conntrack first: most packets belong to a live flow, and when its entry proves the
     // packet's source the endpoint entry need not be read at all (see `proves_source`).
     let flow = conntrack::flow_key(ifindex, &pkt);

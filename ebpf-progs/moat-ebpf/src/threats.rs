@@ -440,6 +440,8 @@ pub mod watch {
     pub const SPOOFED: u32 = 8;
     /// With a refusal: count it only if the prober is not a pod of this node.
     pub const UNLESS_PROBER_LOCAL: u32 = 16;
+    /// A DNS query over UDP leaving the pod (any flow state: a tunnel reuses one socket).
+    pub const DNS_QUERY: u32 = 32;
 }
 
 /// A note from `track` to `watched`, through map memory: `track`'s frame has no room for
@@ -489,9 +491,6 @@ pub fn noted() -> bool {
 /// leaving the pod.
 #[inline(never)]
 pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32) {
-    if direction as u8 == DIRECTION_EGRESS && looks_like_dns_query(ctx) {
-        dns_query(ctx, ifindex);
-    }
     let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) else {
         return;
     };
@@ -501,6 +500,10 @@ pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32) {
         return;
     }
     unsafe { (*slot).what = 0 };
+    if what & watch::DNS_QUERY != 0 {
+        dns_query(ctx, ifindex);
+        return;
+    }
     let Some(cfg) = config() else {
         return;
     };
@@ -740,25 +743,10 @@ fn handshake_completed(cfg: &ThreatConfig, victim: u32, family_port: u32, now: u
 // DNS tunnelling: long or high-entropy names, or many unique names, from one source
 // ---------------------------------------------------------------------------------------------
 
-/// True for a packet worth reading as a DNS query: UDP to port 53 (the caller checks that it
-/// leaves the pod). Reads the headers again rather than take the parsed packet: the check
-/// must come outside `track`, whose frame has no room. IPv6 with extension headers is not
-/// read (DNS queries carry none in practice).
+/// True for a packet worth reading as a DNS query: UDP to port 53, leaving the pod.
 #[inline(always)]
-fn looks_like_dns_query(ctx: &TcContext) -> bool {
-    let Ok(first) = ctx.load::<u8>(ETH_HLEN) else {
-        return false;
-    };
-    let (proto_at, l4) = match first >> 4 {
-        4 => (ETH_HLEN + 9, ETH_HLEN + ((first & 0x0f) as usize) * 4),
-        6 => (ETH_HLEN + 6, ETH_HLEN + 40),
-        _ => return false,
-    };
-    match ctx.load::<u8>(proto_at) {
-        Ok(proto) if proto == PROTO_UDP => {}
-        _ => return false,
-    }
-    matches!(ctx.load::<u16>(l4 + 2), Ok(port) if u16::from_be(port) == DNS_PORT)
+pub fn is_dns_query(pkt: &Packet, direction: u8) -> bool {
+    direction == DIRECTION_EGRESS && pkt.proto == PROTO_UDP && pkt.dport == DNS_PORT
 }
 
 /// What a query name looks like, read from the wire format.

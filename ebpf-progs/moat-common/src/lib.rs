@@ -7,7 +7,7 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Bumped on any change to a type below. Pinned state of another layout is never reused.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Identities
@@ -200,6 +200,12 @@ pub mod map_name {
     pub const THREAT_CONFIG: &str = "MOAT_THREATCFG";
     pub const THREATS: &str = "MOAT_THREATS";
     pub const THREAT_EVENTS: &str = "MOAT_THREATEV";
+    pub const FQDN_CONFIG: &str = "MOAT_FQDNCFG";
+    pub const FQDN_PATTERNS: &str = "MOAT_FQDNPAT";
+    pub const FQDN_V4: &str = "MOAT_FQDN4";
+    pub const FQDN_V6: &str = "MOAT_FQDN6";
+    pub const FQDN_NAMES: &str = "MOAT_FQDNNAME";
+    pub const DNS_QUERIES: &str = "MOAT_DNSQ";
 }
 
 pub mod map_size {
@@ -215,6 +221,15 @@ pub mod map_size {
     pub const THREATS: u32 = 8_192;
     /// A detection is reported once per subject and window, so the ring stays small.
     pub const THREAT_EVENTS_BYTES: u32 = 1 << 18;
+    /// (identity, kind, name hash) -> FQDN selector: one entry per pattern and identity.
+    pub const FQDN_PATTERNS: u32 = 65_536;
+    /// Learned addresses per family, node-wide (LRU: at the cap the least recently used
+    /// learned address goes first; see `FqdnAddr`).
+    pub const FQDN_ADDRS: u32 = 65_536;
+    /// Names of learned addresses, for `moatctl fqdn` and flow explanations (LRU).
+    pub const FQDN_NAMES: u32 = 16_384;
+    /// DNS queries awaiting their answer (LRU): a burst of queries evicts the oldest.
+    pub const DNS_QUERIES: u32 = 16_384;
 }
 
 /// Program names (the `#[classifier]` function names) and their pin file names.
@@ -245,7 +260,17 @@ pub const fn metric_index(verdict: u8, reason: u8, direction: u8) -> u32 {
 pub const METRIC_EVENTS_RATE_LIMITED: u32 = VERDICT_COUNT * (reason::COUNT as u32) * 2;
 /// Events lost because the ring buffer was full (the daemon fell behind).
 pub const METRIC_EVENTS_RING_FULL: u32 = METRIC_EVENTS_RATE_LIMITED + 1;
-pub const METRIC_SLOTS: u32 = METRIC_EVENTS_RING_FULL + 1;
+/// FQDN learning (see `FqdnAddr`): addresses written from DNS answers.
+pub const METRIC_FQDN_LEARNED: u32 = METRIC_EVENTS_RING_FULL + 1;
+/// DNS answers read and refused: no matching query (id, ports, resolver), or a question
+/// name other than the one asked.
+pub const METRIC_FQDN_UNASKED: u32 = METRIC_FQDN_LEARNED + 1;
+/// DNS answers that could not be parsed within the datapath's bounds (malformed,
+/// truncated, too many records or compression jumps): nothing learned from them.
+pub const METRIC_FQDN_MALFORMED: u32 = METRIC_FQDN_UNASKED + 1;
+/// Learned addresses removed by moatd to keep an identity under its cap (oldest first).
+pub const METRIC_FQDN_CAPPED: u32 = METRIC_FQDN_MALFORMED + 1;
+pub const METRIC_SLOTS: u32 = METRIC_FQDN_CAPPED + 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -274,6 +299,9 @@ pub const ENDPOINT_FLAG_NO_CIDR: u8 = 8;
 /// The endpoint is quarantined: only the new flows `ThreatConfig::quarantine_allow` lists
 /// leave it, and none enter it (checked before policy; see the datapath's threats.rs).
 pub const ENDPOINT_FLAG_QUARANTINED: u8 = 16;
+/// The endpoint's identity has FQDN rules: DNS answers it receives are read for addresses
+/// (see `FqdnPatternKey`), and its new egress flows consult the learned addresses.
+pub const ENDPOINT_FLAG_FQDN: u8 = 32;
 pub const ENDPOINT_HINT_FLAGS: u8 =
     ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES | ENDPOINT_FLAG_NO_CIDR;
 
@@ -873,6 +901,198 @@ pub fn v6_from_raw(raw: [u32; 4]) -> Ipv6Addr {
 }
 
 // ---------------------------------------------------------------------------------------------
+// FQDN egress: policy names external hosts; the datapath reads DNS answers on their way to the
+// pod and learns the answered addresses before the pod sees them.
+//
+//   MOAT_DNSQ       LRU hash: queries the pod sent (resolver, ports, id, question hash); only
+//                   an answer that matches one is read;
+//   MOAT_FQDNPAT    hash: (identity, EXACT|SUBDOMAIN, name hash) -> FQDN selector identity;
+//   MOAT_FQDN4/6    LRU hash: (identity, address) -> the selectors it was learned for, until
+//                   its expiry;
+//   MOAT_FQDNNAME   LRU hash: question hash -> the name as text, for explanations;
+//   MOAT_FQDNCFG    array[1]: TTL floor and cap.
+//
+// A learned address is a remote identity like any other for the policy lookup: the policy map
+// holds (policy_id, selector identity, port, protocol, egress) entries for FQDN rules.
+// ---------------------------------------------------------------------------------------------
+
+/// FQDN selector identities (one per distinct name pattern) live in
+/// [IDENTITY_FQDN_FIRST, IDENTITY_FQDN_END), above every derived identity.
+pub const IDENTITY_FQDN_FIRST: u32 = 1 << 24;
+pub const IDENTITY_FQDN_END: u32 = 1 << 25;
+
+/// The pattern names exactly this name (`api.example.com`).
+pub const FQDN_MATCH_EXACT: u8 = 1;
+/// The pattern is `*.` + this name: it matches names with one or more labels before it
+/// (`*.example.com` matches `a.example.com` and `a.b.example.com`, not `example.com`).
+pub const FQDN_MATCH_SUBDOMAIN: u8 = 2;
+
+/// Longest name (in wire form) the datapath reads, and most labels it hashes.
+pub const FQDN_MAX_NAME: usize = 255;
+pub const FQDN_MAX_LABELS: usize = 32;
+/// Answer records read per response, CNAME links followed, compression jumps per name.
+pub const FQDN_MAX_ANSWERS: usize = 32;
+pub const FQDN_MAX_CHAIN: usize = 8;
+pub const FQDN_MAX_JUMPS: usize = 8;
+/// Selectors one learned address can carry (a name can match an exact and wildcards).
+pub const MAX_FQDN_SELECTORS: usize = 4;
+
+const FQDN_LABEL_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+const FQDN_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// Hash of the root (the empty suffix).
+pub const FQDN_ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One byte into a label's hash (FNV-1a, ASCII case folded: DNS names compare without case).
+#[inline(always)]
+pub const fn fqdn_hash_byte(hash: u64, byte: u8) -> u64 {
+    let b = if byte >= b'A' && byte <= b'Z' {
+        byte + 32
+    } else {
+        byte
+    };
+    (hash ^ b as u64).wrapping_mul(FQDN_PRIME)
+}
+
+/// Start of a label's hash.
+pub const fn fqdn_label_start(len: u8) -> u64 {
+    fqdn_hash_byte(FQDN_LABEL_SEED, len)
+}
+
+/// The hash of a name, from its first label's hash and the hash of the rest (the suffix after
+/// that label). Names hash label by label so that the datapath can look up every suffix of
+/// a question (`*.` patterns) from one walk over it.
+#[inline(always)]
+pub const fn fqdn_join(label_hash: u64, suffix_hash: u64) -> u64 {
+    let mut x = label_hash ^ suffix_hash.rotate_left(29).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 29)
+}
+
+/// The hash of a dotted name (`api.Example.com`, a trailing dot allowed), as the datapath
+/// computes it from the wire form. `None` for an empty label, a label over 63 bytes or more
+/// than FQDN_MAX_LABELS labels.
+pub fn fqdn_name_hash(name: &[u8]) -> Option<u64> {
+    let name = match name.split_last() {
+        Some((b'.', rest)) => rest,
+        _ => name,
+    };
+    if name.is_empty() {
+        return Some(FQDN_ROOT_HASH);
+    }
+    let mut hash = FQDN_ROOT_HASH;
+    let mut labels = 0;
+    for label in name.rsplit(|&b| b == b'.') {
+        if label.is_empty() || label.len() > 63 {
+            return None;
+        }
+        labels += 1;
+        if labels > FQDN_MAX_LABELS {
+            return None;
+        }
+        let mut h = fqdn_label_start(label.len() as u8);
+        let mut i = 0;
+        while i < label.len() {
+            h = fqdn_hash_byte(h, label[i]);
+            i += 1;
+        }
+        hash = fqdn_join(h, hash);
+    }
+    Some(hash)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnPatternKey {
+    pub identity: u32,
+    /// FQDN_MATCH_EXACT or FQDN_MATCH_SUBDOMAIN.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// `fqdn_name_hash` of the name (for SUBDOMAIN, of the part after `*.`).
+    pub name_hash: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnAddrKeyV4 {
+    pub identity: u32,
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnAddrKeyV6 {
+    pub identity: u32,
+    pub addr: [u8; 16],
+}
+
+/// A learned address. It admits new flows until `expires_ns` (CLOCK_MONOTONIC, coarse);
+/// flows it admitted live on in conntrack after it expires. moatd deletes expired entries and
+/// keeps each identity under its cap by deleting its oldest (`learned_ns`) first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FqdnAddr {
+    pub expires_ns: u64,
+    pub learned_ns: u64,
+    /// Hash of the question that taught it (a key of MOAT_FQDNNAME).
+    pub name_hash: u64,
+    /// The record's TTL in seconds, before the floor and cap.
+    pub ttl: u32,
+    pub count: u32,
+    pub selectors: [u32; MAX_FQDN_SELECTORS],
+}
+
+/// A query the pod sent, keyed so that only its answer finds it: the answer comes from the
+/// query's destination to the query's source port, with the same id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsQueryKey {
+    /// Host-side veth of the asking pod.
+    pub ifindex: u32,
+    /// Resolver address (raw words; v4 in the first word, the rest 0).
+    pub resolver: [u32; 4],
+    pub resolver_port: u16,
+    pub pod_port: u16,
+    /// DNS message id.
+    pub id: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsQuery {
+    pub name_hash: u64,
+    pub sent_ns: u64,
+}
+
+/// A question name as text (dotted, lower case, no trailing dot), `len` bytes of `bytes`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FqdnName {
+    pub len: u32,
+    pub bytes: [u8; FQDN_MAX_NAME + 1],
+}
+
+impl Default for FqdnName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; FQDN_MAX_NAME + 1],
+        }
+    }
+}
+
+/// FQDN settings, MOAT_FQDNCFG[0]. A learned address lives max(ttl, ttl_floor_s), at most
+/// ttl_cap_s, seconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FqdnConfig {
+    pub ttl_floor_s: u32,
+    pub ttl_cap_s: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Layout checks: a size change here must be deliberate (and bump LAYOUT_VERSION).
 // ---------------------------------------------------------------------------------------------
 
@@ -903,6 +1123,14 @@ const _: () = {
     assert!(size_of::<ThreatKey>() == 40);
     assert!(size_of::<ThreatSlot>() == 112);
     assert!(size_of::<ThreatEvent>() == 88);
+    assert!(size_of::<FqdnPatternKey>() == 16);
+    assert!(size_of::<FqdnAddrKeyV4>() == 8);
+    assert!(size_of::<FqdnAddrKeyV6>() == 20);
+    assert!(size_of::<FqdnAddr>() == 48);
+    assert!(size_of::<DnsQueryKey>() == 28);
+    assert!(size_of::<DnsQuery>() == 16);
+    assert!(size_of::<FqdnName>() == 260);
+    assert!(size_of::<FqdnConfig>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -932,6 +1160,14 @@ mod pod {
     unsafe impl aya::Pod for ThreatConfig {}
     unsafe impl aya::Pod for ThreatSlot {}
     unsafe impl aya::Pod for ThreatEvent {}
+    unsafe impl aya::Pod for FqdnPatternKey {}
+    unsafe impl aya::Pod for FqdnAddrKeyV4 {}
+    unsafe impl aya::Pod for FqdnAddrKeyV6 {}
+    unsafe impl aya::Pod for FqdnAddr {}
+    unsafe impl aya::Pod for DnsQueryKey {}
+    unsafe impl aya::Pod for DnsQuery {}
+    unsafe impl aya::Pod for FqdnName {}
+    unsafe impl aya::Pod for FqdnConfig {}
 }
 
 #[cfg(test)]
@@ -968,5 +1204,28 @@ mod tests {
         assert!(!is_peer_handoff(peer_handoff(0), 0));
         // Fits the 16 bits the kernel keeps for tc_index.
         assert!(peer_handoff(u32::MAX) <= u16::MAX as u32);
+    }
+
+    #[test]
+    fn a_name_hashes_as_its_first_label_joined_to_its_suffix() {
+        let full = fqdn_name_hash(b"api.example.com").unwrap();
+        let suffix = fqdn_name_hash(b"example.com").unwrap();
+        let mut label = fqdn_label_start(3);
+        for b in b"api" {
+            label = fqdn_hash_byte(label, *b);
+        }
+        assert_eq!(fqdn_join(label, suffix), full);
+        assert_ne!(full, suffix);
+    }
+
+    #[test]
+    fn name_hashes_ignore_case_and_a_trailing_dot_but_not_label_boundaries() {
+        let h = fqdn_name_hash(b"api.example.com").unwrap();
+        assert_eq!(fqdn_name_hash(b"API.Example.COM.").unwrap(), h);
+        assert_ne!(fqdn_name_hash(b"apie.xample.com").unwrap(), h);
+        assert_ne!(fqdn_name_hash(b"com.example.api").unwrap(), h);
+        assert_eq!(fqdn_name_hash(b"."), Some(FQDN_ROOT_HASH));
+        assert_eq!(fqdn_name_hash(b"a..b"), None);
+        assert_eq!(fqdn_name_hash(&[b'x'; 64]), None);
     }
 }

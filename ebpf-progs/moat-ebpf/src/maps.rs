@@ -9,6 +9,8 @@ use moat_common::{
     CidrKeyV4, CidrKeyV6, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheKeyV4,
     IpcacheKeyV6, IpcacheValue, METRIC_SLOTS, Meta, MetricValue, PolicyKey, PolicyValue,
     PortRangeKey, PortRuleSet, RateLimitState, ThreatConfig, ThreatSlot, map_size,
+    DnsQuery, DnsQueryKey, FqdnAddr, FqdnAddrKeyV4, FqdnAddrKeyV6, FqdnConfig, FqdnName,
+    FqdnPatternKey,
 };
 
 #[map(name = "MOAT_ENDPOINTS")]
@@ -72,3 +74,25 @@ pub static THREATS: Array<ThreatSlot> = Array::pinned(map_size::THREATS, 0);
 
 #[map(name = "MOAT_THREATEV")]
 pub static THREAT_EVENTS: RingBuf = RingBuf::pinned(map_size::THREAT_EVENTS_BYTES, 0);
+
+#[map(name = "MOAT_FQDNCFG")]
+pub static FQDN_CONFIG: Array<FqdnConfig> = Array::pinned(1, 0);
+
+#[map(name = "MOAT_FQDNPAT")]
+pub static FQDN_PATTERNS: HashMap<FqdnPatternKey, u32> =
+    HashMap::pinned(map_size::FQDN_PATTERNS, 0);
+
+#[map(name = "MOAT_FQDN4")]
+pub static FQDN_V4: LruHashMap<FqdnAddrKeyV4, FqdnAddr> =
+    LruHashMap::pinned(map_size::FQDN_ADDRS, 0);
+
+#[map(name = "MOAT_FQDN6")]
+pub static FQDN_V6: LruHashMap<FqdnAddrKeyV6, FqdnAddr> =
+    LruHashMap::pinned(map_size::FQDN_ADDRS, 0);
+
+#[map(name = "MOAT_FQDNNAME")]
+pub static FQDN_NAMES: LruHashMap<u64, FqdnName> = LruHashMap::pinned(map_size::FQDN_NAMES, 0);
+
+#[map(name = "MOAT_DNSQ")]
+pub static DNS_QUERIES: LruHashMap<DnsQueryKey, DnsQuery> =
+    LruHashMap::pinned(map_size::DNS_QUERIES, 0);

@@ -963,7 +963,10 @@ pub const fn fqdn_label_start(len: u8) -> u64 {
 /// a question (`*.` patterns) from one walk over it.
 #[inline(always)]
 pub const fn fqdn_join(label_hash: u64, suffix_hash: u64) -> u64 {
-    let mut x = label_hash ^ suffix_hash.rotate_left(29).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut x = label_hash
+        ^ suffix_hash
+            .rotate_left(29)
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 31;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 29)

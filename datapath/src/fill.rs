@@ -32,7 +32,7 @@ pub struct MapFill {
 }
 
 /// The maps whose fill is reported, in display order.
-pub const FILL_MAPS: [(&str, &str, u32); 8] = [
+pub const FILL_MAPS: [(&str, &str, u32); 12] = [
     ("endpoints", map_name::ENDPOINTS, map_size::ENDPOINTS),
     ("ipcache_v4", map_name::IPCACHE_V4, map_size::IPCACHE),
     ("ipcache_v6", map_name::IPCACHE_V6, map_size::IPCACHE),
@@ -41,6 +41,14 @@ pub const FILL_MAPS: [(&str, &str, u32); 8] = [
     ("cidr_v4", map_name::CIDR_V4, map_size::CIDR),
     ("cidr_v6", map_name::CIDR_V6, map_size::CIDR),
     ("conntrack", map_name::CONNTRACK, map_size::CONNTRACK),
+    (
+        "fqdn_patterns",
+        map_name::FQDN_PATTERNS,
+        map_size::FQDN_PATTERNS,
+    ),
+    ("fqdn_v4", map_name::FQDN_V4, map_size::FQDN_ADDRS),
+    ("fqdn_v6", map_name::FQDN_V6, map_size::FQDN_ADDRS),
+    ("fqdn_names", map_name::FQDN_NAMES, map_size::FQDN_NAMES),
 ];
 
 /// Fill of every map in `FILL_MAPS`; a map that cannot be opened or read is left out.

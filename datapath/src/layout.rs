@@ -34,7 +34,7 @@ const fn spec(
     }
 }
 
-pub fn specs() -> [MapSpec; 19] {
+pub fn specs() -> [MapSpec; 25] {
     [
         spec(
             map_name::ENDPOINTS,
@@ -156,6 +156,48 @@ pub fn specs() -> [MapSpec; 19] {
             0,
             0,
             map_size::THREAT_EVENTS_BYTES,
+        ),
+        spec(
+            map_name::FQDN_CONFIG,
+            MapType::Array,
+            4,
+            size_of::<FqdnConfig>(),
+            1,
+        ),
+        spec(
+            map_name::FQDN_PATTERNS,
+            MapType::Hash,
+            size_of::<FqdnPatternKey>(),
+            4,
+            map_size::FQDN_PATTERNS,
+        ),
+        spec(
+            map_name::FQDN_V4,
+            MapType::LruHash,
+            size_of::<FqdnAddrKeyV4>(),
+            size_of::<FqdnAddr>(),
+            map_size::FQDN_ADDRS,
+        ),
+        spec(
+            map_name::FQDN_V6,
+            MapType::LruHash,
+            size_of::<FqdnAddrKeyV6>(),
+            size_of::<FqdnAddr>(),
+            map_size::FQDN_ADDRS,
+        ),
+        spec(
+            map_name::FQDN_NAMES,
+            MapType::LruHash,
+            8,
+            size_of::<FqdnName>(),
+            map_size::FQDN_NAMES,
+        ),
+        spec(
+            map_name::DNS_QUERIES,
+            MapType::LruHash,
+            size_of::<DnsQueryKey>(),
+            size_of::<DnsQuery>(),
+            map_size::DNS_QUERIES,
         ),
     ]
 }

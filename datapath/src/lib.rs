@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod events;
 pub mod fill;
+pub mod fqdn;
 pub mod layout;
 pub mod loader;
 pub mod maps;
@@ -16,6 +17,7 @@ pub mod threats;
 
 pub use attach::{AttachMode, attach_endpoint, attach_endpoint_with, detach_endpoint, is_attached};
 pub use events::{EventReader, ThreatEventReader};
+pub use fqdn::FqdnMaps;
 pub use loader::Datapath;
 pub use maps::Maps;
 pub use pins::PinDir;

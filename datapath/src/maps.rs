@@ -477,6 +477,30 @@ impl Maps {
         Ok(values.iter().map(|v| v.packets).sum())
     }
 
+    /// Adds `n` to a special counter that userspace keeps (METRIC_FQDN_CAPPED): in the pinned
+    /// map rather than in moatd's memory so that it survives moatd restarts. Only moatd
+    /// writes such a slot, so read-add-write does not race with the kernel.
+    pub fn add_special_counter(&mut self, index: u32, n: u64) -> Result<()> {
+        let mut values: Vec<MetricValue> = self
+            .metrics
+            .get(&index, 0)
+            .map_err(map_err("reading metrics"))?
+            .iter()
+            .copied()
+            .collect();
+        let Some(first) = values.first_mut() else {
+            return Ok(());
+        };
+        first.packets = first.packets.saturating_add(n);
+        let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| Error::Map {
+            context: format!("writing metric slot {index}: {e}"),
+            source: aya::maps::MapError::InvalidMapType { map_type: 0 },
+        })?;
+        self.metrics
+            .set(index, values, 0)
+            .map_err(map_err(format!("writing metric slot {index}")))
+    }
+
     /// Packets counted for (verdict, reason, direction), summed over CPUs.
     pub fn count(&self, verdict: u8, reason: u8, direction: u8) -> Result<u64> {
         let values = self

@@ -220,7 +220,11 @@ fn status_reports_programs_map_fill_and_event_loss_that_match_the_kernel() {
             "port_ranges",
             "cidr_v4",
             "cidr_v6",
-            "conntrack"
+            "conntrack",
+            "fqdn_patterns",
+            "fqdn_v4",
+            "fqdn_v6",
+            "fqdn_names"
         ]
     );
     assert_eq!(fill("endpoints").entries, 3);

@@ -4,9 +4,14 @@
 //! Parsing refuses unknown fields everywhere except inside a peer: the upstream types ask an
 //! implementation that meets a peer with no field it knows (a newer CRD's peer kind) to
 //! *fail closed* rather than reject the object, so such a peer is kept as `Unknown` and
-//! `normalize` applies the rule written in the types: an Accept rule treats it as matching
-//! nothing, a Deny or Pass rule becomes "deny everything". `domainNames` peers are refused
-//! until Moat learns DNS names (a clear error beats a silent hole).
+//! normalize` applies the rule written in the types: an Accept rule treats it as matching
+//! nothing, a Deny or Pass rule becomes "deny everything".
+//!
+//! `domainNames` egress peers (upstream's experimental channel) are read where upstream
+//! supports them: in Accept rules ("DomainNames is only supported for Accept rules"), of
+//! either tier (v1alpha2 opened them to Baseline; no CEL rule restricts the tier). A Deny or
+//! Pass rule naming domains is refused with that reason rather than guessed at. Patterns
+//! follow upstream's DomainName (see [`crate::fqdn`]).
 //!
 //! Validation applies what the CRD's schema says (tier, priority 0-1000, exactly one subject,
 //! 1-25 peers and at most 25 rules per direction, exactly one field per protocol and per
@@ -16,6 +21,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::fqdn::FqdnPattern;
 use crate::netpol::{
     Direction, ObjectMeta, PathMessage, PortSpec, RulePort, deserialize_object, parse_all_yaml,
     parse_json, parse_one_yaml,
@@ -261,6 +267,8 @@ pub enum CnpPeer {
     /// Node addresses, by the Node's labels (egress only).
     Nodes(LabelSelector),
     Networks(Vec<IpNetwork>),
+    /// Addresses learned from DNS answers for one domain-name pattern (egress Accept only).
+    Fqdn(FqdnPattern),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +442,17 @@ fn check_rule(rule: &CnpRule, egress: bool) -> Result<(), PathMessage> {
     for (i, peer) in peers.iter().enumerate() {
         let at = format!(".{field}[{i}]");
         check_peer(peer, egress).map_err(|(p, m)| (format!("{at}{p}"), m))?;
-        address_peer |= peer.nodes.is_some() || peer.networks.is_some();
+        if peer.domain_names.is_some() && rule.action != Action::Accept {
+            return Err((
+                format!("{at}.domainNames"),
+                format!(
+                    "domainNames peers are only supported in Accept rules (upstream: \"DomainNames is only supported for Accept rules\"), not {}; deny by default at a lower precedence and accept the names",
+                    rule.action.name()
+                ),
+            ));
+        }
+        address_peer |=
+            peer.nodes.is_some() || peer.networks.is_some() || peer.domain_names.is_some();
     }
     if let Some(protocols) = &rule.protocols {
         if protocols.is_empty() || protocols.len() > MAX_PEERS {
@@ -448,7 +466,7 @@ fn check_rule(rule: &CnpRule, egress: bool) -> Result<(), PathMessage> {
             if address_peer && p.destination_named_port.is_some() {
                 return Err((
                     format!(".protocols[{i}].destinationNamedPort"),
-                    "a named port cannot be used with networks or nodes peers (addresses have no named ports)"
+                    "a named port cannot be used with networks, nodes or domainNames peers (addresses have no named ports)"
                         .into(),
                 ));
             }
@@ -505,12 +523,22 @@ fn check_peer(peer: &PeerSpec, egress: bool) -> Result<(), PathMessage> {
             parse_masked_cidr(text).map_err(|m| (format!(".networks[{i}]"), m))?;
         }
     }
-    if peer.domain_names.is_some() {
-        return Err((
-            ".domainNames".into(),
-            "domainNames peers are not supported by Moat yet; write the addresses as networks"
-                .into(),
-        ));
+    if let Some(names) = &peer.domain_names {
+        if !egress {
+            return Err((
+                ".domainNames".into(),
+                "only egress peers may name domains".into(),
+            ));
+        }
+        if names.is_empty() || names.len() > MAX_PEERS {
+            return Err((
+                ".domainNames".into(),
+                format!("{} domain names; 1 to {MAX_PEERS} are allowed", names.len()),
+            ));
+        }
+        for (i, name) in names.iter().enumerate() {
+            FqdnPattern::parse(name).map_err(|m| (format!(".domainNames[{i}]"), m))?;
+        }
     }
     Ok(())
 }
@@ -630,6 +658,12 @@ fn normalize_rule(rule: &CnpRule) -> NormalizedCnpRule {
                     .map(|t| parse_masked_cidr(t).expect("validated"))
                     .collect(),
             ));
+        } else if let Some(names) = &p.domain_names {
+            peers.extend(
+                names
+                    .iter()
+                    .map(|n| CnpPeer::Fqdn(FqdnPattern::parse(n).expect("validated"))),
+            );
         } else {
             unknown = true;
         }
@@ -838,12 +872,78 @@ mod tests {
         }
     }
 
+    fn message_of(spec: &str) -> (String, String) {
+        match parse(&format!("{HEAD}{spec}")).unwrap_err() {
+            Error::Parse { path, message, .. } | Error::Invalid { path, message, .. } => {
+                (path, message)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     #[test]
-    fn domain_names_are_refused_until_supported() {
+    fn domain_names_are_read_in_accept_rules_of_both_tiers() {
+        for tier in ["Admin", "Baseline"] {
+            let p = parse(&format!(
+                "{HEAD}spec:\n  tier: {tier}\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress: [{{action: Accept, to: [{{domainNames: [API.example.com., '*.s3.amazonaws.com']}}], protocols: [{{tcp: {{destinationPort: {{number: 443}}}}}}]}}]\n"
+            ))
+            .unwrap()
+            .normalize()
+            .unwrap();
+            let peers = p.egress[0].peers.as_ref().unwrap();
+            assert_eq!(
+                peers,
+                &vec![
+                    CnpPeer::Fqdn(FqdnPattern::parse("api.example.com").unwrap()),
+                    CnpPeer::Fqdn(FqdnPattern::parse("*.s3.amazonaws.com").unwrap()),
+                ],
+                "{tier}"
+            );
+        }
+    }
+
+    #[test]
+    fn domain_names_are_refused_where_upstream_does_not_support_them() {
         let base = "spec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n";
+        for action in ["Deny", "Pass"] {
+            let (path, message) = message_of(&format!(
+                "{base}  egress: [{{action: {action}, to: [{{domainNames: [example.com]}}]}}]\n"
+            ));
+            assert_eq!(path, "spec.egress[0].to[0].domainNames", "{action}");
+            assert!(
+                message.contains("only supported in Accept rules") && message.contains(action),
+                "{message}"
+            );
+        }
         assert_eq!(
             path_of(&format!(
-                "{base}  egress: [{{action: Accept, to: [{{domainNames: [example.com]}}]}}]\n"
+                "{base}  ingress: [{{action: Accept, from: [{{domainNames: [example.com]}}]}}]\n"
+            )),
+            "spec.ingress[0].from[0].domainNames"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{base}  egress: [{{action: Accept, to: [{{domainNames: [example.com, 'a.*.com']}}]}}]\n"
+            )),
+            "spec.egress[0].to[0].domainNames[1]"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{base}  egress: [{{action: Accept, to: [{{domainNames: []}}]}}]\n"
+            )),
+            "spec.egress[0].to[0].domainNames"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{base}  egress: [{{action: Accept, to: [{{domainNames: [example.com]}}], protocols: [{{destinationNamedPort: web}}]}}]\n"
+            )),
+            "spec.egress[0].protocols[0].destinationNamedPort"
+        );
+        let many: Vec<String> = (0..26).map(|i| format!("h{i}.example.com")).collect();
+        assert_eq!(
+            path_of(&format!(
+                "{base}  egress: [{{action: Accept, to: [{{domainNames: [{}]}}]}}]\n",
+                many.join(", ")
             )),
             "spec.egress[0].to[0].domainNames"
         );

@@ -16,19 +16,26 @@
 //!   allowed that the policy does not allow.
 //! - Rule ids are hashed from (namespace, policy, direction, rule index) into
 //!   [rule::FIRST_USER, 2^32): stable across restarts and nodes, no state to persist.
+//! - DNS-name peers (`Peer::Fqdn`): each distinct pattern gets a selector identity hashed from
+//!   its text into [IDENTITY_FQDN_FIRST, IDENTITY_FQDN_END) and is a remote identity like any
+//!   other for the rule's policy entries. The datapath gives a learned address the selectors
+//!   of the patterns its DNS question matched (MOAT_FQDNPAT: `fqdn_patterns`, per local
+//!   identity), so a flow to it finds those entries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use moat_common::{
-    ACTION_ALLOW, MAX_PORT_RULES, PolicyKey, PolicyValue, PortRangeKey, PortRule, PortRuleSet,
+    ACTION_ALLOW, FqdnPatternKey, MAX_PORT_RULES, PolicyKey, PolicyValue, PortRangeKey, PortRule,
+    PortRuleSet,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::{CidrItem, build_rule_set, flatten};
 use crate::cnp::{CnpPeer, NormalizedCnp, NormalizedCnpRule, Tier};
 use crate::error::Error;
+use crate::fqdn::FqdnPattern;
 use crate::identity::{
     CanonicalKey, HashedIds, IDENTITY_END, Identity, IdentityRegistry, SecurityLabels,
 };
@@ -324,16 +331,26 @@ pub struct Endpoint {
     pub identity: Identity,
     pub policy_id: u32,
     pub ips: Vec<IpAddr>,
+    /// Its identity has egress rules with DNS-name peers (ENDPOINT_FLAG_FQDN): the datapath
+    /// reads the DNS answers it receives and consults learned addresses for its new flows.
+    #[serde(default)]
+    pub fqdn: bool,
 }
 
 impl Endpoint {
-    /// The MOAT_ENDPOINTS value (addresses beyond the map's slots are left out).
+    /// The MOAT_ENDPOINTS value (addresses beyond the map's slots are left out). The policy
+    /// decides ENDPOINT_FLAG_FQDN: it is set or cleared here whatever `flags` says.
     pub fn to_endpoint_info(&self, mode: u8, flags: u8) -> moat_common::EndpointInfo {
+        let fqdn = if self.fqdn {
+            moat_common::ENDPOINT_FLAG_FQDN
+        } else {
+            0
+        };
         let mut info = moat_common::EndpointInfo {
             identity: self.identity.0,
             policy_id: self.policy_id,
             mode,
-            flags,
+            flags: flags & !moat_common::ENDPOINT_FLAG_FQDN | fqdn,
             ..Default::default()
         };
         for ip in &self.ips {
@@ -371,6 +388,12 @@ pub struct DatapathState {
     /// Pods whose mode a MoatPolicy sets (strictest wins); other pods keep the daemon's
     /// default (or their `moat.io/mode` annotation).
     pub modes: BTreeMap<PodRef, Mode>,
+    /// MOAT_FQDNPAT: for every identity an egress rule with DNS-name peers selects, one entry
+    /// per pattern: (identity, EXACT or SUBDOMAIN, hash of the name after `*.`) -> the
+    /// pattern's selector identity.
+    pub fqdn_patterns: BTreeMap<FqdnPatternKey, u32>,
+    /// Selector identity -> the pattern it stands for (`*.example.com`), for explanations.
+    pub fqdn_selectors: BTreeMap<u32, String>,
 }
 
 /// LPM key and prefix length (in bits, as the kernel wants it) of a CIDR entry.
@@ -415,6 +438,8 @@ pub struct Allocators {
     pub identities: IdentityRegistry,
     pub(crate) rules: HashedIds<RuleRef>,
     pub(crate) variants: HashedIds<VariantKey>,
+    /// Selector identities of DNS-name patterns.
+    pub(crate) fqdn: HashedIds<FqdnPattern>,
 }
 
 impl Default for Allocators {
@@ -427,6 +452,11 @@ impl Default for Allocators {
                 1 << 32,
             ),
             variants: HashedIds::new("endpoint policy ids", IDENTITY_END, 1 << 32),
+            fqdn: HashedIds::new(
+                "FQDN selector identities",
+                u64::from(moat_common::IDENTITY_FQDN_FIRST),
+                u64::from(moat_common::IDENTITY_FQDN_END),
+            ),
         }
     }
 }
@@ -550,6 +580,7 @@ pub(crate) fn cnp_as_rule(inputs: &ClusterInputs, rule: &NormalizedCnpRule) -> R
                     cidr: *n,
                     except: vec![],
                 })),
+                CnpPeer::Fqdn(pattern) => out.push(Peer::Fqdn(pattern.clone())),
                 CnpPeer::Nodes(sel) => {
                     for node in inputs.nodes.values().filter(|n| sel.matches(&n.labels)) {
                         out.extend(node.ips.iter().map(|ip| Peer::IpBlock {
@@ -600,9 +631,48 @@ pub(crate) fn selector_peers(rule: &Rule) -> Vec<(Option<LabelSelector>, Option<
         .flatten()
         .filter_map(|p| match p {
             Peer::Selector { pods, namespaces } => Some((pods.clone(), namespaces.clone())),
-            Peer::IpBlock { .. } => None,
+            Peer::IpBlock { .. } | Peer::Fqdn(_) => None,
         })
         .collect()
+}
+
+/// The DNS-name patterns of a rule's peers.
+pub(crate) fn fqdn_peers(rule: &Rule) -> impl Iterator<Item = &FqdnPattern> {
+    rule.peers.iter().flatten().filter_map(|p| match p {
+        Peer::Fqdn(pattern) => Some(pattern),
+        _ => None,
+    })
+}
+
+/// Every DNS-name pattern a policy of the inputs names (the live keys of the selector ids).
+pub(crate) fn live_fqdn_patterns(inputs: &ClusterInputs) -> BTreeSet<FqdnPattern> {
+    let netpol = inputs
+        .all_policies()
+        .flat_map(|(_, p)| p.egress.iter().flatten())
+        .flat_map(fqdn_peers);
+    let cluster = inputs
+        .cluster_policies
+        .values()
+        .flat_map(|p| &p.egress)
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|p| match p {
+            CnpPeer::Fqdn(pattern) => Some(pattern),
+            _ => None,
+        });
+    netpol.chain(cluster).cloned().collect()
+}
+
+/// Whether egress rules with DNS-name peers apply to pods with `labels` (exactly when their
+/// identity gets `fqdn_patterns` entries).
+pub(crate) fn has_fqdn_egress(inputs: &ClusterInputs, labels: &SecurityLabels) -> bool {
+    let netpol = selecting(inputs, labels, Direction::Egress)
+        .flat_map(|(_, p)| p.egress.iter().flatten())
+        .any(|r| fqdn_peers(r).next().is_some());
+    netpol
+        || cluster_selecting(inputs, labels, Direction::Egress)
+            .flat_map(|p| &p.egress)
+            .flat_map(|r| r.peers.iter().flatten())
+            .any(|p| matches!(p, CnpPeer::Fqdn(_)))
 }
 
 pub(crate) fn has_named_port(rule: &Rule) -> bool {
@@ -737,6 +807,7 @@ impl Tables {
             identity,
             policy_id,
             ips: pod.ips.clone(),
+            fqdn: has_fqdn_egress(inputs, &self.labels[&identity]),
         })
     }
 
@@ -845,6 +916,7 @@ pub(crate) fn build(
         .flat_map(|(k, p)| rule_refs(k, p).map(|(r, _)| r))
         .collect();
     alloc.rules.sync(&rule_keys)?;
+    alloc.fqdn.sync(&live_fqdn_patterns(inputs))?;
     for (kind, p) in inputs.all_policies() {
         t.add_policy_rules(kind, p);
     }
@@ -885,6 +957,11 @@ pub(crate) fn build(
             .map(|(id, s)| (*id, s.to_label_set()))
             .collect(),
         rules: alloc.rules.iter().map(|(k, id)| (id, k.clone())).collect(),
+        fqdn_selectors: alloc
+            .fqdn
+            .iter()
+            .map(|(p, id)| (id, p.to_string()))
+            .collect(),
         cluster_rules: inputs
             .cluster_policies
             .values()
@@ -916,6 +993,7 @@ pub(crate) fn build(
         inputs,
         tables: &t,
         rule_ids: &alloc.rules,
+        fqdn_ids: &alloc.fqdn,
         only_remotes: None,
     };
     for id in t.labels.keys() {
@@ -1002,6 +1080,7 @@ pub(crate) struct Ctx<'a> {
     pub inputs: &'a ClusterInputs,
     pub tables: &'a Tables,
     pub rule_ids: &'a HashedIds<RuleRef>,
+    pub fqdn_ids: &'a HashedIds<FqdnPattern>,
     /// When set, only the identity-keyed entries (policy map, port ranges) whose remote
     /// identity is in the set are produced: what an identity that came or went changes in
     /// the policy ids that allow it by selector.
@@ -1014,7 +1093,7 @@ impl Ctx<'_> {
         let labels = &self.tables.labels[&id];
         for g in self.tables.groups.get(&id).into_iter().flatten() {
             for d in Direction::BOTH {
-                self.compile_policy_id(state, g.policy_id, labels, &g.resolution, d)?;
+                self.compile_policy_id(state, id, g.policy_id, labels, &g.resolution, d)?;
             }
         }
         Ok(())
@@ -1023,6 +1102,7 @@ impl Ctx<'_> {
     fn compile_policy_id(
         &self,
         state: &mut DatapathState,
+        identity: Identity,
         policy_id: u32,
         labels: &SecurityLabels,
         local_resolution: &Resolution,
@@ -1048,6 +1128,7 @@ impl Ctx<'_> {
                     state: &mut *state,
                     ranges: &mut ranges,
                     cidr_items: &mut cidr_items,
+                    identity,
                     policy_id,
                     dir,
                     rule_id,
@@ -1066,6 +1147,7 @@ impl Ctx<'_> {
                     state: &mut *state,
                     ranges: &mut ranges,
                     cidr_items: &mut cidr_items,
+                    identity,
                     policy_id,
                     dir,
                     rule_id: cnp_rule_id(policy.priority, slot, direction, rule_ref.index),
@@ -1183,10 +1265,19 @@ impl Ctx<'_> {
             }
         }
 
+        // DNS-name peers: their selector identities, and the local identity's pattern
+        // entries that tell the datapath which answers teach it addresses for them.
+        let mut selectors = Vec::new();
+        for pattern in fqdn_peers(rule) {
+            let selector = self.fqdn_ids.get(pattern).expect("synced");
+            selectors.push(selector);
+            out.fqdn_pattern(pattern, selector);
+        }
+
         let identity_targets: Vec<u32> = if all_peers {
             vec![moat_common::IDENTITY_ANY]
         } else {
-            remotes.iter().map(|i| i.0).collect()
+            remotes.iter().map(|i| i.0).chain(selectors).collect()
         };
         for remote in &identity_targets {
             for m in &fixed {
@@ -1295,6 +1386,8 @@ struct RuleOut<'a> {
     state: &'a mut DatapathState,
     ranges: &'a mut BTreeMap<PortRangeKey, Vec<PortRule>>,
     cidr_items: &'a mut Vec<CidrItem>,
+    /// The local identity (the key of its DNS-name pattern entries).
+    identity: Identity,
     policy_id: u32,
     dir: u8,
     rule_id: u32,
@@ -1314,6 +1407,21 @@ impl RuleOut<'_> {
             tier: self.tier,
             _pad: 0,
         }
+    }
+
+    /// The pattern entry of the local identity. Patterns depend only on the policies that
+    /// select the identity, so a remotes-only pass leaves them alone.
+    fn fqdn_pattern(&mut self, pattern: &FqdnPattern, selector: u32) {
+        if self.only_remotes.is_some() {
+            return;
+        }
+        let key = FqdnPatternKey {
+            identity: self.identity.0,
+            kind: pattern.kind(),
+            _pad: [0; 3],
+            name_hash: pattern.name_hash(),
+        };
+        self.state.fqdn_patterns.insert(key, selector);
     }
 
     fn insert(&mut self, remote: u32, dport: u16, proto: u8) {

@@ -16,6 +16,9 @@
 //! - A namespace label change re-identifies that namespace's pods: old identities go, new
 //!   ones come, as above (only rules whose namespaceSelector matched or matches recompile).
 //! - Node addresses change ipcache entries only.
+//! - DNS-name patterns: an identity's pattern entries are recompiled with its other entries;
+//!   selector ids are kept in step with the patterns the policies name (a policy change that
+//!   adds or drops a pattern updates them, and their explanations in `fqdn_selectors`).
 //!
 //! Ids are hashed, and their collision handling is canonical (a function of the live keys);
 //! when an event would renumber a surviving identity, rule or variant (a rare collision
@@ -25,15 +28,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use moat_common::{PolicyKey, PolicyValue, PortRangeKey, PortRuleSet};
+use moat_common::{FqdnPatternKey, PolicyKey, PolicyValue, PortRangeKey, PortRuleSet};
 
 use crate::cnp::ClusterNetworkPolicy;
 use crate::compile::{
     Allocators, ClusterInputs, Ctx, DatapathState, Endpoint, Group, NodeInfo, Pod, PodRef,
-    PolicyKind, RuleRef, Tables, assign_groups, build, grouping, peer_matches, rule_refs,
-    variant_keys,
+    PolicyKind, RuleRef, Tables, assign_groups, build, fqdn_peers, grouping, live_fqdn_patterns,
+    peer_matches, rule_refs, variant_keys,
 };
 use crate::error::Error;
+use crate::evaluate::DirectionVerdict;
+use crate::fqdn::FqdnPattern;
 use crate::identity::{Collision, Identity, SecurityLabels};
 use crate::labels::LabelSet;
 use crate::moatpolicy::{MoatPolicy, Mode};
@@ -100,6 +105,8 @@ pub struct Delta {
     pub rules: MapDelta<u32, RuleRef>,
     pub cluster_rules: MapDelta<(u8, u32), RuleRef>,
     pub modes: MapDelta<PodRef, Mode>,
+    pub fqdn_patterns: MapDelta<FqdnPatternKey, u32>,
+    pub fqdn_selectors: MapDelta<u32, String>,
 }
 
 impl Delta {
@@ -115,6 +122,8 @@ impl Delta {
             rules: MapDelta::between(&old.rules, &new.rules),
             cluster_rules: MapDelta::between(&old.cluster_rules, &new.cluster_rules),
             modes: MapDelta::between(&old.modes, &new.modes),
+            fqdn_patterns: MapDelta::between(&old.fqdn_patterns, &new.fqdn_patterns),
+            fqdn_selectors: MapDelta::between(&old.fqdn_selectors, &new.fqdn_selectors),
         }
     }
 
@@ -129,6 +138,8 @@ impl Delta {
         self.rules.apply(&mut state.rules);
         self.cluster_rules.apply(&mut state.cluster_rules);
         self.modes.apply(&mut state.modes);
+        self.fqdn_patterns.apply(&mut state.fqdn_patterns);
+        self.fqdn_selectors.apply(&mut state.fqdn_selectors);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -142,6 +153,8 @@ impl Delta {
             && self.rules.is_empty()
             && self.cluster_rules.is_empty()
             && self.modes.is_empty()
+            && self.fqdn_patterns.is_empty()
+            && self.fqdn_selectors.is_empty()
     }
 
     /// True when only endpoint, mode and ipcache entries change (the cheap-churn case).
@@ -153,6 +166,8 @@ impl Delta {
             && self.cidr_v6.is_empty()
             && self.rules.is_empty()
             && self.cluster_rules.is_empty()
+            && self.fqdn_patterns.is_empty()
+            && self.fqdn_selectors.is_empty()
     }
 }
 
@@ -206,6 +221,28 @@ impl Engine {
     /// rule the tier, policy, priority, rule (by name when it has one, else by index) and
     /// action; for a NetworkPolicy or MoatPolicy rule its policy and index.
     pub fn describe_rule(&self, reason: u8, rule_id: u32) -> Option<String> {
+        self.describe_rule_via(reason, rule_id, None)
+    }
+
+    /// `describe_rule` for a verdict (`DirectionVerdict`): when its rule matched through an
+    /// address learned from DNS, the DNS-name pattern is named too:
+    /// `MoatPolicy ns/name egress[0] to fqdn "*.example.com"`,
+    /// `Admin ClusterNetworkPolicy guard (priority 5) egress rule 0 to fqdn "api.example.com": Accept`.
+    pub fn describe_verdict(&self, verdict: &DirectionVerdict) -> Option<String> {
+        self.describe_rule_via(verdict.reason, verdict.rule_id, verdict.fqdn_selector)
+    }
+
+    /// `describe_rule`, naming the pattern of `fqdn_selector` (a selector identity) if any.
+    pub fn describe_rule_via(
+        &self,
+        reason: u8,
+        rule_id: u32,
+        fqdn_selector: Option<u32>,
+    ) -> Option<String> {
+        let peer = fqdn_selector
+            .and_then(|s| self.state.fqdn_selectors.get(&s))
+            .map(|pattern| format!(" to fqdn {pattern:?}"))
+            .unwrap_or_default();
         let r = self.state.rule_for(reason, rule_id)?;
         let Some(cnp) = self.inputs.cluster_policies.get(&r.policy).filter(|_| {
             matches!(
@@ -213,7 +250,7 @@ impl Engine {
                 PolicyKind::AdminClusterNetworkPolicy | PolicyKind::BaselineClusterNetworkPolicy
             )
         }) else {
-            return Some(r.to_string());
+            return Some(format!("{r}{peer}"));
         };
         let rule = cnp.rules(r.direction).get(r.index as usize)?;
         let which = match &rule.name {
@@ -221,7 +258,7 @@ impl Engine {
             None => format!("rule {}", r.index),
         };
         Some(format!(
-            "{} ClusterNetworkPolicy {} (priority {}) {} {which}: {}",
+            "{} ClusterNetworkPolicy {} (priority {}) {} {which}{peer}: {}",
             cnp.tier.name(),
             cnp.name,
             cnp.priority,
@@ -567,6 +604,22 @@ fn copy_remote_entries(from: &DatapathState, pid: u32, remote: u32, to: &mut Dat
         .extend(from.port_ranges.range(lo..=hi).map(|(k, v)| (*k, *v)));
 }
 
+/// Copies the DNS-name pattern entries of one identity.
+fn copy_fqdn_patterns(from: &DatapathState, id: Identity, to: &mut DatapathState) {
+    let lo = FqdnPatternKey {
+        identity: id.0,
+        ..FqdnPatternKey::default()
+    };
+    let hi = FqdnPatternKey {
+        identity: id.0,
+        kind: u8::MAX,
+        _pad: [u8::MAX; 3],
+        name_hash: u64::MAX,
+    };
+    to.fqdn_patterns
+        .extend(from.fqdn_patterns.range(lo..=hi).map(|(k, v)| (*k, *v)));
+}
+
 fn pids(groups: &[Group]) -> impl Iterator<Item = u32> + '_ {
     groups.iter().map(|g| g.policy_id)
 }
@@ -678,6 +731,34 @@ fn step(
         }
     }
 
+    // 2b. DNS-name patterns the changed policies named or name: selector ids for new
+    // patterns, none for patterns no policy names any more (another may still name one).
+    let mut selectors_old = BTreeMap::new();
+    let mut selectors_new = BTreeMap::new();
+    let names_fqdn = |p: Option<&NormalizedPolicy>| {
+        p.and_then(|p| p.egress.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|r| fqdn_peers(r).next().is_some())
+    };
+    if ch.policies.iter().any(|(kind, ns, name, old)| {
+        names_fqdn(old.as_ref()) || names_fqdn(inputs.policy(*kind, ns, name))
+    }) {
+        let live = live_fqdn_patterns(inputs);
+        let known: BTreeSet<FqdnPattern> = alloc.fqdn.iter().map(|(p, _)| p.clone()).collect();
+        let fresh: BTreeSet<FqdnPattern> = live.difference(&known).cloned().collect();
+        let gone: BTreeSet<FqdnPattern> = known.difference(&live).cloned().collect();
+        for p in &gone {
+            selectors_old.insert(alloc.fqdn.get(p).expect("live pattern"), p.to_string());
+        }
+        if !alloc.fqdn.update(&fresh, &gone)? {
+            return Ok(None);
+        }
+        for p in &fresh {
+            selectors_new.insert(alloc.fqdn.get(p).expect("updated"), p.to_string());
+        }
+    }
+
     // 3. Identities that came or went change the remote sets of the rules that match them;
     // the policy ids those rules apply to need their entries for these remotes only.
     let mut dirty_policies: BTreeSet<(PolicyKind, &str, &str)> = BTreeSet::new();
@@ -725,6 +806,8 @@ fn step(
                         .flatten()
                         .any(|l| peer_matches(&p.namespace, pods, namespaces, l)),
                     Peer::IpBlock { cidr, .. } => pod_ips.iter().any(|ip| cidr.contains(*ip)),
+                    // Learned addresses are not pods: no named port resolves on them.
+                    Peer::Fqdn(_) => false,
                 }),
             };
             if hit {
@@ -834,11 +917,16 @@ fn step(
     for pid in &policy_ids {
         copy_policy_id(state, *pid, &mut old_sub);
     }
+    // Pattern entries are per identity: those of every identity recompiled in full or gone.
+    for id in dirty_ids.iter().chain(old_groups.keys()) {
+        copy_fqdn_patterns(state, *id, &mut old_sub);
+    }
     let mut new_sub = DatapathState::default();
     let ctx = Ctx {
         inputs,
         tables: t,
         rule_ids: &alloc.rules,
+        fqdn_ids: &alloc.fqdn,
         only_remotes: None,
     };
     for id in &dirty_ids {
@@ -903,6 +991,7 @@ fn step(
     }
     let mut delta = Delta::between(&old_sub, &new_sub);
     delta.rules = MapDelta::between(&rules_old, &rules_new);
+    delta.fqdn_selectors = MapDelta::between(&selectors_old, &selectors_new);
     Ok(Some(delta))
 }
 

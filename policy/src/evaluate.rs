@@ -2,12 +2,20 @@
 //! lookups in the same order as the eBPF policy code, so `moatctl` can explain a verdict and
 //! the conformance cases can run without a kernel. A flow between two pods is judged twice,
 //! as the datapath does: egress at the source endpoint, ingress at the destination endpoint.
+//!
+//! DNS-name rules: `evaluate_learned` judges a flow to an address the datapath learned from
+//! DNS answers to the source pod for some names. Each name gives the selector identities of
+//! the patterns it matches for the pod's identity (`DatapathState::fqdn_selectors_for`, the
+//! MOAT_FQDNPAT lookups), and the egress lookup then collects the entries of those selectors
+//! beside the address's own identity's before the tiers decide: a learned address is one
+//! more remote identity, so an Admin Deny of its network still wins over an Accept of its
+//! name, and the first rule of a tier is the first whichever way it matched.
 
 use std::net::IpAddr;
 
 use moat_common::{
-    ACTION_ALLOW, ACTION_DENY, PolicyKey, PortRangeKey, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL,
-    reason, rule,
+    ACTION_ALLOW, ACTION_DENY, FQDN_MATCH_EXACT, FQDN_MATCH_SUBDOMAIN, FqdnPatternKey, PolicyKey,
+    PortRangeKey, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL, fqdn_name_hash, reason, rule,
 };
 use serde::Serialize;
 
@@ -32,6 +40,10 @@ pub struct DirectionVerdict {
     pub rule_id: u32,
     pub reason: u8,
     pub remote_identity: Identity,
+    /// When the deciding rule matched through a learned address: the selector identity of
+    /// the DNS-name pattern (`DatapathState::fqdn_selectors` names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fqdn_selector: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -66,30 +78,62 @@ pub fn lookup(
     proto: u8,
     dport: u16,
 ) -> DirectionVerdict {
+    lookup_learned(
+        state,
+        policy_id,
+        remote,
+        remote_addr,
+        direction,
+        proto,
+        dport,
+        &[],
+    )
+}
+
+/// `lookup` for a remote address learned for the DNS-name selectors `selectors` (egress):
+/// their identity-keyed entries count as the address's own.
+#[allow(clippy::too_many_arguments)]
+pub fn lookup_learned(
+    state: &DatapathState,
+    policy_id: u32,
+    remote: Identity,
+    remote_addr: IpAddr,
+    direction: Direction,
+    proto: u8,
+    dport: u16,
+    selectors: &[u32],
+) -> DirectionVerdict {
     let dir = direction.as_u8();
-    let verdict = |allowed, rule_id, reason| DirectionVerdict {
+    let verdict = |allowed, rule_id, reason, via: Option<u32>| DirectionVerdict {
         allowed,
         rule_id,
         reason,
         remote_identity: remote,
+        fqdn_selector: via,
     };
     // (a) A pod never blocks its own node (kubelet probes): what the node sends it. What the
     // pod sends the node is policy like any other destination, as in the datapath, which
     // judges a pod's egress to the host by its rules.
     if remote == Identity::HOST && direction == Direction::Ingress {
-        return verdict(true, rule::HOST, reason::HOST);
+        return verdict(true, rule::HOST, reason::HOST, None);
     }
-    // (b) Every lookup, in datapath order, collecting (tier, rule_id, action).
-    let mut matches: Vec<(u8, u32, u8)> = Vec::new();
+    // (b) Every lookup, in datapath order, collecting (tier, rule_id, action, selector it
+    // matched through); the learned selectors' come after the address's own.
+    let mut matches: Vec<(u8, u32, u8, Option<u32>)> = Vec::new();
     let r = remote.0;
-    for (rid, port, p) in [
+    let identity_keys = [
         (r, dport, proto),
         (r, 0, proto),
         (r, 0, 0),
         (0, dport, proto),
         (0, 0, proto),
         (0, 0, 0),
-    ] {
+    ]
+    .map(|k| (k, None));
+    let selector_keys = selectors
+        .iter()
+        .flat_map(|s| [(*s, dport, proto), (*s, 0, proto), (*s, 0, 0)].map(|k| (k, Some(*s))));
+    for ((rid, port, p), via) in identity_keys.into_iter().chain(selector_keys) {
         let key = PolicyKey {
             policy_id,
             remote_identity: rid,
@@ -104,12 +148,15 @@ pub fn lookup(
                 (TIER_BASELINE, v.baseline_rule, v.baseline_action),
             ] {
                 if action != 0 {
-                    matches.push((tier, rule_id, action));
+                    matches.push((tier, rule_id, action, via));
                 }
             }
         }
     }
-    for rid in [r, 0] {
+    let range_remotes = [(r, None), (0, None)]
+        .into_iter()
+        .chain(selectors.iter().map(|s| (*s, Some(*s))));
+    for (rid, via) in range_remotes {
         let key = PortRangeKey {
             policy_id,
             remote_identity: rid,
@@ -121,7 +168,7 @@ pub fn lookup(
             // The key already fixed the protocol; rules only bound the port.
             for rule in rules_of(set) {
                 if rule.port_start <= dport && dport <= rule.port_end {
-                    matches.push((rule.tier, rule.rule_id, rule.action));
+                    matches.push((rule.tier, rule.rule_id, rule.action, via));
                 }
             }
         }
@@ -146,7 +193,7 @@ pub fn lookup(
                 && rule.port_start <= dport
                 && dport <= rule.port_end
             {
-                matches.push((rule.tier, rule.rule_id, rule.action));
+                matches.push((rule.tier, rule.rule_id, rule.action, None));
             }
         }
     }
@@ -155,29 +202,29 @@ pub fn lookup(
     let first_in = |tier: u8| {
         matches
             .iter()
-            .filter(|(t, _, _)| *t == tier)
-            .min_by_key(|(_, rid, _)| *rid)
-            .map(|(_, rid, action)| (*rid, *action))
+            .filter(|(t, _, _, _)| *t == tier)
+            .min_by_key(|(_, rid, _, _)| *rid)
+            .map(|(_, rid, action, via)| (*rid, *action, *via))
     };
     match first_in(TIER_ADMIN) {
-        Some((rid, ACTION_ALLOW)) => return verdict(true, rid, reason::ADMIN_ACCEPT),
-        Some((rid, ACTION_DENY)) => return verdict(false, rid, reason::ADMIN_DENY),
+        Some((rid, ACTION_ALLOW, via)) => return verdict(true, rid, reason::ADMIN_ACCEPT, via),
+        Some((rid, ACTION_DENY, via)) => return verdict(false, rid, reason::ADMIN_DENY, via),
         _ => {}
     }
     // NetworkPolicy: deny wins, then the first allow, else default deny.
-    let netpol = || matches.iter().filter(|(t, _, _)| *t == TIER_NETPOL);
-    if let Some((_, rid, _)) = netpol().find(|(_, _, a)| *a == ACTION_DENY) {
-        return verdict(false, *rid, reason::POLICY_DENY);
+    let netpol = || matches.iter().filter(|(t, _, _, _)| *t == TIER_NETPOL);
+    if let Some((_, rid, _, via)) = netpol().find(|(_, _, a, _)| *a == ACTION_DENY) {
+        return verdict(false, *rid, reason::POLICY_DENY, *via);
     }
-    match netpol().find(|(_, _, a)| *a == ACTION_ALLOW) {
+    match netpol().find(|(_, _, a, _)| *a == ACTION_ALLOW) {
         // Not isolated by any NetworkPolicy: the Baseline tier may still decide.
-        Some((_, rule::NOT_ISOLATED, _)) => match first_in(TIER_BASELINE) {
-            Some((rid, ACTION_ALLOW)) => verdict(true, rid, reason::BASELINE_ACCEPT),
-            Some((rid, ACTION_DENY)) => verdict(false, rid, reason::BASELINE_DENY),
-            _ => verdict(true, rule::NOT_ISOLATED, reason::POLICY_ALLOW),
+        Some((_, rule::NOT_ISOLATED, _, _)) => match first_in(TIER_BASELINE) {
+            Some((rid, ACTION_ALLOW, via)) => verdict(true, rid, reason::BASELINE_ACCEPT, via),
+            Some((rid, ACTION_DENY, via)) => verdict(false, rid, reason::BASELINE_DENY, via),
+            _ => verdict(true, rule::NOT_ISOLATED, reason::POLICY_ALLOW, None),
         },
-        Some((_, rid, _)) => verdict(true, *rid, reason::POLICY_ALLOW),
-        None => verdict(false, rule::NONE, reason::DEFAULT_DENY),
+        Some((_, rid, _, via)) => verdict(true, *rid, reason::POLICY_ALLOW, *via),
+        None => verdict(false, rule::NONE, reason::DEFAULT_DENY, None),
     }
 }
 
@@ -191,6 +238,37 @@ impl DatapathState {
             _ => return self.rules.get(&rule_id),
         };
         self.cluster_rules.get(&(tier, rule_id))
+    }
+
+    /// The selector identities a pod of `identity` learns an answer to `name` for, as the
+    /// datapath finds them in MOAT_FQDNPAT: (identity, EXACT, hash of the name), then
+    /// (identity, SUBDOMAIN, hash of each proper suffix at a label boundary). Sorted, without
+    /// repeats; empty for a name the datapath would not hash.
+    pub fn fqdn_selectors_for(&self, identity: Identity, name: &str) -> Vec<u32> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let key = |kind: u8, text: &str| {
+            fqdn_name_hash(text.as_bytes()).map(|name_hash| FqdnPatternKey {
+                identity: identity.0,
+                kind,
+                _pad: [0; 3],
+                name_hash,
+            })
+        };
+        if key(FQDN_MATCH_EXACT, name).is_none() {
+            return Vec::new();
+        }
+        let suffixes = name
+            .match_indices('.')
+            .map(|(i, _)| &name[i + 1..])
+            .filter_map(|suffix| key(FQDN_MATCH_SUBDOMAIN, suffix));
+        let mut out: Vec<u32> = key(FQDN_MATCH_EXACT, name)
+            .into_iter()
+            .chain(suffixes)
+            .filter_map(|k| self.fqdn_patterns.get(&k).copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 }
 
@@ -247,6 +325,19 @@ pub fn evaluate(
     port: u16,
     proto: u8,
 ) -> Result<Verdict, Error> {
+    evaluate_learned(state, from, to, port, proto, &[])
+}
+
+/// `evaluate` for a destination address the datapath learned from DNS answers for `names`
+/// (to the source pod): egress also consults the DNS-name rules whose patterns match them.
+pub fn evaluate_learned(
+    state: &DatapathState,
+    from: &FlowEnd,
+    to: &FlowEnd,
+    port: u16,
+    proto: u8,
+    names: &[&str],
+) -> Result<Verdict, Error> {
     let (src, dst) = addresses(state, from, to)?;
     let src_id = ipcache_lookup(state, src);
     let dst_id = ipcache_lookup(state, dst);
@@ -255,7 +346,15 @@ pub fn evaluate(
         FlowEnd::Address(_) => None,
     };
     let egress = endpoint(from).map(|e| {
-        lookup(
+        // Only an endpoint with DNS-name rules (ENDPOINT_FLAG_FQDN) learns addresses.
+        let mut selectors: Vec<u32> = names
+            .iter()
+            .filter(|_| e.fqdn)
+            .flat_map(|n| state.fqdn_selectors_for(e.identity, n))
+            .collect();
+        selectors.sort_unstable();
+        selectors.dedup();
+        lookup_learned(
             state,
             e.policy_id,
             dst_id,
@@ -263,6 +362,7 @@ pub fn evaluate(
             Direction::Egress,
             proto,
             port,
+            &selectors,
         )
     });
     let ingress = endpoint(to).map(|e| {

@@ -18,6 +18,7 @@ pub mod compile;
 pub mod engine;
 pub mod error;
 pub mod evaluate;
+pub mod fqdn;
 pub mod identity;
 pub mod labels;
 pub mod moatpolicy;
@@ -32,7 +33,8 @@ pub use compile::{
 };
 pub use engine::{Delta, Engine, MapDelta};
 pub use error::Error;
-pub use evaluate::{DirectionVerdict, FlowEnd, Verdict, evaluate};
+pub use evaluate::{DirectionVerdict, FlowEnd, Verdict, evaluate, evaluate_learned};
+pub use fqdn::FqdnPattern;
 pub use identity::{Identity, IdentityRegistry, SecurityLabels};
 pub use labels::LabelSet;
 pub use moatpolicy::{MoatPolicy, Mode, NormalizedMoatPolicy};

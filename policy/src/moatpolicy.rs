@@ -15,12 +15,19 @@
 //!   `ingress: [{from: [{group: payments-api}], ports: [{port: 443}]}]`. As in NetworkPolicy,
 //!   a present list isolates its direction for the selected pods (an empty one allows
 //!   nothing); `ports` has NetworkPolicy's syntax and meaning (named ports included). Unlike
-//!   NetworkPolicy, `from`/`to` must name at least one group: "every peer" is not something
+//!   NetworkPolicy, `from`/`to` must name at least one peer: "every peer" is not something
 //!   these rules express.
+//! - Egress peers may also name DNS names: `to: [{fqdn: api.stripe.com},
+//!   {fqdn: "*.s3.amazonaws.com"}]` (see [`crate::fqdn`] for the pattern rules; at most
+//!   MAX_FQDN_PEERS per rule). The datapath learns the addresses such names resolve to from
+//!   the DNS answers the selected pods receive. A peer is exactly one of `group` and `fqdn`;
+//!   `fqdn` is refused in ingress rules (a DNS answer says where a pod connects to, not who
+//!   connects to it) and beside named ports (a name has no container ports).
 //!
 //! Compilation turns a MoatPolicy into the same normalized form as a NetworkPolicy (group
-//! peers become ipBlock peers), so the engine, evaluator and tests treat both alike; rule ids
-//! of MoatPolicy rules are distinct from those of a NetworkPolicy of the same name.
+//! peers become ipBlock peers, fqdn peers `Peer::Fqdn`), so the engine, evaluator and tests
+//! treat both alike; rule ids of MoatPolicy rules are distinct from those of a NetworkPolicy
+//! of the same name.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +35,8 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::fqdn::FqdnPattern;
+use crate::netpol::IntOrString;
 use crate::netpol::{
     NormalizedPolicy, ObjectMeta, Peer, PolicyPort, Rule, deserialize_object, normalize_ports,
     parse_all_yaml, parse_cidr, parse_json, parse_one_yaml, validate_port,
@@ -39,6 +48,8 @@ pub const KIND: &str = "MoatPolicy";
 /// Schema limits (the API server enforces them too; checked here for other sources).
 pub const MAX_EXTERNAL_GROUPS: usize = 64;
 pub const MAX_GROUP_CIDRS: usize = 256;
+/// DNS-name peers per rule (upstream ClusterNetworkPolicy's limit for domainNames).
+pub const MAX_FQDN_PEERS: usize = 25;
 
 /// Enforcement mode of an endpoint: the one type moatd, its API and its clients share.
 pub use moat_api::EndpointMode as Mode;
@@ -85,7 +96,7 @@ pub struct ExternalGroup {
 pub struct MoatIngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PolicyPort>>,
-    pub from: Vec<GroupPeer>,
+    pub from: Vec<MoatPeer>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,14 +104,35 @@ pub struct MoatIngressRule {
 pub struct MoatEgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PolicyPort>>,
-    pub to: Vec<GroupPeer>,
+    pub to: Vec<MoatPeer>,
 }
 
-/// A rule peer: one external group of the same MoatPolicy, by name.
+/// A rule peer: exactly one of an external group of the same MoatPolicy (by name) and, in
+/// egress rules, a DNS-name pattern.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GroupPeer {
+pub struct MoatPeer {
+    /// Empty when absent (a group name is never empty), so that group peers read as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+}
+
+impl MoatPeer {
+    pub fn group(name: &str) -> Self {
+        Self {
+            group: name.to_string(),
+            fqdn: None,
+        }
+    }
+
+    pub fn fqdn(pattern: &str) -> Self {
+        Self {
+            group: String::new(),
+            fqdn: Some(pattern.to_string()),
+        }
+    }
 }
 
 /// The compiler's view of a valid MoatPolicy.
@@ -238,10 +270,48 @@ impl MoatPolicy {
             if peers.is_empty() {
                 return Err(invalid(
                     format!("{base}.{peers_field}"),
-                    "must name at least one external group".into(),
+                    "must name at least one external group or DNS name".into(),
+                ));
+            }
+            let fqdn_peers = peers.iter().filter(|p| p.fqdn.is_some()).count();
+            if fqdn_peers > MAX_FQDN_PEERS {
+                return Err(invalid(
+                    format!("{base}.{peers_field}"),
+                    format!("{fqdn_peers} fqdn peers; at most {MAX_FQDN_PEERS} per rule"),
+                ));
+            }
+            if fqdn_peers > 0
+                && let Some(k) = ports
+                    .iter()
+                    .flatten()
+                    .position(|p| matches!(p.port, Some(IntOrString::String(_))))
+            {
+                return Err(invalid(
+                    format!("{base}.ports[{k}].port"),
+                    "a named port cannot be used with fqdn peers (DNS names have no container ports)".into(),
                 ));
             }
             for (j, peer) in peers.iter().enumerate() {
+                let at = format!("{base}.{peers_field}[{j}]");
+                if let Some(pattern) = &peer.fqdn {
+                    if !peer.group.is_empty() {
+                        return Err(invalid(
+                            at,
+                            "exactly one of group and fqdn may be set".into(),
+                        ));
+                    }
+                    if dir == "ingress" {
+                        return Err(invalid(
+                            format!("{at}.fqdn"),
+                            "fqdn peers are for egress rules only (a DNS answer says where a pod connects to, not who connects to it)".into(),
+                        ));
+                    }
+                    FqdnPattern::parse(pattern).map_err(|m| invalid(format!("{at}.fqdn"), m))?;
+                    continue;
+                }
+                if peer.group.is_empty() {
+                    return Err(invalid(at, "one of group and fqdn must be set".into()));
+                }
                 if !names.contains_key(peer.group.as_str()) {
                     let defined: Vec<&str> = names.keys().copied().collect();
                     return Err(invalid(
@@ -279,17 +349,20 @@ impl MoatPolicy {
                 (g.name.clone(), cidrs)
             })
             .collect();
-        let rule = |ports: &Option<Vec<PolicyPort>>, peers: &[GroupPeer]| Rule {
-            peers: Some(
-                peers
+        let peer = |p: &MoatPeer| -> Vec<Peer> {
+            match &p.fqdn {
+                Some(pattern) => vec![Peer::Fqdn(FqdnPattern::parse(pattern).expect("validated"))],
+                None => groups[&p.group]
                     .iter()
-                    .flat_map(|p| &groups[&p.group])
                     .map(|cidr| Peer::IpBlock {
                         cidr: *cidr,
                         except: vec![],
                     })
                     .collect(),
-            ),
+            }
+        };
+        let rule = |ports: &Option<Vec<PolicyPort>>, peers: &[MoatPeer]| Rule {
+            peers: Some(peers.iter().flat_map(peer).collect()),
             ports: normalize_ports(ports),
         };
         let ingress = match &spec.ingress {
@@ -441,6 +514,94 @@ mod tests {
             message.contains("\"payments\"") && message.contains("dns"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn fqdn_peers_normalize_to_patterns_beside_groups() {
+        let n = parse(
+            "spec:\n  podSelector: {}\n  externalGroups:\n  - {name: dns, cidrs: [10.96.0.10/32]}\n  egress:\n  - to: [{fqdn: API.Stripe.com.}, {fqdn: '*.s3.amazonaws.com'}, {group: dns}]\n    ports: [{port: 443}]\n",
+        )
+        .unwrap()
+        .normalize()
+        .unwrap();
+        let egress = n.policy.egress.unwrap();
+        assert_eq!(
+            egress[0].peers.as_ref().unwrap(),
+            &vec![
+                Peer::Fqdn(FqdnPattern::parse("api.stripe.com").unwrap()),
+                Peer::Fqdn(FqdnPattern::parse("*.s3.amazonaws.com").unwrap()),
+                Peer::IpBlock {
+                    cidr: "10.96.0.10/32".parse().unwrap(),
+                    except: vec![]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_fqdn_peers_name_the_field_and_the_reason() {
+        for (spec, want_path, want_message) in [
+            (
+                "  ingress: [{from: [{fqdn: example.com}]}]\n",
+                "spec.ingress[0].from[0].fqdn",
+                "egress rules only",
+            ),
+            (
+                "  egress: [{to: [{fqdn: 'a.*.example.com'}]}]\n",
+                "spec.egress[0].to[0].fqdn",
+                "only as the whole first label",
+            ),
+            (
+                "  egress: [{to: [{fqdn: localhost}]}]\n",
+                "spec.egress[0].to[0].fqdn",
+                "at least 2 labels",
+            ),
+            (
+                "  egress: [{to: [{fqdn: -a.example.com}]}]\n",
+                "spec.egress[0].to[0].fqdn",
+                "starts or ends with '-'",
+            ),
+            (
+                "  externalGroups: [{name: g, cidrs: [10.0.0.0/8]}]\n  egress: [{to: [{group: g, fqdn: example.com}]}]\n",
+                "spec.egress[0].to[0]",
+                "exactly one of group and fqdn",
+            ),
+            (
+                "  egress: [{to: [{}]}]\n",
+                "spec.egress[0].to[0]",
+                "one of group and fqdn must be set",
+            ),
+            (
+                "  egress: [{to: [{fqdn: example.com}], ports: [{port: 80}, {port: https}]}]\n",
+                "spec.egress[0].ports[1].port",
+                "named port",
+            ),
+        ] {
+            let (_, path, message) = err(&format!("spec:\n  podSelector: {{}}\n{spec}"));
+            assert_eq!(path, want_path, "{spec}");
+            assert!(message.contains(want_message), "{spec}: {message}");
+        }
+    }
+
+    #[test]
+    fn at_most_25_fqdn_peers_per_rule() {
+        let peers = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("{{fqdn: h{i}.example.com}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        parse(&format!(
+            "spec:\n  podSelector: {{}}\n  egress: [{{to: [{}]}}]\n",
+            peers(MAX_FQDN_PEERS)
+        ))
+        .unwrap();
+        let (_, path, message) = err(&format!(
+            "spec:\n  podSelector: {{}}\n  egress: [{{to: [{}]}}]\n",
+            peers(MAX_FQDN_PEERS + 1)
+        ));
+        assert_eq!(path, "spec.egress[0].to");
+        assert!(message.contains("at most 25"), "{message}");
     }
 
     #[test]

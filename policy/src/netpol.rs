@@ -9,6 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::fqdn::FqdnPattern;
 use crate::selector::LabelSelector;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -608,6 +609,9 @@ pub enum Peer {
         cidr: IpNetwork,
         except: Vec<IpNetwork>,
     },
+    /// Addresses the datapath learned from DNS answers for names the pattern matches
+    /// (egress only: MoatPolicy `fqdn`, ClusterNetworkPolicy `domainNames`).
+    Fqdn(FqdnPattern),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -248,6 +248,8 @@ impl World {
                     .iter()
                     .any(|n| remote.ips.iter().any(|ip| n.contains(*ip))),
                 CnpPeer::Nodes(_) => false,
+                // Pods are never learned addresses.
+                CnpPeer::Fqdn(_) => false,
             }),
         };
         peer_ok && port_matches(&rule.ports, dest, port, proto)
@@ -309,6 +311,7 @@ impl World {
                         Peer::IpBlock { cidr, except } => remote.ips.iter().any(|ip| {
                             cidr.contains(*ip) && !except.iter().any(|e| e.contains(*ip))
                         }),
+                        Peer::Fqdn(_) => false,
                     }),
                 };
                 peer_ok && port_matches(&r.ports, dest, port, proto)

@@ -43,6 +43,10 @@ const MOAT_POLICIES: &[&str] = &[
     r#"{"podSelector":{"matchLabels":{"app":"db"}},"mode":"enforce","defaultDeny":true}"#,
     // Learn everywhere.
     r#"{"podSelector":{},"mode":"learn"}"#,
+    // DNS names: an exact name and a wildcard, a port and a long range (port-range entries).
+    r#"{"podSelector":{"matchLabels":{"app":"web"}},"egress":[{"to":[{"fqdn":"api.example.com"},{"fqdn":"*.example.com"}],"ports":[{"port":443},{"port":8000,"endPort":8100}]}]}"#,
+    // A wildcard another policy names too, beside a group rule, every port.
+    r#"{"podSelector":{},"externalGroups":[{"name":"dns","cidrs":["10.0.0.0/30"]}],"egress":[{"to":[{"group":"dns"}],"ports":[{"port":53,"protocol":"UDP"}]},{"to":[{"fqdn":"*.example.com"},{"fqdn":"db.internal.example"}]}]}"#,
 ];
 
 #[derive(Clone, Debug)]

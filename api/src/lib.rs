@@ -21,6 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 mod explain;
+mod fqdn;
 pub mod framing;
 mod mode;
 mod threat;
@@ -29,6 +30,7 @@ mod verdict;
 pub use explain::{
     MapEntries, PolicyDocument, ServiceBackend, ServiceTrace, Trace, TracePath, TraceVerdict,
 };
+pub use fqdn::{FqdnIdentity, FqdnLearned, FqdnSelector};
 pub use mode::{EndpointMode, UnknownMode};
 pub use threat::{QuarantineInfo, QuarantineResult, ThreatRecord};
 pub use verdict::{Direction, UnknownVerdict, Verdict};
@@ -116,6 +118,9 @@ pub enum Request {
     /// End a manual or detector quarantine (a pod's `moat.io/quarantine` annotation keeps
     /// it quarantined while present).
     Release { pod: String },
+    /// FQDN egress: per identity of this node, its name patterns and the addresses the
+    /// datapath learned from DNS answers.
+    Fqdn,
 }
 
 /// Requests moatd's server answers around the daemon's state rather than inside it; their
@@ -347,6 +352,9 @@ pub enum Response {
         threats: Vec<ThreatRecord>,
     },
     Quarantine(QuarantineResult),
+    Fqdn {
+        identities: Vec<FqdnIdentity>,
+    },
     /// An answer kind this build does not know (a newer moatd); never sent by moatd.
     #[serde(other)]
     Other,

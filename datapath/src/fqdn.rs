@@ -194,6 +194,27 @@ impl FqdnMaps {
         .map_err(map_err(format!("writing learned {addr} of {identity}")))
     }
 
+    /// One learned address's current value (`None` when absent or evicted).
+    pub fn get_learned(&self, identity: u32, addr: IpAddr) -> Option<FqdnAddr> {
+        match addr {
+            IpAddr::V4(a) => self.v4.get(
+                &FqdnAddrKeyV4 {
+                    identity,
+                    addr: a.octets(),
+                },
+                0,
+            ),
+            IpAddr::V6(a) => self.v6.get(
+                &FqdnAddrKeyV6 {
+                    identity,
+                    addr: a.octets(),
+                },
+                0,
+            ),
+        }
+        .ok()
+    }
+
     pub fn remove_learned(&mut self, identity: u32, addr: IpAddr) -> Result<()> {
         ignore_missing(match addr {
             IpAddr::V4(a) => self.v4.remove(&FqdnAddrKeyV4 {

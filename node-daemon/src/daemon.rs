@@ -18,6 +18,7 @@ use moat_datapath::{
 use moat_policy::{Engine, LabelSet, Mode, Pod, PodRef};
 use tracing::{info, warn};
 
+mod fqdn;
 mod threat_response;
 
 use crate::service_nat::BackendPlace;
@@ -131,6 +132,8 @@ pub struct Daemon {
     /// `on`, `off`, or why detection is unavailable.
     threat_status: String,
     threats: crate::threats::journal::ThreatJournal,
+    /// `--fqdn-*` (written into MOAT_FQDNCFG by `configure_fqdn`).
+    fqdn_settings: crate::fqdn::FqdnSettings,
 }
 
 /// How long start-up waits for the Kubernetes datastore's first sync before it serves the
@@ -189,6 +192,7 @@ impl Daemon {
             threat_policy: crate::threats::ThreatPolicy::default(),
             threat_status: "not configured".into(),
             threats,
+            fqdn_settings: crate::fqdn::FqdnSettings::default(),
             pins,
             _datapath: datapath,
             maps,
@@ -1580,6 +1584,12 @@ impl Daemon {
             }
             Request::Release { pod } => match self.release_pod(&pod) {
                 Ok(r) => Response::Quarantine(r),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
+            Request::Fqdn => match self.fqdn_listing() {
+                Ok(identities) => Response::Fqdn { identities },
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
                 },

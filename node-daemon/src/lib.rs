@@ -6,6 +6,7 @@ pub mod after_dnat;
 pub mod daemon;
 pub mod desired;
 pub mod flows;
+pub mod fqdn;
 pub mod host_addresses;
 pub mod install;
 pub mod kube;

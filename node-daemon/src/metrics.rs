@@ -16,7 +16,10 @@ use std::{
 };
 
 use anyhow::Context;
-use moat_common::{DIRECTION_INGRESS, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL, reason};
+use moat_common::{
+    DIRECTION_INGRESS, METRIC_EVENTS_RATE_LIMITED, METRIC_EVENTS_RING_FULL, METRIC_FQDN_CAPPED,
+    METRIC_FQDN_LEARNED, METRIC_FQDN_MALFORMED, METRIC_FQDN_UNASKED, reason,
+};
 use moat_datapath::{Maps, PinDir};
 use prometheus_client::{
     collector::Collector,
@@ -229,7 +232,36 @@ struct Snapshot {
     rate_limited: u64,
     ring_full: u64,
     fill: Vec<(&'static str, u64, u64)>,
+    /// (metric name, help, value) of the FQDN counters in MOAT_METRICS.
+    fqdn: Vec<(&'static str, &'static str, u64)>,
 }
+
+/// The FQDN counters: the kernel counts answers; moatd counts what its sweeper capped in the
+/// same map, so every one survives a moatd restart.
+const FQDN_COUNTERS: [(&str, &str, u32); 4] = [
+    (
+        "moat_fqdn_learned",
+        "Addresses the datapath learned from DNS answers for FQDN rules",
+        METRIC_FQDN_LEARNED,
+    ),
+    (
+        "moat_fqdn_unasked",
+        "DNS answers the datapath refused to learn from: no matching query (id, ports, \
+         resolver) or a question other than the one asked",
+        METRIC_FQDN_UNASKED,
+    ),
+    (
+        "moat_fqdn_malformed",
+        "DNS answers the datapath could not parse within its bounds (nothing learned)",
+        METRIC_FQDN_MALFORMED,
+    ),
+    (
+        "moat_fqdn_capped",
+        "Learned addresses moatd deleted to keep an identity under --fqdn-max-per-identity \
+         (oldest first)",
+        METRIC_FQDN_CAPPED,
+    ),
+];
 
 impl StateCollector {
     fn datapath(&self) -> Option<Snapshot> {
@@ -250,6 +282,10 @@ impl StateCollector {
                 rate_limited: maps.special_counter(METRIC_EVENTS_RATE_LIMITED)?,
                 ring_full: maps.special_counter(METRIC_EVENTS_RING_FULL)?,
                 fill: map_fill(&self.pins),
+                fqdn: FQDN_COUNTERS
+                    .iter()
+                    .map(|&(name, help, slot)| Ok((name, help, maps.special_counter(slot)?)))
+                    .collect::<moat_datapath::Result<_>>()?,
             })
         };
         match read() {
@@ -367,6 +403,15 @@ impl Collector for StateCollector {
             ] {
                 ConstCounter::new(value).encode(lost.encode_family(&LossLabels { cause })?)?;
             }
+        }
+        for (name, help, value) in &snap.fqdn {
+            let metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(*value).encode(metric)?;
         }
         {
             let mut entries = encoder.encode_descriptor(

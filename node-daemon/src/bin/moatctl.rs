@@ -99,6 +99,9 @@ enum Command {
     Quarantine { pod: String },
     /// End a pod's quarantine (a `moat.io/quarantine: "true"` annotation keeps it).
     Release { pod: String },
+    /// FQDN egress: per identity of this node, its name patterns and the addresses the
+    /// datapath learned from DNS answers (name, TTL, seconds left).
+    Fqdn,
     /// Decoded dumps of the datapath maps.
     Bpf {
         #[command(subcommand)]
@@ -963,7 +966,123 @@ fn main() {
             print_quarantine(args.output, call(&args, request), true);
         }
         Command::Bpf { what } => bpf(&args, what),
+        Command::Fqdn => match call(&args, Request::Fqdn) {
+            Response::Fqdn { identities } => print_fqdn(args.output, &identities),
+            Response::Error { message } => fail(format!("moatd refused: {message}")),
+            other => fail(format!("unexpected answer {other:?}")),
+        },
     }
+}
+
+/// A row of the `fqdn` table: one learned address, or an identity's patterns when it has
+/// learned nothing yet.
+#[derive(Serialize)]
+struct FqdnRow<'a> {
+    identity: &'a api::FqdnIdentity,
+    learned: Option<&'a api::FqdnLearned>,
+}
+
+fn fqdn_cells(r: &FqdnRow) -> Vec<String> {
+    let id = r.identity;
+    let who = if id.pods.is_empty() {
+        "-".to_string()
+    } else {
+        id.pods.join(",")
+    };
+    let patterns = id
+        .selectors
+        .iter()
+        .map(|s| {
+            if s.pattern.is_empty() {
+                format!("selector {}", s.selector)
+            } else {
+                s.pattern.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let labels = id
+        .labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("io.kubernetes.pod.namespace.labels"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dash = || "-".to_string();
+    let (name, address, ttl, left, age, count) = match r.learned {
+        Some(l) => (
+            if l.name.is_empty() {
+                "?".to_string()
+            } else {
+                l.name.clone()
+            },
+            l.address.to_string(),
+            format!("{}s", l.ttl),
+            if l.expires_in_secs == 0 {
+                "expired".to_string()
+            } else {
+                format!("{}s", l.expires_in_secs)
+            },
+            format!("{}s", l.age_secs),
+            l.count.to_string(),
+        ),
+        None => (dash(), dash(), dash(), dash(), dash(), dash()),
+    };
+    vec![
+        id.identity.to_string(),
+        who,
+        name,
+        address,
+        ttl,
+        left,
+        if patterns.is_empty() {
+            dash()
+        } else {
+            patterns
+        },
+        age,
+        count,
+        labels,
+    ]
+}
+
+/// `fqdn`: JSON/YAML are the API's per-identity structs; the table has a row per learned
+/// address.
+fn print_fqdn(output: Output, identities: &[api::FqdnIdentity]) {
+    if matches!(output, Output::Json | Output::Yaml) {
+        print_value(output, &to_value(&identities));
+        return;
+    }
+    let rows: Vec<FqdnRow> = identities
+        .iter()
+        .flat_map(|identity| {
+            let learned: Vec<FqdnRow> = identity
+                .learned
+                .iter()
+                .map(|l| FqdnRow {
+                    identity,
+                    learned: Some(l),
+                })
+                .collect();
+            if learned.is_empty() {
+                vec![FqdnRow {
+                    identity,
+                    learned: None,
+                }]
+            } else {
+                learned
+            }
+        })
+        .collect();
+    print(
+        output,
+        &rows,
+        &[
+            "IDENTITY", "PODS", "NAME", "ADDRESS", "TTL", "LEFT", "PATTERNS",
+        ],
+        &["AGE", "ANSWERS", "LABELS"],
+        fqdn_cells,
+    );
 }
 
 /// A trace to a Service address: what the source's hook does, then each backend the host's

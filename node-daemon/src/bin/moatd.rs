@@ -152,6 +152,39 @@ struct Args {
     judge_after_dnat: bool,
     #[command(flatten)]
     threats: ThreatArgs,
+    #[command(flatten)]
+    fqdn: FqdnArgs,
+}
+
+/// FQDN egress settings (`--fqdn-*`).
+#[derive(clap::Args, Debug)]
+struct FqdnArgs {
+    /// A learned address admits new connections at least this many seconds, even when the
+    /// DNS record's TTL is 0 or 1 (a client connects a moment after its lookup, and may open
+    /// more connections from one answer).
+    #[arg(long, default_value_t = moatd::fqdn::settings::DEFAULT_TTL_FLOOR_S)]
+    fqdn_ttl_floor: u32,
+    /// ...and at most this many seconds, whatever the record's TTL.
+    #[arg(long, default_value_t = moatd::fqdn::settings::DEFAULT_TTL_CAP_S)]
+    fqdn_ttl_cap: u32,
+    /// Learned addresses one identity keeps; above it moatd deletes its oldest first (counted
+    /// in moat_fqdn_capped_total).
+    #[arg(
+        long,
+        default_value_t = moatd::fqdn::settings::DEFAULT_MAX_PER_IDENTITY,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    fqdn_max_per_identity: usize,
+}
+
+impl FqdnArgs {
+    fn settings(&self) -> moatd::fqdn::FqdnSettings {
+        moatd::fqdn::FqdnSettings {
+            ttl_floor_s: self.fqdn_ttl_floor,
+            ttl_cap_s: self.fqdn_ttl_cap,
+            max_per_identity: self.fqdn_max_per_identity,
+        }
+    }
 }
 
 /// Threat detection settings (`--threat-*`, `--quarantine-allow`).
@@ -468,6 +501,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let fqdn = args.fqdn.settings();
+    fqdn.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.policy_dir)?;
     let listener = server::bind(&args.socket)?;
     // Metrics are an aid: a taken port must not keep enforcement from starting.
@@ -524,6 +559,7 @@ fn main() -> anyhow::Result<()> {
     })?;
     server::configure_datapath(daemon.pins(), &datapath_settings)?;
     daemon.configure_threats(args.threats.policy());
+    daemon.configure_fqdn(fqdn)?;
     // The runtime sees Moat's CNI only once moatd can serve it: first packet correct.
     if let Some(from) = &args.install_cni_from {
         install::install_binaries(from, &args.cni_bin_dir)?;
@@ -597,6 +633,11 @@ fn main() -> anyhow::Result<()> {
                 }
             })
         })?;
+    // Expired learned addresses, identities over their cap, identities gone from the node.
+    let sweeper = daemon.clone();
+    std::thread::Builder::new()
+        .name("moatd-fqdn-sweep".into())
+        .spawn(move || moatd::fqdn::sweeper::run(sweeper, fqdn))?;
     if let Some(metrics_listener) = metrics_listener {
         let registry = moatd::metrics::registry(daemon.clone());
         std::thread::Builder::new()
@@ -632,6 +673,27 @@ mod tests {
         assert!(a.judge_after_dnat);
         assert_eq!(a.poll_ms, 300);
         assert_eq!(a.metrics_addr, moatd::metrics::DEFAULT_ADDR);
+        assert_eq!(a.fqdn.settings(), moatd::fqdn::FqdnSettings::default());
+    }
+
+    #[test]
+    fn fqdn_flags_set_the_ttl_bounds_and_the_cap_and_refuse_a_zero_cap() {
+        let s = parse(&[
+            "--fqdn-ttl-floor=5",
+            "--fqdn-ttl-cap",
+            "600",
+            "--fqdn-max-per-identity=2",
+        ])
+        .fqdn
+        .settings();
+        assert_eq!(
+            (s.ttl_floor_s, s.ttl_cap_s, s.max_per_identity),
+            (5, 600, 2)
+        );
+        assert!(
+            Args::try_parse_from(["moatd", "--fqdn-max-per-identity=0"]).is_err(),
+            "a cap of 0 would delete every learned address"
+        );
     }
 
     #[test]

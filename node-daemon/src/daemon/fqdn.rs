@@ -1,0 +1,104 @@
+//! The daemon's side of FQDN egress: the TTL settings written at start, the identities the
+//! sweeper may keep learned addresses for, and the `moatctl fqdn` listing. (The pattern
+//! entries are written by the ordinary reconcile, see desired.rs.)
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use moat_datapath::FqdnMaps;
+use tracing::warn;
+
+use super::Daemon;
+use crate::{
+    api::FqdnIdentity,
+    fqdn::{
+        FqdnSettings,
+        listing::{self, IdentityInfo},
+    },
+};
+
+impl Daemon {
+    /// Writes the TTL floor and cap into MOAT_FQDNCFG (the kernel reads them for every
+    /// learned address). Fails when the datapath has no FQDN maps.
+    pub fn configure_fqdn(&mut self, settings: FqdnSettings) -> anyhow::Result<()> {
+        settings.validate().map_err(anyhow::Error::msg)?;
+        FqdnMaps::open(&self.pins)
+            .and_then(|mut m| m.write_config(&settings.to_config()))
+            .map_err(anyhow::Error::from)?;
+        self.fqdn_settings = settings;
+        Ok(())
+    }
+
+    pub fn fqdn_settings(&self) -> FqdnSettings {
+        self.fqdn_settings
+    }
+
+    /// Identities of this node's endpoints, as the maps hold them: the only ones the kernel
+    /// learns addresses for. `None` until moatd has written its first complete state (a
+    /// partial view must not make the sweeper delete what a restart kept).
+    pub fn fqdn_live_identities(&self) -> Option<BTreeSet<u32>> {
+        if self.hold_writes || self.awaiting_sync {
+            return None;
+        }
+        Some(
+            self.applied
+                .maps
+                .endpoints
+                .values()
+                .map(|e| e.identity)
+                .collect(),
+        )
+    }
+
+    /// Labels and local pods of each identity of this node.
+    fn local_identities(&self) -> BTreeMap<u32, IdentityInfo> {
+        let state = self.engine.state();
+        let mut out: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
+        for record in self.endpoints.values() {
+            let Some(compiled) = state.endpoints.get(&record.pod_ref()) else {
+                continue;
+            };
+            let info = out
+                .entry(compiled.identity.0)
+                .or_insert_with(|| IdentityInfo {
+                    labels: state
+                        .identities
+                        .get(&compiled.identity)
+                        .map(|l| l.0.clone())
+                        .unwrap_or_default(),
+                    pods: Vec::new(),
+                });
+            let pod = record.pod_ref().to_string();
+            if !info.pods.contains(&pod) {
+                info.pods.push(pod);
+            }
+        }
+        out
+    }
+
+    /// `moatctl fqdn`: read from the maps at request time.
+    pub fn fqdn_listing(&self) -> anyhow::Result<Vec<FqdnIdentity>> {
+        let maps = FqdnMaps::open(&self.pins).map_err(|e| {
+            warn!(error = %e, "FQDN maps");
+            anyhow::Error::from(e)
+        })?;
+        let learned = maps.learned();
+        let patterns = maps.pattern_entries();
+        let identities = self.local_identities();
+        let snapshot = listing::Snapshot {
+            learned: &learned,
+            patterns: &patterns,
+            identities: &identities,
+            now_ns: crate::server::monotonic_ns(),
+        };
+        Ok(listing::build(
+            &snapshot,
+            |selector| self.fqdn_selector_text(selector),
+            |hash| maps.name(hash),
+        ))
+    }
+
+    /// The pattern a selector identity stands for.
+    fn fqdn_selector_text(&self, _selector: u32) -> Option<String> {
+        None
+    }
+}

@@ -11,6 +11,7 @@ mod conntrack;
 mod deliver;
 mod endpoint;
 mod events;
+mod fqdn;
 mod maps;
 mod metrics;
 mod parse;
@@ -26,9 +27,9 @@ use aya_ebpf::{
 use moat_common::{
     CONFIG_FLAG_LOG_ALL_ALLOWS, CT_FLAG_FOREIGN_DEST, CT_FLAG_HANDSHAKE_SEEN, CT_FLAG_NOT_ENFORCED,
     CT_FLAG_SERVICE, CT_STATE_CLOSING, CtValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINT_FLAG_LOG_ALLOWS, ENDPOINT_FLAG_QUARANTINED, EndpointInfo, IDENTITY_HOST,
-    IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP, is_peer_handoff, peer_handoff, reason, rule,
+    ENDPOINT_FLAG_FQDN, ENDPOINT_FLAG_LOG_ALLOWS, ENDPOINT_FLAG_QUARANTINED, EndpointInfo,
+    IDENTITY_HOST, IPCACHE_FLAG_SERVICE, MODE_AUDIT, MODE_ENFORCE, MODE_LEARN, PROTO_TCP,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, is_peer_handoff, peer_handoff, reason, rule,
 };
 
 use crate::{
@@ -162,8 +163,14 @@ fn judge(ctx: &TcContext, direction: u8) -> i32 {
     };
     // The detectors' work that `track` only noted, after the verdict and in a function of its
     // own: the verifier then walks the verdict's paths once, not once per note.
-    if threats::noted() {
-        threats::after_verdict(ctx, ifindex, direction as u32);
+    // DNS (the tunnel detector, FQDN learning) in a frame of its own too.
+    if threats::noted() && threats::after_verdict(ctx, ifindex, direction as u32) {
+        fqdn::after_verdict(
+            ctx,
+            ifindex,
+            direction as u32,
+            (verdict != TC_ACT_SHOT) as u32,
+        );
     }
     verdict
 }
@@ -220,11 +227,12 @@ fn track(ctx: &TcContext, ifindex: u32, direction: u8) -> Tracked {
     if parse::is_neighbor_discovery(&pkt) {
         return Tracked::Verdict(pass(reason::NEIGHBOR, direction, pkt.len));
     }
-    let now = conntrack::now_ns();
-    if threats::is_dns_query(&pkt, direction) {
-        // Read after the verdict: a later note of this packet (a spoofed source) replaces it.
-        threats::note(threats::watch::DNS_QUERY, 0, 0);
+    // Port 53 either way: read after the verdict (the DNS tunnel detector, FQDN learning),
+    // which tells queries from answers. One test here: `track` has no stack to spare.
+    if pkt.dport == fqdn::DNS_PORT || pkt.sport == fqdn::DNS_PORT {
+        threats::note_dns();
     }
+    let now = conntrack::now_ns();
     // Conntrack first: most packets belong to a live flow, and when its entry proves the
     // packet's source the endpoint entry need not be read at all (see `proves_source`).
     let flow = conntrack::flow_key(ifindex, &pkt);
@@ -488,6 +496,9 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         return pass(reason::HOST, direction, pkt.len);
     }
 
+    if direction == DIRECTION_EGRESS && ep.flags & ENDPOINT_FLAG_FQDN != 0 {
+        fqdn::stage_selectors();
+    }
     let own = policy::decide(
         ep.policy_id,
         remote.identity,
@@ -564,11 +575,15 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
     // Both perimeters of a direct TCP connection between two pods of this node have now
     // admitted the same tuple: link the two entries, so that from here on each packet is
     // judged at the sender's hook only, which delivers it into the receiving pod (deliver.rs)
-    // or hands it to the receiver's hook (see `hand_to_peer`). TCP only, because its answers keep both entries alive; a one-way
+    // or hands it to the receiver's hook (see `hand_to_peer`). Not DNS: its answers must
+    // reach the asker's own hook, which learns FQDN addresses from them. TCP only, because its answers keep both entries alive; a one-way
     // UDP stream would let the receiver's entry expire unseen.
     let mut linked = match sender_entry {
         Some(sender)
-            if pkt.proto == PROTO_TCP && foreign == 0 && sender.direction == DIRECTION_EGRESS =>
+            if pkt.proto == PROTO_TCP
+                && foreign == 0
+                && sender.direction == DIRECTION_EGRESS
+                && pkt.dport != fqdn::DNS_PORT =>
         {
             Some(sender)
         }

@@ -6,11 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use moat_common::{
-    CidrKeyV4, CidrKeyV6, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheKeyV4,
-    IpcacheKeyV6, IpcacheValue, METRIC_SLOTS, Meta, MetricValue, PolicyKey, PolicyValue,
-    PortRangeKey, PortRuleSet, RateLimitState, ThreatConfig, ThreatSlot, map_size,
-    DnsQuery, DnsQueryKey, FqdnAddr, FqdnAddrKeyV4, FqdnAddrKeyV6, FqdnConfig, FqdnName,
-    FqdnPatternKey,
+    CidrKeyV4, CidrKeyV6, Config, CtKey, CtValue, DnsQuery, DnsQueryKey, EndpointInfo, FqdnAddr,
+    FqdnAddrKeyV4, FqdnAddrKeyV6, FqdnConfig, FqdnName, FqdnPatternKey, FragKey, FragValue,
+    IpcacheKeyV4, IpcacheKeyV6, IpcacheValue, METRIC_SLOTS, Meta, MetricValue, PolicyKey,
+    PolicyValue, PortRangeKey, PortRuleSet, RateLimitState, ThreatConfig, ThreatSlot, map_size,
 };
 
 #[map(name = "MOAT_ENDPOINTS")]

@@ -10,6 +10,9 @@
 //!   6. MOAT_POLICY (P, *, 0, 0, D)     allow-all (also: endpoint not isolated)
 //!   7. MOAT_PORTRANGES (P, R, p, D) then (P, *, p, D): endPort ranges
 //!   8. MOAT_CIDR4/6 longest prefix of the remote address under (P, D): ipBlocks
+//!   9. for egress of an endpoint with FQDN rules, each FQDN selector S the destination
+//!      address was learned for (see fqdn.rs): MOAT_POLICY (P, S, d, p, D), (P, S, 0, p, D),
+//!      (P, S, 0, 0, D). FQDN rules only allow, so the first allow is kept.
 //! Each step yields up to three tiers' answers (see `PolicyValue`). They combine as the
 //! tiers are judged:
 //!   Admin ClusterNetworkPolicy: the first matching rule (lowest id over all steps) decides
@@ -24,9 +27,10 @@
 //! not grow with the number of rules or policies, in any tier.
 
 use moat_common::{
-    ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, ENDPOINT_FLAG_NO_CIDR,
-    ENDPOINT_FLAG_NO_DENY, ENDPOINT_FLAG_NO_RANGES, FAMILY_V4, IDENTITY_ANY, MAX_PORT_RULES,
-    PolicyKey, PortRangeKey, PortRuleSet, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL, reason, rule,
+    ACTION_ALLOW, ACTION_DENY, CIDR_KEY_FIXED_BITS, CidrKeyV4, CidrKeyV6, DIRECTION_EGRESS,
+    ENDPOINT_FLAG_FQDN, ENDPOINT_FLAG_NO_CIDR, ENDPOINT_FLAG_NO_DENY, ENDPOINT_FLAG_NO_RANGES,
+    FAMILY_V4, IDENTITY_ANY, MAX_FQDN_SELECTORS, MAX_PORT_RULES, PolicyKey, PortRangeKey,
+    PortRuleSet, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL, reason, rule,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -271,6 +275,10 @@ pub fn decide(
     } else {
         scratch::put(&mut slots[8], 0);
     }
+    scratch::put(&mut slots[9], 0);
+    if hints & ENDPOINT_FLAG_FQDN != 0 && direction == DIRECTION_EGRESS {
+        fqdn_steps(lookups, &mut slots[9], p, dport, proto);
+    }
 
     // Admin tier: its first rule decides unless it passes.
     let admin = unsafe { scratch::get(&(*lookups).admin) };
@@ -313,6 +321,33 @@ pub fn decide(
         allowed: (packed >> 40) & 1 == 1,
         reason: (packed >> 32) as u8,
         rule_id: packed as u32,
+    }
+}
+
+/// The FQDN selectors staged for this flow (consumed: cleared as read), each looked up like
+/// a remote identity; the first NetworkPolicy-tier allow goes to `slot`, the cluster tiers'
+/// answers fold into their running firsts.
+#[inline(always)]
+fn fqdn_steps(lookups: *mut Lookups, slot: *mut u64, policy_id: u32, dport: u16, proto: u8) {
+    for i in 0..MAX_FQDN_SELECTORS {
+        let selector = unsafe { scratch::get(&(*lookups).fqdn[i]) };
+        if selector == 0 {
+            break;
+        }
+        unsafe { scratch::put(&mut (*lookups).fqdn[i], 0) };
+        for (port, protocol) in [(dport, proto), (0, proto), (0, 0)] {
+            let found = exact(
+                lookups,
+                policy_id,
+                selector,
+                port,
+                protocol,
+                DIRECTION_EGRESS,
+            );
+            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(slot) == 0 {
+                scratch::put(slot, found);
+            }
+        }
     }
 }
 

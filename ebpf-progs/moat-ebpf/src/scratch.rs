@@ -13,7 +13,7 @@ use moat_common::EndpointInfo;
 use crate::parse::Packet;
 
 /// Lookup results of one verdict: 0 = no match, else (action << 32) | rule_id.
-pub const LOOKUP_SLOTS: usize = 9;
+pub const LOOKUP_SLOTS: usize = 10;
 
 #[repr(C)]
 pub struct Lookups {
@@ -24,6 +24,9 @@ pub struct Lookups {
     /// id): (action << 32) | rule_id, 0 for none.
     pub admin: u64,
     pub baseline: u64,
+    /// FQDN selectors of a new egress flow's learned destination, 0-terminated: written by
+    /// `fqdn::stage_selectors` right before `policy::decide`, which consumes them.
+    pub fqdn: [u32; moat_common::MAX_FQDN_SELECTORS],
 }
 
 /// What the first stage hands the second about a new flow. The endpoint entry travels as a

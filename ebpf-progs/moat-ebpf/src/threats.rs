@@ -454,6 +454,10 @@ pub struct WatchNote {
     /// `judged` facts for `judged_new_flow`: passed in memory so that the verifier sees one
     /// unknown value, not one constant per path of the verdict (each walked on its own).
     pub judged: u32,
+    /// `fqdn::NOTE_QUERY` or `fqdn::NOTE_ANSWER`: a DNS packet for FQDN learning, read after
+    /// the verdict by `fqdn::after_verdict` (kept apart from `what`, which other notes
+    /// replace).
+    pub dns: u32,
 }
 
 #[map]
@@ -478,19 +482,40 @@ pub fn note_judged(facts: u32) {
     }
 }
 
+/// Notes a packet to or from port 53, for `fqdn::after_verdict`.
+#[inline(always)]
+pub fn note_dns() {
+    if let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) {
+        unsafe { (*slot).dns = 1 };
+    }
+}
+
 /// True when `track` left a note about this packet.
 #[inline(always)]
 pub fn noted() -> bool {
     match SCRATCH_WATCH.get_ptr(0) {
-        Some(slot) => unsafe { (*slot).what != 0 },
+        Some(slot) => unsafe { (*slot).what | (*slot).dns != 0 },
         None => false,
     }
 }
 
 /// Acts on `track`'s note about this hook's packet (and clears it), and reads a DNS query
 /// leaving the pod.
+/// Returns whether the packet was noted as DNS (the note cleared), for the caller to read
+/// in a frame of its own (`fqdn::after_verdict`, which also runs the tunnel detector).
 #[inline(never)]
-pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32) {
+pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32) -> bool {
+    let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let dns = unsafe { (*slot).dns };
+    unsafe { (*slot).dns = 0 };
+    detect(ctx, ifindex, direction);
+    dns != 0
+}
+
+#[inline(always)]
+fn detect(ctx: &TcContext, ifindex: u32, direction: u32) {
     let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) else {
         return;
     };
@@ -500,10 +525,6 @@ pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32) {
         return;
     }
     unsafe { (*slot).what = 0 };
-    if what & watch::DNS_QUERY != 0 {
-        dns_query(ctx, ifindex);
-        return;
-    }
     let Some(cfg) = config() else {
         return;
     };
@@ -743,12 +764,6 @@ fn handshake_completed(cfg: &ThreatConfig, victim: u32, family_port: u32, now: u
 // DNS tunnelling: long or high-entropy names, or many unique names, from one source
 // ---------------------------------------------------------------------------------------------
 
-/// True for a packet worth reading as a DNS query: UDP to port 53, leaving the pod.
-#[inline(always)]
-pub fn is_dns_query(pkt: &Packet, direction: u8) -> bool {
-    direction == DIRECTION_EGRESS && pkt.proto == PROTO_UDP && pkt.dport == DNS_PORT
-}
-
 /// What a query name looks like, read from the wire format.
 struct NameShape {
     hash: u32,
@@ -760,7 +775,7 @@ struct NameShape {
 /// Reads the question name of the DNS query `stage`d (a UDP packet of `ctx`) and counts it
 /// for its source.
 #[inline(never)]
-fn dns_query(ctx: &TcContext, ifindex: u32) {
+pub fn dns_query(ctx: &TcContext, ifindex: u32) {
     let Some(cfg) = config() else {
         return;
     };

@@ -3,6 +3,8 @@
 //!
 //! - [`moatd`]: a private moatd for a test or a benchmark (flags through a builder, waits until
 //!   it answers on its socket, killed on drop);
+//! - [`dns`]: DNS queries and responses built and read by hand, for tests with real and
+//!   forged resolvers;
 //! - [`cni`]: one execution of a CNI plugin binary (the `CNI_*` environment, the config on
 //!   stdin, its exit status and output);
 //! - with feature `datapath`: [`packet`] (crafted frames), [`testrun`] (BPF_PROG_TEST_RUN of
@@ -11,6 +13,8 @@
 //! - with feature `moatd`: [`churn`], a local-datastore cluster for moatd's churn benchmark.
 
 pub mod cni;
+/// DNS messages on the wire (queries, forged responses, answer reading).
+pub mod dns;
 pub mod moatd;
 
 #[cfg(feature = "moatd")]

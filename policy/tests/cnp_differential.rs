@@ -14,6 +14,12 @@
 //!
 //! A flow between two pods passes iff the source's egress and the destination's ingress both
 //! pass. Priorities are distinct per tier here: the API leaves equal priorities unordered.
+//!
+//! DNS names: CNP `domainNames` peers (Accept rules) and MoatPolicies with `fqdn` peers (in
+//! the NetworkPolicy tier) join the mix, and each pod also sends to an address outside the
+//! cluster that it learned from DNS answers for some names (`evaluate_learned`); the
+//! reference matches those names against the patterns as text (`FqdnPattern::matches`),
+//! never through the hashes and pattern entries the datapath uses.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,8 +27,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use moat_policy::cnp::{Action, CnpPeer, NormalizedCnp, NormalizedCnpRule, Tier};
 use moat_policy::netpol::{NormalizedPolicy, Peer, PortSpec, RulePort};
 use moat_policy::{
-    ClusterNetworkPolicy, ContainerPort, Direction, Engine, FlowEnd, LabelSet, NetworkPolicy, Pod,
-    PodRef, Protocol, evaluate,
+    ClusterNetworkPolicy, ContainerPort, Direction, Engine, FlowEnd, LabelSet, MoatPolicy,
+    NetworkPolicy, Pod, PodRef, Protocol, evaluate, evaluate_learned,
 };
 use proptest::prelude::*;
 
@@ -32,7 +38,7 @@ const APPS: [&str; 3] = ["web", "db", "api"];
 const FLOWS: [(u16, u8); 5] = [(80, 6), (53, 17), (85, 6), (443, 6), (9000, 132)];
 
 /// CNP peers, as YAML flow maps (the last is a peer kind this version does not know).
-const PEERS: [&str; 7] = [
+const PEERS: [&str; 8] = [
     "{namespaces: {}}",
     "{namespaces: {matchLabels: {team: t1}}}",
     "{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}",
@@ -40,6 +46,17 @@ const PEERS: [&str; 7] = [
     "{networks: [10.9.0.0/30]}",
     "{networks: [0.0.0.0/0]}",
     "{futurePeer: {x: 1}}",
+    "{domainNames: [api.example.com, '*.cdn.example.com']}",
+];
+/// The outside address pods learn, and the names they learned it for (one set per probe).
+const OUTSIDE: &str = "203.0.113.7";
+const LEARNED: [&[&str]; 6] = [
+    &[],
+    &["api.example.com"],
+    &["img.cdn.example.com"],
+    &["cdn.example.com"],
+    &["www.example.org", "API.example.com."],
+    &["a.b.example.org"],
 ];
 /// CNP protocol lists ("" = no protocols: every port and protocol).
 const PROTOCOLS: [&str; 5] = [
@@ -53,6 +70,11 @@ const SUBJECTS: [&str; 3] = [
     "{namespaces: {}}",
     "{namespaces: {matchLabels: {team: t2}}}",
     "{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}",
+];
+/// MoatPolicy specs (NetworkPolicy tier) with DNS-name peers.
+const MOATPOLS: [&str; 2] = [
+    r#"{"podSelector":{"matchLabels":{"app":"web"}},"egress":[{"to":[{"fqdn":"*.example.org"}],"ports":[{"port":443}]}]}"#,
+    r#"{"podSelector":{},"externalGroups":[{"name":"pods","cidrs":["10.9.0.0/29"]}],"egress":[{"to":[{"group":"pods"},{"fqdn":"api.example.com"}]}]}"#,
 ];
 const NETPOLS: [&str; 4] = [
     r#"{"podSelector":{"matchLabels":{"app":"db"}},"ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"web"}}}],"ports":[{"port":"http"}]}]}"#,
@@ -108,12 +130,14 @@ fn cnp_yaml(i: usize, spec: &CnpSpec) -> String {
     let rules = |rules: &[RuleSpec], field: &str, egress: bool| -> String {
         let mut out = String::new();
         for r in rules {
-            // Networks peers exist only in egress rules.
+            // Networks and domainNames peers exist only in egress rules, domainNames only in
+            // Accept rules.
             let peers: Vec<&str> = r
                 .peers
                 .iter()
                 .map(|p| PEERS[*p])
                 .filter(|p| egress || !p.contains("networks"))
+                .filter(|p| (egress && r.action == 0) || !p.contains("domainNames"))
                 .collect();
             let peers = if peers.is_empty() {
                 vec![PEERS[0]]
@@ -121,7 +145,11 @@ fn cnp_yaml(i: usize, spec: &CnpSpec) -> String {
                 peers
             };
             let named = PROTOCOLS[r.protocols].contains("Named");
-            let protocols = if named && peers.iter().any(|p| p.contains("networks")) {
+            let protocols = if named
+                && peers
+                    .iter()
+                    .any(|p| p.contains("networks") || p.contains("domainNames"))
+            {
                 ""
             } else {
                 PROTOCOLS[r.protocols]
@@ -209,6 +237,27 @@ struct Flow<'a> {
     dest: &'a Pod,
     port: u16,
     proto: u8,
+    /// Names the remote address was learned for (egress to an outside address).
+    learned: &'a [&'a str],
+}
+
+/// The outside address, as a "pod" of no namespace: no selector peer matches it.
+fn outside() -> Pod {
+    Pod {
+        namespace: String::new(),
+        name: OUTSIDE.into(),
+        labels: LabelSet::new(),
+        ips: vec![OUTSIDE.parse().unwrap()],
+        ports: vec![],
+    }
+}
+
+fn is_pod(p: &Pod) -> bool {
+    !p.namespace.is_empty()
+}
+
+fn learned_matches(pattern: &moat_policy::FqdnPattern, learned: &[&str]) -> bool {
+    learned.iter().any(|name| pattern.matches(name))
 }
 
 struct World {
@@ -239,17 +288,19 @@ impl World {
             dest,
             port,
             proto,
+            learned,
         } = f;
         let peer_ok = match &rule.peers {
             None => true,
             Some(peers) => peers.iter().any(|p| match p {
-                CnpPeer::Pods(sel) => sel.matches(&ns_labels(&remote.namespace), &remote.labels),
+                CnpPeer::Pods(sel) => {
+                    is_pod(remote) && sel.matches(&ns_labels(&remote.namespace), &remote.labels)
+                }
                 CnpPeer::Networks(nets) => nets
                     .iter()
                     .any(|n| remote.ips.iter().any(|ip| n.contains(*ip))),
                 CnpPeer::Nodes(_) => false,
-                // Pods are never learned addresses.
-                CnpPeer::Fqdn(_) => false,
+                CnpPeer::Fqdn(pattern) => learned_matches(pattern, learned),
             }),
         };
         peer_ok && port_matches(&rule.ports, dest, port, proto)
@@ -283,6 +334,7 @@ impl World {
             dest,
             port,
             proto,
+            learned,
         } = f;
         let selecting: Vec<&NormalizedPolicy> = self
             .netpols
@@ -302,16 +354,17 @@ impl World {
                     None => true,
                     Some(peers) => peers.iter().any(|peer| match peer {
                         Peer::Selector { pods, namespaces } => {
-                            let ns_ok = match namespaces {
-                                None => remote.namespace == p.namespace,
-                                Some(sel) => sel.matches(&ns_labels(&remote.namespace)),
-                            };
+                            let ns_ok = is_pod(remote)
+                                && match namespaces {
+                                    None => remote.namespace == p.namespace,
+                                    Some(sel) => sel.matches(&ns_labels(&remote.namespace)),
+                                };
                             ns_ok && pods.as_ref().is_none_or(|s| s.matches(&remote.labels))
                         }
                         Peer::IpBlock { cidr, except } => remote.ips.iter().any(|ip| {
                             cidr.contains(*ip) && !except.iter().any(|e| e.contains(*ip))
                         }),
-                        Peer::Fqdn(_) => false,
+                        Peer::Fqdn(pattern) => learned_matches(pattern, learned),
                     }),
                 };
                 peer_ok && port_matches(&r.ports, dest, port, proto)
@@ -332,13 +385,32 @@ impl World {
             dest: dst,
             port,
             proto,
+            learned: &[],
         };
         self.direction(Direction::Egress, src, flow(dst))
             && self.direction(Direction::Ingress, dst, flow(src))
     }
+
+    /// A flow from a pod to the outside address learned for `learned` (egress only: the
+    /// destination is not an endpoint).
+    fn allowed_outside(&self, src: &Pod, learned: &[&str], port: u16, proto: u8) -> bool {
+        let dst = outside();
+        let flow = Flow {
+            remote: &dst,
+            dest: &dst,
+            port,
+            proto,
+            learned,
+        };
+        self.direction(Direction::Egress, src, flow)
+    }
 }
 
-fn check(cnps: &[CnpSpec], netpols: &[(usize, usize)]) -> Result<(), TestCaseError> {
+fn check(
+    cnps: &[CnpSpec],
+    netpols: &[(usize, usize)],
+    moatpols: &[(usize, usize)],
+) -> Result<(), TestCaseError> {
     let mut engine = Engine::new();
     for (ns, _) in NAMESPACES {
         engine.upsert_namespace(ns, ns_labels(ns)).unwrap();
@@ -367,6 +439,15 @@ fn check(cnps: &[CnpSpec], netpols: &[(usize, usize)]) -> Result<(), TestCaseErr
         engine.upsert_policy(&np).unwrap();
         world.netpols.push(np.normalize().unwrap());
     }
+    for (i, (ns, which)) in moatpols.iter().enumerate() {
+        let json = format!(
+            r#"{{"apiVersion":"moat.io/v1alpha1","kind":"MoatPolicy","metadata":{{"name":"mp{i}","namespace":"{}"}},"spec":{}}}"#,
+            NAMESPACES[*ns].0, MOATPOLS[*which]
+        );
+        let mp = MoatPolicy::from_json(&json).unwrap();
+        engine.upsert_moat_policy(&mp).unwrap();
+        world.netpols.push(mp.normalize().unwrap().policy);
+    }
     let state = engine.state();
     let mut disagreements = BTreeMap::new();
     for src in &world.pods {
@@ -382,6 +463,25 @@ fn check(cnps: &[CnpSpec], netpols: &[(usize, usize)]) -> Result<(), TestCaseErr
                         format!(
                             "{}/{} -> {}/{} {port}/{proto}",
                             src.namespace, src.name, dst.namespace, dst.name
+                        ),
+                        (got, want),
+                    );
+                }
+            }
+        }
+        let from = FlowEnd::Pod(PodRef::new(&src.namespace, &src.name));
+        let to = FlowEnd::Address(OUTSIDE.parse().unwrap());
+        for learned in LEARNED {
+            for (port, proto) in FLOWS {
+                let got = evaluate_learned(state, &from, &to, port, proto, learned)
+                    .unwrap()
+                    .allowed;
+                let want = world.allowed_outside(src, learned, port, proto);
+                if got != want {
+                    disagreements.insert(
+                        format!(
+                            "{}/{} -> {OUTSIDE} learned for {learned:?} {port}/{proto}",
+                            src.namespace, src.name
                         ),
                         (got, want),
                     );
@@ -408,8 +508,9 @@ proptest! {
     fn compiled_tiers_agree_with_the_reference_evaluator(
         cnps in proptest::collection::vec(cnp_spec(), 0..5),
         netpols in proptest::collection::vec((0..3usize, 0..NETPOLS.len()), 0..3),
+        moatpols in proptest::collection::vec((0..3usize, 0..MOATPOLS.len()), 0..2),
     ) {
-        check(&cnps, &netpols)?;
+        check(&cnps, &netpols, &moatpols)?;
     }
 }
 
@@ -444,7 +545,7 @@ fn tier_order_is_what_the_reference_checks() {
         (pass_admin, vec![(0, 0), (1, 1)]),
         (deny_baseline, vec![(2, 3)]),
     ] {
-        check(&[cnp], &netpols).unwrap();
+        check(&[cnp], &netpols, &[]).unwrap();
     }
 }
 

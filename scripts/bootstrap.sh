@@ -18,7 +18,7 @@ DEB_PACKAGES=(
   iproute2 iptables nftables conntrack ethtool jq
   containernetworking-plugins podman busybox-static containerd
   sockperf iperf3 bpftool tcpdump
-  nmap hping3
+  nmap hping3 dnsmasq-base
   shellcheck
 )
 missing=()

@@ -931,7 +931,7 @@ pub const FQDN_MATCH_SUBDOMAIN: u8 = 2;
 pub const FQDN_MAX_NAME: usize = 255;
 pub const FQDN_MAX_LABELS: usize = 32;
 /// Answer records read per response, CNAME links followed, compression jumps per name.
-pub const FQDN_MAX_ANSWERS: usize = 32;
+pub const FQDN_MAX_ANSWERS: usize = 64;
 pub const FQDN_MAX_CHAIN: usize = 8;
 pub const FQDN_MAX_JUMPS: usize = 8;
 /// Selectors one learned address can carry (a name can match an exact and wildcards).

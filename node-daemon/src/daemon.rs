@@ -83,6 +83,8 @@ pub struct Daemon {
     pins: PinDir,
     _datapath: Datapath,
     maps: Maps,
+    /// The FQDN maps: pattern entries written with the rest, learned addresses read.
+    fqdn: moat_datapath::FqdnMaps,
     engine: Engine,
     node: NodeConfig,
     endpoints: BTreeMap<String, EndpointRecord>,
@@ -147,7 +149,8 @@ impl Daemon {
         let datapath = Datapath::load(&pins).map_err(anyhow::Error::from)?;
         let mut maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
         maps.sync_host_cache().map_err(anyhow::Error::from)?;
-        let applied = Applied::from_kernel(&maps);
+        let fqdn = moat_datapath::FqdnMaps::open(&pins).map_err(anyhow::Error::from)?;
+        let applied = Applied::from_kernel(&maps, &fqdn);
         let store = EndpointStore::new(&cfg.state_dir);
         let endpoints = store.load()?;
         let mut engine = Engine::new();
@@ -196,6 +199,7 @@ impl Daemon {
             pins,
             _datapath: datapath,
             maps,
+            fqdn,
             engine,
             node,
             endpoints,
@@ -891,12 +895,13 @@ impl Daemon {
         let engine = moat_policy::evaluate(state, from_end, to_end, port, proto)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // The same evaluation over what the kernel maps hold right now.
-        let actual = desired::read_actual(&self.maps);
+        let actual = desired::read_actual(&self.maps, &self.fqdn);
         let mut in_maps = state.clone();
         in_maps.policy = actual.policy;
         in_maps.port_ranges = actual.port_ranges;
         in_maps.cidr_v4 = actual.cidr_v4;
         in_maps.cidr_v6 = actual.cidr_v6;
+        in_maps.fqdn_patterns = actual.fqdn_patterns;
         in_maps.ipcache = actual
             .ipcache
             .iter()
@@ -1314,7 +1319,7 @@ impl Daemon {
         let plan = self
             .applied
             .plan(self.engine.state(), &self.endpoints, &self.node, &touched);
-        match desired::apply(&mut self.maps, &plan.before, &plan.after) {
+        match desired::apply(&mut self.maps, &mut self.fqdn, &plan.before, &plan.after) {
             Ok(stats) => {
                 self.applied.commit(plan);
                 self.cut_quarantined_connections();
@@ -1322,7 +1327,7 @@ impl Daemon {
             }
             Err(e) => {
                 // Part of the plan may be written: rebuild from what the kernel holds.
-                self.applied = Applied::from_kernel(&self.maps);
+                self.applied = Applied::from_kernel(&self.maps, &self.fqdn);
                 Err(e)
             }
         }
@@ -1370,7 +1375,7 @@ impl Daemon {
         self.sync_after_dnat();
         self.refresh_host_addresses();
         self.maps.sync_host_cache()?;
-        self.applied = Applied::from_kernel(&self.maps);
+        self.applied = Applied::from_kernel(&self.maps, &self.fqdn);
         self.reconcile()
     }
 

@@ -13,7 +13,7 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use moat_common::*;
-use moat_datapath::Maps;
+use moat_datapath::{FqdnMaps, Maps};
 use moat_policy::{DatapathState, Delta, MapDelta};
 
 use crate::store::EndpointRecord;
@@ -26,6 +26,8 @@ pub struct DesiredMaps {
     pub port_ranges: BTreeMap<PortRangeKey, PortRuleSet>,
     pub cidr_v4: BTreeMap<(u32, u8, Ipv4Network), PortRuleSet>,
     pub cidr_v6: BTreeMap<(u32, u8, Ipv6Network), PortRuleSet>,
+    /// MOAT_FQDNPAT: (identity, kind, name hash) -> selector identity.
+    pub fqdn_patterns: BTreeMap<FqdnPatternKey, u32>,
 }
 
 /// Node facts that shape the maps beyond policy.
@@ -134,6 +136,7 @@ pub fn build(
         port_ranges: state.port_ranges.clone(),
         cidr_v4: state.cidr_v4.clone(),
         cidr_v6: state.cidr_v6.clone(),
+        fqdn_patterns: state.fqdn_patterns.clone(),
     }
 }
 
@@ -225,6 +228,7 @@ pub struct Touched {
     pub cidr_v4: BTreeSet<(u32, u8, Ipv4Network)>,
     pub cidr_v6: BTreeSet<(u32, u8, Ipv6Network)>,
     pub ipcache: BTreeSet<IpNetwork>,
+    pub fqdn_patterns: BTreeSet<FqdnPatternKey>,
 }
 
 fn touched_keys<K: Ord + Clone, V>(into: &mut BTreeSet<K>, delta: &MapDelta<K, V>) {
@@ -239,6 +243,7 @@ impl Touched {
         touched_keys(&mut self.cidr_v4, &delta.cidr_v4);
         touched_keys(&mut self.cidr_v6, &delta.cidr_v6);
         touched_keys(&mut self.ipcache, &delta.ipcache);
+        touched_keys(&mut self.fqdn_patterns, &delta.fqdn_patterns);
     }
 
     fn policy_ids(&self) -> BTreeSet<u32> {
@@ -288,9 +293,9 @@ fn merge<K: Ord + Clone, V>(
 
 impl Applied {
     /// What the pinned maps hold now (after a restart, a crash, or to heal drift).
-    pub fn from_kernel(maps: &Maps) -> Self {
+    pub fn from_kernel(maps: &Maps, fqdn: &FqdnMaps) -> Self {
         Self {
-            maps: read_actual(maps),
+            maps: read_actual(maps, fqdn),
             hints: BTreeMap::new(),
             stale: true,
         }
@@ -347,6 +352,7 @@ impl Applied {
             port_ranges: restrict(&self.maps.port_ranges, &touched.port_ranges),
             cidr_v4: restrict(&self.maps.cidr_v4, &touched.cidr_v4),
             cidr_v6: restrict(&self.maps.cidr_v6, &touched.cidr_v6),
+            fqdn_patterns: restrict(&self.maps.fqdn_patterns, &touched.fqdn_patterns),
         };
         let after = DesiredMaps {
             ipcache: ipcache_keys
@@ -358,6 +364,7 @@ impl Applied {
             port_ranges: restrict(&state.port_ranges, &touched.port_ranges),
             cidr_v4: restrict(&state.cidr_v4, &touched.cidr_v4),
             cidr_v6: restrict(&state.cidr_v6, &touched.cidr_v6),
+            fqdn_patterns: restrict(&state.fqdn_patterns, &touched.fqdn_patterns),
         };
         Plan { before, after }
     }
@@ -375,6 +382,11 @@ impl Applied {
         );
         merge(&mut self.maps.cidr_v4, before.cidr_v4, after.cidr_v4);
         merge(&mut self.maps.cidr_v6, before.cidr_v6, after.cidr_v6);
+        merge(
+            &mut self.maps.fqdn_patterns,
+            before.fqdn_patterns,
+            after.fqdn_patterns,
+        );
         self.stale = false;
     }
 }
@@ -419,11 +431,13 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     Ok(())
 }
 
-/// Writes `desired` over `applied`. Order matters for first-packet correctness: policy and
-/// ipcache entries go in before the endpoint entry that makes them reachable, and endpoints
-/// leave before the entries they used.
+/// Writes `desired` over `applied`. Order matters for first-packet correctness: policy,
+/// FQDN pattern and ipcache entries go in before the endpoint entry that makes them
+/// reachable (its ENDPOINT_FLAG_FQDN included), and endpoints leave before the entries they
+/// used.
 pub fn apply(
     maps: &mut Maps,
+    fqdn: &mut FqdnMaps,
     applied: &DesiredMaps,
     desired: &DesiredMaps,
 ) -> anyhow::Result<WriteStats> {
@@ -466,6 +480,13 @@ pub fn apply(
         &applied.cidr_v6,
         &desired.cidr_v6,
         |(p, d, n), v| Ok(m.borrow_mut().upsert_cidr(*p, *d, IpNetwork::V6(*n), v)?),
+        |_| Ok(()),
+        &mut stats,
+    )?;
+    diff(
+        &applied.fqdn_patterns,
+        &desired.fqdn_patterns,
+        |k, v| Ok(fqdn.upsert_pattern(k, *v)?),
         |_| Ok(()),
         &mut stats,
     )?;
@@ -523,6 +544,13 @@ pub fn apply(
         &mut none,
     )?;
     diff(
+        &applied.fqdn_patterns,
+        &desired.fqdn_patterns,
+        |_, _| Ok(()),
+        |k| Ok(fqdn.remove_pattern(k)?),
+        &mut none,
+    )?;
+    diff(
         &applied.policy,
         &desired.policy,
         |_, _| Ok(()),
@@ -534,8 +562,9 @@ pub fn apply(
 }
 
 /// Reads back what the pinned maps hold now (after a restart or crash).
-pub fn read_actual(maps: &Maps) -> DesiredMaps {
+pub fn read_actual(maps: &Maps, fqdn: &FqdnMaps) -> DesiredMaps {
     let mut d = DesiredMaps::default();
+    d.fqdn_patterns.extend(fqdn.pattern_entries());
     for (k, v) in maps.endpoints.iter().filter_map(Result::ok) {
         d.endpoints.insert(k, v);
     }
@@ -784,6 +813,39 @@ mod tests {
                     w.reconcile_and_check(&format!("seed {seed} step {step} event {what}"));
                 }
             }
+        }
+
+        #[test]
+        fn fqdn_patterns_come_and_go_incrementally_with_their_policy() {
+            const POLICY: &str = "apiVersion: moat.io/v1alpha1\nkind: MoatPolicy\nmetadata: {name: pay, namespace: ns-0}\nspec:\n  podSelector: {}\n  egress:\n  - to: [{fqdn: api.example.com}, {fqdn: '*.example.org'}]\n    ports: [{port: 443}]\n";
+            let mut rng = bench::Rng::new(3);
+            let mut w = World::new();
+            w.local_pod(0, &mut rng);
+            w.reconcile_and_check("setup");
+            assert!(w.applied.maps.fqdn_patterns.is_empty());
+
+            let policy = moat_policy::MoatPolicy::from_yaml(POLICY).unwrap();
+            let d = w.engine.upsert_moat_policy(&policy).unwrap();
+            w.touched.record(&d);
+            let plan = w.reconcile_and_check("fqdn policy added");
+            assert_eq!(plan.after.fqdn_patterns.len(), 2, "{:?}", plan.after);
+            let identity = w.applied.maps.endpoints.values().next().unwrap().identity;
+            assert!(
+                w.applied
+                    .maps
+                    .fqdn_patterns
+                    .keys()
+                    .all(|k| k.identity == identity)
+            );
+            let flags = w.applied.maps.endpoints.values().next().unwrap().flags;
+            assert_ne!(flags & ENDPOINT_FLAG_FQDN, 0);
+
+            let d = w.engine.delete_moat_policy("ns-0", "pay").unwrap();
+            w.touched.record(&d);
+            w.reconcile_and_check("fqdn policy deleted");
+            assert!(w.applied.maps.fqdn_patterns.is_empty());
+            let flags = w.applied.maps.endpoints.values().next().unwrap().flags;
+            assert_eq!(flags & ENDPOINT_FLAG_FQDN, 0);
         }
 
         #[test]

@@ -4,9 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use moat_datapath::FqdnMaps;
-use tracing::warn;
-
 use super::Daemon;
 use crate::{
     api::FqdnIdentity,
@@ -18,12 +15,10 @@ use crate::{
 
 impl Daemon {
     /// Writes the TTL floor and cap into MOAT_FQDNCFG (the kernel reads them for every
-    /// learned address). Fails when the datapath has no FQDN maps.
+    /// learned address).
     pub fn configure_fqdn(&mut self, settings: FqdnSettings) -> anyhow::Result<()> {
         settings.validate().map_err(anyhow::Error::msg)?;
-        FqdnMaps::open(&self.pins)
-            .and_then(|mut m| m.write_config(&settings.to_config()))
-            .map_err(anyhow::Error::from)?;
+        self.fqdn.write_config(&settings.to_config())?;
         self.fqdn_settings = settings;
         Ok(())
     }
@@ -77,10 +72,7 @@ impl Daemon {
 
     /// `moatctl fqdn`: read from the maps at request time.
     pub fn fqdn_listing(&self) -> anyhow::Result<Vec<FqdnIdentity>> {
-        let maps = FqdnMaps::open(&self.pins).map_err(|e| {
-            warn!(error = %e, "FQDN maps");
-            anyhow::Error::from(e)
-        })?;
+        let maps = &self.fqdn;
         let learned = maps.learned();
         let patterns = maps.pattern_entries();
         let identities = self.local_identities();
@@ -97,8 +89,8 @@ impl Daemon {
         ))
     }
 
-    /// The pattern a selector identity stands for.
-    fn fqdn_selector_text(&self, _selector: u32) -> Option<String> {
-        None
+    /// The pattern a selector identity stands for, as the engine compiled it.
+    fn fqdn_selector_text(&self, selector: u32) -> Option<String> {
+        self.engine.state().fqdn_selectors.get(&selector).cloned()
     }
 }

@@ -1,0 +1,117 @@
+//! FQDN rules reach the maps through moatd like every other policy entry (real moatd, local
+//! datastore, pinned maps): a MoatPolicy with `fqdn` peers writes one MOAT_FQDNPAT entry per
+//! pattern for the selected pod's identity and sets its endpoint's ENDPOINT_FLAG_FQDN;
+//! `moatctl fqdn` names the patterns; after a restart the entries are exactly the policy's
+//! again (a stale entry left in the pinned map is deleted, a missing one written); deleting
+//! the policy removes them and clears the flag.
+
+mod support_moatd;
+
+use std::collections::BTreeSet;
+
+use moat_common::{
+    ENDPOINT_FLAG_FQDN, FQDN_MATCH_EXACT, FQDN_MATCH_SUBDOMAIN, FqdnPatternKey, IDENTITY_FQDN_END,
+    IDENTITY_FQDN_FIRST, fqdn_name_hash,
+};
+use moat_datapath::{FqdnMaps, Maps};
+use moat_testkit::lab::{Lab, LabPod};
+use moatd::api::FqdnIdentity;
+use support_moatd::{Env, register};
+
+const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels:\n    app: web\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: db\n  namespace: shop\n  labels:\n    app: db\n---\n";
+
+const POLICY: &str = "apiVersion: moat.io/v1alpha1\nkind: MoatPolicy\nmetadata: {name: pay, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  egress:\n  - to: [{fqdn: api.stripe.com}, {fqdn: '*.s3.amazonaws.com'}]\n    ports: [{port: 443}]\n";
+
+fn key(identity: u32, kind: u8, name: &str) -> FqdnPatternKey {
+    FqdnPatternKey {
+        identity,
+        kind,
+        _pad: [0; 3],
+        name_hash: fqdn_name_hash(name.as_bytes()).unwrap(),
+    }
+}
+
+/// The pattern keys in MOAT_FQDNPAT.
+fn pattern_keys(env: &Env) -> BTreeSet<FqdnPatternKey> {
+    FqdnMaps::open(&env.pins())
+        .unwrap()
+        .pattern_entries()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+fn fqdn_flag(env: &Env, pod: &LabPod) -> bool {
+    let maps = Maps::open(&env.pins()).unwrap();
+    maps.endpoint(pod.ifindex).expect("endpoint entry").flags & ENDPOINT_FLAG_FQDN != 0
+}
+
+#[test]
+fn fqdn_rules_write_pattern_entries_and_the_flag_and_a_restart_heals_them() {
+    let env = Env::new("fqpat");
+    env.write("pods.yaml", PODS);
+    env.write("policy.yaml", POLICY);
+    let mut daemon = env.start();
+    let mut lab = Lab::new("fqpat").unwrap();
+    let web = lab.add_pod("web").unwrap();
+    let db = lab.add_pod("db").unwrap();
+    let web_id = register(&env, &web, "shop").identity;
+    register(&env, &db, "shop");
+
+    let expected: BTreeSet<FqdnPatternKey> = [
+        key(web_id, FQDN_MATCH_EXACT, "api.stripe.com"),
+        key(web_id, FQDN_MATCH_SUBDOMAIN, "s3.amazonaws.com"),
+    ]
+    .into();
+    assert_eq!(pattern_keys(&env), expected);
+    let entries = FqdnMaps::open(&env.pins()).unwrap().pattern_entries();
+    let selectors: BTreeSet<u32> = entries.iter().map(|(_, s)| *s).collect();
+    assert_eq!(selectors.len(), 2, "one selector per pattern: {entries:?}");
+    assert!(
+        selectors
+            .iter()
+            .all(|s| (IDENTITY_FQDN_FIRST..IDENTITY_FQDN_END).contains(s))
+    );
+    assert!(fqdn_flag(&env, &web), "the selected pod reads DNS answers");
+    assert!(!fqdn_flag(&env, &db), "the other pod does not");
+
+    let rows: Vec<FqdnIdentity> =
+        serde_json::from_str(&env.moatctl(&["-o", "json", "fqdn"])).unwrap();
+    let row = rows.iter().find(|r| r.identity == web_id).unwrap();
+    assert_eq!(row.pods, ["shop/web"]);
+    let patterns: BTreeSet<&str> = row.selectors.iter().map(|s| s.pattern.as_str()).collect();
+    assert_eq!(
+        patterns,
+        BTreeSet::from(["api.stripe.com", "*.s3.amazonaws.com"])
+    );
+    assert!(row.learned.is_empty());
+    let table = env.moatctl(&["fqdn"]);
+    assert!(table.contains("*.s3.amazonaws.com"), "{table}");
+
+    // While moatd is down, the pinned map drifts: a stale entry appears, a real one goes.
+    daemon.kill();
+    let mut fqdn = FqdnMaps::open(&env.pins()).unwrap();
+    let stale = key(web_id, FQDN_MATCH_EXACT, "stale.example");
+    fqdn.upsert_pattern(&stale, IDENTITY_FQDN_FIRST + 7)
+        .unwrap();
+    fqdn.remove_pattern(&key(web_id, FQDN_MATCH_EXACT, "api.stripe.com"))
+        .unwrap();
+    let mut daemon = env.start();
+    assert_eq!(
+        pattern_keys(&env),
+        expected,
+        "the first reconcile after the restart"
+    );
+
+    // Deleting the policy deletes its entries and clears the flag.
+    std::fs::remove_file(env.policies().join("policy.yaml")).unwrap();
+    env.moatctl(&["reload"]);
+    assert!(pattern_keys(&env).is_empty());
+    assert!(!fqdn_flag(&env, &web));
+
+    daemon.kill();
+    for pod in [&web, &db] {
+        let _ = moat_datapath::detach_endpoint(&env.pins(), &pod.host_if);
+    }
+    drop(lab);
+}

@@ -25,7 +25,7 @@ pub const CRD_NAME: &str = "moatpolicies.moat.io";
 
 /// MoatPolicy sets Moat-specific behaviour for the pods of its namespace that `podSelector`
 /// selects: their enforcement mode, a default-deny switch, named groups of external CIDRs, and
-/// ingress/egress rules whose peers are those groups.
+/// ingress/egress rules whose peers are those groups (and, for egress, DNS names).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "moat.io",
@@ -37,7 +37,7 @@ pub const CRD_NAME: &str = "moatpolicies.moat.io";
     category = "moat",
     namespaced,
     derive = "PartialEq",
-    doc = "MoatPolicy sets Moat-specific behaviour (enforcement mode, default deny, external CIDR groups and rules over them) for the pods of its namespace that its podSelector selects.",
+    doc = "MoatPolicy sets Moat-specific behaviour (enforcement mode, default deny, external CIDR groups and rules over them and over DNS names) for the pods of its namespace that its podSelector selects.",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(
         name = "Default-Deny",
@@ -52,7 +52,7 @@ pub const CRD_NAME: &str = "moatpolicies.moat.io";
 )]
 #[x_kube(
     validation = Rule::new("!has(self.ingress) || self.ingress.all(r, r.from.all(p, has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group)))").message("every ingress[].from[].group must name an entry of externalGroups"),
-    validation = Rule::new("!has(self.egress) || self.egress.all(r, r.to.all(p, has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group)))").message("every egress[].to[].group must name an entry of externalGroups")
+    validation = Rule::new("!has(self.egress) || self.egress.all(r, r.to.all(p, !has(p.group) || (has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group))))").message("every egress[].to[].group must name an entry of externalGroups")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MoatPolicySpec {
@@ -80,8 +80,8 @@ pub struct MoatPolicySpec {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub ingress: Option<Vec<IngressRule>>,
-    /// Allowed outgoing traffic to external groups. A present list isolates egress for the
-    /// selected pods (an empty list allows nothing).
+    /// Allowed outgoing traffic to external groups and DNS names. A present list isolates
+    /// egress for the selected pods (an empty list allows nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
@@ -174,18 +174,46 @@ pub struct IngressRule {
     pub from: Vec<GroupPeer>,
 }
 
-/// Outgoing traffic allowed to the listed groups, on the listed ports.
+/// Outgoing traffic allowed to the listed groups and DNS names, on the listed ports.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.to.filter(p, has(p.fqdn)).size() <= 25").message("at most 25 fqdn peers per rule"),
+    validation = Rule::new("!(self.to.exists(p, has(p.fqdn)) && has(self.ports) && self.ports.exists(q, has(q.port) && type(q.port) == string))").message("a named port cannot be used with fqdn peers (DNS names have no container ports)")
+)]
 pub struct EgressRule {
     /// Ports and protocols (NetworkPolicyPort); absent or empty means every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub ports: Option<Vec<PolicyPort>>,
-    /// Destinations: external groups of this policy (at least one).
+    /// Destinations: external groups of this policy and DNS names (at least one peer).
     #[schemars(length(min = 1, max = 64))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
-    pub to: Vec<GroupPeer>,
+    pub to: Vec<EgressPeer>,
+}
+
+/// An egress destination: exactly one of an external group of the same MoatPolicy (by name)
+/// and a DNS name.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.group) != has(self.fqdn)").message("exactly one of group and fqdn must be set")
+)]
+pub struct EgressPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub group: Option<String>,
+    /// A DNS name (`api.example.com`) or a wildcard (`*.example.com`: one or more whole labels
+    /// before example.com, not example.com itself), as ClusterNetworkPolicy's domainNames.
+    /// Case-insensitive; a trailing dot is ignored. The addresses are learned from the DNS
+    /// answers the selected pods receive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 254),
+        regex(
+            pattern = r"^(\*\.)?([a-zA-Z0-9_]([-a-zA-Z0-9_]*[a-zA-Z0-9_])?\.)+[a-zA-Z0-9_]([-a-zA-Z0-9_]*[a-zA-Z0-9_])?\.?$"
+        )
+    )]
+    pub fqdn: Option<String>,
 }
 
 /// One external group of the same MoatPolicy, by name.

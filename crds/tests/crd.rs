@@ -145,7 +145,10 @@ fn every_engine_field_is_in_the_schema() {
             "mode": "audit", "defaultDeny": true,
             "externalGroups": [{"name": "g", "cidrs": ["192.0.2.0/24"]}],
             "ingress": [{"from": [{"group": "g"}], "ports": [{"protocol": "UDP", "port": 53, "endPort": 54}]}],
-            "egress": [{"to": [{"group": "g"}], "ports": [{"port": "dns"}]}]
+            "egress": [
+                {"to": [{"group": "g"}], "ports": [{"port": "dns"}]},
+                {"to": [{"fqdn": "*.example.com"}], "ports": [{"port": 443}]}
+            ]
         }
     }))
     .unwrap();

@@ -1,12 +1,13 @@
 //! The guardrail example of the README (examples/cluster-policies/) does what the README says:
 //! an Admin Deny that a NetworkPolicy cannot open, a Pass that hands a namespace to its team,
 //! a Baseline isolation that a team's NetworkPolicy overrides, and an Admin egress Deny.
+//! The DNS-name example (examples/moatpolicy/fqdn-egress.yaml) allows what its comments say.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use moat_policy::{
-    ClusterNetworkPolicy, ContainerPort, Engine, FlowEnd, LabelSet, NetworkPolicy, Pod, PodRef,
-    Protocol, evaluate,
+    ClusterNetworkPolicy, ContainerPort, Engine, FlowEnd, LabelSet, MoatPolicy, NetworkPolicy, Pod,
+    PodRef, Protocol, evaluate, evaluate_learned,
 };
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cluster-policies");
@@ -113,4 +114,71 @@ fn the_readme_guardrails_hold() {
     let (ok, why) = allowed(&e, pod("shop", "web"), metadata);
     assert!(!ok);
     assert!(why.contains("no-metadata"), "{why}");
+}
+
+const FQDN_EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/moatpolicy/fqdn-egress.yaml"
+);
+
+#[test]
+fn the_fqdn_example_allows_its_names_and_dns_only() {
+    let mut e = Engine::new();
+    for ns in ["shop", "kube-system"] {
+        let mut l = LabelSet::new();
+        l.insert("kubernetes.io/metadata.name", ns);
+        e.upsert_namespace(ns, l).unwrap();
+    }
+    for (ns, name, label, ip) in [
+        ("shop", "checkout", ("app", "checkout"), 1),
+        ("shop", "web", ("app", "web"), 2),
+        ("kube-system", "coredns", ("k8s-app", "kube-dns"), 3),
+    ] {
+        e.upsert_pod(Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [label].into_iter().collect(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 3, 0, ip))],
+            ports: vec![],
+        })
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(FQDN_EXAMPLE).unwrap();
+    let docs = moat_policy::yaml::documents(&text).unwrap();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["MoatPolicy", "NetworkPolicy"]);
+    e.upsert_moat_policy(&MoatPolicy::from_value(docs[0].clone()).unwrap())
+        .unwrap();
+    e.upsert_policy(&NetworkPolicy::from_value(docs[1].clone()).unwrap())
+        .unwrap();
+
+    let s = e.state();
+    let checkout = pod("shop", "checkout");
+    let outside = FlowEnd::Address(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9)));
+    let to_outside = |from: &FlowEnd, names: &[&str], port: u16| {
+        evaluate_learned(s, from, &outside, port, 6, names).unwrap()
+    };
+    let v = to_outside(&checkout, &["api.stripe.com"], 443);
+    assert!(v.allowed);
+    assert_eq!(
+        e.describe_verdict(v.egress.as_ref().unwrap()).as_deref(),
+        Some("MoatPolicy shop/checkout-egress egress[0] to fqdn \"api.stripe.com\"")
+    );
+    assert!(to_outside(&checkout, &["eu-1.S3.amazonaws.com."], 443).allowed);
+    assert!(to_outside(&checkout, &["a.b.s3.amazonaws.com"], 443).allowed);
+    assert!(!to_outside(&checkout, &["s3.amazonaws.com"], 443).allowed);
+    assert!(!to_outside(&checkout, &["api.stripe.com"], 80).allowed);
+    assert!(!to_outside(&checkout, &["evil.example"], 443).allowed);
+    assert!(!to_outside(&checkout, &[], 443).allowed);
+    // Asking is allowed (cluster DNS), and web, not selected, is not restricted.
+    let dns = evaluate(s, &checkout, &pod("kube-system", "coredns"), 53, 17).unwrap();
+    assert!(dns.allowed);
+    assert!(to_outside(&pod("shop", "web"), &[], 80).allowed);
+    let flagged: Vec<String> = s
+        .endpoints
+        .iter()
+        .filter(|(_, ep)| ep.fqdn)
+        .map(|(r, _)| r.to_string())
+        .collect();
+    assert_eq!(flagged, ["shop/checkout"]);
 }

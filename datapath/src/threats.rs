@@ -151,6 +151,11 @@ impl ThreatSettings {
         {
             *slot = *a;
         }
+        if self.quarantine_allow.is_empty() {
+            // An empty list must not read as "never written" (which the datapath takes for
+            // its DNS-only default).
+            config.quarantine_allow[0].proto = moat_common::QUARANTINE_ALLOW_NOTHING;
+        }
         config
     }
 }

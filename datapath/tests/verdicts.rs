@@ -1362,3 +1362,34 @@ fn audit_mode_lets_an_admin_deny_through_and_reports_it() {
     assert_eq!(f.out(&syn(pod_v4(), peer_v4(), 1, 80)), TC_ACT_OK);
     assert_eq!(f.last_event(), (VERDICT_AUDIT, reason::ADMIN_DENY, 500));
 }
+
+// --- quarantine allowances ----------------------------------------------------------------
+
+#[test]
+fn a_quarantine_allows_dns_by_default_what_it_lists_or_nothing() {
+    use moat_datapath::threats::{ThreatConfigMap, ThreatSettings, parse_quarantine_allow};
+    let mut f = Fixture::new("qallow");
+    f.allow_out(IDENTITY_ANY, 0, 0, rule::NOT_ISOLATED);
+    f.maps
+        .set_endpoint_flag(f.ifindex, ENDPOINT_FLAG_QUARANTINED, true)
+        .unwrap();
+    let dns = |sport| Packet::udp(pod_v4(), peer_v4(), sport, 53);
+    let web = |sport| syn(pod_v4(), peer_v4(), sport, 443);
+
+    // Never configured (no list written): DNS only.
+    assert_eq!(f.out(&dns(40000)), TC_ACT_OK);
+    assert_eq!(f.out(&web(40001)), TC_ACT_SHOT);
+
+    let mut config = ThreatConfigMap::open(&f.dp.pins).unwrap();
+    let mut settings = ThreatSettings::default();
+    settings.quarantine_allow = parse_quarantine_allow("tcp/443").unwrap();
+    config.write(&settings.to_config()).unwrap();
+    assert_eq!(f.out(&web(40002)), TC_ACT_OK, "listed");
+    assert_eq!(f.out(&dns(40003)), TC_ACT_SHOT, "not listed");
+
+    // An empty list allows nothing, DNS included.
+    settings.quarantine_allow = parse_quarantine_allow("").unwrap();
+    config.write(&settings.to_config()).unwrap();
+    assert_eq!(f.out(&dns(40004)), TC_ACT_SHOT);
+    assert_eq!(f.out(&web(40005)), TC_ACT_SHOT);
+}

@@ -39,7 +39,7 @@ pub fn net(s: &str) -> IpNetwork {
 /// One endpoint (identity POD, addresses 10.1.0.1 and fd00:1::1) on a dummy device, a peer
 /// pod (PEER) known to the ipcache, a Service range and a host address.
 pub struct Fixture {
-    _dp: LoadedDatapath,
+    pub dp: LoadedDatapath,
     _link: DummyLink,
     pub ifindex: u32,
     pub maps: Maps,
@@ -81,7 +81,7 @@ impl Fixture {
         let events = EventReader::open(&dp.pins).unwrap();
         Self {
             ifindex: link.ifindex,
-            _dp: dp,
+            dp,
             _link: link,
             maps,
             runner,

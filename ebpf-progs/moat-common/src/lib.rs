@@ -779,6 +779,10 @@ pub struct QuarantineAllow {
 }
 
 pub const MAX_QUARANTINE_ALLOW: usize = 4;
+/// `proto` of a first allowance that allows nothing: moatd writes it for an empty list. A
+/// first `proto` of 0 means no list was ever written, and then DNS alone leaves (the
+/// documented default). 255 is a reserved IP protocol, so it matches no packet.
+pub const QUARANTINE_ALLOW_NOTHING: u8 = 255;
 
 /// Detector settings, written by moatd into MOAT_THREATCFG[0]. A zero `enabled` turns
 /// every detector off (the datapath then does no detection work at all).

@@ -1381,8 +1381,10 @@ fn a_quarantine_allows_dns_by_default_what_it_lists_or_nothing() {
     assert_eq!(f.out(&web(40001)), TC_ACT_SHOT);
 
     let mut config = ThreatConfigMap::open(&f.dp.pins).unwrap();
-    let mut settings = ThreatSettings::default();
-    settings.quarantine_allow = parse_quarantine_allow("tcp/443").unwrap();
+    let mut settings = ThreatSettings {
+        quarantine_allow: parse_quarantine_allow("tcp/443").unwrap(),
+        ..ThreatSettings::default()
+    };
     config.write(&settings.to_config()).unwrap();
     assert_eq!(f.out(&web(40002)), TC_ACT_OK, "listed");
     assert_eq!(f.out(&dns(40003)), TC_ACT_SHOT, "not listed");

@@ -1,12 +1,19 @@
-//! Any bytes, as YAML and as JSON, through both policy parsers. Parsing must never panic;
-//! an accepted object must normalize (validation promised it) and compile into an engine
-//! holding a few pods (compilation may refuse it with an error, never panic); a refused
-//! object's error must name an object and a field.
+//! Any bytes, as YAML and as JSON, through the policy parsers (NetworkPolicy, MoatPolicy,
+//! ClusterNetworkPolicy). Parsing must never panic; an accepted object must normalize
+//! (validation promised it) and compile into an engine holding a few pods (compilation may
+//! refuse it with an error, never panic); a refused object's error must name an object and a
+//! field. DNS-name peers (MoatPolicy `fqdn`, ClusterNetworkPolicy `domainNames`) normalize to
+//! patterns that read back as themselves.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moat_policy::{ContainerPort, Engine, Error, MoatPolicy, NetworkPolicy, Pod, Protocol};
+use moat_policy::cnp::CnpPeer;
+use moat_policy::netpol::Peer;
+use moat_policy::{
+    ClusterNetworkPolicy, ContainerPort, Engine, Error, FqdnPattern, MoatPolicy, NetworkPolicy,
+    Pod, Protocol,
+};
 
 fn engine() -> Engine {
     let mut e = Engine::new();
@@ -52,13 +59,47 @@ fn network_policy(r: Result<NetworkPolicy, Error>) {
     }
 }
 
+/// A normalized pattern is canonical: its text parses back to it.
+fn check_pattern(p: &FqdnPattern) {
+    assert_eq!(FqdnPattern::parse(&p.to_string()).as_ref(), Ok(p), "{p}");
+    let _ = p.name_hash();
+}
+
 fn moat_policy(r: Result<MoatPolicy, Error>) {
     match r {
         Ok(p) => {
-            p.normalize().expect("a parsed policy normalizes");
+            let n = p.normalize().expect("a parsed policy normalizes");
+            for peer in n
+                .policy
+                .egress
+                .iter()
+                .flatten()
+                .flat_map(|r| r.peers.iter().flatten())
+            {
+                if let Peer::Fqdn(pattern) = peer {
+                    check_pattern(pattern);
+                }
+            }
             let mut e = engine();
             let _ = e.upsert_moat_policy(&p);
             let _ = e.delete_moat_policy(p.namespace(), p.name());
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+fn cluster_policy(r: Result<ClusterNetworkPolicy, Error>) {
+    match r {
+        Ok(p) => {
+            let n = p.normalize().expect("a parsed policy normalizes");
+            for peer in n.egress.iter().flat_map(|r| r.peers.iter().flatten()) {
+                if let CnpPeer::Fqdn(pattern) = peer {
+                    check_pattern(pattern);
+                }
+            }
+            let mut e = engine();
+            let _ = e.upsert_cluster_policy(&p);
+            let _ = e.delete_cluster_policy(p.name());
         }
         Err(e) => check_error(&e),
     }
@@ -72,6 +113,8 @@ fuzz_target!(|data: &[u8]| {
     network_policy(NetworkPolicy::from_yaml(text));
     moat_policy(MoatPolicy::from_json(text));
     moat_policy(MoatPolicy::from_yaml(text));
+    cluster_policy(ClusterNetworkPolicy::from_json(text));
+    cluster_policy(ClusterNetworkPolicy::from_yaml(text));
     if let Ok(all) = NetworkPolicy::all_from_yaml(text) {
         all.into_iter().for_each(|p| network_policy(Ok(p)));
     }

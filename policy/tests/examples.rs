@@ -1,7 +1,8 @@
 //! The guardrail example of the README (examples/cluster-policies/) does what the README says:
 //! an Admin Deny that a NetworkPolicy cannot open, a Pass that hands a namespace to its team,
 //! a Baseline isolation that a team's NetworkPolicy overrides, and an Admin egress Deny.
-//! The DNS-name example (examples/moatpolicy/fqdn-egress.yaml) allows what its comments say.
+//! The DNS-name examples (examples/moatpolicy/fqdn-egress.yaml,
+//! examples/cluster-policies/egress-allowlist.yaml) allow what their comments say.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -181,4 +182,67 @@ fn the_fqdn_example_allows_its_names_and_dns_only() {
         .map(|(r, _)| r.to_string())
         .collect();
     assert_eq!(flagged, ["shop/checkout"]);
+}
+
+#[test]
+fn the_cluster_allowlist_example_allows_its_names_and_denies_the_rest() {
+    let mut e = Engine::new();
+    for (ns, extra) in [
+        ("build", Some(("egress", "allowlist"))),
+        ("kube-system", None),
+        ("free", None),
+    ] {
+        let mut l = LabelSet::new();
+        l.insert("kubernetes.io/metadata.name", ns);
+        if let Some((k, v)) = extra {
+            l.insert(k, v);
+        }
+        e.upsert_namespace(ns, l).unwrap();
+    }
+    for (ns, name, label, ip) in [
+        ("build", "runner", ("app", "runner"), 1),
+        ("kube-system", "coredns", ("k8s-app", "kube-dns"), 2),
+        ("free", "web", ("app", "web"), 3),
+    ] {
+        e.upsert_pod(Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [label].into_iter().collect(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 4, 0, ip))],
+            ports: vec![],
+        })
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(format!("{DIR}/egress-allowlist.yaml")).unwrap();
+    for cnp in ClusterNetworkPolicy::all_from_yaml(&text).unwrap() {
+        e.upsert_cluster_policy(&cnp).unwrap();
+    }
+    let s = e.state();
+    let runner = pod("build", "runner");
+    let outside = FlowEnd::Address(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 80)));
+    let to_outside = |from: &FlowEnd, names: &[&str], port: u16| {
+        let v = evaluate_learned(s, from, &outside, port, 6, names).unwrap();
+        let why = v.egress.as_ref().and_then(|d| e.describe_verdict(d));
+        (v.allowed, why.unwrap_or_default())
+    };
+    let (ok, why) = to_outside(&runner, &["deb.debian.org"], 443);
+    assert!(ok, "{why}");
+    assert_eq!(
+        why,
+        "Admin ClusterNetworkPolicy egress-allowlist (priority 30) egress rule \"allowed-names\" to fqdn \"*.debian.org\": Accept"
+    );
+    assert!(to_outside(&runner, &["API.stripe.com"], 443).0);
+    for (names, port) in [
+        (&["debian.org"][..], 443),
+        (&["deb.debian.org"], 80),
+        (&[], 443),
+    ] {
+        let (ok, why) = to_outside(&runner, names, port);
+        assert!(!ok, "{names:?} {port}");
+        assert!(why.contains("nothing-else-outside"), "{why}");
+    }
+    let dns = evaluate(s, &runner, &pod("kube-system", "coredns"), 53, 17).unwrap();
+    assert!(dns.allowed);
+    // Namespaces without the label are not subjects.
+    assert!(to_outside(&pod("free", "web"), &[], 80).0);
 }

@@ -694,7 +694,7 @@ impl Daemon {
         pod: Option<&PodRef>,
         ingress: bool,
     ) -> String {
-        if let Some(r) = self.engine.describe_rule(v.reason, v.rule_id) {
+        if let Some(r) = self.engine.describe_verdict(v) {
             return format!("{} by {r}", if v.allowed { "allowed" } else { "denied" });
         }
         match v.rule_id {
@@ -726,16 +726,26 @@ impl Daemon {
         {
             return self.trace_service(from, &from_end, vip, port, protocol, proto);
         }
-        let engine = self.evaluate_checked(&from_end, &to_end, port, proto)?;
+        // An address the datapath learned from a DNS answer to the source: its FQDN rules
+        // apply to it as they do in the kernel.
+        let names = self.learned_names(&from_end, &to_end);
+        let engine = self.evaluate_checked(&from_end, &to_end, port, proto, &names)?;
         let pod_of = |end: &moat_policy::FlowEnd| match end {
             moat_policy::FlowEnd::Pod(p) => Some(p.clone()),
             _ => None,
         };
         let (src_pod, dst_pod) = (pod_of(&from_end), pod_of(&to_end));
-        let egress = engine
-            .egress
-            .as_ref()
-            .map(|v| self.explain_direction(v, src_pod.as_ref(), false));
+        let egress = engine.egress.as_ref().map(|v| {
+            let explained = self.explain_direction(v, src_pod.as_ref(), false);
+            if names.is_empty() {
+                explained
+            } else {
+                format!(
+                    "{explained} (address learned from DNS: {})",
+                    names.join(", ")
+                )
+            }
+        });
         let ingress = engine
             .ingress
             .as_ref()
@@ -785,7 +795,7 @@ impl Daemon {
         let (mut allowed, mut denied) = (0, 0);
         for backend in &backends {
             let (to_end, place) = self.backend_place(backend.ip());
-            let v = self.evaluate_checked(from_end, &to_end, backend.port(), proto)?;
+            let v = self.evaluate_checked(from_end, &to_end, backend.port(), proto, &[])?;
             if v.allowed {
                 allowed += 1;
             } else {
@@ -883,16 +893,19 @@ impl Daemon {
     }
 
     /// The engine's verdict, checked against the same evaluation over what the kernel maps
-    /// hold right now.
+    /// hold right now. `names`: the DNS names the destination address was learned for (to
+    /// the source), whose FQDN rules apply.
     fn evaluate_checked(
         &self,
         from_end: &moat_policy::FlowEnd,
         to_end: &moat_policy::FlowEnd,
         port: u16,
         proto: u8,
+        names: &[String],
     ) -> anyhow::Result<moat_policy::Verdict> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let state = self.engine.state();
-        let engine = moat_policy::evaluate(state, from_end, to_end, port, proto)
+        let engine = moat_policy::evaluate_learned(state, from_end, to_end, port, proto, &names)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // The same evaluation over what the kernel maps hold right now.
         let actual = desired::read_actual(&self.maps, &self.fqdn);
@@ -908,7 +921,7 @@ impl Daemon {
             .filter(|(_, v)| v.flags & moat_common::IPCACHE_FLAG_SERVICE == 0)
             .map(|(k, v)| (*k, moat_policy::Identity(v.identity)))
             .collect();
-        let kernel = moat_policy::evaluate(&in_maps, from_end, to_end, port, proto)
+        let kernel = moat_policy::evaluate_learned(&in_maps, from_end, to_end, port, proto, &names)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(
             kernel.allowed == engine.allowed && kernel.rule_id == engine.rule_id,

@@ -2,16 +2,17 @@
 //! datastore, pinned maps): a MoatPolicy with `fqdn` peers writes one MOAT_FQDNPAT entry per
 //! pattern for the selected pod's identity and sets its endpoint's ENDPOINT_FLAG_FQDN;
 //! `moatctl fqdn` names the patterns; after a restart the entries are exactly the policy's
-//! again (a stale entry left in the pinned map is deleted, a missing one written); deleting
-//! the policy removes them and clears the flag.
+//! again (a stale entry left in the pinned map is deleted, a missing one written); `moatctl
+//! trace` to an address learned for the pod allows it by the FQDN rule, naming the name and
+//! the pattern; deleting the policy removes the entries and clears the flag.
 
 mod support_moatd;
 
 use std::collections::BTreeSet;
 
 use moat_common::{
-    ENDPOINT_FLAG_FQDN, FQDN_MATCH_EXACT, FQDN_MATCH_SUBDOMAIN, FqdnPatternKey, IDENTITY_FQDN_END,
-    IDENTITY_FQDN_FIRST, fqdn_name_hash,
+    ENDPOINT_FLAG_FQDN, FQDN_MATCH_EXACT, FQDN_MATCH_SUBDOMAIN, FqdnAddr, FqdnPatternKey,
+    IDENTITY_FQDN_END, IDENTITY_FQDN_FIRST, fqdn_name_hash,
 };
 use moat_datapath::{FqdnMaps, Maps};
 use moat_testkit::lab::{Lab, LabPod};
@@ -102,6 +103,42 @@ fn fqdn_rules_write_pattern_entries_and_the_flag_and_a_restart_heals_them() {
         expected,
         "the first reconcile after the restart"
     );
+
+    // trace evaluates an address learned for the pod as the kernel does, naming the name
+    // and the pattern; an address learned for nothing is denied.
+    let stripe = FqdnMaps::open(&env.pins())
+        .unwrap()
+        .pattern_entries()
+        .into_iter()
+        .find(|(k, _)| k.kind == FQDN_MATCH_EXACT)
+        .map(|(_, s)| s)
+        .unwrap();
+    let hash = fqdn_name_hash(b"api.stripe.com").unwrap();
+    fqdn.insert_name(hash, "api.stripe.com").unwrap();
+    let learned = FqdnAddr {
+        expires_ns: moatd::server::monotonic_ns() + 600 * 1_000_000_000,
+        learned_ns: moatd::server::monotonic_ns(),
+        name_hash: hash,
+        ttl: 60,
+        count: 1,
+        selectors: [stripe, 0, 0, 0],
+    };
+    fqdn.insert_learned(web_id, "203.0.113.7".parse().unwrap(), &learned)
+        .unwrap();
+    let trace = |to: &str| {
+        env.moatctl(&[
+            "trace", "--from", "shop/web", "--to", to, "--port", "443/TCP",
+        ])
+    };
+    let allowed = trace("203.0.113.7");
+    assert!(allowed.contains("ALLOWED"), "{allowed}");
+    assert!(
+        allowed.contains("fqdn \"api.stripe.com\"")
+            && allowed.contains("learned from DNS: api.stripe.com"),
+        "{allowed}"
+    );
+    let denied = trace("203.0.113.8");
+    assert!(denied.contains("DENIED"), "{denied}");
 
     // Deleting the policy deletes its entries and clears the flag.
     std::fs::remove_file(env.policies().join("policy.yaml")).unwrap();

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use moat_policy::FlowEnd;
+
 use super::Daemon;
 use crate::{
     api::FqdnIdentity,
@@ -87,6 +89,24 @@ impl Daemon {
             |selector| self.fqdn_selector_text(selector),
             |hash| maps.name(hash),
         ))
+    }
+
+    /// The DNS names an address was learned for to the source pod's identity, while the
+    /// learned entry still admits new connections (what `trace` evaluates as the kernel
+    /// would). Empty for any other pair of ends.
+    pub(super) fn learned_names(&self, from: &FlowEnd, to: &FlowEnd) -> Vec<String> {
+        let (FlowEnd::Pod(pod), FlowEnd::Address(addr)) = (from, to) else {
+            return Vec::new();
+        };
+        let Some(endpoint) = self.engine.state().endpoints.get(pod) else {
+            return Vec::new();
+        };
+        let learned = self.fqdn.get_learned(endpoint.identity.0, *addr);
+        learned
+            .filter(|v| v.expires_ns > crate::server::monotonic_ns())
+            .and_then(|v| self.fqdn.name(v.name_hash))
+            .into_iter()
+            .collect()
     }
 
     /// The pattern a selector identity stands for, as the engine compiled it.

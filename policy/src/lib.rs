@@ -8,6 +8,12 @@
 //! named external CIDR groups and rules that reference them. Both compile through the same
 //! engine; `DatapathState::modes` carries the per-pod mode MoatPolicies set.
 //!
+//! Egress rules may name DNS names (MoatPolicy `fqdn`, ClusterNetworkPolicy `domainNames`;
+//! see [`fqdn`]): each pattern compiles to a selector identity that is a remote identity like
+//! any other, plus `DatapathState::fqdn_patterns` entries that tell the datapath which DNS
+//! answers teach a pod's identity addresses for it. `evaluate_learned` judges a flow to such
+//! an address.
+//!
 //! The MoatPolicy CRD (manifests/crds/moatpolicies.moat.io.yaml) is generated from the Rust
 //! types of the `moat-crds` crate, whose tests round-trip every example through that type and
 //! [`MoatPolicy`], so the schema the API server enforces and this engine's object agree.

@@ -352,8 +352,13 @@ fn incremental_equals_from_scratch_through_fqdn_policy_churn() {
                 .unwrap()
         }),
         Box::new(|e| {
-            e.upsert_pod(pod("shop", "web-2", "web", "10.0.0.3"))
-                .unwrap()
+            // A pod of a known identity: its endpoint (flag included) and address only.
+            let d = e
+                .upsert_pod(pod("shop", "web-2", "web", "10.0.0.3"))
+                .unwrap();
+            assert!(d.touches_only_endpoints_and_ipcache(), "{d:?}");
+            assert!(d.endpoints.upserts[&PodRef::new("shop", "web-2")].fqdn);
+            d
         }),
         Box::new(|e| {
             let mut p = pod("shop", "web-3", "web", "10.0.0.4");

@@ -993,6 +993,10 @@ impl Daemon {
         } else {
             reason::name(e.reason).to_string()
         };
+        let rule = match (&endpoint, ingress) {
+            (Some(pod), false) => self.with_fqdn_note(rule, pod, e, dst),
+            _ => rule,
+        };
         let age_ms = mono_now_ns.saturating_sub(e.timestamp_ns) / 1_000_000;
         FlowRecord {
             time_ms: wall_now_ms.saturating_sub(age_ms),

@@ -2,9 +2,13 @@
 //! sweeper may keep learned addresses for, and the `moatctl fqdn` listing. (The pattern
 //! entries are written by the ordinary reconcile, see desired.rs.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use moat_policy::FlowEnd;
+use moat_common::{FlowEvent, IDENTITY_WORLD, VERDICT_ALLOW};
+use moat_policy::{FlowEnd, PodRef};
 
 use super::Daemon;
 use crate::{
@@ -107,6 +111,47 @@ impl Daemon {
             .and_then(|v| self.fqdn.name(v.name_hash))
             .into_iter()
             .collect()
+    }
+
+    /// A flow explanation for an egress event of a pod with FQDN rules towards an address
+    /// outside the cluster: which DNS name taught the address (and the pattern the allowing
+    /// rule matched), or that none did. Other events keep their explanation.
+    pub(super) fn with_fqdn_note(
+        &self,
+        rule: String,
+        pod: &PodRef,
+        e: &FlowEvent,
+        dst: IpAddr,
+    ) -> String {
+        let has_fqdn_rules = self
+            .engine
+            .state()
+            .endpoints
+            .get(pod)
+            .is_some_and(|c| c.fqdn);
+        if !has_fqdn_rules || e.remote_identity != IDENTITY_WORLD {
+            return rule;
+        }
+        let Some(learned) = self.fqdn.get_learned(e.local_identity, dst) else {
+            return if e.verdict == VERDICT_ALLOW {
+                rule
+            } else {
+                format!("{rule} (no DNS answer to the pod named this address)")
+            };
+        };
+        let name = self
+            .fqdn
+            .name(learned.name_hash)
+            .unwrap_or_else(|| "a name no longer held".into());
+        // The allowing rule, naming the first of the address's patterns it was written for.
+        let via = learned
+            .selectors
+            .iter()
+            .copied()
+            .filter(|s| *s != 0)
+            .find_map(|s| self.engine.describe_rule_via(e.reason, e.rule_id, Some(s)))
+            .filter(|_| e.verdict == VERDICT_ALLOW);
+        format!("{} (address learned from DNS: {name})", via.unwrap_or(rule))
     }
 
     /// The pattern a selector identity stands for, as the engine compiled it.

@@ -232,6 +232,9 @@ pub struct DaemonStatus {
     /// Threat detection: `on`, `off`, or why it is unavailable.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub threat_detection: String,
+    /// FQDN egress settings: the TTL bounds of learned addresses and the cap per identity.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fqdn: String,
 }
 
 /// moatd's nftables table that masquerades pod egress leaving the cluster.

@@ -1521,6 +1521,7 @@ impl Daemon {
             warnings: self.after_dnat_problems.clone(),
             quarantined: self.quarantined_pods(),
             threat_detection: self.threat_status.clone(),
+            fqdn: self.fqdn_settings.describe(),
         }
     }
 

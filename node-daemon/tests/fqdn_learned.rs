@@ -123,6 +123,14 @@ fn learned_addresses_are_listed_swept_capped_and_survive_a_kill_9() {
         },
         "moatd writes the TTL settings at start"
     );
+    assert_eq!(
+        env.status().fqdn,
+        "learned addresses admit new connections 5-86400s (the record's TTL within); at most 3 per identity"
+    );
+    assert!(
+        env.moatctl(&["status"])
+            .contains("fqdn:        learned addresses")
+    );
 
     // What the kernel learned: three addresses of the client (v4 and v6), one of the other.
     fqdn.insert_name(fqdn_name_hash(NAME.as_bytes()).unwrap(), NAME)

@@ -622,6 +622,9 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
     if !s.threat_detection.is_empty() {
         println!("threats:     detection {}", s.threat_detection);
     }
+    if !s.fqdn.is_empty() {
+        println!("fqdn:        {}", s.fqdn);
+    }
     if s.quarantined.is_empty() {
         println!("quarantined: none");
     } else {

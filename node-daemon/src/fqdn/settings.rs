@@ -44,6 +44,14 @@ impl FqdnSettings {
         Ok(())
     }
 
+    /// For `moatctl status`.
+    pub fn describe(&self) -> String {
+        format!(
+            "learned addresses admit new connections {}-{}s (the record's TTL within); at most {} per identity",
+            self.ttl_floor_s, self.ttl_cap_s, self.max_per_identity
+        )
+    }
+
     /// The MOAT_FQDNCFG value.
     pub fn to_config(&self) -> FqdnConfig {
         FqdnConfig {

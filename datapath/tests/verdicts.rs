@@ -1395,3 +1395,74 @@ fn a_quarantine_allows_dns_by_default_what_it_lists_or_nothing() {
     assert_eq!(f.out(&dns(40004)), TC_ACT_SHOT);
     assert_eq!(f.out(&web(40005)), TC_ACT_SHOT);
 }
+
+// --- FQDN selectors -----------------------------------------------------------------------
+
+#[test]
+fn a_learned_destination_is_judged_by_its_selectors_rules_until_it_expires() {
+    const SELECTOR: u32 = IDENTITY_FQDN_FIRST + 7;
+    let mut f = Fixture::new("fqdnsel");
+    let mut ep = f.maps.endpoint(f.ifindex).unwrap();
+    ep.flags |= ENDPOINT_FLAG_FQDN;
+    f.maps.upsert_endpoint(f.ifindex, &ep).unwrap();
+    f.allow_out(SELECTOR, 443, PROTO_TCP, 200);
+    let mut set = PortRuleSet::default();
+    set.rules[0] = PortRule {
+        rule_id: 201,
+        port_start: 8000,
+        port_end: 8100,
+        proto: PROTO_TCP,
+        action: ACTION_ALLOW,
+        tier: moat_common::TIER_NETPOL,
+        _pad: 0,
+    };
+    set.count = 1;
+    let key = PortRangeKey {
+        policy_id: POD,
+        remote_identity: SELECTOR,
+        proto: PROTO_TCP,
+        direction: DIRECTION_EGRESS,
+        _pad: [0; 2],
+    };
+    f.maps.upsert_port_ranges(&key, &set).unwrap();
+    let named: IpAddr = "203.0.113.5".parse().unwrap();
+    let unnamed: IpAddr = "203.0.113.6".parse().unwrap();
+    let mut fqdn = moat_datapath::FqdnMaps::open(&f.dp.pins).unwrap();
+    let live = FqdnAddr {
+        expires_ns: u64::MAX,
+        selectors: [SELECTOR, 0, 0, 0],
+        ..Default::default()
+    };
+    fqdn.insert_learned(POD, named, &live).unwrap();
+
+    assert_eq!(f.out(&syn(pod_v4(), named, 40000, 443)), TC_ACT_OK);
+    assert_eq!(
+        f.out(&syn(pod_v4(), named, 40001, 8050)),
+        TC_ACT_OK,
+        "range"
+    );
+    assert_eq!(f.out(&syn(pod_v4(), named, 40002, 9000)), TC_ACT_SHOT);
+    assert_eq!(f.out(&syn(pod_v4(), unnamed, 40003, 443)), TC_ACT_SHOT);
+    let drained = f.drained();
+    assert!(drained.iter().all(|e| e.reason == reason::DEFAULT_DENY));
+
+    // Learned by another identity only: not this pod's.
+    fqdn.remove_learned(POD, named).unwrap();
+    fqdn.insert_learned(POD + 1, named, &live).unwrap();
+    assert_eq!(f.out(&syn(pod_v4(), named, 40004, 443)), TC_ACT_SHOT);
+
+    // Expired: new flows are denied again.
+    let expired = FqdnAddr {
+        expires_ns: 1,
+        ..live
+    };
+    fqdn.insert_learned(POD, named, &expired).unwrap();
+    assert_eq!(f.out(&syn(pod_v4(), named, 40005, 443)), TC_ACT_SHOT);
+
+    // Without the endpoint's FQDN flag nothing learned is consulted.
+    fqdn.insert_learned(POD, named, &live).unwrap();
+    assert_eq!(f.out(&syn(pod_v4(), named, 40006, 443)), TC_ACT_OK);
+    ep.flags &= !ENDPOINT_FLAG_FQDN;
+    f.maps.upsert_endpoint(f.ifindex, &ep).unwrap();
+    assert_eq!(f.out(&syn(pod_v4(), named, 40007, 443)), TC_ACT_SHOT);
+}

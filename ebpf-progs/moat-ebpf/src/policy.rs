@@ -12,7 +12,8 @@
 //!   8. MOAT_CIDR4/6 longest prefix of the remote address under (P, D): ipBlocks
 //!   9. for egress of an endpoint with FQDN rules, each FQDN selector S the destination
 //!      address was learned for (see fqdn.rs): MOAT_POLICY (P, S, d, p, D), (P, S, 0, p, D),
-//!      (P, S, 0, 0, D). FQDN rules only allow, so the first allow is kept.
+//!      (P, S, 0, 0, D), and MOAT_PORTRANGES (P, S, p, D). FQDN rules only allow, so the
+//!      first allow is kept.
 //! Each step yields up to three tiers' answers (see `PolicyValue`). They combine as the
 //! tiers are judged:
 //!   Admin ClusterNetworkPolicy: the first matching rule (lowest id over all steps) decides
@@ -276,8 +277,15 @@ pub fn decide(
         scratch::put(&mut slots[8], 0);
     }
     scratch::put(&mut slots[9], 0);
+    scratch::put(&mut slots[10], 0);
     if hints & ENDPOINT_FLAG_FQDN != 0 && direction == DIRECTION_EGRESS {
-        fqdn_steps(lookups, &mut slots[9], p, dport, proto);
+        fqdn_steps(
+            lookups,
+            p,
+            dport,
+            proto,
+            hints & ENDPOINT_FLAG_NO_RANGES == 0,
+        );
     }
 
     // Admin tier: its first rule decides unless it passes.
@@ -325,10 +333,12 @@ pub fn decide(
 }
 
 /// The FQDN selectors staged for this flow (consumed: cleared as read), each looked up like
-/// a remote identity; the first NetworkPolicy-tier allow goes to `slot`, the cluster tiers'
-/// answers fold into their running firsts.
+/// a remote identity: its exact entries (first NetworkPolicy-tier allow into slot 9) and,
+/// unless the endpoint has none, its port ranges (first allow into slot 10); the cluster
+/// tiers' answers fold into their running firsts. FQDN rules only allow.
 #[inline(always)]
-fn fqdn_steps(lookups: *mut Lookups, slot: *mut u64, policy_id: u32, dport: u16, proto: u8) {
+fn fqdn_steps(lookups: *mut Lookups, policy_id: u32, dport: u16, proto: u8, with_ranges: bool) {
+    let slots = unsafe { &mut (*lookups).slots };
     for i in 0..MAX_FQDN_SELECTORS {
         let selector = unsafe { scratch::get(&(*lookups).fqdn[i]) };
         if selector == 0 {
@@ -344,8 +354,25 @@ fn fqdn_steps(lookups: *mut Lookups, slot: *mut u64, policy_id: u32, dport: u16,
                 protocol,
                 DIRECTION_EGRESS,
             );
-            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(slot) == 0 {
-                scratch::put(slot, found);
+            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[9]) == 0 {
+                scratch::put(&mut slots[9], found);
+            }
+        }
+        if with_ranges {
+            // `decision` is free until the NetworkPolicy tier is combined.
+            let found = unsafe { &mut (*lookups).decision };
+            ranges(
+                lookups,
+                found,
+                policy_id,
+                selector,
+                dport,
+                proto,
+                DIRECTION_EGRESS,
+            );
+            let found = scratch::get(found);
+            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[10]) == 0 {
+                scratch::put(&mut slots[10], found);
             }
         }
     }

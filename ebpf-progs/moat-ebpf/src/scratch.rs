@@ -13,7 +13,7 @@ use moat_common::EndpointInfo;
 use crate::parse::Packet;
 
 /// Lookup results of one verdict: 0 = no match, else (action << 32) | rule_id.
-pub const LOOKUP_SLOTS: usize = 10;
+pub const LOOKUP_SLOTS: usize = 11;
 
 #[repr(C)]
 pub struct Lookups {

@@ -15,6 +15,7 @@
 use std::net::IpAddr;
 
 use anyhow::{Context, Result, bail};
+use moat_common::threat;
 use moat_datapath::{
     Datapath, Maps, PinDir,
     threats::{ThreatConfigMap, ThreatSettings},
@@ -54,9 +55,18 @@ pub fn measure(pin_root: &str, ifindex: u32, repeat: u32, batches: usize) -> Res
     let mut maps = Maps::open(&pins)?;
     tiers::install(&mut maps, &tiers::compiled(0)?, ifindex)?;
     let mut settings = ThreatConfigMap::open(&pins)?;
+    // Off, the shipped defaults, then each new-flow detector alone: where the cost goes.
+    let alone = |kind: u8| {
+        let mut only = ThreatSettings::off();
+        *only.detector_mut(kind) = ThreatSettings::default().detector(kind).clone();
+        only.to_config()
+    };
     let configs = [
-        ThreatSettings::off().to_config(),
-        ThreatSettings::default().to_config(),
+        ("off", ThreatSettings::off().to_config()),
+        ("on", ThreatSettings::default().to_config()),
+        ("port_scan_only", alone(threat::PORT_SCAN)),
+        ("host_sweep_only", alone(threat::HOST_SWEEP)),
+        ("policy_probing_only", alone(threat::POLICY_PROBING)),
     ];
     let runner = TestRunner::open(&pins)?;
     if runner
@@ -66,13 +76,14 @@ pub fn measure(pin_root: &str, ifindex: u32, repeat: u32, batches: usize) -> Res
     {
         bail!("the SYN to the open port was not admitted");
     }
-    let mut fresh: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut tracked: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let n = configs.len();
+    let mut fresh: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut tracked: Vec<Vec<f64>> = vec![Vec::new(); n];
     for batch in 0..batches {
         check_interrupted()?;
-        for step in 0..2 {
-            let c = (batch + step) % 2;
-            settings.write(&configs[c])?;
+        for step in 0..n {
+            let c = (batch + step) % n;
+            settings.write(&configs[c].1)?;
             let r = runner.run(Hook::ToContainer, ifindex, &new_flow, repeat)?;
             if r.verdict != TC_ACT_SHOT {
                 bail!("the SYN to 9999 returned {} (expected a drop)", r.verdict);
@@ -93,14 +104,28 @@ pub fn measure(pin_root: &str, ifindex: u32, repeat: u32, batches: usize) -> Res
             "samples_on_ns": samples[1],
         })
     };
+    let off = median(&fresh[0]).unwrap_or(f64::NAN);
+    let by_detector: serde_json::Map<String, Value> = configs[2..]
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let ns = median(&fresh[i + 2]).unwrap_or(f64::NAN);
+            (
+                (*name).to_string(),
+                json!({"ns_per_packet": ns, "ratio_vs_off": round(ns / off, 3)}),
+            )
+        })
+        .collect();
     Ok(json!({
         "method": "BPF_PROG_TEST_RUN of moat_to_container on one datapath, its detector settings \
-                   rewritten between runs (every detector off / the shipped defaults), order \
-                   alternating by batch; value = median over batches",
+                   rewritten between runs (every detector off / the shipped defaults / each \
+                   new-flow detector alone), order rotating by batch; value = median over \
+                   batches",
         "repeat": repeat,
         "batches": batches,
         "goal": "new-flow ratio_on_vs_off <= 1.02 (issue 18)",
         "new_flow": row(&fresh),
+        "new_flow_by_detector": by_detector,
         "established": row(&tracked),
     }))
 }

@@ -88,6 +88,9 @@ struct Args {
     /// its figures.
     #[arg(long, conflicts_with = "per_packet_only")]
     fqdn_only: bool,
+    /// Only threat detection's per-packet cost: a quick loop for tuning the detectors.
+    #[arg(long, conflicts_with_all = ["per_packet_only", "fqdn_only"])]
+    threats_only: bool,
     /// How the traffic part attaches the programs (default: as moat-cni does).
     #[arg(long = "attach", value_name = "tc|tcx", value_parser = parse_attach)]
     attach_flag: Option<moat_datapath::AttachMode>,
@@ -233,6 +236,14 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
     let _pins_guard = util::PinRootGuard::new(PIN_ROOT);
     if args.fqdn_only {
         return fqdn_section(args, section);
+    }
+    if args.threats_only {
+        let detection = threat_detection(args);
+        section.insert(
+            "threat_detection_per_packet".into(),
+            detection.unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+        );
+        return Ok(());
     }
     let small = PinDir::new(format!("{PIN_ROOT}/small"));
     let large = PinDir::new(format!("{PIN_ROOT}/large"));

@@ -58,7 +58,7 @@ pub fn measure(pin_root: &str, ifindex: u32, repeat: u32, batches: usize) -> Res
     // Off, the shipped defaults, then each new-flow detector alone: where the cost goes.
     let alone = |kind: u8| {
         let mut only = ThreatSettings::off();
-        *only.detector_mut(kind) = ThreatSettings::default().detector(kind).clone();
+        *only.detector_mut(kind) = *ThreatSettings::default().detector(kind);
         only.to_config()
     };
     let configs = [

@@ -166,6 +166,23 @@ sleep 0.5
 DROPS=$("${MOATCTL[@]}" -o json flows --verdict dropped)
 AUDITS=$("${MOATCTL[@]}" -o json flows --verdict audit)
 
+step "7. threat detection: a port scan is seen in the kernel, the scanner quarantined and released"
+# Everything above is ordinary traffic (a few denied probes included): it must raise nothing.
+ORDINARY=$("${MOATCTL[@]}" -o json threats | jq length)
+echo "  detections from the traffic above: $ORDINARY"
+ip netns exec "$F" nmap -sS -Pn -n -T5 --max-retries 0 --max-rtt-timeout 100ms -p 1-60 "${V4[shop/backend]}" >/dev/null 2>&1 || true
+SCANS=0
+for _ in $(seq 50); do
+  SCANS=$("${MOATCTL[@]}" -o json threats | jq '[.[] | select(.kind == "port-scan" and .source_pod == "shop/frontend")] | length')
+  ((SCANS > 0)) && break
+  sleep 0.1
+done
+"${MOATCTL[@]}" threats
+"${MOATCTL[@]}" quarantine shop/frontend
+expect "frontend -> backend:8080 (quarantined)" denied "$F" "${V4[shop/backend]}" 8080
+"${MOATCTL[@]}" release shop/frontend
+expect "frontend -> backend:8080 (released)" allowed "$F" "${V4[shop/backend]}" 8080
+
 if ((CHECK)); then
   step "checks"
   check() { if eval "$2"; then echo "  ok: $1"; else echo "  FAILED: $1"; FAILURES=$((FAILURES + 1)); fi; }
@@ -177,9 +194,11 @@ if ((CHECK)); then
   check "every default-deny drop names the policies that select the pod" \
     '[[ $(jq "[.[] | select(.reason == \"default-deny\" and (.rule | test(\"selected by [a-z]\") | not))] | length" <<<"$DROPS") == 0 ]]'
   check "the audit-mode db reported the would-be drop" '(( $(jq length <<<"$AUDITS") >= 1 ))'
+  check "ordinary traffic raised no threat detection" '(( ORDINARY == 0 ))'
+  check "the nmap scan from frontend was detected as a port scan" '(( SCANS >= 1 ))'
 fi
 
-step "7. clean up"
+step "8. clean up"
 for pod in "${PODS[@]}"; do cni DEL "$pod"; done
 leftover=$("${MOATCTL[@]}" -o json endpoint list | jq length)
 echo "  endpoints left after DEL: $leftover"

@@ -5,6 +5,8 @@
 pub mod after_dnat;
 pub mod daemon;
 pub mod desired;
+pub mod flow_export;
+pub mod flow_graph;
 pub mod flows;
 pub mod fqdn;
 pub mod host_addresses;
@@ -15,6 +17,7 @@ pub mod local;
 pub mod masquerade;
 pub mod memory;
 pub mod metrics;
+pub mod policy_check;
 pub mod quarantine;
 pub mod routes;
 pub mod server;
@@ -23,6 +26,7 @@ pub mod status;
 pub mod store;
 pub mod suggest;
 pub mod threats;
+pub mod workload;
 
 /// The local API lives in its own light crate (shared with moat-cni); `crate::api` keeps its
 /// old path for moatd's modules and tools.

@@ -58,9 +58,17 @@ enum Command {
     Reload,
     /// Flow history with the reason and rule of every verdict (like hubble observe).
     Flows {
+        #[command(subcommand)]
+        what: Option<FlowsCmd>,
         /// Keep printing new flows.
         #[arg(long)]
         follow: bool,
+        /// Print the observed workload graph instead (edges counted per verdict).
+        #[arg(long, value_enum, conflicts_with = "follow")]
+        graph: Option<GraphFormat>,
+        /// Read an exported journal file (`flows export`) instead of asking moatd.
+        #[arg(long, conflicts_with = "follow")]
+        journal: Option<PathBuf>,
         /// dropped | allowed | audit (drop and allow also do)
         #[arg(long)]
         verdict: Option<api::Verdict>,
@@ -136,6 +144,45 @@ enum PolicyCmd {
     /// from the namespaces it was not seen receiving from (cluster-wide, from the journal).
     SuggestBaseline {
         /// Only flows of the last period, e.g. 10m.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Replay observed flows against a candidate policy set and list the flows whose verdict
+    /// would change. Exit 0: nothing observed newly denied; 1: something would be; 2: the
+    /// input is invalid (candidate, cluster directory or journal).
+    Check {
+        /// Candidate policy YAML: a file, or a directory of them.
+        #[arg(short = 'f', long = "filename")]
+        candidate: PathBuf,
+        /// The objects in force now, as the local datastore reads them (Namespaces, Pods,
+        /// NetworkPolicy, MoatPolicy, ClusterNetworkPolicy); the candidate's objects are
+        /// added to them or replace those of the same kind and name.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// An exported journal (`flows export`): no moatd needed.
+        #[arg(long)]
+        journal: Option<PathBuf>,
+        /// Only flows of the last period, e.g. 7d.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+#[derive(Subcommand, Debug)]
+enum FlowsCmd {
+    /// Write the journal's flows to a file as JSON lines (one flow record per line), for
+    /// `policy check --journal` and `flows --graph --journal` away from the node.
+    Export {
+        /// Output file; `-` is standard output.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Only the last period, e.g. 7d, 2h.
         #[arg(long)]
         since: Option<String>,
     },
@@ -288,11 +335,104 @@ fn flows(args: &Args, follow: bool, filter: FlowFilter) {
     if follow {
         return follow_flows(args, filter);
     }
-    let records = match call(args, Request::Flows { filter }) {
+    let records = fetch_flows(args, filter);
+    print(args.output, &records, FLOW_COLUMNS, FLOW_WIDE, flow_cells);
+}
+
+fn fetch_flows(args: &Args, filter: FlowFilter) -> Vec<FlowRecord> {
+    match call(args, Request::Flows { filter }) {
         Response::Flows { flows } => flows,
         other => fail(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// An exported journal file's records that `filter` takes (its age, verdict and pod tests;
+/// `limit` keeps the newest).
+fn read_journal_file(
+    path: &std::path::Path,
+    filter: &FlowFilter,
+) -> Result<Vec<FlowRecord>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut records = moatd::flow_export::read(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let now = moatd::flows::now_ms();
+    records.retain(|r| filter.matches(r, now));
+    if let Some(limit) = filter.limit
+        && records.len() > limit
+    {
+        records.drain(..records.len() - limit);
+    }
+    Ok(records)
+}
+
+/// `flows export`: what moatd's journal holds, as JSON lines.
+fn export_flows(args: &Args, file: &std::path::Path, filter: FlowFilter) {
+    let records = fetch_flows(args, filter);
+    let written = if file == std::path::Path::new("-") {
+        moatd::flow_export::write(&mut std::io::stdout().lock(), &records)
+    } else {
+        std::fs::File::create(file)
+            .and_then(|f| moatd::flow_export::write(&mut std::io::BufWriter::new(f), &records))
     };
-    print(args.output, &records, FLOW_COLUMNS, FLOW_WIDE, flow_cells);
+    if let Err(e) = written {
+        fail(format!("{}: {e}", file.display()));
+    }
+    if file != std::path::Path::new("-") {
+        eprintln!("exported {} flows to {}", records.len(), file.display());
+    }
+}
+
+fn print_graph(format: GraphFormat, records: &[FlowRecord]) {
+    let graph = moatd::flow_graph::WorkloadGraph::from_records(records);
+    match format {
+        GraphFormat::Dot => print!("{}", graph.to_dot()),
+        GraphFormat::Mermaid => print!("{}", graph.to_mermaid()),
+    }
+}
+
+/// `policy check` cannot judge its input: exit 2, so that a pipeline tells a broken
+/// candidate (or journal, or moatd out of reach) from one that would deny flows (exit 1).
+fn invalid(problems: &[String]) -> ! {
+    eprintln!("moatctl: policy check: invalid input:");
+    for p in problems {
+        eprintln!("  {p}");
+    }
+    std::process::exit(2);
+}
+
+fn policy_check(
+    args: &Args,
+    candidate: &std::path::Path,
+    cluster: &std::path::Path,
+    journal: Option<&std::path::Path>,
+    since: Option<&str>,
+) {
+    use moatd::policy_check as check;
+    let filter = FlowFilter {
+        since_secs: since.map(parse_since),
+        ..Default::default()
+    };
+    let candidate = check::read_candidate(candidate).unwrap_or_else(|e| invalid(&e));
+    let cluster = check::read_cluster(cluster).unwrap_or_else(|e| invalid(&e));
+    let records = match journal {
+        Some(path) => read_journal_file(path, &filter).unwrap_or_else(|e| invalid(&[e])),
+        None => match api::call(
+            &args.socket,
+            &Request::Flows { filter },
+            Duration::from_secs(15),
+        ) {
+            Ok(Response::Flows { flows }) => flows,
+            Ok(other) => invalid(&[format!("unexpected answer from moatd {other:?}")]),
+            Err(e) => invalid(&[format!("{e} (or pass --journal FILE)")]),
+        },
+    };
+    let set = check::candidate_set(cluster, candidate);
+    let report = check::check(&set, &records).unwrap_or_else(|e| invalid(&e));
+    match args.output {
+        Output::Json | Output::Yaml => print_value(args.output, &to_value(&report)),
+        Output::Table | Output::Wide => print!("{}", check::render(&report)),
+    }
+    std::process::exit(report.exit_code());
 }
 
 /// `flows --follow`: one `FollowFlows` stream from moatd (the history, then every new
@@ -866,6 +1006,18 @@ fn main() {
                     other => fail(format!("unexpected answer {other:?}")),
                 }
             }
+            PolicyCmd::Check {
+                candidate,
+                cluster,
+                journal,
+                since,
+            } => policy_check(
+                &args,
+                candidate,
+                cluster,
+                journal.as_deref(),
+                since.as_deref(),
+            ),
             PolicyCmd::Suggest { namespace, since } => {
                 let request = Request::PolicySuggest {
                     namespace: namespace.clone(),
@@ -890,7 +1042,20 @@ fn main() {
             other => fail(format!("unexpected answer {other:?}")),
         },
         Command::Flows {
+            what: Some(FlowsCmd::Export { file, since }),
+            ..
+        } => {
+            let filter = FlowFilter {
+                since_secs: since.as_deref().map(parse_since),
+                ..Default::default()
+            };
+            export_flows(&args, file, filter);
+        }
+        Command::Flows {
+            what: None,
             follow,
+            graph,
+            journal,
             verdict,
             pod,
             since,
@@ -902,7 +1067,19 @@ fn main() {
                 since_secs: since.as_deref().map(parse_since),
                 limit: *limit,
             };
-            flows(&args, *follow, filter);
+            match (graph, journal) {
+                (None, None) => flows(&args, *follow, filter),
+                _ => {
+                    let records = match journal {
+                        Some(path) => read_journal_file(path, &filter).unwrap_or_else(|e| fail(e)),
+                        None => fetch_flows(&args, filter),
+                    };
+                    match graph {
+                        Some(format) => print_graph(*format, &records),
+                        None => print(args.output, &records, FLOW_COLUMNS, FLOW_WIDE, flow_cells),
+                    }
+                }
+            }
         }
         Command::Trace { from, to, port } => {
             let (number, protocol) = port.split_once('/').unwrap_or((port.as_str(), "TCP"));

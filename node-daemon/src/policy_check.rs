@@ -1,0 +1,382 @@
+//! `moatctl policy check`: replays observed flows against a candidate policy set and reports
+//! the flows whose verdict would change.
+//!
+//! The candidate set is the cluster directory (a local-datastore directory: Namespaces, Pods
+//! and the policies in force now) with the candidate files' objects added or replacing the
+//! objects of the same kind and name. The "before" verdict of a flow is the one its record
+//! holds: what the datapath actually did. The "after" verdict is the pure engine's, for the
+//! same direction at the same endpoint the record was taken at. Pure: objects and records
+//! in, a report out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+
+use moat_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, reason};
+use moat_policy::{
+    DirectionVerdict, Engine, FlowEnd, LabelSet, Pod, PodRef, evaluate, netpol::Direction as Dir,
+};
+use serde::Serialize;
+
+use crate::api::{Direction, FlowRecord, Verdict};
+use crate::local::{self, LocalObjects, is_object_file};
+use crate::workload::flow_ends;
+
+/// The candidate files' objects, or every reason they are invalid.
+pub fn read_candidate(path: &Path) -> Result<local::ParsedText, Vec<String>> {
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| vec![format!("{}: {e}", path.display())])?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| is_object_file(p))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut merged = local::ParsedText::default();
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| vec![format!("{}: {e}", file.display())])?;
+        let parsed = local::parse_text(&file.display().to_string(), &text);
+        merged.rejected.extend(parsed.rejected);
+        merged.objects.extend(parsed.objects);
+    }
+    if merged.rejected.is_empty() {
+        Ok(merged)
+    } else {
+        Err(merged.rejected)
+    }
+}
+
+/// The cluster directory's objects, or every reason it is invalid.
+pub fn read_cluster(dir: &Path) -> Result<LocalObjects, Vec<String>> {
+    if !dir.is_dir() {
+        return Err(vec![format!("{}: not a directory", dir.display())]);
+    }
+    let objects = local::load(dir);
+    if objects.rejected.is_empty() {
+        Ok(objects)
+    } else {
+        Err(objects.rejected.clone())
+    }
+}
+
+/// Reasons of records that are policy decisions on a new flow; the rest (replies,
+/// quarantine, spoofing, malformed packets, ...) do not depend on policy and are not replayed.
+fn is_policy_decision(reason_name: &str) -> bool {
+    [
+        reason::POLICY_ALLOW,
+        reason::POLICY_DENY,
+        reason::DEFAULT_DENY,
+        reason::ADMIN_ACCEPT,
+        reason::ADMIN_DENY,
+        reason::BASELINE_ACCEPT,
+        reason::BASELINE_DENY,
+        reason::LEARN,
+    ]
+    .iter()
+    .any(|r| reason::name(*r) == reason_name)
+}
+
+fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        "SCTP" => Some(PROTO_SCTP),
+        _ => None,
+    }
+}
+
+fn pod_ref(name: &str) -> Option<PodRef> {
+    let (ns, pod) = name.split_once('/')?;
+    Some(PodRef::new(ns, pod))
+}
+
+/// Addresses the journal saw each named pod use: the cluster directory need not carry
+/// `status.podIPs`.
+fn observed_addresses(records: &[FlowRecord]) -> BTreeMap<PodRef, BTreeSet<IpAddr>> {
+    let mut out: BTreeMap<PodRef, BTreeSet<IpAddr>> = BTreeMap::new();
+    for r in records {
+        let (local, remote) = match r.direction {
+            Direction::Ingress => (&r.destination, &r.source),
+            Direction::Egress => (&r.source, &r.destination),
+        };
+        for (name, addr) in [(&r.endpoint, local), (&r.peer, remote)] {
+            if let (Some(p), Ok(ip)) = (name.as_deref().and_then(pod_ref), addr.parse()) {
+                out.entry(p).or_default().insert(ip);
+            }
+        }
+    }
+    out
+}
+
+/// Compiles the objects. A pod without addresses takes those the journal saw it use; a
+/// namespace that pods name but no object defines gets its `kubernetes.io/metadata.name`
+/// label, as the API server would give it.
+fn compile(objects: &LocalObjects, records: &[FlowRecord]) -> Result<Engine, Vec<String>> {
+    let observed = observed_addresses(records);
+    let mut engine = Engine::new();
+    let mut errors = Vec::new();
+    let mut note = |what: String, r: Result<moat_policy::Delta, moat_policy::Error>| {
+        if let Err(e) = r {
+            errors.push(format!("{what}: {e}"));
+        }
+    };
+    let mut namespaces = objects.namespaces.clone();
+    for (ns, _) in objects.pods.keys() {
+        namespaces.entry(ns.clone()).or_insert_with(|| {
+            let mut l = LabelSet::new();
+            l.insert("kubernetes.io/metadata.name", ns);
+            l
+        });
+    }
+    for (name, labels) in &namespaces {
+        note(
+            format!("Namespace {name}"),
+            engine.upsert_namespace(name, labels.clone()),
+        );
+    }
+    for ((ns, name), meta) in &objects.pods {
+        let mut ips = meta.ips.clone();
+        if ips.is_empty() {
+            ips.extend(observed.get(&PodRef::new(ns, name)).into_iter().flatten());
+        }
+        if ips.is_empty() {
+            continue; // Never seen and no address: no flow of the journal can involve it.
+        }
+        let pod = Pod {
+            namespace: ns.clone(),
+            name: name.clone(),
+            labels: meta.labels.clone(),
+            ips,
+            ports: meta.ports.clone(),
+        };
+        note(format!("Pod {ns}/{name}"), engine.upsert_pod(pod));
+    }
+    for ((ns, name), p) in &objects.policies {
+        note(
+            format!("NetworkPolicy {ns}/{name}"),
+            engine.upsert_policy(p),
+        );
+    }
+    for ((ns, name), p) in &objects.moat_policies {
+        note(
+            format!("MoatPolicy {ns}/{name}"),
+            engine.upsert_moat_policy(p),
+        );
+    }
+    for (name, p) in &objects.cluster_policies {
+        note(
+            format!("ClusterNetworkPolicy {name}"),
+            engine.upsert_cluster_policy(p),
+        );
+    }
+    if errors.is_empty() {
+        Ok(engine)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Flows of one workload pair, port and direction whose verdict changes the same way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    /// Where the verdict is made: the endpoint's ingress or egress.
+    pub direction: Direction,
+    /// Journal records of these flows.
+    pub flows: u64,
+    /// The rule that decided, from the record.
+    pub before: String,
+    /// The candidate's deciding rule (engine's description), or the default it fell to.
+    pub after: String,
+}
+
+/// A record that could not be judged, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub why: String,
+    pub flows: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Records replayed.
+    pub replayed: u64,
+    pub newly_denied: Vec<Change>,
+    pub newly_allowed: Vec<Change>,
+    pub not_replayed: Vec<Skipped>,
+}
+
+impl Report {
+    /// The exit code `policy check` reports: 1 when an observed flow would be newly denied.
+    pub fn exit_code(&self) -> i32 {
+        if self.newly_denied.is_empty() { 0 } else { 1 }
+    }
+}
+
+/// What the engine names a verdict: its rule, or the default it fell to.
+fn rule_text(engine: &Engine, v: &DirectionVerdict) -> String {
+    engine
+        .describe_verdict(v)
+        .unwrap_or_else(|| match (v.allowed, v.rule_id) {
+            (true, moat_common::rule::NOT_ISOLATED) => "not isolated (no policy selects it)".into(),
+            _ => reason::name(v.reason).replace('-', " "),
+        })
+}
+
+/// One record against the candidate: Ok(Some((allowed, rule))) when judged.
+fn judge(engine: &Engine, r: &FlowRecord) -> Result<(bool, String), String> {
+    if !is_policy_decision(&r.reason) {
+        return Err(format!("not a policy decision ({})", r.reason));
+    }
+    let proto = protocol_number(&r.protocol)
+        .ok_or_else(|| format!("protocol {} has no port rules", r.protocol))?;
+    let state = engine.state();
+    let endpoint = r
+        .endpoint
+        .as_deref()
+        .and_then(pod_ref)
+        .filter(|p| state.endpoints.contains_key(p))
+        .ok_or("endpoint not a pod of --cluster")?;
+    let remote_addr = match r.direction {
+        Direction::Ingress => &r.source,
+        Direction::Egress => &r.destination,
+    };
+    let remote = match r.peer.as_deref().and_then(pod_ref) {
+        Some(p) if state.endpoints.contains_key(&p) => FlowEnd::Pod(p),
+        Some(_) => return Err("peer pod not in --cluster".into()),
+        None => FlowEnd::Address(
+            remote_addr
+                .parse()
+                .map_err(|_| format!("peer address {remote_addr:?} unreadable"))?,
+        ),
+    };
+    let local = FlowEnd::Pod(endpoint);
+    let (from, to, dir) = match r.direction {
+        Direction::Ingress => (remote, local, Dir::Ingress),
+        Direction::Egress => (local, remote, Dir::Egress),
+    };
+    let verdict = evaluate(state, &from, &to, r.destination_port, proto)
+        .map_err(|e| format!("not evaluable: {e}"))?;
+    let at = match dir {
+        Dir::Ingress => verdict.ingress,
+        Dir::Egress => verdict.egress,
+    }
+    .ok_or("endpoint has no verdict in that direction")?;
+    Ok((at.allowed, rule_text(engine, &at)))
+}
+
+/// Replays `records` against `objects` (the candidate set). Err: the set does not compile.
+pub fn check(objects: &LocalObjects, records: &[FlowRecord]) -> Result<Report, Vec<String>> {
+    let engine = compile(objects, records)?;
+    type Key = (bool, String, String, String, u16, Direction, String, String);
+    let mut changes: BTreeMap<Key, u64> = BTreeMap::new();
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut report = Report::default();
+    for r in records {
+        let (allowed, after) = match judge(&engine, r) {
+            Ok(v) => v,
+            Err(why) => {
+                *skipped.entry(why).or_default() += 1;
+                continue;
+            }
+        };
+        report.replayed += 1;
+        let was_allowed = r.verdict == Verdict::Allowed;
+        if allowed == was_allowed {
+            continue;
+        }
+        let (from, to) = flow_ends(r);
+        let key = (
+            allowed,
+            from,
+            to,
+            r.protocol.clone(),
+            r.destination_port,
+            r.direction,
+            r.rule.clone(),
+            after,
+        );
+        *changes.entry(key).or_default() += 1;
+    }
+    for ((allowed, from, to, protocol, port, direction, before, after), flows) in changes {
+        let change = Change {
+            from,
+            to,
+            protocol,
+            port,
+            direction,
+            flows,
+            before,
+            after,
+        };
+        if allowed {
+            report.newly_allowed.push(change);
+        } else {
+            report.newly_denied.push(change);
+        }
+    }
+    report.not_replayed = skipped
+        .into_iter()
+        .map(|(why, flows)| Skipped { why, flows })
+        .collect();
+    Ok(report)
+}
+
+/// The candidate set: `cluster` with `candidate`'s objects added or replacing theirs.
+pub fn candidate_set(mut cluster: LocalObjects, candidate: local::ParsedText) -> LocalObjects {
+    for (key, object) in candidate.objects {
+        cluster.set(&key, Some(object));
+    }
+    cluster
+}
+
+/// The report as text, changes grouped by workload pair.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    for (title, changes) in [
+        ("NEWLY DENIED", &report.newly_denied),
+        ("NEWLY ALLOWED", &report.newly_allowed),
+    ] {
+        let flows: u64 = changes.iter().map(|c| c.flows).sum();
+        out.push_str(&format!("{title}: {flows} flows\n"));
+        let mut pair: Option<(&str, &str)> = None;
+        for c in changes {
+            if pair != Some((&c.from, &c.to)) {
+                out.push_str(&format!("  {} -> {}\n", c.from, c.to));
+                pair = Some((&c.from, &c.to));
+            }
+            out.push_str(&format!(
+                "    {}/{} ({} of {}): {} flows\n      was: {}\n      now: {}\n",
+                c.port,
+                c.protocol,
+                c.direction,
+                if c.direction == Direction::Ingress {
+                    &c.to
+                } else {
+                    &c.from
+                },
+                c.flows,
+                if c.before.is_empty() { "-" } else { &c.before },
+                c.after
+            ));
+        }
+    }
+    for s in &report.not_replayed {
+        out.push_str(&format!("not replayed: {} flows: {}\n", s.flows, s.why));
+    }
+    out.push_str(&format!(
+        "replayed {} flows: {} newly denied, {} newly allowed\n",
+        report.replayed,
+        report.newly_denied.iter().map(|c| c.flows).sum::<u64>(),
+        report.newly_allowed.iter().map(|c| c.flows).sum::<u64>()
+    ));
+    out
+}

@@ -268,6 +268,13 @@ fn an_hping3_syn_flood_is_detected_at_the_victim() {
     assert_eq!(t.destination, s.victim.v4.to_string());
     assert_eq!(t.port, 9000);
     assert!(t.half_open.unwrap_or(0) >= 512, "{t:?}");
+    // The first sources seen name the flood's source (one here: the attacker).
+    assert_eq!(t.source, s.attacker.v4.to_string(), "{t:?}");
+    assert_eq!(
+        t.source_pod.as_deref(),
+        Some(format!("{NS}/attacker").as_str())
+    );
+    assert_eq!(t.samples, [s.attacker.v4.to_string()]);
 }
 
 #[test]

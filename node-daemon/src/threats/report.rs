@@ -42,8 +42,9 @@ pub fn protocol_name(proto: u8) -> String {
     }
 }
 
-/// Port-scan samples are two ports per word (low half first), host-sweep samples one IPv4
-/// address or the last 32 bits of an IPv6 one; zero is an empty slot.
+/// Port-scan samples are two ports per word (low half first); host-sweep samples (the
+/// addresses swept) and SYN-flood samples (the first sources) one IPv4 address or the last
+/// 32 bits of an IPv6 one; zero is an empty slot.
 fn samples(e: &ThreatEvent) -> Vec<String> {
     match e.kind {
         threat::PORT_SCAN => e
@@ -53,7 +54,7 @@ fn samples(e: &ThreatEvent) -> Vec<String> {
             .filter(|p| *p != 0)
             .map(|p| p.to_string())
             .collect(),
-        threat::HOST_SWEEP => e
+        threat::HOST_SWEEP | threat::SYN_FLOOD => e
             .samples
             .iter()
             .filter(|w| **w != 0)
@@ -89,6 +90,19 @@ pub fn explain(
         let pod = dir.pod_of_ifindex(e.dst[0]);
         let identity = pod.as_deref().map_or(0, |p| dir.identity_of_pod(p));
         (pod, identity, String::new(), None)
+    } else if e.kind == threat::SYN_FLOOD {
+        // A flood has no one source (its sources are often forged): the slot is the victim's,
+        // and the first sources seen are in the samples. An IPv4 first source is named here;
+        // an IPv6 sample keeps only the address's last 32 bits.
+        let first = (e.family == FAMILY_V4 && e.samples[0] != 0)
+            .then(|| IpAddr::V4(v4_from_raw(e.samples[0])));
+        let dst = address(e.family, e.dst);
+        (
+            first.and_then(|a| dir.pod_of_address(a)),
+            first.map_or(0, |a| dir.identity_of_address(a)),
+            dst.to_string(),
+            dir.pod_of_address(dst),
+        )
     } else {
         let dst = (e.dst != [0; 4]).then(|| address(e.family, e.dst));
         (
@@ -100,13 +114,18 @@ pub fn explain(
     };
     let distinct = matches!(
         e.kind,
-        threat::PORT_SCAN | threat::HOST_SWEEP | threat::DNS_TUNNEL
+        threat::PORT_SCAN | threat::HOST_SWEEP | threat::DNS_TUNNEL | threat::SYN_FLOOD
     )
     .then(|| estimate_distinct(e.sketch_bits));
+    let source = if e.kind == threat::SYN_FLOOD {
+        samples(e).into_iter().next().unwrap_or_default()
+    } else {
+        src.to_string()
+    };
     ThreatRecord {
         time_ms: wall_now_ms.saturating_sub(age_ms),
         kind: threat::name(e.kind).into(),
-        source: src.to_string(),
+        source,
         source_pod,
         source_identity,
         destination,
@@ -224,6 +243,25 @@ mod tests {
             (r.half_open, r.protocol.as_str(), r.port),
             (Some(590), "TCP", 443)
         );
+        assert_eq!(r.source, "", "no sample: no source, not 0.0.0.0");
+        // The first sources seen: the first one names the record's source.
+        let flood = ThreatEvent {
+            samples: [
+                raw(Ipv4Addr::new(10, 0, 0, 5))[0],
+                raw(Ipv4Addr::new(192, 0, 2, 9))[0],
+                0,
+                0,
+            ],
+            dst: raw(Ipv4Addr::new(10, 0, 0, 7)),
+            sketch_bits: 2,
+            ..flood
+        };
+        let r = explain(&flood, &Node, 0, 0, Response::Log);
+        assert_eq!(r.source, "10.0.0.5");
+        assert_eq!(r.source_pod.as_deref(), Some("prod/scanner"));
+        assert_eq!(r.samples, ["10.0.0.5", "192.0.2.9"]);
+        assert_eq!(r.destination, "10.0.0.7");
+        assert_eq!(r.distinct, Some(estimate_distinct(2)));
         let sweep = ThreatEvent {
             kind: threat::HOST_SWEEP,
             family: FAMILY_V6,

@@ -1,6 +1,7 @@
-//! Moat's datapath entry points. Two attach to a pod's host-side veth:
-//! `moat_from_container` at TCX ingress (what the pod sends, its egress) and
-//! `moat_to_container` at TCX egress (what is delivered to it, its ingress). The third,
+//! Moat's datapath entry points. Two attach to a pod's host-side veth (tc `cls_bpf` by
+//! default, TCX when the conflist asks): `moat_from_container` at its ingress (what the pod
+//! sends, its egress) and `moat_to_container` at its egress (what is delivered to it, its
+//! ingress). The third,
 //! `moat_after_dnat`, runs in the host's netfilter after DNAT, where a connection to a
 //! Service has its real destination.
 //! The modules hold the concerns; this file only composes them into a verdict.

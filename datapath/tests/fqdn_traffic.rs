@@ -139,6 +139,9 @@ fn setup(tag: &str, ttl_floor_s: u32) -> Setup {
         format!("{} api.partner.test", partner.v4),
         format!("{} api.partner.test", partner.v6),
         format!("{} edge.cdn-provider.test", cdn.v4),
+        format!("{} edge.cdn-provider.test", cdn.v6),
+        format!("{} deep.a.b.example.test", web.v6),
+        format!("{} blocked.other.test", other.v6),
         format!("{} blocked.other.test", other.v4),
         format!("{} example.test", other.v4),
     ];
@@ -432,7 +435,7 @@ fn fake_resolver(
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         fake.run(move || {
-            let socket = UdpSocket::bind(("0.0.0.0", 53)).unwrap();
+            let socket = UdpSocket::bind(("::", 53)).unwrap();
             tx.send(()).unwrap();
             socket
                 .set_read_timeout(Some(Duration::from_secs(5)))
@@ -564,8 +567,82 @@ fn forged_answers_teach_nothing() {
 fn send_from_port_53(pod: &LabPod, message: &[u8], to: IpAddr, port: u16) {
     let message = message.to_vec();
     pod.run(move || {
-        let socket = UdpSocket::bind(("0.0.0.0", 53)).unwrap();
+        let socket = UdpSocket::bind(("::", 53)).unwrap();
         socket.send_to(&message, (to, port)).unwrap();
     })
     .unwrap();
+}
+
+#[test]
+fn over_ipv6_chains_wildcards_and_forgeries_behave_alike() {
+    let s = setup("fqe", 60);
+    let resolver6 = IpAddr::V6(s.resolver.v6);
+    let (web6, cdn6, other6) = (
+        IpAddr::V6(s.web.v6),
+        IpAddr::V6(s.cdn.v6),
+        IpAddr::V6(s.other.v6),
+    );
+    assert!(!connects(&s, web6));
+    assert_eq!(
+        resolve(&s, resolver6, "deep.a.b.example.test", TYPE_AAAA, false),
+        vec![web6]
+    );
+    assert!(
+        connects(&s, web6),
+        "wildcard, two labels deep, AAAA over IPv6"
+    );
+    assert_eq!(
+        resolve(&s, resolver6, "cdn.example.test", TYPE_AAAA, true),
+        vec![cdn6]
+    );
+    assert!(
+        connects(&s, cdn6),
+        "the end of a CNAME chain, answered over TCP"
+    );
+    assert_eq!(
+        resolve(&s, resolver6, "blocked.other.test", TYPE_AAAA, false),
+        vec![other6]
+    );
+    assert!(!connects(&s, other6), "not in policy");
+
+    // An attacker answering a pending IPv6 query first, from its own address.
+    let fake6 = IpAddr::V6(s.fake.v6);
+    let real: IpAddr = "2001:db8::77".parse().unwrap();
+    let resolver = fake_resolver(&s, Duration::from_millis(600), move |id| {
+        dns::response(
+            id,
+            "api.partner.test",
+            TYPE_AAAA,
+            &[Record::Addr("api.partner.test".into(), real, 300)],
+        )
+    });
+    let client = s.client.clone();
+    let asker = std::thread::spawn(move || {
+        client
+            .run(move || {
+                dns::ask_udp(
+                    fake6,
+                    35_354,
+                    &dns::query(0x6161, "api.partner.test", TYPE_AAAA),
+                )
+            })
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let forged = dns::response(
+        0x6161,
+        "api.partner.test",
+        TYPE_AAAA,
+        &[Record::Addr("api.partner.test".into(), other6, 300)],
+    );
+    let unasked = counter(&s, METRIC_FQDN_UNASKED);
+    send_from_port_53(&s.other, &forged, IpAddr::V6(s.client.v6), 35_354);
+    let _ = asker.join().unwrap();
+    resolver.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let known = learned(&s);
+    assert!(!known.contains(&other6), "the attacker's address");
+    assert!(known.contains(&real), "the real answer, after the forgery");
+    assert!(counter(&s, METRIC_FQDN_UNASKED) > unasked);
+    assert!(!connects(&s, other6));
 }

@@ -221,18 +221,62 @@ impl Report {
     }
 }
 
-/// What the engine names a verdict: its rule, or the default it fell to.
-fn rule_text(engine: &Engine, v: &DirectionVerdict) -> String {
-    engine
-        .describe_verdict(v)
-        .unwrap_or_else(|| match (v.allowed, v.rule_id) {
-            (true, moat_common::rule::NOT_ISOLATED) => "not isolated (no policy selects it)".into(),
-            _ => reason::name(v.reason).replace('-', " "),
+/// The candidate's NetworkPolicies isolating `pod` in a direction, named as moatd names
+/// them in the journal, so that a default deny reads the same before and after.
+fn selecting_policies(
+    objects: &LocalObjects,
+    engine: &Engine,
+    pod: &PodRef,
+    dir: Dir,
+) -> Vec<String> {
+    let Some(p) = engine.inputs().pods.get(pod) else {
+        return Vec::new();
+    };
+    objects
+        .policies
+        .values()
+        .filter(|np| np.namespace() == pod.namespace)
+        .filter(|np| np.spec.pod_selector.matches(&p.labels))
+        .filter(|np| {
+            let (ingress, egress) = np.effective_policy_types();
+            if dir == Dir::Ingress { ingress } else { egress }
         })
+        .map(|np| np.object())
+        .collect()
 }
 
-/// One record against the candidate: Ok(Some((allowed, rule))) when judged.
-fn judge(engine: &Engine, r: &FlowRecord) -> Result<(bool, String), String> {
+/// What the engine names a verdict: its rule, or the default it fell to.
+fn rule_text(
+    engine: &Engine,
+    objects: &LocalObjects,
+    pod: &PodRef,
+    dir: Dir,
+    v: &DirectionVerdict,
+) -> String {
+    if let Some(rule) = engine.describe_verdict(v) {
+        return rule;
+    }
+    match (v.allowed, v.rule_id) {
+        (true, moat_common::rule::NOT_ISOLATED) => "not isolated".into(),
+        (false, moat_common::rule::NONE) if v.reason == reason::DEFAULT_DENY => {
+            let selected = selecting_policies(objects, engine, pod, dir);
+            if selected.is_empty() {
+                "default deny".into()
+            } else {
+                format!("default deny (selected by: {})", selected.join(", "))
+            }
+        }
+        _ => reason::name(v.reason).replace('-', " "),
+    }
+}
+
+/// One record against the candidate: whether it is allowed and by which rule, or why it
+/// cannot be judged.
+fn judge(
+    engine: &Engine,
+    objects: &LocalObjects,
+    r: &FlowRecord,
+) -> Result<(bool, String), String> {
     if !is_policy_decision(&r.reason) {
         return Err(format!("not a policy decision ({})", r.reason));
     }
@@ -258,7 +302,7 @@ fn judge(engine: &Engine, r: &FlowRecord) -> Result<(bool, String), String> {
                 .map_err(|_| format!("peer address {remote_addr:?} unreadable"))?,
         ),
     };
-    let local = FlowEnd::Pod(endpoint);
+    let local = FlowEnd::Pod(endpoint.clone());
     let (from, to, dir) = match r.direction {
         Direction::Ingress => (remote, local, Dir::Ingress),
         Direction::Egress => (local, remote, Dir::Egress),
@@ -270,7 +314,7 @@ fn judge(engine: &Engine, r: &FlowRecord) -> Result<(bool, String), String> {
         Dir::Egress => verdict.egress,
     }
     .ok_or("endpoint has no verdict in that direction")?;
-    Ok((at.allowed, rule_text(engine, &at)))
+    Ok((at.allowed, rule_text(engine, objects, &endpoint, dir, &at)))
 }
 
 /// Replays `records` against `objects` (the candidate set). Err: the set does not compile.
@@ -281,7 +325,7 @@ pub fn check(objects: &LocalObjects, records: &[FlowRecord]) -> Result<Report, V
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
     let mut report = Report::default();
     for r in records {
-        let (allowed, after) = match judge(&engine, r) {
+        let (allowed, after) = match judge(&engine, objects, r) {
             Ok(v) => v,
             Err(why) => {
                 *skipped.entry(why).or_default() += 1;

@@ -225,7 +225,10 @@ fn a_candidate_that_closes_an_observed_flow_exits_1_naming_pair_and_rule() {
     assert!(out.contains("  shop/web -> shop/db\n"), "{out}");
     assert!(out.contains("5432/TCP (ingress of shop/db)"), "{out}");
     assert!(out.contains("was: shop/db-ingress ingress[0]"), "{out}");
-    assert!(out.contains("now: default deny"), "{out}");
+    assert!(
+        out.contains("now: default deny (selected by: ") && out.contains("shop/db-ingress)"),
+        "{out}"
+    );
     // web's egress is not isolated either way: unchanged.
     assert!(!out.contains("egress of shop/web"), "{out}");
 }

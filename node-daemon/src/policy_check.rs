@@ -424,3 +424,118 @@ pub fn render(report: &Report) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::EndpointMode;
+
+    fn objects(yaml: &str) -> LocalObjects {
+        let parsed = local::parse_text("test.yaml", yaml);
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        candidate_set(LocalObjects::default(), parsed)
+    }
+
+    const PODS: &str = "
+kind: Pod
+metadata: {name: web-x2k4q, namespace: shop, labels: {app: web}}
+---
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+";
+
+    fn ingress_to_db(verdict: Verdict, reason: &str, peer: &str) -> FlowRecord {
+        FlowRecord {
+            time_ms: 1,
+            verdict,
+            reason: reason.into(),
+            direction: Direction::Ingress,
+            mode: EndpointMode::Enforce,
+            protocol: "TCP".into(),
+            source: "10.1.0.1".into(),
+            destination: "10.1.0.2".into(),
+            source_port: 40000,
+            destination_port: 5432,
+            endpoint: Some("shop/db-0".into()),
+            peer: Some(peer.into()),
+            local_identity: 0,
+            remote_identity: 0,
+            rule_id: 0,
+            rule: "not isolated".into(),
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn an_admin_deny_is_named_with_its_tier_policy_and_rule() {
+        let yaml = format!(
+            "{PODS}---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {{name: guard}}
+spec:
+  tier: Admin
+  priority: 5
+  subject:
+    namespaces: {{}}
+  ingress:
+  - name: no-db
+    action: Deny
+    from:
+    - namespaces: {{}}
+"
+        );
+        let objects = objects(&yaml);
+        let record = ingress_to_db(Verdict::Allowed, "policy-allow", "shop/web-x2k4q");
+        let report = check(&objects, &[record]).unwrap();
+        assert_eq!(report.newly_denied.len(), 1, "{report:?}");
+        let change = &report.newly_denied[0];
+        assert_eq!(
+            (change.from.as_str(), change.to.as_str()),
+            ("shop/web", "shop/db")
+        );
+        assert!(
+            change.after.contains("ClusterNetworkPolicy guard"),
+            "{}",
+            change.after
+        );
+        assert_eq!(report.exit_code(), 1);
+    }
+
+    #[test]
+    fn what_cannot_be_judged_is_counted_not_guessed() {
+        let objects = objects(PODS);
+        let records = [
+            // A reply is no policy decision.
+            ingress_to_db(Verdict::Allowed, "reply", "shop/web-x2k4q"),
+            // A peer pod the cluster directory does not know.
+            ingress_to_db(Verdict::Allowed, "policy-allow", "other/ghost"),
+            // Judged: no policy, still allowed.
+            ingress_to_db(Verdict::Allowed, "policy-allow", "shop/web-x2k4q"),
+        ];
+        let report = check(&objects, &records).unwrap();
+        assert_eq!(report.replayed, 1);
+        assert!(report.newly_denied.is_empty() && report.newly_allowed.is_empty());
+        let why: Vec<&str> = report.not_replayed.iter().map(|s| s.why.as_str()).collect();
+        assert_eq!(
+            why,
+            ["not a policy decision (reply)", "peer pod not in --cluster"]
+        );
+        assert_eq!(report.exit_code(), 0);
+    }
+
+    #[test]
+    fn a_dropped_flow_the_candidate_allows_is_newly_allowed_and_passes() {
+        let objects = objects(PODS);
+        let mut record = ingress_to_db(Verdict::Dropped, "default-deny", "shop/web-x2k4q");
+        record.rule = "default deny (selected by: shop/old)".into();
+        let report = check(&objects, &[record]).unwrap();
+        assert_eq!(report.newly_allowed.len(), 1);
+        assert_eq!(
+            report.newly_allowed[0].before,
+            "default deny (selected by: shop/old)"
+        );
+        assert_eq!(report.newly_allowed[0].after, "not isolated");
+        assert_eq!(report.exit_code(), 0);
+    }
+}

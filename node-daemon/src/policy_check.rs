@@ -317,6 +317,13 @@ fn judge(
     Ok((at.allowed, rule_text(engine, objects, &endpoint, dir, &at)))
 }
 
+/// Whether policy allowed a recorded flow: an audit record is a flow policy would have
+/// dropped, and so is a learn-mode record (the datapath lets it through as allowed, with
+/// reason `learn`, instead of as audit).
+fn policy_allowed(r: &FlowRecord) -> bool {
+    r.verdict == Verdict::Allowed && r.reason != reason::name(reason::LEARN)
+}
+
 /// Replays `records` against `objects` (the candidate set). Err: the set does not compile.
 pub fn check(objects: &LocalObjects, records: &[FlowRecord]) -> Result<Report, Vec<String>> {
     let engine = compile(objects, records)?;
@@ -333,7 +340,7 @@ pub fn check(objects: &LocalObjects, records: &[FlowRecord]) -> Result<Report, V
             }
         };
         report.replayed += 1;
-        let was_allowed = r.verdict == Verdict::Allowed;
+        let was_allowed = policy_allowed(r);
         if allowed == was_allowed {
             continue;
         }
@@ -529,8 +536,12 @@ spec:
         let objects = objects(PODS);
         let mut record = ingress_to_db(Verdict::Dropped, "default-deny", "shop/web-x2k4q");
         record.rule = "default deny (selected by: shop/old)".into();
-        let report = check(&objects, &[record]).unwrap();
-        assert_eq!(report.newly_allowed.len(), 1);
+        // Learn mode lets what policy would deny through as "allowed" with reason learn.
+        let mut learned = ingress_to_db(Verdict::Allowed, "learn", "shop/web-x2k4q");
+        learned.rule = record.rule.clone();
+        let report = check(&objects, &[record, learned]).unwrap();
+        assert_eq!(report.newly_allowed.len(), 1, "{report:?}");
+        assert_eq!(report.newly_allowed[0].flows, 2);
         assert_eq!(
             report.newly_allowed[0].before,
             "default deny (selected by: shop/old)"

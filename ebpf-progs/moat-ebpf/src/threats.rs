@@ -386,9 +386,20 @@ fn check_port_scan(
     direction: u8,
     now: u64,
 ) {
+    // A scan is mostly refused; a client opening many allowed ports is not one.
+    if slot.marks * 2 < slot.count {
+        return;
+    }
     let needed = threshold(cfg, threat::PORT_SCAN);
-    // Distinct ports never exceed probes: skip the sketch count until they could.
-    if slot.reported != 0 || slot.count < needed || slot.marks * 2 < slot.count {
+    report_when_distinct(slot, needed, ifindex, direction, now);
+}
+
+/// The end the distinct-value detectors share: report the slot (once per window) when its
+/// sketch holds `needed` set bits. Distinct values never exceed the count, so the sketch is
+/// not counted until the count could reach them.
+#[inline(always)]
+fn report_when_distinct(slot: &mut ThreatSlot, needed: u32, ifindex: u32, direction: u8, now: u64) {
+    if slot.reported != 0 || slot.count < needed {
         return;
     }
     let bits = sketch_bits(slot);
@@ -419,13 +430,7 @@ fn host_sweep(
         sample_word(slot, addr_sample(pkt.family, &pkt.daddr));
     }
     let needed = threshold(cfg, threat::HOST_SWEEP);
-    if slot.reported != 0 || slot.count < needed {
-        return;
-    }
-    let bits = sketch_bits(slot);
-    if bits >= needed {
-        report(slot, ifindex, direction, bits, now);
-    }
+    report_when_distinct(slot, needed, ifindex, direction, now);
 }
 
 /// What `track` noted for the detectors (see `note` and `watched`).

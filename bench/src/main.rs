@@ -13,6 +13,7 @@
 //! namespace, link, pin and iptables rule the run creates is removed again, also on failure.
 
 mod churn;
+mod cluster_sim;
 mod cni;
 mod compile;
 mod detection;
@@ -62,6 +63,8 @@ enum Bench {
     Cni(cni::Args),
     /// `moatctl flows --follow` against the ring buffer (section "flows").
     Flows(flows::Args),
+    /// A 5,000-node cluster by model (section "cluster_sim"; docs/scale.md).
+    ClusterSim(cluster_sim::Args),
 }
 
 #[derive(clap::Args)]
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
         Bench::Churn(args) => churn::main(args),
         Bench::Cni(args) => cni::main(args),
         Bench::Flows(args) => flows::main(args),
+        Bench::ClusterSim(args) => cluster_sim::main(args),
     }
 }
 

@@ -70,3 +70,5 @@ cargo run --release -p moat-bench -- cni --out "$out" ${BENCH_CNI_ARGS:-}
 # e.g. "--secs 3 --rates 10000,50000".
 # shellcheck disable=SC2086 # BENCH_FLOWS_ARGS is a list of flags
 cargo run --release -p moat-bench -- flows --out "$out" ${BENCH_FLOWS_ARGS:-}
+# A 5,000-node cluster by model (section "cluster_sim", docs/scale.md; about 2 seconds).
+cargo run --release -p moat-bench -- cluster-sim --out "$out"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench` (after `make build`): every benchmark, each writing its own section of
-# bench/results.json ("datapath", "policy", "churn", "cni", "flows") and keeping the others.
+# bench/results.json ("datapath", "policy", "churn", "cni", "flows", "cluster_sim") and keeping
+# the others.
 #
 #   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
 #   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /

@@ -1466,3 +1466,59 @@ fn a_learned_destination_is_judged_by_its_selectors_rules_until_it_expires() {
     f.maps.upsert_endpoint(f.ifindex, &ep).unwrap();
     assert_eq!(f.out(&syn(pod_v4(), named, 40007, 443)), TC_ACT_SHOT);
 }
+
+#[test]
+fn selectors_staged_for_one_decision_never_reach_the_next() {
+    // Per-CPU scratch carries the staged selectors: keep both runs on one CPU.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+    const SELECTOR: u32 = IDENTITY_FQDN_FIRST + 9;
+    let mut f = Fixture::new("fqdnstale");
+    let sender = local_sender(&mut f);
+    let mut ep = f.maps.endpoint(sender.ifindex).unwrap();
+    // No deny entries: `decide` returns at the first allow, before the FQDN steps.
+    ep.flags |= ENDPOINT_FLAG_FQDN | ENDPOINT_FLAG_NO_DENY;
+    f.maps.upsert_endpoint(sender.ifindex, &ep).unwrap();
+    f.rule(PEER, 80, PROTO_TCP, DIRECTION_INGRESS, ACTION_ALLOW, 190);
+    let peer_rule = |f: &mut Fixture, remote: u32, dport: u16, rule_id: u32| {
+        f.maps
+            .upsert_policy(
+                &PolicyKey {
+                    policy_id: PEER,
+                    remote_identity: remote,
+                    dport,
+                    proto: PROTO_TCP,
+                    direction: DIRECTION_EGRESS,
+                },
+                &PolicyValue::allow(rule_id),
+            )
+            .unwrap();
+    };
+    peer_rule(&mut f, IDENTITY_ANY, 443, 191);
+    peer_rule(&mut f, SELECTOR, 80, 192);
+    let named: IpAddr = "203.0.113.5".parse().unwrap();
+    moat_datapath::FqdnMaps::open(&f.dp.pins)
+        .unwrap()
+        .insert_learned(
+            PEER,
+            named,
+            &FqdnAddr {
+                expires_ns: u64::MAX,
+                selectors: [SELECTOR, 0, 0, 0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    // The sender's flow to the named address stages its selector and is allowed by the
+    // plain rule first.
+    let out = syn(peer_v4(), named, 45000, 443);
+    let r = f
+        .runner
+        .run(Hook::FromContainer, sender.ifindex, &out.bytes(), 1)
+        .unwrap();
+    assert_eq!(r.verdict, TC_ACT_OK);
+    // Then the sender's egress to this pod on 80 is judged here: only the selector's rule
+    // would allow it, and the selector was not staged for this destination.
+    assert_eq!(f.to_pod(&syn(peer_v4(), pod_v4(), 45001, 80)), TC_ACT_SHOT);
+}

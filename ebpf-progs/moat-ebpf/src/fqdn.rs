@@ -799,6 +799,14 @@ pub fn stage_selectors() {
     unsafe { (*lookups).fqdn = found };
 }
 
+/// Forgets the staged selectors (see `stage_selectors`).
+#[inline(always)]
+pub fn clear_staged() {
+    if let Some(lookups) = SCRATCH_LOOKUPS.get_ptr_mut(0) {
+        unsafe { (*lookups).fqdn = [0; MAX_FQDN_SELECTORS] };
+    }
+}
+
 #[inline(always)]
 fn learned_selectors() -> [u32; MAX_FQDN_SELECTORS] {
     let none = [0; MAX_FQDN_SELECTORS];

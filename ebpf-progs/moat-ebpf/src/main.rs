@@ -507,6 +507,14 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
         &remote_addr,
         policy::proto_port(direction, pkt.proto, pkt.dport),
     );
+    // The staged selectors belong to this decision only: `decide` may have returned before
+    // reading them (the first allow, when no deny exists), and a later decision in this run
+    // (a local sender's egress, judged below) must not find them.
+    if direction == DIRECTION_EGRESS
+        && unsafe { core::ptr::read_volatile(&ep.flags) } & ENDPOINT_FLAG_FQDN != 0
+    {
+        fqdn::clear_staged();
+    }
     let mut verdict = Judgement {
         ifindex,
         local_identity: ep.identity,

@@ -12,7 +12,6 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -24,7 +23,7 @@ use moat_common::{
 };
 use moat_datapath::{Datapath, FqdnMaps, Maps, PinDir, attach_endpoint};
 use moat_testkit::{
-    dns,
+    dns::{self, Dnsmasq},
     lab::{Lab, LabPod},
 };
 use serde_json::{Value, json};
@@ -40,15 +39,6 @@ pub struct Params {
     pub queries: usize,
     pub batches: usize,
     pub secs: u64,
-}
-
-struct Resolver(Child);
-
-impl Drop for Resolver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn policy(maps: &mut Maps, remote: u32, dport: u16, proto: u8, rule_id: u32) -> Result<()> {
@@ -184,31 +174,13 @@ pub fn measure(pin_root: &str, params: &Params) -> Result<Value> {
         SELECTOR,
     )?;
     attach_endpoint(&pins, &client.host_if)?;
-    let hosts = std::env::temp_dir().join(format!("moat-bench-{}.hosts", lab.tag));
-    std::fs::write(&hosts, format!("{} {NAME}\n", web.v4))?;
-    let _resolver = Resolver(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &resolver.netns,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "--no-resolv",
-                "--no-hosts",
-                "--local-ttl=300",
-                "--bind-interfaces",
-            ])
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .arg(format!("--listen-address={}", resolver.v4))
-            .args(["--pid-file=", "--user=root"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("dnsmasq (bootstrap installs dnsmasq-base)")?,
-    );
+    let _resolver = Dnsmasq::start(
+        &resolver.netns,
+        &[IpAddr::V4(resolver.v4)],
+        &format!("{} {NAME}\n", web.v4),
+        300,
+        &[],
+    )?;
     crate::traffic::tune_pod(&client)?;
     crate::traffic::tune_pod(&web)?;
     answer_one_byte(&web)?;
@@ -241,7 +213,6 @@ pub fn measure(pin_root: &str, params: &Params) -> Result<Value> {
             check_interrupted()?;
         }
     }
-    let _ = std::fs::remove_file(&hosts);
     let summary = |samples: &mut Vec<f64>| {
         samples.sort_by(f64::total_cmp);
         json!({

@@ -13,14 +13,13 @@ mod support;
 
 use std::{
     net::{IpAddr, UdpSocket},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use moat_common::*;
 use moat_datapath::{FqdnMaps, Maps, attach_endpoint};
 use moat_testkit::{
-    dns::{self, Record, TYPE_A, TYPE_AAAA},
+    dns::{self, Dnsmasq, Record, TYPE_A, TYPE_AAAA},
     lab::{Lab, LabPod, probe},
 };
 use support::LoadedDatapath;
@@ -65,15 +64,6 @@ struct Setup {
     fake: LabPod,
     _servers: Vec<probe::EchoServer>,
     _dnsmasq: Dnsmasq,
-}
-
-struct Dnsmasq(Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The client (FQDN rules: `*.example.test` on TCP 8080, `api.partner.test` on any port;
@@ -131,7 +121,6 @@ fn setup(tag: &str, ttl_floor_s: u32) -> Setup {
     pattern(&mut fqdn, FQDN_MATCH_EXACT, "api.partner.test", PARTNER);
     attach_endpoint(&dp.pins, &client.host_if).unwrap();
 
-    let hosts = std::env::temp_dir().join(format!("moat-fqdn-{}.hosts", lab.tag));
     let mut lines = vec![
         format!("{} www.example.test", web.v4),
         format!("{} www.example.test", web.v6),
@@ -150,29 +139,14 @@ fn setup(tag: &str, ttl_floor_s: u32) -> Setup {
     for i in 1..40 {
         lines.push(format!("198.51.100.{i} many.example.test"));
     }
-    std::fs::write(&hosts, lines.join("\n") + "\n").unwrap();
-    let dnsmasq = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &resolver.netns,
-            "dnsmasq",
-            "--keep-in-foreground",
-        ])
-        .arg("--no-resolv")
-        .arg("--no-hosts")
-        .arg(format!("--addn-hosts={}", hosts.display()))
-        .arg("--cname=cdn.example.test,edge.cdn-provider.test")
-        .arg("--local-ttl=1")
-        .arg(format!("--listen-address={},{}", resolver.v4, resolver.v6))
-        .arg("--bind-interfaces")
-        .arg("--pid-file=")
-        .arg("--user=root")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (bootstrap installs dnsmasq-base)");
-    let dnsmasq = Dnsmasq(dnsmasq);
+    let dnsmasq = Dnsmasq::start(
+        &resolver.netns,
+        &[IpAddr::V4(resolver.v4), IpAddr::V6(resolver.v6)],
+        &(lines.join("\n") + "\n"),
+        1,
+        &["--cname=cdn.example.test,edge.cdn-provider.test"],
+    )
+    .unwrap();
     // Up when it answers (a name outside the policy: nothing is learned from it).
     let server = resolver.v4;
     let up = (0..50).any(|_| {
@@ -520,47 +494,52 @@ fn forged_answers_teach_nothing() {
     // 4. A forged answer from another address while the real query is pending: the real
     // resolver waits, the attacker answers first with the query's id and port.
     let real = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 77));
-    let resolver = fake_resolver(&s, Duration::from_millis(600), move |id| {
+    attacker_answers_a_pending_query_first(&s, TYPE_A, real, other4);
+}
+
+/// The client asks the hand-made resolver (which answers `real` after 600 ms) from a fixed
+/// port; meanwhile an attacker sends an answer with the query's id and port and the address
+/// `forged` from its own address. The client application may well take the forgery (it came
+/// first); the datapath must learn only the real answer, and count the forgery.
+fn attacker_answers_a_pending_query_first(s: &Setup, qtype: u16, real: IpAddr, forged: IpAddr) {
+    let v6 = real.is_ipv6();
+    let (fake, client_addr) = if v6 {
+        (IpAddr::V6(s.fake.v6), IpAddr::V6(s.client.v6))
+    } else {
+        (IpAddr::V4(s.fake.v4), IpAddr::V4(s.client.v4))
+    };
+    let (port, id) = (35_353, 0x5151);
+    let resolver = fake_resolver(s, Duration::from_millis(600), move |id| {
         dns::response(
             id,
             "api.partner.test",
-            TYPE_A,
+            qtype,
             &[Record::Addr("api.partner.test".into(), real, 300)],
         )
     });
     let client = s.client.clone();
     let asker = std::thread::spawn(move || {
         client
-            .run(move || {
-                dns::ask_udp(
-                    fake4,
-                    35_353,
-                    &dns::query(0x5151, "api.partner.test", TYPE_A),
-                )
-            })
+            .run(move || dns::ask_udp(fake, port, &dns::query(id, "api.partner.test", qtype)))
             .unwrap()
     });
     std::thread::sleep(Duration::from_millis(200));
-    let forged = dns::response(
-        0x5151,
+    let message = dns::response(
+        id,
         "api.partner.test",
-        TYPE_A,
-        &[Record::Addr("api.partner.test".into(), other4, 300)],
+        qtype,
+        &[Record::Addr("api.partner.test".into(), forged, 300)],
     );
-    let unasked = counter(&s, METRIC_FQDN_UNASKED);
-    send_from_port_53(&s.other, &forged, IpAddr::V4(s.client.v4), 35_353);
-    // The client application may well take the forgery (it came first); the datapath did not.
+    let unasked = counter(s, METRIC_FQDN_UNASKED);
+    send_from_port_53(&s.other, &message, client_addr, port);
     let _ = asker.join().unwrap();
     resolver.join().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let known = learned(&s);
-    assert!(!known.contains(&other4), "the attacker's address");
-    assert!(
-        known.contains(&real),
-        "the real resolver's answer, after the forgery"
-    );
-    assert!(counter(&s, METRIC_FQDN_UNASKED) > unasked);
-    assert!(!connects(&s, other4));
+    let known = learned(s);
+    assert!(!known.contains(&forged), "the attacker's address");
+    assert!(known.contains(&real), "the real answer, after the forgery");
+    assert!(counter(s, METRIC_FQDN_UNASKED) > unasked);
+    assert!(!connects(s, forged));
 }
 
 /// Sends `message` from port 53 of `pod` to `to`:`port`.
@@ -606,43 +585,6 @@ fn over_ipv6_chains_wildcards_and_forgeries_behave_alike() {
     assert!(!connects(&s, other6), "not in policy");
 
     // An attacker answering a pending IPv6 query first, from its own address.
-    let fake6 = IpAddr::V6(s.fake.v6);
     let real: IpAddr = "2001:db8::77".parse().unwrap();
-    let resolver = fake_resolver(&s, Duration::from_millis(600), move |id| {
-        dns::response(
-            id,
-            "api.partner.test",
-            TYPE_AAAA,
-            &[Record::Addr("api.partner.test".into(), real, 300)],
-        )
-    });
-    let client = s.client.clone();
-    let asker = std::thread::spawn(move || {
-        client
-            .run(move || {
-                dns::ask_udp(
-                    fake6,
-                    35_354,
-                    &dns::query(0x6161, "api.partner.test", TYPE_AAAA),
-                )
-            })
-            .unwrap()
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let forged = dns::response(
-        0x6161,
-        "api.partner.test",
-        TYPE_AAAA,
-        &[Record::Addr("api.partner.test".into(), other6, 300)],
-    );
-    let unasked = counter(&s, METRIC_FQDN_UNASKED);
-    send_from_port_53(&s.other, &forged, IpAddr::V6(s.client.v6), 35_354);
-    let _ = asker.join().unwrap();
-    resolver.join().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let known = learned(&s);
-    assert!(!known.contains(&other6), "the attacker's address");
-    assert!(known.contains(&real), "the real answer, after the forgery");
-    assert!(counter(&s, METRIC_FQDN_UNASKED) > unasked);
-    assert!(!connects(&s, other6));
+    attacker_answers_a_pending_query_first(&s, TYPE_AAAA, real, other6);
 }

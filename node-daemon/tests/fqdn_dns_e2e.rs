@@ -12,7 +12,6 @@ mod support_moatd;
 
 use std::{
     net::IpAddr,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -21,21 +20,12 @@ use std::{
 };
 
 use moat_testkit::{
-    dns::{self, TYPE_A},
+    dns::{self, Dnsmasq, TYPE_A},
     lab::{Lab, LabPod, probe},
 };
 use support_moatd::{Env, SHORT, register};
 
 const NS: &str = "fqe";
-
-struct Dnsmasq(Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn resolve(client: &LabPod, server: IpAddr, name: &str) -> Vec<IpAddr> {
     let name = name.to_string();
@@ -83,38 +73,17 @@ fn names_resolve_into_allowed_connections_and_a_kill_9_loses_none() {
     let mut daemon = env.start();
     register(&env, &client, NS);
 
-    let hosts = std::env::temp_dir().join(format!("moat-fqe-{}.hosts", lab.tag));
-    std::fs::write(
-        &hosts,
-        format!(
+    let _dnsmasq = Dnsmasq::start(
+        &resolver.netns,
+        &[IpAddr::V4(resolver.v4)],
+        &format!(
             "{} www.example.test\n{} later.example.test\n{} other.test\n",
             web.v4, web2.v4, other.v4
         ),
+        1,
+        &[],
     )
     .unwrap();
-    let _dnsmasq = Dnsmasq(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &resolver.netns,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "--no-resolv",
-                "--no-hosts",
-                "--local-ttl=1",
-                "--bind-interfaces",
-            ])
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .arg(format!("--listen-address={}", resolver.v4))
-            .args(["--pid-file=", "--user=root"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (bootstrap installs dnsmasq-base)"),
-    );
     let _servers: Vec<_> = [&web, &web2, &other]
         .iter()
         .map(|p| probe::EchoServer::start(p, 8080).unwrap())
@@ -204,6 +173,5 @@ fn names_resolve_into_allowed_connections_and_a_kill_9_loses_none() {
 
     daemon.kill();
     let _ = moat_datapath::detach_endpoint(&env.pins(), &client.host_if);
-    let _ = std::fs::remove_file(&hosts);
     drop(lab);
 }

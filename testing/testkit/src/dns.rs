@@ -5,6 +5,8 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -160,6 +162,54 @@ pub fn ask_tcp(server: IpAddr, message: &[u8]) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
     stream.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+/// A real resolver for tests and benchmarks: dnsmasq in a network namespace, answering
+/// only from a hosts file (`address name` lines, one name may have many addresses) with
+/// every answer's TTL `ttl`. Killed, and its hosts file removed, on drop.
+pub struct Dnsmasq {
+    child: Child,
+    hosts: PathBuf,
+}
+
+impl Dnsmasq {
+    /// `extra` adds dnsmasq options (e.g. `--cname=alias,target`).
+    pub fn start(
+        netns: &str,
+        listen: &[IpAddr],
+        hosts: &str,
+        ttl: u32,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("moat-dnsmasq-{netns}.hosts"));
+        std::fs::write(&path, hosts)?;
+        let listen = listen
+            .iter()
+            .map(IpAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "dnsmasq", "--keep-in-foreground"])
+            .args(["--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--pid-file=", "--user=root"])
+            .arg(format!("--addn-hosts={}", path.display()))
+            .arg(format!("--local-ttl={ttl}"))
+            .arg(format!("--listen-address={listen}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("dnsmasq (bootstrap installs dnsmasq-base)")?;
+        Ok(Self { child, hosts: path })
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.hosts);
+    }
 }
 
 #[cfg(test)]

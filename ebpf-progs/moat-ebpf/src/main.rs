@@ -165,15 +165,17 @@ fn judge(ctx: &TcContext, direction: u8) -> i32 {
     // The detectors' work that `track` only noted, after the verdict and in a function of its
     // own: the verifier then walks the verdict's paths once, not once per note.
     // DNS (the tunnel detector, FQDN learning) in a frame of its own too.
+    // The verdict waits in memory meanwhile: see `threats::park_verdict`.
+    threats::park_verdict(verdict);
     if threats::noted() && threats::after_verdict(ctx, ifindex, direction as u32) {
         fqdn::after_verdict(
             ctx,
             ifindex,
             direction as u32,
-            (verdict != TC_ACT_SHOT) as u32,
+            (threats::parked_verdict() != TC_ACT_SHOT) as u32,
         );
     }
-    verdict
+    threats::parked_verdict()
 }
 
 /// Direct delivery when the host would route the packet to the peer anyway; otherwise the
@@ -541,7 +543,10 @@ fn new_flow(ifindex: u32, direction: u8) -> i32 {
             let theirs = policy::decide(
                 sender.policy_id,
                 ep.identity,
-                policy::family_hints(pkt.family, sender.flags),
+                // Never FQDN selectors: they are staged only for a decision taken at the
+                // sender's own hook, and none is staged here. Saying so spares the verifier
+                // the selector walk on this path (about half of this program's cost).
+                policy::family_hints(pkt.family, sender.flags & !ENDPOINT_FLAG_FQDN),
                 &pkt.daddr,
                 policy::proto_port(DIRECTION_EGRESS, pkt.proto, pkt.dport),
             );

@@ -34,11 +34,12 @@ use moat_common::{
     PortRuleSet, TIER_ADMIN, TIER_BASELINE, TIER_NETPOL, reason, rule,
 };
 
-use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::{helpers::bpf_loop, maps::lpm_trie::Key as LpmKey};
+use core::ffi::c_void;
 
 use crate::{
     maps::{CIDR_V4, CIDR_V6, POLICY, PORT_RANGES},
-    scratch::{self, LOOKUP_SLOTS, Lookups, SCRATCH_LOOKUPS},
+    scratch::{self, FqdnWalk, LOOKUP_SLOTS, Lookups, SCRATCH_LOOKUPS},
 };
 
 pub struct Decision {
@@ -336,46 +337,74 @@ pub fn decide(
 /// a remote identity: its exact entries (first NetworkPolicy-tier allow into slot 9) and,
 /// unless the endpoint has none, its port ranges (first allow into slot 10); the cluster
 /// tiers' answers fold into their running firsts. FQDN rules only allow.
+///
+/// One selector per `bpf_loop` step: the verifier checks the step once, where the unrolled
+/// loop cost it a third of the program's budget (four copies, each on every path into it).
 #[inline(always)]
 fn fqdn_steps(lookups: *mut Lookups, policy_id: u32, dport: u16, proto: u8, with_ranges: bool) {
-    let slots = unsafe { &mut (*lookups).slots };
-    for i in 0..MAX_FQDN_SELECTORS {
-        let selector = unsafe { scratch::get(&(*lookups).fqdn[i]) };
-        if selector == 0 {
-            break;
-        }
-        unsafe { scratch::put(&mut (*lookups).fqdn[i], 0) };
-        for (port, protocol) in [(dport, proto), (0, proto), (0, 0)] {
-            let found = exact(
-                lookups,
+    unsafe {
+        scratch::put(
+            &mut (*lookups).fqdn_walk,
+            FqdnWalk {
                 policy_id,
-                selector,
-                port,
-                protocol,
-                DIRECTION_EGRESS,
-            );
-            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[9]) == 0 {
-                scratch::put(&mut slots[9], found);
-            }
-        }
-        if with_ranges {
-            // `decision` is free until the NetworkPolicy tier is combined.
-            let found = unsafe { &mut (*lookups).decision };
-            ranges(
-                lookups,
-                found,
-                policy_id,
-                selector,
                 dport,
                 proto,
-                DIRECTION_EGRESS,
-            );
-            let found = scratch::get(found);
-            if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[10]) == 0 {
-                scratch::put(&mut slots[10], found);
-            }
+                with_ranges: with_ranges as u8,
+            },
+        );
+        bpf_loop(
+            MAX_FQDN_SELECTORS as u32,
+            fqdn_selector_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+}
+
+/// Step `index` of `fqdn_steps`: selector `index`, or the end at the first 0.
+extern "C" fn fqdn_selector_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(lookups) = SCRATCH_LOOKUPS.get_ptr_mut(0) else {
+        return 1;
+    };
+    let i = index as usize & (MAX_FQDN_SELECTORS - 1);
+    let selector = unsafe { scratch::get(&(*lookups).fqdn[i]) };
+    if selector == 0 {
+        return 1;
+    }
+    unsafe { scratch::put(&mut (*lookups).fqdn[i], 0) };
+    let walk = unsafe { scratch::get(&(*lookups).fqdn_walk) };
+    let slots = unsafe { &mut (*lookups).slots };
+    for (port, protocol) in [(walk.dport, walk.proto), (0, walk.proto), (0, 0)] {
+        let found = exact(
+            lookups,
+            walk.policy_id,
+            selector,
+            port,
+            protocol,
+            DIRECTION_EGRESS,
+        );
+        if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[9]) == 0 {
+            scratch::put(&mut slots[9], found);
         }
     }
+    if walk.with_ranges != 0 {
+        // `decision` is free until the NetworkPolicy tier is combined.
+        let found = unsafe { &mut (*lookups).decision };
+        ranges(
+            lookups,
+            found,
+            walk.policy_id,
+            selector,
+            walk.dport,
+            walk.proto,
+            DIRECTION_EGRESS,
+        );
+        let found = scratch::get(found);
+        if (found >> 32) as u8 == ACTION_ALLOW && scratch::get(&slots[10]) == 0 {
+            scratch::put(&mut slots[10], found);
+        }
+    }
+    0
 }
 
 /// A cluster tier's verdict from its first rule, packed as (action << 32) | rule_id: Accept

@@ -27,6 +27,18 @@ pub struct Lookups {
     /// FQDN selectors of a new egress flow's learned destination, 0-terminated: written by
     /// `fqdn::stage_selectors` right before `policy::decide`, which consumes them.
     pub fqdn: [u32; moat_common::MAX_FQDN_SELECTORS],
+    /// The arguments of `policy::fqdn_steps`' loop, which runs under `bpf_loop`: its
+    /// callback reads them here.
+    pub fqdn_walk: FqdnWalk,
+}
+
+#[repr(C)]
+pub struct FqdnWalk {
+    pub policy_id: u32,
+    pub dport: u16,
+    pub proto: u8,
+    /// 1 when the endpoint has port-range entries to look up.
+    pub with_ranges: u8,
 }
 
 /// What the first stage hands the second about a new flow. The endpoint entry travels as a

@@ -463,6 +463,8 @@ pub struct WatchNote {
     /// the verdict by `fqdn::after_verdict` (kept apart from `what`, which other notes
     /// replace).
     pub dns: u32,
+    /// The hook's verdict, parked across the detectors' work: see `park_verdict`.
+    pub verdict: i32,
 }
 
 #[map]
@@ -488,6 +490,25 @@ pub fn note_judged(facts: u32) {
 }
 
 /// Notes a packet to or from port 53, for `fqdn::after_verdict`.
+/// Keeps the hook's verdict in memory across `after_verdict`. Held in a register it is a
+/// different constant on each path of the verdict, and the verifier would walk the
+/// detectors once per constant; read back from memory it is one unknown value.
+#[inline(always)]
+pub fn park_verdict(verdict: i32) {
+    if let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) {
+        unsafe { core::ptr::write_volatile(&mut (*slot).verdict, verdict) };
+    }
+}
+
+/// The verdict `park_verdict` kept (TC_ACT_SHOT if the scratch slot were ever missing).
+#[inline(always)]
+pub fn parked_verdict() -> i32 {
+    match SCRATCH_WATCH.get_ptr(0) {
+        Some(slot) => unsafe { core::ptr::read_volatile(&(*slot).verdict) },
+        None => aya_ebpf::bindings::TC_ACT_SHOT,
+    }
+}
+
 #[inline(always)]
 pub fn note_dns() {
     if let Some(slot) = SCRATCH_WATCH.get_ptr_mut(0) {

@@ -24,7 +24,9 @@ lint: bootstrap
 # The whole suite: pure crates, BPF_PROG_TEST_RUN verdicts, real-kernel namespace traffic.
 test: bootstrap lint static
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --no-fail-fast
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test-output.log \
+	  || { bash scripts/test-failures.sh target/test-output.log; exit 1; }
 	BIN=target/debug bash scripts/demo.sh --check
 	$(MAKE) fuzz-smoke
 

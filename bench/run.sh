@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench` (after `make build`): every benchmark, each writing its own section of
-# bench/results.json ("datapath", "policy", "churn", "cni", "flows", "cluster_sim") and keeping
-# the others.
+# bench/results.json ("datapath", "policy", "churn", "cni", "flows", "cluster_sim",
+# "verifier") and keeping the others.
 #
 #   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
 #   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /
@@ -73,3 +73,6 @@ cargo run --release -p moat-bench -- cni --out "$out" ${BENCH_CNI_ARGS:-}
 cargo run --release -p moat-bench -- flows --out "$out" ${BENCH_FLOWS_ARGS:-}
 # A 5,000-node cluster by model (section "cluster_sim", docs/scale.md; about 2 seconds).
 cargo run --release -p moat-bench -- cluster-sim --out "$out"
+# What loading the datapath costs the kernel's verifier: instructions walked per program
+# against the 1,000,000 budget, and the load time (section "verifier"; about 30 seconds).
+cargo run --release -p moat-bench -- verifier --out "$out"

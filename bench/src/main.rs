@@ -24,6 +24,7 @@ mod perpacket;
 mod tiers;
 mod traffic;
 mod util;
+mod verifier;
 
 use std::{
     collections::BTreeMap,
@@ -65,6 +66,8 @@ enum Bench {
     Flows(flows::Args),
     /// A 5,000-node cluster by model (section "cluster_sim"; docs/scale.md).
     ClusterSim(cluster_sim::Args),
+    /// What loading the datapath costs the kernel's verifier (section "verifier").
+    Verifier(verifier::Args),
 }
 
 #[derive(clap::Args)]
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
         Bench::Cni(args) => cni::main(args),
         Bench::Flows(args) => flows::main(args),
         Bench::ClusterSim(args) => cluster_sim::main(args),
+        Bench::Verifier(args) => verifier::main(args),
     }
 }
 

@@ -27,6 +27,10 @@ pub struct Datapath {
     /// Endpoint attachments (pinned TCX links and tc filters) moved onto the freshly loaded
     /// programs.
     pub links_updated: usize,
+    /// How many instructions the kernel's verifier walked for each program (0 where the
+    /// kernel does not say): the load's cost, and the headroom left under its 1,000,000
+    /// budget. `moat-bench verifier` reports them.
+    pub verified: Vec<(&'static str, u32)>,
 }
 
 impl Datapath {
@@ -44,6 +48,7 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the Moat eBPF object")?;
 
+        let mut verified = Vec::with_capacity(3);
         for name in [program_name::FROM_CONTAINER, program_name::TO_CONTAINER] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -53,6 +58,7 @@ impl Datapath {
             program
                 .load()
                 .with_context(|| format!("kernel verifier rejected {name}"))?;
+            verified.push((name, verified_instructions(program.info())));
             replace_pin(program, &pins.program(name))?;
         }
         // Not attached by Moat: netfilter runs it from the pinned path (moatd's after-DNAT
@@ -75,6 +81,10 @@ impl Datapath {
         after_dnat
             .load()
             .with_context(|| format!("kernel verifier rejected {}", program_name::AFTER_DNAT))?;
+        verified.push((
+            program_name::AFTER_DNAT,
+            verified_instructions(after_dnat.info()),
+        ));
         replace_pin(after_dnat, &pins.program(program_name::AFTER_DNAT))?;
 
         let mut dp = Self {
@@ -82,6 +92,7 @@ impl Datapath {
             pins: pins.clone(),
             adopted: existing > 0,
             links_updated: 0,
+            verified,
         };
         dp.links_updated = dp.update_pinned_links()?;
         dp.links_updated += crate::tc::replace_programs(&mut dp.ebpf, &previous)?;
@@ -90,6 +101,7 @@ impl Datapath {
             pin_dir = %pins.base().display(),
             adopted = dp.adopted,
             links_updated = dp.links_updated,
+            verified_instructions = ?dp.verified,
             "datapath loaded"
         );
         Ok(dp)
@@ -262,4 +274,14 @@ pub fn pinned_programs(pins: &PinDir) -> Vec<PinnedProgram> {
             })
         })
         .collect()
+}
+
+/// The verifier's instruction count for a loaded program (`bpf_prog_info.verified_insns`,
+/// kernel 5.16 and later), 0 when unknown.
+fn verified_instructions(
+    info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+) -> u32 {
+    info.ok()
+        .and_then(|info| info.verified_instruction_count())
+        .unwrap_or(0)
 }

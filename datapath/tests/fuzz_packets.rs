@@ -61,6 +61,31 @@ fn kernel_refuses(frame: &[u8]) -> bool {
     }
 }
 
+/// Whether the frame names IPv4 or IPv6 (possibly behind one VLAN tag): the test run checks
+/// such headers before the program sees them, more strictly on some kernels than others.
+fn kernel_validates_ip(frame: &[u8]) -> bool {
+    let at = |i: usize| u16::from_be_bytes([frame[i], frame[i + 1]]);
+    match at(12) {
+        0x0800 | 0x86dd => true,
+        0x8100 if frame.len() >= 18 => matches!(at(16), 0x0800 | 0x86dd),
+        _ => false,
+    }
+}
+
+/// Whether the test run failed with EINVAL (the kernel refusing the frame), not otherwise.
+fn is_einval(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EINVAL)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Frames per run: each goes through both hooks. A few seconds on the 2-core CI machine.
 const CASES: u32 = 3000;
 
@@ -387,6 +412,7 @@ fn arbitrary_frames_get_a_verdict_and_default_deny_admits_no_new_flow() {
     let drops = Cell::new(2u64);
     let cut_short = Cell::new(0u64);
     let refused = Cell::new(0u64);
+    let unpredicted = Cell::new(0u64);
     let config = ProptestConfig {
         failure_persistence: None,
         ..ProptestConfig::with_cases(CASES)
@@ -406,6 +432,14 @@ fn arbitrary_frames_get_a_verdict_and_default_deny_admits_no_new_flow() {
             let verdict = match f.runner.run(hook, f.ifindex, &bytes, 1) {
                 Ok(result) => result.verdict,
                 Err(_) if kernel_refuses(&bytes) => {
+                    refused.set(refused.get() + 1);
+                    continue;
+                }
+                Err(e) if kernel_validates_ip(&bytes) && is_einval(&e) => {
+                    // Which IP headers the test run itself refuses has changed between kernel
+                    // versions; a refusal of a frame with an IP ethertype is the kernel's
+                    // business, not a verdict (counted, and bounded below).
+                    unpredicted.set(unpredicted.get() + 1);
                     refused.set(refused.get() + 1);
                     continue;
                 }
@@ -480,6 +514,15 @@ fn arbitrary_frames_get_a_verdict_and_default_deny_admits_no_new_flow() {
         "only {} cut-short packets generated",
         cut_short.get()
     );
+    // The kernel may refuse frames this test does not predict, but never so many that the
+    // programs would be left unexercised.
+    assert!(
+        refused.get() * 3 < runs.get(),
+        "{} of {} frames refused by the kernel's test run ({} unpredicted)",
+        refused.get(),
+        runs.get() + refused.get(),
+        unpredicted.get()
+    );
     for (key, value) in f.maps.conntrack_entries(Some(f.ifindex)) {
         assert!(
             value.remote_identity == IDENTITY_HOST || value.flags & CT_FLAG_SERVICE != 0,
@@ -488,12 +531,13 @@ fn arbitrary_frames_get_a_verdict_and_default_deny_admits_no_new_flow() {
     }
     eprintln!(
         "{} runs: {} passed, {} dropped, {} cut-short packets dropped as malformed; {} frames \
-         refused by the kernel's test run",
+         refused by the kernel's test run ({} of them not predicted by kernel_refuses)",
         runs.get(),
         passes.get(),
         drops.get(),
         cut_short.get(),
-        refused.get()
+        refused.get(),
+        unpredicted.get()
     );
 }
 

@@ -26,6 +26,7 @@ pub mod framing;
 mod mode;
 mod threat;
 mod verdict;
+mod verify;
 
 pub use explain::{
     MapEntries, PolicyDocument, ServiceBackend, ServiceTrace, Trace, TracePath, TraceVerdict,
@@ -34,6 +35,7 @@ pub use fqdn::{FqdnIdentity, FqdnLearned, FqdnSelector};
 pub use mode::{EndpointMode, UnknownMode};
 pub use threat::{QuarantineInfo, QuarantineResult, ThreatRecord};
 pub use verdict::{Direction, UnknownVerdict, Verdict};
+pub use verify::{DRIFT_SAMPLES, DriftEntry, DriftKind, MapDrift, VerifyReport};
 
 pub const DEFAULT_SOCKET: &str = "/run/moat/moatd.sock";
 
@@ -121,6 +123,10 @@ pub enum Request {
     /// FQDN egress: per identity of this node, its name patterns and the addresses the
     /// datapath learned from DNS answers.
     Fqdn,
+    /// Compare the maps moatd owns, entry by entry, with the content its datastore asks for
+    /// (recomputed from scratch). Read only: moatd's periodic check (`--verify-interval`)
+    /// repairs.
+    Verify,
 }
 
 /// Requests moatd's server answers around the daemon's state rather than inside it; their
@@ -357,6 +363,9 @@ pub enum Response {
     Quarantine(QuarantineResult),
     Fqdn {
         identities: Vec<FqdnIdentity>,
+    },
+    Verify {
+        report: VerifyReport,
     },
     /// An answer kind this build does not know (a newer moatd); never sent by moatd.
     #[serde(other)]

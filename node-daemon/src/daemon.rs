@@ -1391,9 +1391,39 @@ impl Daemon {
         self.sync_masquerade();
         self.sync_after_dnat();
         self.refresh_host_addresses();
+        self.repair_maps()
+    }
+
+    /// Writes whatever the kernel maps hold that differs from the desired state: the host
+    /// mirrors from the tries, then a from-scratch reconcile against what the maps really hold
+    /// (as at start). Under the daemon's lock like every other write.
+    pub fn repair_maps(&mut self) -> anyhow::Result<WriteStats> {
         self.maps.sync_host_cache()?;
         self.applied = Applied::from_kernel(&self.maps, &self.fqdn);
         self.reconcile()
+    }
+
+    /// The maps moatd owns compared entry by entry with the content its datastore asks for,
+    /// recomputed from scratch (`moatctl verify`, the periodic check in verify.rs). Kernel-
+    /// written maps (conntrack, learned FQDN addresses, threat state, counters) are not
+    /// compared. Refused until start-up has written the datastore's state.
+    pub fn verify_maps(&self) -> anyhow::Result<crate::api::VerifyReport> {
+        if self.hold_writes || self.awaiting_sync {
+            anyhow::bail!(
+                "moatd has not written its datastore's state yet ({})",
+                self.not_ready_reason()
+                    .unwrap_or_else(|| "starting".to_string())
+            );
+        }
+        let desired = desired::build(self.engine.state(), &self.endpoints, &self.node);
+        let actual = desired::read_actual(&self.maps, &self.fqdn);
+        let hosts = desired::read_hosts(&self.maps);
+        Ok(desired::drift(
+            &desired,
+            &actual,
+            &hosts,
+            crate::api::DRIFT_SAMPLES,
+        ))
     }
 
     fn register(&mut self, spec: EndpointSpec) -> anyhow::Result<Registered> {
@@ -1613,6 +1643,12 @@ impl Daemon {
             },
             Request::Fqdn => match self.fqdn_listing() {
                 Ok(identities) => Response::Fqdn { identities },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
+            Request::Verify => match self.verify_maps() {
+                Ok(report) => Response::Verify { report },
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
                 },

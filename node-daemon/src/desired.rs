@@ -603,6 +603,292 @@ pub fn read_actual(maps: &Maps, fqdn: &FqdnMaps) -> DesiredMaps {
     d
 }
 
+/// What the exact-match host mirrors (MOAT_HOSTS4, MOAT_HOSTS6) hold, as /32 and /128 ipcache
+/// keys: they must equal the ipcache's host entries.
+pub fn read_hosts(maps: &Maps) -> BTreeMap<IpNetwork, IpcacheValue> {
+    let mut hosts = BTreeMap::new();
+    for (k, v) in maps.hosts_v4.iter().filter_map(Result::ok) {
+        hosts.insert(IpNetwork::from(IpAddr::from(k.addr)), v);
+    }
+    for (k, v) in maps.hosts_v6.iter().filter_map(Result::ok) {
+        hosts.insert(IpNetwork::from(IpAddr::from(k.addr)), v);
+    }
+    hosts
+}
+
+/// Compares what the maps hold (`actual`, from [`read_actual`], and the host mirrors from
+/// [`read_hosts`]) with `desired` (from [`build`]) entry by entry, with the same [`diff`]
+/// that writes them: an entry `apply` would upsert is missing or different, one it would
+/// delete is extra. One row per map moatd owns, named as `moat_map_entries` names them, with
+/// at most `samples` entries listed each.
+pub fn drift(
+    desired: &DesiredMaps,
+    actual: &DesiredMaps,
+    hosts: &BTreeMap<IpNetwork, IpcacheValue>,
+    samples: usize,
+) -> crate::api::VerifyReport {
+    use render::*;
+    let family = |map: &BTreeMap<IpNetwork, IpcacheValue>, v4: bool, hosts_only: bool| {
+        map.iter()
+            .filter(|(net, _)| net.is_ipv4() == v4)
+            .filter(|(net, _)| !hosts_only || net.prefix() == if v4 { 32 } else { 128 })
+            .map(|(k, v)| (*k, *v))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let fqdn_value = |v: &u32| format!("selector {v}");
+    let maps = vec![
+        compare(
+            "endpoints",
+            &actual.endpoints,
+            &desired.endpoints,
+            |k| format!("ifindex {k}"),
+            endpoint,
+            samples,
+        ),
+        compare(
+            "ipcache_v4",
+            &family(&actual.ipcache, true, false),
+            &family(&desired.ipcache, true, false),
+            |k| k.to_string(),
+            ipcache,
+            samples,
+        ),
+        compare(
+            "ipcache_v6",
+            &family(&actual.ipcache, false, false),
+            &family(&desired.ipcache, false, false),
+            |k| k.to_string(),
+            ipcache,
+            samples,
+        ),
+        compare(
+            "hosts_v4",
+            &family(hosts, true, true),
+            &family(&desired.ipcache, true, true),
+            |k| k.ip().to_string(),
+            ipcache,
+            samples,
+        ),
+        compare(
+            "hosts_v6",
+            &family(hosts, false, true),
+            &family(&desired.ipcache, false, true),
+            |k| k.ip().to_string(),
+            ipcache,
+            samples,
+        ),
+        compare(
+            "policy",
+            &actual.policy,
+            &desired.policy,
+            policy_key,
+            policy_value,
+            samples,
+        ),
+        compare(
+            "port_ranges",
+            &actual.port_ranges,
+            &desired.port_ranges,
+            port_range_key,
+            rule_set,
+            samples,
+        ),
+        compare(
+            "cidr_v4",
+            &actual.cidr_v4,
+            &desired.cidr_v4,
+            |(p, d, n)| cidr_key(*p, *d, n),
+            rule_set,
+            samples,
+        ),
+        compare(
+            "cidr_v6",
+            &actual.cidr_v6,
+            &desired.cidr_v6,
+            |(p, d, n)| cidr_key(*p, *d, n),
+            rule_set,
+            samples,
+        ),
+        compare(
+            "fqdn_patterns",
+            &actual.fqdn_patterns,
+            &desired.fqdn_patterns,
+            fqdn_pattern_key,
+            fqdn_value,
+            samples,
+        ),
+    ];
+    crate::api::VerifyReport { maps }
+}
+
+fn compare<K: Ord + Clone, V: PartialEq + Clone>(
+    name: &str,
+    actual: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    key: impl Fn(&K) -> String,
+    value: impl Fn(&V) -> String,
+    samples: usize,
+) -> crate::api::MapDrift {
+    use crate::api::{DriftEntry, DriftKind, MapDrift};
+    let found = std::cell::RefCell::new(MapDrift {
+        map: name.to_string(),
+        entries: actual.len(),
+        ..Default::default()
+    });
+    let note = |kind: DriftKind, k: &K, expected: Option<&V>, held: Option<&V>| {
+        let mut found = found.borrow_mut();
+        match kind {
+            DriftKind::Missing => found.missing += 1,
+            DriftKind::Extra => found.extra += 1,
+            DriftKind::Different => found.different += 1,
+        }
+        if found.samples.len() < samples {
+            found.samples.push(DriftEntry {
+                kind,
+                key: key(k),
+                expected: expected.map(&value),
+                actual: held.map(&value),
+            });
+        }
+    };
+    let mut stats = WriteStats::default();
+    // The closures cannot fail: the comparison writes nothing.
+    let _ = diff(
+        actual,
+        desired,
+        |k, v| {
+            match actual.get(k) {
+                Some(held) => note(DriftKind::Different, k, Some(v), Some(held)),
+                None => note(DriftKind::Missing, k, Some(v), None),
+            }
+            Ok(())
+        },
+        |k| {
+            note(DriftKind::Extra, k, None, actual.get(k));
+            Ok(())
+        },
+        &mut stats,
+    );
+    found.into_inner()
+}
+
+/// Map entries as `moatctl verify` shows them.
+mod render {
+    use moat_common::*;
+
+    fn direction(d: u8) -> &'static str {
+        if d == DIRECTION_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+    }
+
+    fn any(n: u32, wildcard: u32) -> String {
+        if n == wildcard {
+            "*".into()
+        } else {
+            n.to_string()
+        }
+    }
+
+    fn action(a: u8) -> String {
+        match a {
+            ACTION_ALLOW => "allow".into(),
+            ACTION_DENY => "deny".into(),
+            other => format!("action {other}"),
+        }
+    }
+
+    pub fn endpoint(e: &EndpointInfo) -> String {
+        let addresses: Vec<String> = super::endpoint_addresses(e)
+            .map(|n| n.ip().to_string())
+            .collect();
+        format!(
+            "identity {} policy {} mode {} flags {:#x} addresses {}",
+            e.identity,
+            e.policy_id,
+            e.mode,
+            e.flags,
+            addresses.join(",")
+        )
+    }
+
+    pub fn ipcache(v: &IpcacheValue) -> String {
+        format!(
+            "identity {} ifindex {} flags {:#x} tunnel {:#x}",
+            v.identity, v.ifindex, v.flags, v.tunnel_endpoint
+        )
+    }
+
+    pub fn policy_key(k: &PolicyKey) -> String {
+        format!(
+            "policy {} {} remote {} proto {} port {}",
+            k.policy_id,
+            direction(k.direction),
+            any(k.remote_identity, IDENTITY_ANY),
+            any(k.proto as u32, 0),
+            any(k.dport as u32, 0)
+        )
+    }
+
+    pub fn policy_value(v: &PolicyValue) -> String {
+        format!(
+            "{} rule {} admin {}/{} baseline {}/{}",
+            action(v.action),
+            v.rule_id,
+            v.admin_action,
+            v.admin_rule,
+            v.baseline_action,
+            v.baseline_rule
+        )
+    }
+
+    pub fn port_range_key(k: &PortRangeKey) -> String {
+        format!(
+            "policy {} {} remote {} proto {}",
+            k.policy_id,
+            direction(k.direction),
+            any(k.remote_identity, IDENTITY_ANY),
+            any(k.proto as u32, 0)
+        )
+    }
+
+    pub fn cidr_key(policy_id: u32, d: u8, net: &impl std::fmt::Display) -> String {
+        format!("policy {policy_id} {} {net}", direction(d))
+    }
+
+    pub fn rule_set(set: &PortRuleSet) -> String {
+        let rules: Vec<String> = set.rules[..(set.count as usize).min(MAX_PORT_RULES)]
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}-{} proto {} rule {} tier {}",
+                    action(r.action),
+                    r.port_start,
+                    r.port_end,
+                    r.proto,
+                    r.rule_id,
+                    r.tier
+                )
+            })
+            .collect();
+        format!("[{}]", rules.join("; "))
+    }
+
+    pub fn fqdn_pattern_key(k: &FqdnPatternKey) -> String {
+        let kind = match k.kind {
+            FQDN_MATCH_EXACT => "exact".to_string(),
+            FQDN_MATCH_SUBDOMAIN => "subdomain".to_string(),
+            other => format!("kind {other}"),
+        };
+        format!(
+            "identity {} {kind} name hash {:#018x}",
+            k.identity, k.name_hash
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,6 +936,99 @@ mod tests {
         assert_eq!(hints[&3], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_RANGES);
         assert_eq!(hints[&4], ENDPOINT_FLAG_NO_DENY | ENDPOINT_FLAG_NO_CIDR);
         assert!(!hints.contains_key(&5));
+    }
+
+    #[test]
+    fn drift_sorts_each_differing_entry_by_map_and_kind_and_bounds_the_samples() {
+        use crate::api::DriftKind;
+        let allow = PolicyValue::netpol(ACTION_ALLOW, 20);
+        let mut desired = DesiredMaps::default();
+        for id in 0..30 {
+            desired.policy.insert(key(id), allow);
+        }
+        let host: IpNetwork = "10.1.2.3/32".parse().unwrap();
+        let v6: IpNetwork = "fd00::/64".parse().unwrap();
+        let value = IpcacheValue {
+            identity: 9,
+            ..Default::default()
+        };
+        desired.ipcache.insert(host, value);
+        desired.ipcache.insert(v6, value);
+        let mut actual = desired.clone();
+        let hosts = BTreeMap::from([(host, value)]);
+        let clean = drift(&desired, &actual, &hosts, 5);
+        assert_eq!(clean.total(), 0, "{clean:?}");
+
+        // 25 policy entries gone, one changed, one foreign; the v6 entry changed.
+        for id in 0..25 {
+            actual.policy.remove(&key(id));
+        }
+        actual
+            .policy
+            .insert(key(27), PolicyValue::netpol(ACTION_DENY, 20));
+        actual.policy.insert(key(99), allow);
+        actual.ipcache.insert(v6, IpcacheValue::default());
+        let report = drift(&desired, &actual, &BTreeMap::new(), 5);
+        let map = |name: &str| report.maps.iter().find(|m| m.map == name).unwrap();
+        let policy = map("policy");
+        assert_eq!(
+            (
+                policy.missing,
+                policy.extra,
+                policy.different,
+                policy.entries
+            ),
+            (25, 1, 1, 6)
+        );
+        assert_eq!(policy.samples.len(), 5, "bounded");
+        assert!(policy.samples.iter().all(|e| e.kind == DriftKind::Missing));
+        let v6 = map("ipcache_v6");
+        assert_eq!((v6.missing, v6.extra, v6.different), (0, 0, 1));
+        assert_eq!(v6.samples[0].key, "fd00::/64");
+        assert_eq!(map("ipcache_v4").total(), 0);
+        // The host mirror lost its entry.
+        let mirror = map("hosts_v4");
+        assert_eq!(
+            (mirror.missing, mirror.samples[0].key.as_str()),
+            (1, "10.1.2.3")
+        );
+        assert_eq!(report.total(), 25 + 1 + 1 + 1 + 1);
+
+        let few = drift(&desired, &actual, &hosts, 30);
+        let kinds: Vec<DriftKind> = few
+            .maps
+            .iter()
+            .find(|m| m.map == "policy")
+            .unwrap()
+            .samples
+            .iter()
+            .map(|e| e.kind)
+            .collect();
+        assert!(kinds.contains(&DriftKind::Different) && kinds.contains(&DriftKind::Extra));
+        let changed = few
+            .maps
+            .iter()
+            .find(|m| m.map == "policy")
+            .unwrap()
+            .samples
+            .iter()
+            .find(|e| e.kind == DriftKind::Different)
+            .unwrap();
+        assert_eq!(changed.key, "policy 27 ingress remote * proto * port *");
+        assert!(
+            changed
+                .expected
+                .as_deref()
+                .unwrap()
+                .starts_with("allow rule 20")
+        );
+        assert!(
+            changed
+                .actual
+                .as_deref()
+                .unwrap()
+                .starts_with("deny rule 20")
+        );
     }
 
     mod incremental {

@@ -26,6 +26,7 @@ pub mod status;
 pub mod store;
 pub mod suggest;
 pub mod threats;
+pub mod verify;
 pub mod workload;
 
 /// The local API lives in its own light crate (shared with moat-cni); `crate::api` keeps its

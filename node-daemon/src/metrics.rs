@@ -27,7 +27,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -84,6 +84,13 @@ pub struct Recorder {
     drops: Family<DropLabels, Counter>,
     journaled: Counter,
     threats: Family<ThreatLabels, Counter>,
+    map_drift: Family<DriftLabels, Gauge>,
+}
+
+/// One series per map moatd owns.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DriftLabels {
+    map: String,
 }
 
 /// No pod labels: one series per detector and response, however many pods misbehave.
@@ -100,6 +107,7 @@ impl Default for Recorder {
             drops: Family::default(),
             journaled: Counter::default(),
             threats: Family::default(),
+            map_drift: Family::default(),
         };
         // Every kind is exposed from the start (zero samples), so dashboards see the series.
         for kind in [
@@ -135,6 +143,15 @@ impl Recorder {
             .inc();
     }
 
+    /// What the last map verification found (verify.rs): differing entries per map.
+    pub fn map_drift(&self, report: &crate::api::VerifyReport) {
+        for m in &report.maps {
+            self.map_drift
+                .get_or_create(&DriftLabels { map: m.map.clone() })
+                .set(m.total() as i64);
+        }
+    }
+
     /// Counts journaled flow records; drops (and audit "would drop") per rule.
     pub fn journaled(&self, records: &[FlowRecord]) {
         self.journaled.inc_by(records.len() as u64);
@@ -168,6 +185,13 @@ impl Recorder {
             "moat_flow_events_journaled",
             "Datapath flow events written to the flow journal",
             self.journaled.clone(),
+        );
+        registry.register(
+            "moat_map_drift_entries",
+            "Entries of each map moatd owns that differed from the datastore's desired state \
+             (missing, extra or different) at the last check (moatd --verify-interval), which \
+             then repaired them",
+            self.map_drift.clone(),
         );
         registry.register(
             "moat_threats",

@@ -110,6 +110,11 @@ enum Command {
     /// FQDN egress: per identity of this node, its name patterns and the addresses the
     /// datapath learned from DNS answers (name, TTL, seconds left).
     Fqdn,
+    /// Compare the maps moatd owns entry by entry with the content its datastore asks for
+    /// (recomputed from scratch) and list the drift: entries missing, extra or different,
+    /// per map (at most 20 listed each). Exit 0: no drift; 1: drift; 2: moatd could not be
+    /// asked.
+    Verify,
     /// Decoded dumps of the datapath maps.
     Bpf {
         #[command(subcommand)]
@@ -1146,12 +1151,70 @@ fn main() {
             print_quarantine(args.output, call(&args, request), true);
         }
         Command::Bpf { what } => bpf(&args, what),
+        Command::Verify => verify(&args),
         Command::Fqdn => match call(&args, Request::Fqdn) {
             Response::Fqdn { identities } => print_fqdn(args.output, &identities),
             Response::Error { message } => fail(format!("moatd refused: {message}")),
             other => fail(format!("unexpected answer {other:?}")),
         },
     }
+}
+
+/// `verify`: exit 0 without drift, 1 with, 2 when moatd cannot answer.
+fn verify(args: &Args) {
+    let cannot = |message: String| -> ! {
+        eprintln!("moatctl: verify: {message}");
+        std::process::exit(2);
+    };
+    let report = match api::call(&args.socket, &Request::Verify, Duration::from_secs(60)) {
+        Ok(Response::Verify { report }) => report,
+        Ok(other) => cannot(format!("unexpected answer {other:?} (is moatd older?)")),
+        Err(e) => cannot(e.to_string()),
+    };
+    match args.output {
+        Output::Json | Output::Yaml => print_value(args.output, &to_value(&report)),
+        Output::Table | Output::Wide => {
+            print(
+                args.output,
+                &report.maps,
+                &["MAP", "ENTRIES", "MISSING", "EXTRA", "DIFFERENT"],
+                &[],
+                |m| {
+                    vec![
+                        m.map.clone(),
+                        m.entries.to_string(),
+                        m.missing.to_string(),
+                        m.extra.to_string(),
+                        m.different.to_string(),
+                    ]
+                },
+            );
+            for m in report.drifted() {
+                println!();
+                let listed = m.samples.len();
+                if listed < m.total() {
+                    println!("{}: {} entries differ, {listed} listed", m.map, m.total());
+                } else {
+                    println!("{}: {} entries differ", m.map, m.total());
+                }
+                for e in &m.samples {
+                    let mut line = format!("  {:<9} {}", e.kind.name(), e.key);
+                    if let Some(expected) = &e.expected {
+                        line.push_str(&format!("\n            want {expected}"));
+                    }
+                    if let Some(actual) = &e.actual {
+                        line.push_str(&format!("\n            have {actual}"));
+                    }
+                    println!("{line}");
+                }
+            }
+            if report.total() == 0 {
+                println!();
+                println!("no drift: the maps hold exactly the datastore's desired state");
+            }
+        }
+    }
+    std::process::exit(if report.total() == 0 { 0 } else { 1 });
 }
 
 /// A row of the `fqdn` table: one learned address, or an identity's patterns when it has

@@ -100,6 +100,11 @@ struct Args {
     /// Full resync of the maps against the kernel, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
+    /// How often the maps moatd owns are compared entry by entry with the datastore's desired
+    /// state (`moatctl verify`), the drift exported as moat_map_drift_entries and repaired; a
+    /// duration (30s, 500ms, 2m), 0 turns the check off.
+    #[arg(long, default_value = moatd::verify::DEFAULT_INTERVAL, value_parser = moatd::verify::parse_interval)]
+    verify_interval: Duration,
     /// Masquerade pod egress that leaves the cluster (SNAT to the node's address) from the
     /// one nftables table moatd owns, `inet moat-masquerade`: `auto` is on with `--cni-mode
     /// standalone` and off with `chained` (the primary CNI masquerades); `false` removes the
@@ -614,6 +619,14 @@ fn main() -> anyhow::Result<()> {
                 d.sync_masquerade();
             }
         })?;
+    // The self-audit: drift between the maps and the datastore's state, exported and repaired.
+    if !args.verify_interval.is_zero() {
+        let verifier = daemon.clone();
+        let interval = args.verify_interval;
+        std::thread::Builder::new()
+            .name("moatd-verify".into())
+            .spawn(move || moatd::verify::run(verifier, interval))?;
+    }
     // The node's addresses are the `host` identity: followed as they come and go.
     moatd::host_addresses::follow(daemon.clone())?;
     let events = daemon.clone();
@@ -674,6 +687,20 @@ mod tests {
         assert_eq!(a.poll_ms, 300);
         assert_eq!(a.metrics_addr, moatd::metrics::DEFAULT_ADDR);
         assert_eq!(a.fqdn.settings(), moatd::fqdn::FqdnSettings::default());
+        assert_eq!(a.verify_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn verify_interval_takes_a_duration_or_zero_for_off() {
+        assert_eq!(
+            parse(&["--verify-interval=1s"]).verify_interval,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            parse(&["--verify-interval", "0"]).verify_interval,
+            Duration::ZERO
+        );
+        assert!(Args::try_parse_from(["moatd", "--verify-interval=often"]).is_err());
     }
 
     #[test]

@@ -82,3 +82,36 @@ impl VerifyReport {
         self.maps.iter().filter(|m| m.total() > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Request, Response};
+
+    #[test]
+    fn verify_has_a_stable_wire_format() {
+        assert_eq!(
+            serde_json::to_value(Request::Verify).unwrap(),
+            serde_json::json!({"op": "verify"})
+        );
+        let answer = serde_json::json!({"result": "verify", "report": {"maps": [
+            {"map": "endpoints", "entries": 2, "missing": 0, "extra": 0, "different": 0,
+             "samples": []},
+            {"map": "policy", "entries": 3, "missing": 1, "extra": 0, "different": 0,
+             "samples": [{"kind": "missing", "key": "policy 1 ingress remote * proto * port *",
+                          "expected": "allow rule 2"}]}
+        ]}});
+        let Response::Verify { report } = serde_json::from_value(answer.clone()).unwrap() else {
+            panic!("a verify answer")
+        };
+        assert_eq!(report.total(), 1);
+        let drifted: Vec<&str> = report.drifted().map(|m| m.map.as_str()).collect();
+        assert_eq!(drifted, ["policy"]);
+        assert_eq!(report.maps[1].samples[0].kind, DriftKind::Missing);
+        assert_eq!(report.maps[1].samples[0].actual, None);
+        assert_eq!(
+            serde_json::to_value(Response::Verify { report }).unwrap(),
+            answer
+        );
+    }
+}

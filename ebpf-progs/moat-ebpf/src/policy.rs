@@ -231,16 +231,16 @@ pub fn decide(
     unsafe {
         scratch::put(&mut (*lookups).admin, 0);
         scratch::put(&mut (*lookups).baseline, 0);
+        scratch::put(&mut (*lookups).hints, hints as u32);
     }
     let p = policy_id;
     let d = direction;
     let r = remote_identity;
-    let no_deny = hints & ENDPOINT_FLAG_NO_DENY != 0;
     // Without deny entries the first allow is the answer: the rest is skipped.
     macro_rules! step {
         ($slot:expr, $remote:expr, $port:expr, $protocol:expr) => {
             let found = exact(lookups, p, $remote, $port, $protocol, d);
-            if no_deny && (found >> 32) as u8 == ACTION_ALLOW {
+            if (found >> 32) as u8 == ACTION_ALLOW && hint(lookups, ENDPOINT_FLAG_NO_DENY) {
                 return Decision {
                     allowed: true,
                     reason: reason::POLICY_ALLOW,
@@ -256,14 +256,14 @@ pub fn decide(
     step!(3, IDENTITY_ANY, dport, proto);
     step!(4, IDENTITY_ANY, 0, proto);
     step!(5, IDENTITY_ANY, 0, 0);
-    if hints & ENDPOINT_FLAG_NO_RANGES == 0 {
+    if !hint(lookups, ENDPOINT_FLAG_NO_RANGES) {
         ranges(lookups, &mut slots[6], p, r, dport, proto, d);
         ranges(lookups, &mut slots[7], p, IDENTITY_ANY, dport, proto, d);
     } else {
         scratch::put(&mut slots[6], 0);
         scratch::put(&mut slots[7], 0);
     }
-    if hints & ENDPOINT_FLAG_NO_CIDR == 0 {
+    if !hint(lookups, ENDPOINT_FLAG_NO_CIDR) {
         cidr(
             lookups,
             &mut slots[8],
@@ -279,13 +279,13 @@ pub fn decide(
     }
     scratch::put(&mut slots[9], 0);
     scratch::put(&mut slots[10], 0);
-    if hints & ENDPOINT_FLAG_FQDN != 0 && direction == DIRECTION_EGRESS {
+    if direction == DIRECTION_EGRESS && hint(lookups, ENDPOINT_FLAG_FQDN) {
         fqdn_steps(
             lookups,
             p,
             dport,
             proto,
-            hints & ENDPOINT_FLAG_NO_RANGES == 0,
+            !hint(lookups, ENDPOINT_FLAG_NO_RANGES),
         );
     }
 
@@ -331,6 +331,16 @@ pub fn decide(
         reason: (packed >> 32) as u8,
         rule_id: packed as u32,
     }
+}
+
+/// Whether the endpoint's hints (ENDPOINT_FLAG_NO_*, FQDN) include `flag`, read from scratch
+/// memory each time: a hint kept in a register carries what each test learned about its bits
+/// into everything after it, and the verifier walks the rest of `decide` once per
+/// combination of them instead of once.
+#[inline(always)]
+fn hint(lookups: *mut Lookups, flag: u8) -> bool {
+    let hints: u32 = unsafe { scratch::get(&(*lookups).hints) };
+    hints & flag as u32 != 0
 }
 
 /// The FQDN selectors staged for this flow (consumed: cleared as read), each looked up like

@@ -30,6 +30,9 @@ pub struct Lookups {
     /// The arguments of `policy::fqdn_steps`' loop, which runs under `bpf_loop`: its
     /// callback reads them here.
     pub fqdn_walk: FqdnWalk,
+    /// The endpoint's lookup hints for this decision, read afresh at each test (see
+    /// `policy::hint`).
+    pub hints: u32,
 }
 
 #[repr(C)]

@@ -100,24 +100,27 @@ struct Message {
 /// lets through is recorded and an answer it lets through is learned from.
 #[inline(never)]
 pub fn after_verdict(ctx: &TcContext, ifindex: u32, direction: u32, delivered: u32) {
+    // Who would use the packet, before any header is read again: most pods have no FQDN
+    // rules, and the tunnel detector is off unless configured.
+    let (learn, identity) = match endpoint::endpoint_ref(ifindex) {
+        Some(ep) if delivered != 0 && ep.flags & ENDPOINT_FLAG_FQDN != 0 => (true, ep.identity),
+        _ => (false, 0),
+    };
+    let tunnel = direction == DIRECTION_EGRESS as u32 && threats::dns_tunnel_enabled();
+    if !learn && !tunnel {
+        return;
+    }
     let Some(m) = message(ctx) else {
         return;
     };
     let query = direction == DIRECTION_EGRESS as u32 && m.dport == DNS_PORT;
     let answer = direction == DIRECTION_INGRESS as u32 && m.sport == DNS_PORT;
-    if query && m.proto == PROTO_UDP {
+    if tunnel && query && m.proto == PROTO_UDP {
         threats::dns_query(ctx, ifindex);
     }
-    if delivered == 0 || !(query || answer) {
+    if !learn || !(query || answer) {
         return;
     }
-    let Some(ep) = endpoint::endpoint_ref(ifindex) else {
-        return;
-    };
-    if ep.flags & ENDPOINT_FLAG_FQDN == 0 {
-        return;
-    }
-    let identity = ep.identity;
     let Some(sp) = SCRATCH_FQDN.get_ptr_mut(0) else {
         return;
     };

@@ -44,6 +44,13 @@ pub fn config() -> Option<&'static ThreatConfig> {
     if cfg.enabled == 0 { None } else { Some(cfg) }
 }
 
+/// Whether the DNS tunnel detector is on (for `fqdn::after_verdict`, which reads a DNS
+/// packet only when something will use it).
+#[inline(always)]
+pub fn dns_tunnel_enabled() -> bool {
+    config().is_some_and(|cfg| enabled(cfg, threat::DNS_TUNNEL))
+}
+
 #[inline(always)]
 fn enabled(cfg: &ThreatConfig, kind: u8) -> bool {
     cfg.enabled & (1u32 << kind) != 0

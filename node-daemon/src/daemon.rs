@@ -907,8 +907,10 @@ impl Daemon {
         let state = self.engine.state();
         let engine = moat_policy::evaluate_learned(state, from_end, to_end, port, proto, &names)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        // The same evaluation over what the kernel maps hold right now.
-        let actual = desired::read_actual(&self.maps, &self.fqdn);
+        // The same evaluation over what the kernel maps hold right now (they hold only this
+        // node's endpoints' entries; the engine's stand in for the others').
+        let actual =
+            desired::held_with_remote_owners(state, desired::read_actual(&self.maps, &self.fqdn));
         let mut in_maps = state.clone();
         in_maps.policy = actual.policy;
         in_maps.port_ranges = actual.port_ranges;

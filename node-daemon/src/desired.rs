@@ -126,18 +126,183 @@ pub fn build(
         .chain(local.addresses.keys())
         .copied()
         .collect();
+    let ids = LocalIds::of(&local.endpoints);
     DesiredMaps {
         ipcache: keys
             .iter()
             .filter_map(|net| Some((*net, ipcache_value(state, node, &local, net)?)))
             .collect(),
+        policy: entries_of(&state.policy, &ids.policy),
+        port_ranges: entries_of(&state.port_ranges, &ids.policy),
+        cidr_v4: entries_of(&state.cidr_v4, &ids.policy),
+        cidr_v6: entries_of(&state.cidr_v6, &ids.policy),
+        fqdn_patterns: entries_of(&state.fqdn_patterns, &ids.identities),
         endpoints: local.endpoints,
-        policy: state.policy.clone(),
-        port_ranges: state.port_ranges.clone(),
-        cidr_v4: state.cidr_v4.clone(),
-        cidr_v6: state.cidr_v6.clone(),
-        fqdn_patterns: state.fqdn_patterns.clone(),
     }
+}
+
+/// The policy ids and identities of this node's endpoints. Only their entries go into the
+/// kernel maps: the programs look up nothing else (a pod's own hook, a local sender's egress
+/// judged at a local receiver, `moat_after_dnat` for a local sender; FQDN patterns of the
+/// pod that asks). A remote pod's perimeter is its own node's to enforce, and holding every
+/// identity's entries on every node is what would overflow the policy map from a few hundred
+/// nodes on (docs/scale.md).
+#[derive(Default)]
+struct LocalIds {
+    policy: BTreeSet<u32>,
+    identities: BTreeSet<u32>,
+}
+
+impl LocalIds {
+    fn of(endpoints: &BTreeMap<u32, EndpointInfo>) -> Self {
+        Self {
+            policy: endpoints.values().map(|e| e.policy_id).collect(),
+            identities: endpoints.values().map(|e| e.identity).collect(),
+        }
+    }
+}
+
+/// A map key that sorts by one owner id first (a policy id, or for FQDN patterns an
+/// identity), so that one owner's entries are one range.
+trait OwnedKey: Ord + Clone {
+    /// The smallest key of `owner`.
+    fn first(owner: u32) -> Self;
+    fn owner(&self) -> u32;
+}
+
+impl OwnedKey for PolicyKey {
+    fn first(owner: u32) -> Self {
+        Self {
+            policy_id: owner,
+            ..Default::default()
+        }
+    }
+    fn owner(&self) -> u32 {
+        self.policy_id
+    }
+}
+
+impl OwnedKey for PortRangeKey {
+    fn first(owner: u32) -> Self {
+        Self {
+            policy_id: owner,
+            ..Default::default()
+        }
+    }
+    fn owner(&self) -> u32 {
+        self.policy_id
+    }
+}
+
+impl OwnedKey for (u32, u8, Ipv4Network) {
+    fn first(owner: u32) -> Self {
+        let any = Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid");
+        (owner, 0, any)
+    }
+    fn owner(&self) -> u32 {
+        self.0
+    }
+}
+
+impl OwnedKey for (u32, u8, Ipv6Network) {
+    fn first(owner: u32) -> Self {
+        let any = Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0).expect("/0 is valid");
+        (owner, 0, any)
+    }
+    fn owner(&self) -> u32 {
+        self.0
+    }
+}
+
+impl OwnedKey for FqdnPatternKey {
+    fn first(owner: u32) -> Self {
+        Self {
+            identity: owner,
+            ..Default::default()
+        }
+    }
+    fn owner(&self) -> u32 {
+        self.identity
+    }
+}
+
+/// The entries of `map` whose owner is in `owners` (a range scan per owner).
+fn entries_of<K: OwnedKey, V: Clone>(
+    map: &BTreeMap<K, V>,
+    owners: &BTreeSet<u32>,
+) -> BTreeMap<K, V> {
+    owners
+        .iter()
+        .flat_map(|&owner| {
+            map.range(K::first(owner)..)
+                .take_while(move |(k, _)| k.owner() == owner)
+                .map(|(k, v)| (k.clone(), v.clone()))
+        })
+        .collect()
+}
+
+/// The keys an incremental reconcile recomputes in one table: those the engine touched,
+/// and every key of an owner that became local or stopped being local (its entries come or
+/// go as a whole), on either side.
+fn keys_to_recompute<K: OwnedKey, V>(
+    touched: &BTreeSet<K>,
+    changed_owners: &BTreeSet<u32>,
+    state: &BTreeMap<K, V>,
+    applied: &BTreeMap<K, V>,
+) -> BTreeSet<K> {
+    let mut keys = touched.clone();
+    for &owner in changed_owners {
+        for map in [state, applied] {
+            keys.extend(
+                map.range(K::first(owner)..)
+                    .take_while(|(k, _)| k.owner() == owner)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+    }
+    keys
+}
+
+/// What the kernel maps hold (`read_actual`), completed with the engine's entries of the
+/// owners that are not local, which the kernel never holds: an evaluation over it checks the
+/// perimeters this node enforces against the maps, and agrees with the engine on the rest.
+pub fn held_with_remote_owners(state: &DatapathState, mut held: DesiredMaps) -> DesiredMaps {
+    let ids = LocalIds::of(&held.endpoints);
+    add_remote(&mut held.policy, &state.policy, &ids.policy);
+    add_remote(&mut held.port_ranges, &state.port_ranges, &ids.policy);
+    add_remote(&mut held.cidr_v4, &state.cidr_v4, &ids.policy);
+    add_remote(&mut held.cidr_v6, &state.cidr_v6, &ids.policy);
+    add_remote(
+        &mut held.fqdn_patterns,
+        &state.fqdn_patterns,
+        &ids.identities,
+    );
+    held
+}
+
+fn add_remote<K: OwnedKey, V: Clone>(
+    held: &mut BTreeMap<K, V>,
+    state: &BTreeMap<K, V>,
+    local: &BTreeSet<u32>,
+) {
+    held.extend(
+        state
+            .iter()
+            .filter(|(k, _)| !local.contains(&k.owner()))
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+}
+
+/// `restrict` to the keys whose owner is local.
+fn restrict_local<K: OwnedKey, V: Clone>(
+    map: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
+    owners: &BTreeSet<u32>,
+) -> BTreeMap<K, V> {
+    keys.iter()
+        .filter(|k| owners.contains(&k.owner()))
+        .filter_map(|k| Some((k.clone(), map.get(k)?.clone())))
+        .collect()
 }
 
 /// ENDPOINT_FLAG_NO_* hints per policy id: which lookups can never match for it. A policy id
@@ -345,26 +510,71 @@ impl Applied {
         for info in self.maps.endpoints.values() {
             ipcache_keys.extend(endpoint_addresses(info));
         }
+        // Only local owners' entries are held (see `LocalIds`): an owner that becomes local
+        // brings all of its entries, one that stops being local takes them all away.
+        let was = LocalIds::of(&self.maps.endpoints);
+        let now = LocalIds::of(&local.endpoints);
+        let changed_ids: BTreeSet<u32> = was
+            .policy
+            .symmetric_difference(&now.policy)
+            .copied()
+            .collect();
+        let changed_identities: BTreeSet<u32> = was
+            .identities
+            .symmetric_difference(&now.identities)
+            .copied()
+            .collect();
+        let applied = &self.maps;
+        let policy = keys_to_recompute(
+            &touched.policy,
+            &changed_ids,
+            &state.policy,
+            &applied.policy,
+        );
+        let port_ranges = keys_to_recompute(
+            &touched.port_ranges,
+            &changed_ids,
+            &state.port_ranges,
+            &applied.port_ranges,
+        );
+        let cidr_v4 = keys_to_recompute(
+            &touched.cidr_v4,
+            &changed_ids,
+            &state.cidr_v4,
+            &applied.cidr_v4,
+        );
+        let cidr_v6 = keys_to_recompute(
+            &touched.cidr_v6,
+            &changed_ids,
+            &state.cidr_v6,
+            &applied.cidr_v6,
+        );
+        let fqdn_patterns = keys_to_recompute(
+            &touched.fqdn_patterns,
+            &changed_identities,
+            &state.fqdn_patterns,
+            &applied.fqdn_patterns,
+        );
         let before = DesiredMaps {
-            endpoints: self.maps.endpoints.clone(),
-            ipcache: restrict(&self.maps.ipcache, &ipcache_keys),
-            policy: restrict(&self.maps.policy, &touched.policy),
-            port_ranges: restrict(&self.maps.port_ranges, &touched.port_ranges),
-            cidr_v4: restrict(&self.maps.cidr_v4, &touched.cidr_v4),
-            cidr_v6: restrict(&self.maps.cidr_v6, &touched.cidr_v6),
-            fqdn_patterns: restrict(&self.maps.fqdn_patterns, &touched.fqdn_patterns),
+            endpoints: applied.endpoints.clone(),
+            ipcache: restrict(&applied.ipcache, &ipcache_keys),
+            policy: restrict(&applied.policy, &policy),
+            port_ranges: restrict(&applied.port_ranges, &port_ranges),
+            cidr_v4: restrict(&applied.cidr_v4, &cidr_v4),
+            cidr_v6: restrict(&applied.cidr_v6, &cidr_v6),
+            fqdn_patterns: restrict(&applied.fqdn_patterns, &fqdn_patterns),
         };
         let after = DesiredMaps {
             ipcache: ipcache_keys
                 .iter()
                 .filter_map(|net| Some((*net, ipcache_value(state, node, &local, net)?)))
                 .collect(),
+            policy: restrict_local(&state.policy, &policy, &now.policy),
+            port_ranges: restrict_local(&state.port_ranges, &port_ranges, &now.policy),
+            cidr_v4: restrict_local(&state.cidr_v4, &cidr_v4, &now.policy),
+            cidr_v6: restrict_local(&state.cidr_v6, &cidr_v6, &now.policy),
+            fqdn_patterns: restrict_local(&state.fqdn_patterns, &fqdn_patterns, &now.identities),
             endpoints: local.endpoints,
-            policy: restrict(&state.policy, &touched.policy),
-            port_ranges: restrict(&state.port_ranges, &touched.port_ranges),
-            cidr_v4: restrict(&state.cidr_v4, &touched.cidr_v4),
-            cidr_v6: restrict(&state.cidr_v6, &touched.cidr_v6),
-            fqdn_patterns: restrict(&state.fqdn_patterns, &touched.fqdn_patterns),
         };
         Plan { before, after }
     }
@@ -455,48 +665,52 @@ pub fn apply(
         }
     }
     let m = std::cell::RefCell::new(maps);
+    // These passes only write: the deletes `diff` counts in them happen (and are counted)
+    // in the last passes, so only their upserts are kept.
+    let mut writes = WriteStats::default();
     diff(
         &applied.policy,
         &desired.policy,
         |k, v| Ok(m.borrow_mut().upsert_policy(k, v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
     diff(
         &applied.port_ranges,
         &desired.port_ranges,
         |k, v| Ok(m.borrow_mut().upsert_port_ranges(k, v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
     diff(
         &applied.cidr_v4,
         &desired.cidr_v4,
         |(p, d, n), v| Ok(m.borrow_mut().upsert_cidr(*p, *d, IpNetwork::V4(*n), v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
     diff(
         &applied.cidr_v6,
         &desired.cidr_v6,
         |(p, d, n), v| Ok(m.borrow_mut().upsert_cidr(*p, *d, IpNetwork::V6(*n), v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
     diff(
         &applied.fqdn_patterns,
         &desired.fqdn_patterns,
         |k, v| Ok(fqdn.upsert_pattern(k, *v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
     diff(
         &applied.ipcache,
         &desired.ipcache,
         |k, v| Ok(m.borrow_mut().upsert_ipcache(*k, v)?),
         |_| Ok(()),
-        &mut stats,
+        &mut writes,
     )?;
+    stats.upserts += writes.upserts;
     // Endpoints: additions and removals.
     let mut removed_endpoints = Vec::new();
     diff(
@@ -1225,6 +1439,58 @@ mod tests {
             assert!(w.applied.maps.fqdn_patterns.is_empty());
             let flags = w.applied.maps.endpoints.values().next().unwrap().flags;
             assert_eq!(flags & ENDPOINT_FLAG_FQDN, 0);
+        }
+
+        #[test]
+        fn only_local_endpoints_entries_are_held_and_they_come_and_go_with_them() {
+            let mut rng = bench::Rng::new(7);
+            let mut w = World::new();
+            for (i, style) in (0..8).enumerate() {
+                let policy = bench::policy("ns-0", &format!("p{i}"), style, 5, &mut rng);
+                let d = w.engine.upsert_policy(&policy).unwrap();
+                w.touched.record(&d);
+            }
+            // Pods the datastore knows, none of them on this node.
+            for n in 0..20 {
+                let pod = bench::pod(n % 3, n % 5, n, n, &mut rng);
+                let d = w.engine.upsert_pod(pod).unwrap();
+                w.touched.record(&d);
+            }
+            w.reconcile_and_check("remote pods only");
+            assert!(
+                !w.engine.state().policy.is_empty(),
+                "the engine has entries"
+            );
+            let maps = &w.applied.maps;
+            assert!(maps.policy.is_empty() && maps.port_ranges.is_empty());
+            assert!(maps.cidr_v4.is_empty() && maps.cidr_v6.is_empty());
+
+            w.local_pod(0, &mut rng);
+            w.reconcile_and_check("first local pod");
+            let id = w.applied.maps.endpoints.values().next().unwrap().policy_id;
+            let own: BTreeMap<_, _> = w
+                .engine
+                .state()
+                .policy
+                .iter()
+                .filter(|(k, _)| k.policy_id == id)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            assert!(!own.is_empty());
+            assert_eq!(
+                w.applied.maps.policy, own,
+                "exactly the local policy id's entries"
+            );
+
+            let r = w
+                .endpoints
+                .remove(&EndpointRecord::key("c0", "eth0"))
+                .unwrap();
+            let d = w.engine.delete_pod(&r.pod_ref()).unwrap();
+            w.touched.record(&d);
+            let plan = w.reconcile_and_check("the local pod left");
+            assert_eq!(plan.before.policy, own, "its entries are deleted");
+            assert!(w.applied.maps.policy.is_empty());
         }
 
         #[test]

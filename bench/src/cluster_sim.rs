@@ -11,9 +11,10 @@
 //! 2. modelled, at cluster scale: what moatd watches (every Pod, Namespace, Node,
 //!    NetworkPolicy, MoatPolicy and ClusterNetworkPolicy in the cluster: node-daemon/src/kube/
 //!    watch.rs sets no field selector), so every node receives every pod event, writes every
-//!    pod address into its ipcache (and the exact-match mirror) and every identity's policy
-//!    entries into MOAT_POLICY (node-daemon/src/desired.rs copies the engine's whole policy
-//!    table). Map fill is set against the real capacities (`moat_datapath::layout::specs`).
+//!    pod address into its ipcache (and the exact-match mirror), and the policy, port-range
+//!    and CIDR entries of its own pods' policy ids (node-daemon/src/desired.rs writes only
+//!    local owners' entries; the engine still compiles every identity's). Map fill is set
+//!    against the real capacities (`moat_datapath::layout::specs`).
 //!
 //! Extrapolation, stated in the output, always through the two largest measured sizes: ipcache
 //! entries and identities linearly in pods; policy, port-range and CIDR entries and the full
@@ -433,17 +434,22 @@ fn run(args: Args) -> Result<()> {
         let policy = power_at(policy_fit, pods);
         let (ranges, cidr) = (power_at(ranges_fit, pods), power_at(cidr_fit, pods));
         let heap = heap_fit.0 * pods + heap_fit.1 * (policy + ranges + cidr);
-        // If a node wrote only the policy ids of its own pods' identities (at most one identity
+        // A node writes only the entries of its own pods' policy ids (at most one identity
         // per local pod), at the cluster's average entries per identity.
-        let policy_local = policy / identities * (args.pods_per_node as f64).min(identities);
+        let local_share = (args.pods_per_node as f64).min(identities) / identities;
+        let (policy_node, ranges_node, cidr_node) = (
+            policy * local_share,
+            ranges * local_share,
+            cidr * local_share,
+        );
         let compile_s = power_at(compile_fit, pods);
         let maps = vec![
             map_row(map_name::ENDPOINTS, args.pods_per_node as f64),
             map_row(map_name::IPCACHE_V4, ipcache),
             map_row(map_name::HOSTS_V4, ipcache),
-            map_row(map_name::POLICY, policy),
-            map_row(map_name::PORT_RANGES, ranges),
-            map_row(map_name::CIDR_V4, cidr),
+            map_row(map_name::POLICY, policy_node),
+            map_row(map_name::PORT_RANGES, ranges_node),
+            map_row(map_name::CIDR_V4, cidr_node),
         ];
         let overflowing: Vec<&str> = maps
             .iter()
@@ -451,7 +457,7 @@ fn run(args: Args) -> Result<()> {
             .filter_map(|m| m["map"].as_str())
             .collect();
         table.push(format!(
-            "{:>6} {:>8} {:>9.0} {:>9.1} {:>10.1} {:>12.0} {:>9.0} {:>9.0} {:>8.0} {:>9.1} {:>9.2}  {}",
+            "{:>6} {:>8} {:>9.0} {:>9.1} {:>10.1} {:>12.0} {:>9.0} {:>9.0} {:>11.0} {:>9.1} {:>9.2}  {}",
             nodes,
             model.pods(),
             identities,
@@ -460,7 +466,7 @@ fn run(args: Args) -> Result<()> {
             burst.apiserver_events_out,
             burst.ipcache_updates_per_node,
             ipcache,
-            policy,
+            policy_node,
             heap / (1 << 20) as f64,
             compile_s,
             if overflowing.is_empty() { "-".to_string() } else { overflowing.join(",") },
@@ -469,7 +475,8 @@ fn run(args: Args) -> Result<()> {
             "nodes": nodes,
             "pods": model.pods(),
             "identities_est": identities.round(),
-            "policy_entries_if_local_identities_only": policy_local.round(),
+            "policy_entries_cluster_wide": policy.round(),
+            "policy_entries_per_node": policy_node.round(),
             "watch_streams": model.watch_streams(),
             "objects_listed_per_moatd_start": model.objects_listed_per_start(),
             "objects_listed_if_every_moatd_restarts": model.objects_listed_per_start() * model.nodes,
@@ -509,7 +516,7 @@ fn run(args: Args) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&section)?);
     println!();
     println!(
-        "{:>6} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9} {:>9}  overflowing",
+        "{:>6} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11} {:>9} {:>9}  overflowing",
         "nodes",
         "pods",
         "idents",
@@ -518,7 +525,7 @@ fn run(args: Args) -> Result<()> {
         "apisrv ev/s@b",
         "ipc/s@b",
         "ipcache",
-        "policy",
+        "policy/node",
         "heap MiB",
         "compile s"
     );

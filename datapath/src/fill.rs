@@ -81,7 +81,7 @@ pub fn map_fill(pins: &PinDir) -> Vec<MapFill> {
         .collect()
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64], size: usize) -> std::io::Result<()> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64], size: usize) -> std::io::Result<()> {
     // SAFETY: `attr` is a zero-initialised bpf_attr of at least `size` bytes laid out as the
     // command expects; the pointers in it stay valid for the duration of the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size) };

@@ -8,7 +8,7 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{MapInfo, MapType};
 use moat_common::*;
 
-use crate::{Error, PinDir, Result};
+use crate::{Error, PinDir, Result, sizes::MapSizes};
 
 pub struct MapSpec {
     pub name: &'static str,
@@ -34,8 +34,14 @@ const fn spec(
     }
 }
 
+/// Every map's shape at the default sizes.
 pub fn specs() -> [MapSpec; 25] {
-    [
+    specs_sized(&MapSizes::default())
+}
+
+/// Every map's shape, the sized ones at `sizes`.
+pub fn specs_sized(sizes: &MapSizes) -> [MapSpec; 25] {
+    let mut specs = [
         spec(
             map_name::ENDPOINTS,
             MapType::Hash,
@@ -199,13 +205,42 @@ pub fn specs() -> [MapSpec; 25] {
             size_of::<DnsQuery>(),
             map_size::DNS_QUERIES,
         ),
-    ]
+    ];
+    for spec in &mut specs {
+        if let Some(size) = sizes.of_map(spec.name) {
+            spec.max_entries = size;
+        }
+    }
+    specs
 }
 
-/// Checks one pinned map against its spec. `Ok(false)` when nothing is pinned there yet.
+/// What is pinned at a map's path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pinned {
+    Absent,
+    Matches,
+    /// The same map but for its size, which is configurable: the loader resizes it.
+    OtherSize {
+        entries: u32,
+    },
+}
+
+/// Checks one pinned map against its spec. `Ok(false)` when nothing is pinned there yet; a
+/// size other than the spec's is an incompatible layout here (see `inspect_pinned`).
 pub fn check_pinned(path: &Path, spec: &MapSpec) -> Result<bool> {
+    match inspect_pinned(path, spec, false)? {
+        Pinned::Absent => Ok(false),
+        Pinned::Matches => Ok(true),
+        Pinned::OtherSize { .. } => unreachable!("sizes are not resizable here"),
+    }
+}
+
+/// Compares the map pinned at `path` with `spec`. A type, key or value that differs is
+/// another layout (refused, naming the pin); a size that differs is `OtherSize` when the
+/// map's size is `resizable`, else also refused.
+pub fn inspect_pinned(path: &Path, spec: &MapSpec, resizable: bool) -> Result<Pinned> {
     if !path.exists() {
-        return Ok(false);
+        return Ok(Pinned::Absent);
     }
     let info = MapInfo::from_pin(path).map_err(|e| Error::IncompatibleLayout {
         path: path.display().to_string(),
@@ -233,29 +268,49 @@ pub fn check_pinned(path: &Path, spec: &MapSpec) -> Result<bool> {
             spec.value_size
         ));
     }
-    if info.max_entries() != spec.max_entries {
+    let other_size = info.max_entries() != spec.max_entries;
+    if other_size && (!resizable || !problems.is_empty()) {
         problems.push(format!(
             "max entries {}, expected {}",
             info.max_entries(),
             spec.max_entries
         ));
     }
-    if problems.is_empty() {
-        Ok(true)
-    } else {
-        Err(Error::IncompatibleLayout {
+    if !problems.is_empty() {
+        return Err(Error::IncompatibleLayout {
             path: path.display().to_string(),
             detail: problems.join(", "),
+        });
+    }
+    if other_size {
+        Ok(Pinned::OtherSize {
+            entries: info.max_entries(),
         })
+    } else {
+        Ok(Pinned::Matches)
     }
 }
 
-/// Checks every pinned map; returns how many already exist.
-pub fn check_all(pins: &PinDir) -> Result<usize> {
-    let mut existing = 0;
-    for spec in specs() {
-        if check_pinned(&pins.map(spec.name), &spec)? {
-            existing += 1;
+/// What is already pinned: how many maps, and which of them the loader must resize.
+#[derive(Debug, Default)]
+pub struct Existing {
+    pub count: usize,
+    /// (map name, pinned size, configured size)
+    pub resize: Vec<(&'static str, u32, u32)>,
+}
+
+/// Checks every pinned map against the shapes at `sizes`.
+pub fn check_all(pins: &PinDir, sizes: &MapSizes) -> Result<Existing> {
+    let mut existing = Existing::default();
+    for spec in specs_sized(sizes) {
+        let resizable = sizes.of_map(spec.name).is_some();
+        match inspect_pinned(&pins.map(spec.name), &spec, resizable)? {
+            Pinned::Absent => {}
+            Pinned::Matches => existing.count += 1,
+            Pinned::OtherSize { entries } => {
+                existing.count += 1;
+                existing.resize.push((spec.name, entries, spec.max_entries));
+            }
         }
     }
     Ok(existing)

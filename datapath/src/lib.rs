@@ -11,7 +11,9 @@ pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod pins;
+pub mod resize;
 pub mod rtnl;
+pub mod sizes;
 pub mod tc;
 pub mod threats;
 
@@ -21,6 +23,7 @@ pub use fqdn::FqdnMaps;
 pub use loader::Datapath;
 pub use maps::Maps;
 pub use pins::PinDir;
+pub use sizes::MapSizes;
 
 /// The eBPF object built by build.rs from ebpf-progs/moat-ebpf.
 pub static EBPF_OBJECT: &[u8] =

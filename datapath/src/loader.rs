@@ -17,7 +17,7 @@ use aya::{
 use moat_common::{LAYOUT_VERSION, Meta, map_name, program_name};
 use tracing::{debug, info};
 
-use crate::{EBPF_OBJECT, Error, PinDir, Result, layout};
+use crate::{EBPF_OBJECT, Error, MapSizes, PinDir, Result, layout, resize::Resizing};
 
 pub struct Datapath {
     ebpf: aya::Ebpf,
@@ -34,19 +34,33 @@ pub struct Datapath {
 }
 
 impl Datapath {
+    /// Loads with every map at its default size.
     pub fn load(pins: &PinDir) -> Result<Self> {
+        Self::load_sized(pins, &MapSizes::default())
+    }
+
+    /// Loads with the sized maps at `sizes`; a pinned map of another size is resized (its
+    /// entries carried over, see `resize`).
+    pub fn load_sized(pins: &PinDir, sizes: &MapSizes) -> Result<Self> {
         for dir in [pins.maps(), pins.programs(), pins.links()] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let existing = layout::check_all(pins)?;
+        let existing = layout::check_all(pins, sizes)?;
         check_meta(pins)?;
+        // Put back by its Drop if anything below fails before `finish`.
+        let resizing = Resizing::set_aside(pins, &existing.resize)?;
         // The programs tc filters may run from an earlier start: moved onto the new ones below.
         let previous: Vec<u32> = pinned_programs(pins).iter().map(|p| p.id).collect();
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps())
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps());
+        for (map, entries) in sizes.per_map() {
+            loader.map_max_entries(map, entries);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the Moat eBPF object")?;
+        resizing.carry_over()?;
 
         let mut verified = Vec::with_capacity(3);
         for name in [program_name::FROM_CONTAINER, program_name::TO_CONTAINER] {
@@ -90,13 +104,14 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             pins: pins.clone(),
-            adopted: existing > 0,
+            adopted: existing.count > 0,
             links_updated: 0,
             verified,
         };
         dp.links_updated = dp.update_pinned_links()?;
         dp.links_updated += crate::tc::replace_programs(&mut dp.ebpf, &previous)?;
         dp.write_meta()?;
+        resizing.finish();
         info!(
             pin_dir = %pins.base().display(),
             adopted = dp.adopted,

@@ -135,9 +135,23 @@ impl Lab {
         let host_if = format!("{}h{index}", self.tag);
         let v4 = Ipv4Addr::new(10, 77, self.id as u8, index);
         let v6: Ipv6Addr = format!("fd77:{:x}::{index:x}", self.id).parse()?;
+        // What a killed earlier run may have left under the same names: its netns, its veth,
+        // and its host routes (a route outlives nothing here, but one left on another device
+        // makes the `ip route add` below fail with "File exists").
         let _ = sh(&format!(
-            "ip netns del {netns} 2>/dev/null; ip link del {host_if} 2>/dev/null"
+            "ip netns del {netns} 2>/dev/null; ip link del {host_if} 2>/dev/null; \
+             ip route del {v4}/32 2>/dev/null; ip -6 route del {v6}/128 2>/dev/null; true"
         ));
+        // Recorded before it is configured, so that a failure halfway still has Drop remove
+        // what was made.
+        self.pods.push(LabPod {
+            name: name.to_string(),
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            ifindex: 0,
+            v4,
+            v6,
+        });
         sh(&format!("ip netns add {netns}"))?;
         sh(&format!(
             "ip link add {host_if} type veth peer name eth0 netns {netns} && \
@@ -161,16 +175,9 @@ impl Lab {
         let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?
             .trim()
             .parse()?;
-        let pod = LabPod {
-            name: name.to_string(),
-            netns,
-            host_if,
-            ifindex,
-            v4,
-            v6,
-        };
-        self.pods.push(pod.clone());
-        Ok(pod)
+        let pod = self.pods.last_mut().expect("pushed above");
+        pod.ifindex = ifindex;
+        Ok(pod.clone())
     }
 }
 

@@ -263,6 +263,37 @@ fn keys_to_recompute<K: OwnedKey, V>(
     keys
 }
 
+/// One kind of owner (policy ids, or identities for FQDN patterns) across an incremental
+/// reconcile: those local now, and those that became local or stopped being local.
+struct Owners<'a> {
+    local: &'a BTreeSet<u32>,
+    changed: BTreeSet<u32>,
+}
+
+impl<'a> Owners<'a> {
+    fn new(was: &BTreeSet<u32>, now: &'a BTreeSet<u32>) -> Self {
+        Self {
+            local: now,
+            changed: was.symmetric_difference(now).copied().collect(),
+        }
+    }
+
+    /// One table's part of a plan: the applied entries of the keys to recompute, and the
+    /// engine's entries of those keys whose owner is local.
+    fn recompute<K: OwnedKey, V: Clone>(
+        &self,
+        touched: &BTreeSet<K>,
+        state: &BTreeMap<K, V>,
+        applied: &BTreeMap<K, V>,
+    ) -> (BTreeMap<K, V>, BTreeMap<K, V>) {
+        let keys = keys_to_recompute(touched, &self.changed, state, applied);
+        (
+            restrict(applied, &keys),
+            restrict_local(state, &keys, self.local),
+        )
+    }
+}
+
 /// What the kernel maps hold (`read_actual`), completed with the engine's entries of the
 /// owners that are not local, which the kernel never holds: an evaluation over it checks the
 /// perimeters this node enforces against the maps, and agrees with the engine on the rest.
@@ -514,66 +545,44 @@ impl Applied {
         // brings all of its entries, one that stops being local takes them all away.
         let was = LocalIds::of(&self.maps.endpoints);
         let now = LocalIds::of(&local.endpoints);
-        let changed_ids: BTreeSet<u32> = was
-            .policy
-            .symmetric_difference(&now.policy)
-            .copied()
-            .collect();
-        let changed_identities: BTreeSet<u32> = was
-            .identities
-            .symmetric_difference(&now.identities)
-            .copied()
-            .collect();
+        let policy_ids = Owners::new(&was.policy, &now.policy);
+        let identities = Owners::new(&was.identities, &now.identities);
         let applied = &self.maps;
-        let policy = keys_to_recompute(
-            &touched.policy,
-            &changed_ids,
-            &state.policy,
-            &applied.policy,
-        );
-        let port_ranges = keys_to_recompute(
+        let (policy_before, policy) =
+            policy_ids.recompute(&touched.policy, &state.policy, &applied.policy);
+        let (port_ranges_before, port_ranges) = policy_ids.recompute(
             &touched.port_ranges,
-            &changed_ids,
             &state.port_ranges,
             &applied.port_ranges,
         );
-        let cidr_v4 = keys_to_recompute(
-            &touched.cidr_v4,
-            &changed_ids,
-            &state.cidr_v4,
-            &applied.cidr_v4,
-        );
-        let cidr_v6 = keys_to_recompute(
-            &touched.cidr_v6,
-            &changed_ids,
-            &state.cidr_v6,
-            &applied.cidr_v6,
-        );
-        let fqdn_patterns = keys_to_recompute(
+        let (cidr_v4_before, cidr_v4) =
+            policy_ids.recompute(&touched.cidr_v4, &state.cidr_v4, &applied.cidr_v4);
+        let (cidr_v6_before, cidr_v6) =
+            policy_ids.recompute(&touched.cidr_v6, &state.cidr_v6, &applied.cidr_v6);
+        let (fqdn_patterns_before, fqdn_patterns) = identities.recompute(
             &touched.fqdn_patterns,
-            &changed_identities,
             &state.fqdn_patterns,
             &applied.fqdn_patterns,
         );
         let before = DesiredMaps {
             endpoints: applied.endpoints.clone(),
             ipcache: restrict(&applied.ipcache, &ipcache_keys),
-            policy: restrict(&applied.policy, &policy),
-            port_ranges: restrict(&applied.port_ranges, &port_ranges),
-            cidr_v4: restrict(&applied.cidr_v4, &cidr_v4),
-            cidr_v6: restrict(&applied.cidr_v6, &cidr_v6),
-            fqdn_patterns: restrict(&applied.fqdn_patterns, &fqdn_patterns),
+            policy: policy_before,
+            port_ranges: port_ranges_before,
+            cidr_v4: cidr_v4_before,
+            cidr_v6: cidr_v6_before,
+            fqdn_patterns: fqdn_patterns_before,
         };
         let after = DesiredMaps {
             ipcache: ipcache_keys
                 .iter()
                 .filter_map(|net| Some((*net, ipcache_value(state, node, &local, net)?)))
                 .collect(),
-            policy: restrict_local(&state.policy, &policy, &now.policy),
-            port_ranges: restrict_local(&state.port_ranges, &port_ranges, &now.policy),
-            cidr_v4: restrict_local(&state.cidr_v4, &cidr_v4, &now.policy),
-            cidr_v6: restrict_local(&state.cidr_v6, &cidr_v6, &now.policy),
-            fqdn_patterns: restrict_local(&state.fqdn_patterns, &fqdn_patterns, &now.identities),
+            policy,
+            port_ranges,
+            cidr_v4,
+            cidr_v6,
+            fqdn_patterns,
             endpoints: local.endpoints,
         };
         Plan { before, after }

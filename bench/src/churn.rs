@@ -305,6 +305,7 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         routing: Routing::None,
         // Shares the host's network namespace with other runs: no host-wide rules.
         judge_after_dnat: false,
+        map_sizes: Default::default(),
     })
     .context("starting the daemon")?;
     section.insert(

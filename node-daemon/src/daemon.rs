@@ -50,6 +50,9 @@ pub struct DaemonConfig {
     /// Judge pods' egress to DNATed destinations in the host's netfilter (after_dnat.rs).
     /// Off only where this network namespace is not the node's (tests sharing a host).
     pub judge_after_dnat: bool,
+    /// Entries of each sized map (`moatd --map-size`); pinned maps of another size are
+    /// resized at start.
+    pub map_sizes: moat_datapath::MapSizes,
 }
 
 /// How pod traffic reaches other nodes.
@@ -94,6 +97,11 @@ pub struct Daemon {
     pending: Touched,
     objects: LocalObjects,
     rejected: Vec<String>,
+    /// What the maps can hold (the loaded sizes): a change that would overflow one is
+    /// refused whole (capacity.rs).
+    capacities: crate::capacity::Capacities,
+    /// Why the last reconcile was refused for want of room, until one succeeds.
+    capacity_refusal: Option<String>,
     generation: u64,
     source: Source,
     /// Kubernetes generation last applied.
@@ -146,7 +154,7 @@ const START_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 impl Daemon {
     pub fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
         let pins = PinDir::new(&cfg.pin_root);
-        let datapath = Datapath::load(&pins).map_err(anyhow::Error::from)?;
+        let datapath = Datapath::load_sized(&pins, &cfg.map_sizes).map_err(anyhow::Error::from)?;
         let mut maps = Maps::open(&pins).map_err(anyhow::Error::from)?;
         maps.sync_host_cache().map_err(anyhow::Error::from)?;
         let fqdn = moat_datapath::FqdnMaps::open(&pins).map_err(anyhow::Error::from)?;
@@ -208,6 +216,8 @@ impl Daemon {
             pending: Touched::default(),
             objects: LocalObjects::default(),
             rejected: Vec::new(),
+            capacities: crate::capacity::Capacities::of(&cfg.map_sizes),
+            capacity_refusal: None,
             generation: 0,
             source,
             applied_source_generation: 0,
@@ -1338,6 +1348,21 @@ impl Daemon {
         let plan = self
             .applied
             .plan(self.engine.state(), &self.endpoints, &self.node, &touched);
+        if let Err(overflow) =
+            crate::capacity::check_plan(&self.applied.maps, &plan, &self.capacities)
+        {
+            // Nothing was written; planning consumed what moatd knew of the maps, so it is
+            // read back, and the next reconcile plans from scratch.
+            self.applied = Applied::from_kernel(&self.maps, &self.fqdn);
+            let reason = overflow.to_string();
+            if self.capacity_refusal.as_ref() != Some(&reason) {
+                tracing::error!(reason = %reason, "change refused: a map would overflow");
+            }
+            self.capacity_refusal = Some(reason);
+            crate::metrics::global().capacity_refusal(overflow.map);
+            return Err(overflow.into());
+        }
+        self.capacity_refusal = None;
         match desired::apply(&mut self.maps, &mut self.fqdn, &plan.before, &plan.after) {
             Ok(stats) => {
                 self.applied.commit(plan);
@@ -1350,6 +1375,15 @@ impl Daemon {
                 Err(e)
             }
         }
+    }
+
+    /// The rejected objects, and the change refused for want of map room if there is one.
+    fn rejected_with_refusal(&self) -> Vec<String> {
+        self.rejected
+            .iter()
+            .cloned()
+            .chain(self.capacity_refusal.clone())
+            .collect()
     }
 
     /// The node's own addresses, which the datapath maps to the `host` identity.
@@ -1540,7 +1574,7 @@ impl Daemon {
             identities: self.engine.state().identities.len(),
             policies: self.objects.policies.len(),
             cluster_policies: self.objects.cluster_policies.len(),
-            rejected: self.rejected.clone(),
+            rejected: self.rejected_with_refusal(),
             pin_dir: self.pins.base().display().to_string(),
             generation: self.generation,
             datapath: Some(crate::status::datapath_status(
@@ -1710,7 +1744,7 @@ impl Daemon {
                         .keys()
                         .map(|(ns, n)| format!("{ns}/{n}"))
                         .collect(),
-                    rejected: self.rejected.clone(),
+                    rejected: self.rejected_with_refusal(),
                     entries: MapEntries {
                         policy: maps.policy.len(),
                         port_ranges: maps.port_ranges.len(),

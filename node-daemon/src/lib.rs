@@ -3,8 +3,10 @@
 //! moatctl use. The policy logic itself lives in the pure `moat-policy` crate.
 
 pub mod after_dnat;
+pub mod capacity;
 pub mod daemon;
 pub mod desired;
+pub mod fill_watch;
 pub mod flow_export;
 pub mod flow_graph;
 pub mod flows;

@@ -85,6 +85,8 @@ pub struct Recorder {
     journaled: Counter,
     threats: Family<ThreatLabels, Counter>,
     map_drift: Family<DriftLabels, Gauge>,
+    capacity_refusals: Family<DriftLabels, Counter>,
+    fill_alarms: Family<DriftLabels, Gauge>,
 }
 
 /// One series per map moatd owns.
@@ -108,6 +110,8 @@ impl Default for Recorder {
             journaled: Counter::default(),
             threats: Family::default(),
             map_drift: Family::default(),
+            capacity_refusals: Family::default(),
+            fill_alarms: Family::default(),
         };
         // Every kind is exposed from the start (zero samples), so dashboards see the series.
         for kind in [
@@ -152,6 +156,20 @@ impl Recorder {
         }
     }
 
+    /// Counts one change refused because it would overflow `map` (capacity.rs).
+    pub fn capacity_refusal(&self, map: &str) {
+        self.capacity_refusals
+            .get_or_create(&DriftLabels { map: map.into() })
+            .inc();
+    }
+
+    /// Whether `map` is past its fill warning (fill_watch.rs).
+    pub fn fill_alarm(&self, map: &str, on: bool) {
+        self.fill_alarms
+            .get_or_create(&DriftLabels { map: map.into() })
+            .set(on as i64);
+    }
+
     /// Counts journaled flow records; drops (and audit "would drop") per rule.
     pub fn journaled(&self, records: &[FlowRecord]) {
         self.journaled.inc_by(records.len() as u64);
@@ -192,6 +210,18 @@ impl Recorder {
              (missing, extra or different) at the last check (moatd --verify-interval), which \
              then repaired them",
             self.map_drift.clone(),
+        );
+        registry.register(
+            "moat_map_full_refusals",
+            "Changes moatd refused whole because writing them would overflow this map; the \
+             maps kept enforcing the last state that fit (raise the map with --map-size)",
+            self.capacity_refusals.clone(),
+        );
+        registry.register(
+            "moat_map_fill_warning",
+            "1 while this map is past its fill warning threshold (80% of its capacity, cleared \
+             under 75%), else 0",
+            self.fill_alarms.clone(),
         );
         registry.register(
             "moat_threats",

@@ -177,6 +177,7 @@ fn in_process(env: &Env) -> InProcess {
         routing: Routing::None,
         // Shares the host's network namespace with other runs: no host-wide rules.
         judge_after_dnat: false,
+        map_sizes: Default::default(),
     })
     .unwrap()
 }

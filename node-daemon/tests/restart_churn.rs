@@ -315,6 +315,7 @@ fn kill_9_under_churn_never_gives_a_wrong_verdict_and_leaves_nothing() {
         routing: Routing::None,
         // Shares the host's network namespace with other runs: no host-wide rules.
         judge_after_dnat: false,
+        map_sizes: Default::default(),
     })
     .unwrap();
     assert_eq!(

@@ -155,10 +155,29 @@ struct Args {
     /// unjudged: only for a network namespace that is not the node's own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     judge_after_dnat: bool,
+    /// Entries of a datapath map, NAME=ENTRIES (repeatable, or comma-separated): endpoints,
+    /// ipcache, policy, port-ranges, cidr, conntrack, fragments, fqdn-patterns,
+    /// fqdn-addresses, fqdn-names, dns-queries. docs/maps.md gives each one's sizing rule. A
+    /// pinned map of another size is resized at start with its entries.
+    #[arg(long = "map-size", value_delimiter = ',', value_parser = parse_map_size)]
+    map_sizes: Vec<(String, u32)>,
+    /// How often every map's fill is counted; one past 80% is warned about (log and
+    /// moat_map_fill_warning) until it drops under 75%. A duration; 0 turns it off.
+    #[arg(long, default_value = "15s", value_parser = moatd::verify::parse_interval)]
+    fill_check_interval: Duration,
     #[command(flatten)]
     threats: ThreatArgs,
     #[command(flatten)]
     fqdn: FqdnArgs,
+}
+
+/// One `--map-size` assignment, checked against the sizable maps and their bounds.
+fn parse_map_size(text: &str) -> Result<(String, u32), String> {
+    let sizes: moat_datapath::MapSizes = text.parse().map_err(|e| format!("{e}"))?;
+    let (name, _) = text.split_once('=').unwrap_or_default();
+    let name = name.trim().to_string();
+    let entries = sizes.knob(&name).unwrap_or_default();
+    Ok((name, entries))
 }
 
 /// FQDN egress settings (`--fqdn-*`).
@@ -549,6 +568,10 @@ fn main() -> anyhow::Result<()> {
         event_burst: args.event_burst,
         local_via_host: args.local_delivery == LocalDelivery::HostStack,
     };
+    let mut map_sizes = moat_datapath::MapSizes::default();
+    for (name, entries) in &args.map_sizes {
+        map_sizes.set(name, *entries)?;
+    }
     let mut daemon = Daemon::start(DaemonConfig {
         datastore,
         journal,
@@ -561,6 +584,7 @@ fn main() -> anyhow::Result<()> {
         node_name: args.node_name,
         routing,
         judge_after_dnat: args.judge_after_dnat,
+        map_sizes: map_sizes.clone(),
     })?;
     server::configure_datapath(daemon.pins(), &datapath_settings)?;
     daemon.configure_threats(args.threats.policy());
@@ -626,6 +650,17 @@ fn main() -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("moatd-verify".into())
             .spawn(move || moatd::verify::run(verifier, interval))?;
+    }
+    if !args.fill_check_interval.is_zero() {
+        let pins = daemon
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pins()
+            .clone();
+        let interval = args.fill_check_interval;
+        std::thread::Builder::new()
+            .name("moatd-fill".into())
+            .spawn(move || moatd::fill_watch::run(pins, interval))?;
     }
     // The node's addresses are the `host` identity: followed as they come and go.
     moatd::host_addresses::follow(daemon.clone())?;

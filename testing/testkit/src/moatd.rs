@@ -40,6 +40,7 @@ pub struct MoatdBuilder {
     args: Vec<OsString>,
     env: Vec<(OsString, Option<OsString>)>,
     quiet: bool,
+    log: Option<PathBuf>,
     die_with_parent: bool,
     wait_for_ready: bool,
     timeout: Duration,
@@ -60,6 +61,7 @@ impl MoatdBuilder {
             args: Vec::new(),
             env: Vec::new(),
             quiet: false,
+            log: None,
             die_with_parent: false,
             wait_for_ready: false,
             // Generous: loading and verifying the eBPF object takes seconds on a loaded 2-core
@@ -154,6 +156,12 @@ impl MoatdBuilder {
         self
     }
 
+    /// moatd's stderr (its log) into the file at `path`, for a test to read.
+    pub fn log_to(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.log = Some(path.into());
+        self
+    }
+
     /// moatd gets SIGKILL when this process dies, however it dies (PR_SET_PDEATHSIG).
     pub fn die_with_parent(&mut self) -> &mut Self {
         self.die_with_parent = true;
@@ -209,11 +217,20 @@ impl MoatdBuilder {
                 None => command.env_remove(key),
             };
         }
-        command.stdout(Stdio::null()).stderr(if self.quiet {
-            Stdio::null()
-        } else {
-            Stdio::inherit()
+        let log = self.log.as_ref().and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
         });
+        command
+            .stdout(Stdio::null())
+            .stderr(match (log, self.quiet) {
+                (Some(file), _) => Stdio::from(file),
+                (None, true) => Stdio::null(),
+                (None, false) => Stdio::inherit(),
+            });
         if self.die_with_parent {
             // SAFETY: prctl is async-signal-safe and touches no memory of this process.
             unsafe {

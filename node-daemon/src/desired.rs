@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    ops::Bound,
 };
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -168,6 +169,16 @@ trait OwnedKey: Ord + Clone {
     /// The smallest key of `owner`.
     fn first(owner: u32) -> Self;
     fn owner(&self) -> u32;
+
+    /// The bounds of `owner`'s keys, for `BTreeMap::range`: from its first key to the next
+    /// owner's.
+    fn owned_range(owner: u32) -> (Bound<Self>, Bound<Self>) {
+        let end = match owner.checked_add(1) {
+            Some(next) => Bound::Excluded(Self::first(next)),
+            None => Bound::Unbounded,
+        };
+        (Bound::Included(Self::first(owner)), end)
+    }
 }
 
 impl OwnedKey for PolicyKey {
@@ -233,11 +244,8 @@ fn entries_of<K: OwnedKey, V: Clone>(
 ) -> BTreeMap<K, V> {
     owners
         .iter()
-        .flat_map(|&owner| {
-            map.range(K::first(owner)..)
-                .take_while(move |(k, _)| k.owner() == owner)
-                .map(|(k, v)| (k.clone(), v.clone()))
-        })
+        .flat_map(|&owner| map.range(K::owned_range(owner)))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
@@ -253,11 +261,7 @@ fn keys_to_recompute<K: OwnedKey, V>(
     let mut keys = touched.clone();
     for &owner in changed_owners {
         for map in [state, applied] {
-            keys.extend(
-                map.range(K::first(owner)..)
-                    .take_while(|(k, _)| k.owner() == owner)
-                    .map(|(k, _)| k.clone()),
-            );
+            keys.extend(map.range(K::owned_range(owner)).map(|(k, _)| k.clone()));
         }
     }
     keys
@@ -361,58 +365,23 @@ pub fn lookup_hints(state: &DatapathState) -> BTreeMap<u32, u8> {
 /// The hints of one policy id, from its entries alone (every table is ordered by policy id
 /// first, so each is one range scan). None when the id has no entries.
 fn hints_of(state: &DatapathState, policy_id: u32) -> Option<u8> {
-    let mut needs = 0u8;
-    let mut any = false;
-    let policy_from = PolicyKey {
-        policy_id,
-        remote_identity: 0,
-        dport: 0,
-        proto: 0,
-        direction: 0,
-    };
-    for (k, v) in state.policy.range(policy_from..) {
-        if k.policy_id != policy_id {
-            break;
-        }
-        any = true;
-        needs |= policy_entry_needs(v);
-    }
-    let ranges_from = PortRangeKey {
-        policy_id,
-        ..Default::default()
-    };
-    for (k, set) in state.port_ranges.range(ranges_from..) {
-        if k.policy_id != policy_id {
-            break;
-        }
-        any = true;
-        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_RANGES);
-    }
-    let v4_from = (
-        policy_id,
-        0u8,
-        Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"),
-    );
-    for ((id, _, _), set) in state.cidr_v4.range(v4_from..) {
-        if *id != policy_id {
-            break;
-        }
-        any = true;
-        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR);
-    }
-    let v6_from = (
-        policy_id,
-        0u8,
-        Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0).expect("/0 is valid"),
-    );
-    for ((id, _, _), set) in state.cidr_v6.range(v6_from..) {
-        if *id != policy_id {
-            break;
-        }
-        any = true;
-        needs |= rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR);
-    }
-    any.then_some(ENDPOINT_HINT_FLAGS & !needs)
+    let policy = state.policy.range(PolicyKey::owned_range(policy_id));
+    let ranges = state
+        .port_ranges
+        .range(PortRangeKey::owned_range(policy_id));
+    let v4 = state
+        .cidr_v4
+        .range(<(u32, u8, Ipv4Network)>::owned_range(policy_id));
+    let v6 = state
+        .cidr_v6
+        .range(<(u32, u8, Ipv6Network)>::owned_range(policy_id));
+    policy
+        .map(|(_, v)| policy_entry_needs(v))
+        .chain(ranges.map(|(_, set)| rule_set_needs(set, ENDPOINT_FLAG_NO_RANGES)))
+        .chain(v4.map(|(_, set)| rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR)))
+        .chain(v6.map(|(_, set)| rule_set_needs(set, ENDPOINT_FLAG_NO_CIDR)))
+        .reduce(|a, b| a | b)
+        .map(|needs| ENDPOINT_HINT_FLAGS & !needs)
 }
 
 /// The keys engine changes touched since the last reconcile: the incremental reconcile

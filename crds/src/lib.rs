@@ -52,7 +52,8 @@ pub const CRD_NAME: &str = "moatpolicies.moat.io";
 )]
 #[x_kube(
     validation = Rule::new("!has(self.ingress) || self.ingress.all(r, r.from.all(p, has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group)))").message("every ingress[].from[].group must name an entry of externalGroups"),
-    validation = Rule::new("!has(self.egress) || self.egress.all(r, r.to.all(p, !has(p.group) || (has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group))))").message("every egress[].to[].group must name an entry of externalGroups")
+    validation = Rule::new("!has(self.egress) || self.egress.all(r, r.to.all(p, !has(p.group) || (has(self.externalGroups) && self.externalGroups.exists(g, g.name == p.group))))").message("every egress[].to[].group must name an entry of externalGroups"),
+    validation = Rule::new("!has(self.promotion) || !has(self.mode)").message("leave mode out with promotion: the promotion's stage is the mode")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MoatPolicySpec {
@@ -86,6 +87,27 @@ pub struct MoatPolicySpec {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub egress: Option<Vec<EgressRule>>,
+    /// Walk the selected pods from learn to audit to enforce on their own: they start in
+    /// learn; once no new peer has been seen for learnFor, moatd proposes a NetworkPolicy
+    /// allowing exactly what was learned (`moatctl promotion show`) and moves them to audit;
+    /// once no flow would have been denied for auditFor, to enforce. Every step is recorded
+    /// and can be paused or reverted (`moatctl promotion`). Leave mode out: the stage is the
+    /// mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+/// Automatic promotion windows.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    /// How long no new peer must be seen before the learned policy is proposed and the pods
+    /// move to audit: a number and a unit (s, m, h, d), e.g. 24h.
+    #[schemars(regex(pattern = r"^[0-9]{1,8}[smhd]$"))]
+    pub learn_for: String,
+    /// How long no flow may have been denied (in audit) before the pods move to enforce.
+    #[schemars(regex(pattern = r"^[0-9]{1,8}[smhd]$"))]
+    pub audit_for: String,
 }
 
 /// Enforcement mode.

@@ -20,6 +20,7 @@ pub mod masquerade;
 pub mod memory;
 pub mod metrics;
 pub mod policy_check;
+pub mod promotion;
 pub mod quarantine;
 pub mod routes;
 pub mod server;

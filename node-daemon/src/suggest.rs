@@ -21,8 +21,9 @@ fn selector_labels(labels: &LabelSet) -> BTreeMap<String, String> {
     labels.0.clone()
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Peer {
+/// Who a learned flow talked to: a pod (by its namespace and selector labels) or an address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Peer {
     Pod {
         namespace: String,
         labels: BTreeMap<String, String>,
@@ -45,6 +46,91 @@ fn yaml_map(indent: usize, map: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// One learned rule: the peer, the protocol and the destination port.
+pub type LearnedRule = (Peer, String, u16);
+
+/// What a learn-mode (or audit-mode would-deny) record says a pod needs: the pod, the
+/// direction and the rule. None for other records, records of unknown pods, and protocols a
+/// NetworkPolicy cannot name.
+pub fn learned_rule(
+    r: &FlowRecord,
+    labels_of: &impl Fn(&PodRef) -> Option<LabelSet>,
+) -> Option<(PodRef, Direction, LearnedRule)> {
+    let learned = r.mode == Mode::Learn || r.verdict == Verdict::Audit;
+    let (ns, name) = r.endpoint.as_deref()?.split_once('/')?;
+    if !learned || !matches!(r.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+        return None;
+    }
+    let remote_addr = if r.direction == Direction::Ingress {
+        &r.source
+    } else {
+        &r.destination
+    };
+    let peer = match r.peer.as_deref().and_then(|p| p.split_once('/')) {
+        Some((pns, pname)) => Peer::Pod {
+            namespace: pns.to_string(),
+            labels: selector_labels(&labels_of(&PodRef::new(pns, pname))?),
+        },
+        None => {
+            let bits = if remote_addr.contains(':') { 128 } else { 32 };
+            Peer::Cidr(format!("{remote_addr}/{bits}"))
+        }
+    };
+    Some((
+        PodRef::new(ns, name),
+        r.direction,
+        (peer, r.protocol.clone(), r.destination_port),
+    ))
+}
+
+/// The `ingress:` or `egress:` section of a NetworkPolicy spec allowing `rules` (each with
+/// the number of flows observed), from a policy in `namespace`.
+pub fn rules_yaml<'a>(
+    namespace: &str,
+    direction: Direction,
+    rules: impl IntoIterator<Item = (&'a LearnedRule, u64)>,
+) -> String {
+    let key = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let mut body = format!("  {direction}:\n");
+    for ((peer, protocol, port), hits) in rules {
+        body.push_str(&format!("  # observed {hits} new flow(s)\n"));
+        body.push_str(&format!("  - {key}:\n"));
+        match peer {
+            Peer::Pod {
+                namespace: pns,
+                labels,
+            } => {
+                if pns != namespace {
+                    body.push_str("    - namespaceSelector:\n        matchLabels:\n");
+                    body.push_str(&format!(
+                        "          kubernetes.io/metadata.name: {}\n",
+                        serde_json::to_string(pns).unwrap_or_default()
+                    ));
+                    body.push_str(&format!(
+                        "      podSelector:\n        matchLabels:{}",
+                        yaml_map(10, labels)
+                    ));
+                } else {
+                    body.push_str(&format!(
+                        "    - podSelector:\n        matchLabels:{}",
+                        yaml_map(10, labels)
+                    ));
+                }
+            }
+            Peer::Cidr(cidr) => {
+                body.push_str(&format!("    - ipBlock:\n        cidr: {cidr}\n"));
+            }
+        }
+        body.push_str(&format!(
+            "    ports:\n    - protocol: {protocol}\n      port: {port}\n"
+        ));
+    }
+    body
+}
+
 /// `records` are journal records; `labels_of` gives a pod's labels (None: unknown pod).
 pub fn suggest(
     namespace: &str,
@@ -52,41 +138,18 @@ pub fn suggest(
     labels_of: impl Fn(&PodRef) -> Option<LabelSet>,
 ) -> String {
     // (pod, direction) -> (peer, protocol, port) -> hits
-    type Rules = BTreeMap<(Peer, String, u16), u64>;
-    let mut by_pod: BTreeMap<(PodRef, Direction), Rules> = BTreeMap::new();
+    let mut by_pod: BTreeMap<(PodRef, Direction), BTreeMap<LearnedRule, u64>> = BTreeMap::new();
     for r in records {
-        let learned = r.mode == Mode::Learn || r.verdict == Verdict::Audit;
-        let Some(endpoint) = r.endpoint.as_deref() else {
+        let Some((pod, direction, rule)) = learned_rule(r, &labels_of) else {
             continue;
         };
-        let Some((ns, name)) = endpoint.split_once('/') else {
-            continue;
-        };
-        if !learned || ns != namespace || !matches!(r.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+        if pod.namespace != namespace {
             continue;
         }
-        let remote_addr = if r.direction == Direction::Ingress {
-            &r.source
-        } else {
-            &r.destination
-        };
-        let peer = match r.peer.as_deref().and_then(|p| p.split_once('/')) {
-            Some((pns, pname)) => match labels_of(&PodRef::new(pns, pname)) {
-                Some(labels) => Peer::Pod {
-                    namespace: pns.to_string(),
-                    labels: selector_labels(&labels),
-                },
-                None => continue,
-            },
-            None => {
-                let bits = if remote_addr.contains(':') { 128 } else { 32 };
-                Peer::Cidr(format!("{remote_addr}/{bits}"))
-            }
-        };
         *by_pod
-            .entry((PodRef::new(ns, name), r.direction))
+            .entry((pod, direction))
             .or_default()
-            .entry((peer, r.protocol.clone(), r.destination_port))
+            .entry(rule)
             .or_default() += 1;
     }
 
@@ -106,44 +169,11 @@ pub fn suggest(
                 Direction::Ingress => "Ingress",
                 Direction::Egress => "Egress",
             });
-            body.push_str(&format!("  {direction}:\n"));
-            for ((peer, protocol, port), hits) in rules {
-                let key = match direction {
-                    Direction::Ingress => "from",
-                    Direction::Egress => "to",
-                };
-                body.push_str(&format!("  # observed {hits} new flow(s)\n"));
-                body.push_str(&format!("  - {key}:\n"));
-                match peer {
-                    Peer::Pod {
-                        namespace: pns,
-                        labels,
-                    } => {
-                        if pns != namespace {
-                            body.push_str("    - namespaceSelector:\n        matchLabels:\n");
-                            body.push_str(&format!(
-                                "          kubernetes.io/metadata.name: {}\n",
-                                serde_json::to_string(pns).unwrap_or_default()
-                            ));
-                            body.push_str(&format!(
-                                "      podSelector:\n        matchLabels:{}",
-                                yaml_map(10, labels)
-                            ));
-                        } else {
-                            body.push_str(&format!(
-                                "    - podSelector:\n        matchLabels:{}",
-                                yaml_map(10, labels)
-                            ));
-                        }
-                    }
-                    Peer::Cidr(cidr) => {
-                        body.push_str(&format!("    - ipBlock:\n        cidr: {cidr}\n"));
-                    }
-                }
-                body.push_str(&format!(
-                    "    ports:\n    - protocol: {protocol}\n      port: {port}\n"
-                ));
-            }
+            body.push_str(&rules_yaml(
+                namespace,
+                direction,
+                rules.iter().map(|(rule, hits)| (rule, *hits)),
+            ));
         }
         out.push_str("---\n");
         out.push_str(&format!(

@@ -82,6 +82,57 @@ pub struct MoatPolicySpec {
     pub ingress: Option<Vec<MoatIngressRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Vec<MoatEgressRule>>,
+    /// Walk the selected pods from learn to audit to enforce on their own (see
+    /// [`Promotion`]); the mode then comes from the promotion's stage, so `mode` is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+/// Automatic promotion of the selected pods (the workload): they start in learn; once no new
+/// peer has been seen for `learnFor`, moatd proposes a NetworkPolicy allowing exactly what
+/// was learned and moves them to audit; once no flow would have been denied for `auditFor`,
+/// to enforce. Durations: a number and a unit, s, m, h or d ("90s", "24h", "7d").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Promotion {
+    pub learn_for: String,
+    pub audit_for: String,
+}
+
+/// Bounds of a promotion window.
+pub const MIN_PROMOTION_WINDOW_S: u64 = 1;
+pub const MAX_PROMOTION_WINDOW_S: u64 = 365 * 86_400;
+
+impl Promotion {
+    /// (learn window, audit window) in seconds.
+    pub fn windows(&self) -> Result<(u64, u64), (String, String)> {
+        let learn = parse_window(&self.learn_for).map_err(|m| ("learnFor".to_string(), m))?;
+        let audit = parse_window(&self.audit_for).map_err(|m| ("auditFor".to_string(), m))?;
+        Ok((learn, audit))
+    }
+}
+
+/// "90s", "15m", "24h", "7d" as seconds, within the window bounds.
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = match &text[digits.len()..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        other => {
+            return Err(format!("{text:?}: unit {other:?} is not one of s, m, h, d"));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: not a number and a unit (e.g. 24h)"))?;
+    let secs = n.saturating_mul(unit);
+    if !(MIN_PROMOTION_WINDOW_S..=MAX_PROMOTION_WINDOW_S).contains(&secs) {
+        return Err(format!("{text:?}: between 1s and 365d"));
+    }
+    Ok(secs)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +263,17 @@ impl MoatPolicy {
         spec.pod_selector
             .validate()
             .map_err(|(p, m)| invalid(format!("spec.podSelector.{p}"), m))?;
+        if let Some(promotion) = &spec.promotion {
+            promotion
+                .windows()
+                .map_err(|(p, m)| invalid(format!("spec.promotion.{p}"), m))?;
+            if spec.mode.is_some() {
+                return Err(invalid(
+                    "spec.mode".into(),
+                    "leave mode out with promotion: the promotion's stage is the mode".into(),
+                ));
+            }
+        }
         if spec.external_groups.len() > MAX_EXTERNAL_GROUPS {
             return Err(invalid(
                 "spec.externalGroups".into(),
@@ -636,6 +698,36 @@ mod tests {
                 assert_eq!(path, ".");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn promotion_windows_parse_and_exclude_a_mode() {
+        let p = parse(
+            "spec:\n  podSelector: {matchLabels: {app: web}}\n  promotion: {learnFor: 90s, auditFor: 2d}\n",
+        )
+        .unwrap();
+        assert_eq!(p.spec.promotion.unwrap().windows(), Ok((90, 172_800)));
+        for (spec, path, message) in [
+            (
+                "spec:\n  podSelector: {}\n  promotion: {learnFor: 24x, auditFor: 1h}\n",
+                "spec.promotion.learnFor",
+                "unit",
+            ),
+            (
+                "spec:\n  podSelector: {}\n  promotion: {learnFor: 1h, auditFor: 0s}\n",
+                "spec.promotion.auditFor",
+                "between 1s and 365d",
+            ),
+            (
+                "spec:\n  podSelector: {}\n  mode: enforce\n  promotion: {learnFor: 1h, auditFor: 1h}\n",
+                "spec.mode",
+                "leave mode out",
+            ),
+        ] {
+            let (_, p, m) = err(spec);
+            assert_eq!(p, path, "{spec}");
+            assert!(m.contains(message), "{spec}: {m}");
         }
     }
 

@@ -24,6 +24,7 @@ mod explain;
 mod fqdn;
 pub mod framing;
 mod mode;
+mod promotion;
 mod threat;
 mod verdict;
 mod verify;
@@ -33,6 +34,7 @@ pub use explain::{
 };
 pub use fqdn::{FqdnIdentity, FqdnLearned, FqdnSelector};
 pub use mode::{EndpointMode, UnknownMode};
+pub use promotion::{PromotionAction, PromotionStatus, PromotionStep};
 pub use threat::{QuarantineInfo, QuarantineResult, ThreatRecord};
 pub use verdict::{Direction, UnknownVerdict, Verdict};
 pub use verify::{DRIFT_SAMPLES, DriftEntry, DriftKind, MapDrift, VerifyReport};
@@ -127,6 +129,13 @@ pub enum Request {
     /// (recomputed from scratch). Read only: moatd's periodic check (`--verify-interval`)
     /// repairs.
     Verify,
+    /// Workloads under automatic promotion (MoatPolicy `promotion`); with `policy`
+    /// (`namespace/name`), that one, after applying `action` to it.
+    Promotion {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<String>,
+        action: PromotionAction,
+    },
 }
 
 /// Requests moatd's server answers around the daemon's state rather than inside it; their
@@ -241,6 +250,9 @@ pub struct DaemonStatus {
     /// FQDN egress settings: the TTL bounds of learned addresses and the cap per identity.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fqdn: String,
+    /// Workloads under automatic promotion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub promotions: Vec<PromotionStatus>,
 }
 
 /// moatd's nftables table that masquerades pod egress leaving the cluster.
@@ -366,6 +378,9 @@ pub enum Response {
     },
     Verify {
         report: VerifyReport,
+    },
+    Promotions {
+        promotions: Vec<PromotionStatus>,
     },
     /// An answer kind this build does not know (a newer moatd); never sent by moatd.
     #[serde(other)]

@@ -19,6 +19,10 @@ use moat_policy::{Engine, LabelSet, Mode, Pod, PodRef};
 use tracing::{info, warn};
 
 mod fqdn;
+mod promotion;
+
+/// The promotion clock: unix seconds.
+pub use promotion::now_secs as promotion_now;
 mod threat_response;
 
 use crate::service_nat::BackendPlace;
@@ -138,6 +142,10 @@ pub struct Daemon {
     pending_cuts: BTreeSet<u32>,
     /// Connections cut by the last reconcile's quarantines.
     last_cuts: usize,
+    /// Workloads under automatic promotion (persisted; daemon/promotion.rs).
+    promotions: promotion::Book,
+    /// Observed flows changed a promotion since it was last saved.
+    promotions_dirty: bool,
     threat_policy: crate::threats::ThreatPolicy,
     /// `on`, `off`, or why detection is unavailable.
     threat_status: String,
@@ -200,6 +208,8 @@ impl Daemon {
             quarantine,
             pending_cuts: BTreeSet::new(),
             last_cuts: 0,
+            promotions: promotion::load(&cfg.state_dir),
+            promotions_dirty: false,
             threat_policy: crate::threats::ThreatPolicy::default(),
             threat_status: "not configured".into(),
             threats,
@@ -1216,10 +1226,14 @@ impl Daemon {
                 self.change(|e| e.upsert_policy(policy))
             }
             (ObjectKey::NetworkPolicy(ns, name), _) => self.change(|e| e.delete_policy(ns, name)),
-            (ObjectKey::MoatPolicy(..), Some(Object::MoatPolicy(policy))) => {
-                self.change(|e| e.upsert_moat_policy(policy))
+            (ObjectKey::MoatPolicy(ns, name), Some(Object::MoatPolicy(policy))) => {
+                let effective = self.admit_promotion(ns, name, policy);
+                self.change(|e| e.upsert_moat_policy(&effective))
             }
-            (ObjectKey::MoatPolicy(ns, name), _) => self.change(|e| e.delete_moat_policy(ns, name)),
+            (ObjectKey::MoatPolicy(ns, name), _) => {
+                self.forget_promotion(ns, name);
+                self.change(|e| e.delete_moat_policy(ns, name))
+            }
             (ObjectKey::ClusterNetworkPolicy(..), Some(Object::ClusterNetworkPolicy(policy))) => {
                 self.change(|e| e.upsert_cluster_policy(policy))
             }
@@ -1588,6 +1602,7 @@ impl Daemon {
             quarantined: self.quarantined_pods(),
             threat_detection: self.threat_status.clone(),
             fqdn: self.fqdn_settings.describe(),
+            promotions: self.promotion_statuses(false),
         }
     }
 
@@ -1683,6 +1698,12 @@ impl Daemon {
                     message: format!("{e:#}"),
                 },
             },
+            Request::Promotion { policy, action } => {
+                match self.promotion_request(policy.as_deref(), action) {
+                    Ok(promotions) => Response::Promotions { promotions },
+                    Err(message) => Response::Error { message },
+                }
+            }
             Request::Verify => match self.verify_maps() {
                 Ok(report) => Response::Verify { report },
                 Err(e) => Response::Error {

@@ -9,7 +9,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -72,17 +71,9 @@ impl QuarantineStore {
         Ok(true)
     }
 
-    /// Temp file, fsync, rename: a crash leaves the old or the new list, never half of one.
+    /// Durable on return (see `store::save_json`).
     fn save(&self) -> anyhow::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(&self.entries)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
-        Ok(())
+        crate::store::save_json(&self.path, &self.entries)
     }
 }
 

@@ -726,8 +726,11 @@ pub fn journal_events(daemon: Arc<Mutex<Daemon>>) {
         let mono = monotonic_ns();
         let wall = crate::flows::now_ms();
         let records: Vec<_> = {
-            let d = daemon.lock().expect("daemon lock");
-            events.iter().map(|e| d.describe(e, mono, wall)).collect()
+            let mut d = daemon.lock().expect("daemon lock");
+            let records: Vec<_> = events.iter().map(|e| d.describe(e, mono, wall)).collect();
+            // Workloads under promotion learn from (and are held back by) their flows.
+            d.observe_promotions(&records);
+            records
         };
         metrics::global().journaled(&records);
         let first = journal.next_seq();

@@ -115,10 +115,36 @@ enum Command {
     /// per map (at most 20 listed each). Exit 0: no drift; 1: drift; 2: moatd could not be
     /// asked.
     Verify,
+    /// Workloads walking from learn to audit to enforce (MoatPolicy `promotion`): without
+    /// arguments, each with its stage and what it waits for; `show`, `pause`, `resume` or
+    /// `revert` (one stage back) one of them by its MoatPolicy, namespace/name.
+    Promotion {
+        #[command(subcommand)]
+        what: Option<PromotionCmd>,
+    },
     /// Decoded dumps of the datapath maps.
     Bpf {
         #[command(subcommand)]
         what: BpfCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PromotionCmd {
+    /// Stage, history and the proposed NetworkPolicy of one workload.
+    Show {
+        policy: String,
+    },
+    /// Hold the stage until resumed.
+    Pause {
+        policy: String,
+    },
+    Resume {
+        policy: String,
+    },
+    /// One stage back: enforce -> audit, audit -> learn (the proposal is dropped).
+    Revert {
+        policy: String,
     },
 }
 
@@ -770,6 +796,15 @@ fn print_status(output: Output, s: &api::DaemonStatus) {
     if !s.fqdn.is_empty() {
         println!("fqdn:        {}", s.fqdn);
     }
+    for p in &s.promotions {
+        println!(
+            "promotion:   {} {}{} ({})",
+            p.policy,
+            p.stage,
+            if p.paused { ", paused" } else { "" },
+            p.waiting_for
+        );
+    }
     if s.quarantined.is_empty() {
         println!("quarantined: none");
     } else {
@@ -1152,11 +1187,71 @@ fn main() {
         }
         Command::Bpf { what } => bpf(&args, what),
         Command::Verify => verify(&args),
+        Command::Promotion { what } => promotion(&args, what.as_ref()),
         Command::Fqdn => match call(&args, Request::Fqdn) {
             Response::Fqdn { identities } => print_fqdn(args.output, &identities),
             Response::Error { message } => fail(format!("moatd refused: {message}")),
             other => fail(format!("unexpected answer {other:?}")),
         },
+    }
+}
+
+/// `promotion`: the list, or one workload after an action.
+fn promotion(args: &Args, what: Option<&PromotionCmd>) {
+    let (policy, action) = match what {
+        None => (None, api::PromotionAction::Show),
+        Some(PromotionCmd::Show { policy }) => (Some(policy), api::PromotionAction::Show),
+        Some(PromotionCmd::Pause { policy }) => (Some(policy), api::PromotionAction::Pause),
+        Some(PromotionCmd::Resume { policy }) => (Some(policy), api::PromotionAction::Resume),
+        Some(PromotionCmd::Revert { policy }) => (Some(policy), api::PromotionAction::Revert),
+    };
+    let request = Request::Promotion {
+        policy: policy.cloned(),
+        action,
+    };
+    let promotions = match call(args, request) {
+        Response::Promotions { promotions } => promotions,
+        Response::Error { message } => fail(format!("moatd refused: {message}")),
+        other => fail(format!("unexpected answer {other:?}")),
+    };
+    if matches!(args.output, Output::Json | Output::Yaml) {
+        print_value(args.output, &to_value(&promotions));
+        return;
+    }
+    print(
+        args.output,
+        &promotions,
+        &["POLICY", "STAGE", "SINCE", "LEARNED", "WAITING FOR"],
+        &["WOULD-DENY", "PAUSED"],
+        |p| {
+            vec![
+                p.policy.clone(),
+                p.stage.clone(),
+                unix_ms_text(p.since * 1000),
+                p.learned_rules.to_string(),
+                p.waiting_for.clone(),
+                p.would_deny.to_string(),
+                p.paused.to_string(),
+            ]
+        },
+    );
+    if policy.is_none() {
+        return;
+    }
+    for p in &promotions {
+        for step in &p.history {
+            println!(
+                "{}  {} -> {}: {}",
+                unix_ms_text(step.at * 1000),
+                step.from,
+                step.to,
+                step.why
+            );
+        }
+        if let Some(yaml) = &p.proposal {
+            println!();
+            print!("{yaml}");
+        }
     }
 }
 

@@ -651,6 +651,18 @@ fn main() -> anyhow::Result<()> {
             .name("moatd-verify".into())
             .spawn(move || moatd::verify::run(verifier, interval))?;
     }
+    // Workloads under automatic promotion move on when their windows pass.
+    let promoter = daemon.clone();
+    std::thread::Builder::new()
+        .name("moatd-promotion".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = moatd::daemon::promotion_now();
+                let mut d = promoter.lock().unwrap_or_else(|e| e.into_inner());
+                d.tick_promotions(now);
+            }
+        })?;
     if !args.fill_check_interval.is_zero() {
         let pins = daemon
             .lock()

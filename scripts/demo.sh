@@ -18,7 +18,7 @@ WORK=$(mktemp -d /tmp/moat-demo.XXXXXX)
 PINS=/sys/fs/bpf/moat-demo-$$
 SOCK=$WORK/moatd.sock
 MOATCTL=("$BIN/moatctl" --socket "$SOCK" --pin-root "$PINS")
-PODS=(shop/frontend shop/backend data/db)
+PODS=(shop/frontend shop/backend data/db data/reports)
 FAILURES=0
 MOATD_PID=
 
@@ -183,6 +183,23 @@ expect "frontend -> backend:8080 (quarantined)" denied "$F" "${V4[shop/backend]}
 "${MOATCTL[@]}" release shop/frontend
 expect "frontend -> backend:8080 (released)" allowed "$F" "${V4[shop/backend]}" 8080
 
+step "8. automatic promotion: data/reports walks learn -> audit -> enforce on its own (3 s windows)"
+"${MOATCTL[@]}" promotion
+stage_of() { "${MOATCTL[@]}" -o json promotion show data/reports | jq -r '.[0].stage'; }
+wait_stage() { # stage: polls for up to 30 s
+  for _ in $(seq 150); do [[ $(stage_of) == "$1" ]] && return 0; sleep 0.2; done
+  return 1
+}
+D=$(netns_of data/db)
+expect "db -> reports:8080 (learn: its one peer)" allowed "$D" "${V4[data/reports]}" 8080
+wait_stage audit && echo "  reports: audit, under the proposed policy"
+"${MOATCTL[@]}" promotion show data/reports
+wait_stage enforce && echo "  reports: enforce"
+PROMOTED=$(stage_of)
+expect "db -> reports:8080 (enforce: learned)" allowed "$D" "${V4[data/reports]}" 8080
+expect "legacy -> reports:8080 (enforce: never seen)" denied moatdemo-legacy "${V4[data/reports]}" 8080
+"${MOATCTL[@]}" promotion
+
 if ((CHECK)); then
   step "checks"
   check() { if eval "$2"; then echo "  ok: $1"; else echo "  FAILED: $1"; FAILURES=$((FAILURES + 1)); fi; }
@@ -196,9 +213,10 @@ if ((CHECK)); then
   check "the audit-mode db reported the would-be drop" '(( $(jq length <<<"$AUDITS") >= 1 ))'
   check "ordinary traffic raised no threat detection" '(( ORDINARY == 0 ))'
   check "the nmap scan from frontend was detected as a port scan" '(( SCANS >= 1 ))'
+  check "data/reports was promoted to enforce on its own" '[[ $PROMOTED == enforce ]]'
 fi
 
-step "8. clean up"
+step "9. clean up"
 for pod in "${PODS[@]}"; do cni DEL "$pod"; done
 leftover=$("${MOATCTL[@]}" -o json endpoint list | jq length)
 echo "  endpoints left after DEL: $leftover"

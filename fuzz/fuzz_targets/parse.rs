@@ -3,12 +3,15 @@
 //! (validation promised it) and compile into an engine holding a few pods (compilation may
 //! refuse it with an error, never panic); a refused object's error must name an object and a
 //! field. DNS-name peers (MoatPolicy `fqdn`, ClusterNetworkPolicy `domainNames`) normalize to
-//! patterns that read back as themselves.
+//! patterns that read back as themselves. The same text also goes through the promotion
+//! window parser and moatd's `--map-size` parser: accepted values are within their bounds and
+//! map sizes print back as themselves.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use moat_policy::cnp::CnpPeer;
+use moat_policy::moatpolicy::{MAX_PROMOTION_WINDOW_S, MIN_PROMOTION_WINDOW_S, parse_window};
 use moat_policy::netpol::Peer;
 use moat_policy::{
     ClusterNetworkPolicy, ContainerPort, Engine, Error, FqdnPattern, MoatPolicy, NetworkPolicy,
@@ -80,6 +83,13 @@ fn moat_policy(r: Result<MoatPolicy, Error>) {
                     check_pattern(pattern);
                 }
             }
+            // Validation promised readable promotion windows within bounds, and no mode.
+            if let Some(promotion) = &p.spec.promotion {
+                let (learn, audit) = promotion.windows().expect("validated windows");
+                let bounds = MIN_PROMOTION_WINDOW_S..=MAX_PROMOTION_WINDOW_S;
+                assert!(bounds.contains(&learn) && bounds.contains(&audit));
+                assert!(p.spec.mode.is_none());
+            }
             let mut e = engine();
             let _ = e.upsert_moat_policy(&p);
             let _ = e.delete_moat_policy(p.namespace(), p.name());
@@ -113,6 +123,22 @@ fuzz_target!(|data: &[u8]| {
     network_policy(NetworkPolicy::from_yaml(text));
     moat_policy(MoatPolicy::from_json(text));
     moat_policy(MoatPolicy::from_yaml(text));
+    // The promotion window syntax on its own, and moatd's --map-size assignments.
+    if let Ok(secs) = parse_window(text) {
+        assert!((MIN_PROMOTION_WINDOW_S..=MAX_PROMOTION_WINDOW_S).contains(&secs));
+    }
+    if let Ok(sizes) = text.parse::<moat_datapath::MapSizes>() {
+        for (_, entries) in sizes.per_map() {
+            assert!(
+                (moat_datapath::sizes::MIN_ENTRIES..=moat_datapath::sizes::MAX_ENTRIES)
+                    .contains(&entries)
+            );
+        }
+        assert_eq!(
+            sizes.to_string().parse::<moat_datapath::MapSizes>(),
+            Ok(sizes)
+        );
+    }
     cluster_policy(ClusterNetworkPolicy::from_json(text));
     cluster_policy(ClusterNetworkPolicy::from_yaml(text));
     if let Ok(all) = NetworkPolicy::all_from_yaml(text) {

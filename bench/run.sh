@@ -4,8 +4,20 @@
 # "verifier") and keeping the others.
 #
 #   per-packet cost (BPF_PROG_TEST_RUN, 1 vs 100k policy + ipcache entries) and real pod-to-pod
-#   traffic (sockperf latency, connections/s, iperf3) under none / moat_1 / moat_100k /
-#   iptables_10k, interleaved over rounds, baselines in the same run. About 4 to 5 minutes.
+#   traffic under none / moat_1 / moat_100k / moat_100k_host_stack / iptables_10k / ptp,
+#   interleaved over rounds (default 15, one metric at a time across all configurations),
+#   baselines in the same run. Figures: sockperf TCP ping-pong latency, connections/s from a
+#   loop in the pod and from a forking client (one process per connection: `moat-bench
+#   connect-once`), iperf3 throughput with one stream and with -P 4; median and spread
+#   (min, quartiles, max) over rounds. `ptp` is the baseline kind users run today: two other
+#   pods wired by the reference ptp plugin + host-local (/usr/lib/cni, kindnet's settings,
+#   subnet 10.78.0.0/24, host-local state in /tmp/moat-bench-ptp-<pid>). Results: overheads
+#   against `none` (overheads_vs_none_pct) and ratios x / ptp paired within each round
+#   (ratios_vs_ptp, *_ratio_{1,100k,100k_host_stack}_vs_ptp), and the issue-21 targets with
+#   100k entries in both delivery paths (targets_vs_ptp: conn/s and throughput >= 0.97x ptp,
+#   latency <= 1.02x ptp; reported met/missed, never asserted). About 15 minutes on 2
+#   cores. Figures on a shared 2-core machine move by several percent from run to run: read
+#   the spread before a ratio.
 #
 # Environment: BENCH_OUT (default bench/results.json); BENCH_DATAPATH_ARGS for extra flags,
 # e.g. "--rounds 3 --secs 2" (see `moat-bench` usage).
@@ -29,6 +41,9 @@ done
 cleanup() {
   rm -rf /sys/fs/bpf/moat-bench /sys/fs/bpf/moat-bench-cni /sys/fs/bpf/moat-bench-flows 2>/dev/null || true
   # moat-bench cni: namespaces mbc<pid>-<n>, bridges mbcni0/mbcni2 (its moatd dies with it).
+  # moat-bench datapath's ptp pods: namespaces mbp<pid>-(client|server) (their veths go with
+  # them) and host-local's state in /tmp/moat-bench-ptp-<pid>; moat-bench cni's host-local
+  # state is under /tmp/moat-bench-cni-<pid>.
   local rules
   rules=$(iptables -w -S FORWARD 2>/dev/null | grep -E -- '--comment "?moat-bench' |
     sed 's/^-A FORWARD /-D FORWARD /' || true)
@@ -37,13 +52,14 @@ cleanup() {
   fi
   local ns link
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' |
-    grep -E '^(mbn[0-9]+-(client|server)|mbc[0-9]+-[0-9]|mbf[0-9]+-(sender|sink))$' || true); do
+    grep -E '^(mbn[0-9]+-(client|server)|mbp[0-9]+-(client|server)|mbc[0-9]+-[0-9]|mbf[0-9]+-(sender|sink))$' || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
     grep -E '^(mbn[0-9]+h[0-9]+|mbtr[0-9]+|mbcni[02]|mbf[0-9]+h[0-9]+)$' || true); do
     ip link del "$link" 2>/dev/null || true
   done
+  rm -rf /tmp/moat-bench-ptp-[0-9]* /tmp/moat-bench-cni-[0-9]* 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -58,10 +74,11 @@ cargo run --release -p moat-bench -- policy --out "$out"
 # shellcheck disable=SC2086 # BENCH_CHURN_ARGS is a list of flags
 cargo run --release -p moat-bench -- churn --out "$out" ${BENCH_CHURN_ARGS:-}
 # CNI ADD/DEL latency (section "cni"; about 1 minute): reference bridge + host-local vs moat-cni
-# standalone + moat-ipam vs bridge + moat-cni chained, 100 pods each, interleaved, against a
-# private moatd. Needs the release moatd, moat-cni and moat-ipam next to moat-bench (make build
-# builds them; the build below is a no-op then). BENCH_CNI_ARGS for extra flags, e.g.
-# "--pods 50".
+# standalone + moat-ipam vs bridge + moat-cni chained vs reference ptp + host-local (kind's),
+# 100 pods each, interleaved, against a private moatd; p50/p99, ratios against bridge and
+# against ptp (add/del_p50/p99_ratio_vs_ptp). Needs the release moatd, moat-cni and moat-ipam
+# next to moat-bench (make build builds them; the build below is a no-op then). BENCH_CNI_ARGS
+# for extra flags, e.g. "--pods 50".
 cargo build --release -p moat-cni -p moat-ipam -p moat-node-daemon --bins
 # shellcheck disable=SC2086 # BENCH_CNI_ARGS is a list of flags
 cargo run --release -p moat-bench -- cni --out "$out" ${BENCH_CNI_ARGS:-}

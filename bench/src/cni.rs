@@ -1,15 +1,18 @@
 //! `moat-bench cni`: the CNI part of `make bench`. In one run, interleaved pod by pod so that
 //! drift hits every configuration alike, it times ADD and DEL (each on a fresh network
-//! namespace) through three network configuration lists, executed the way libcni executes them
+//! namespace) through four network configuration lists, executed the way libcni executes them
 //! (plugins in order with prevResult, DEL in reverse with the cached result):
 //!
 //!   bridge_host_local:  reference `bridge` + `host-local` (/usr/lib/cni)
 //!   moat_standalone:    `moat-cni` standalone + `moat-ipam`, against a private moatd
 //!   chained_bridge_moat: `bridge` + `host-local`, then `moat-cni` chained
+//!   ptp_host_local:     reference `ptp` + `host-local` (kindnet's datapath on kind)
 //!
 //! and writes the "cni" section of the results file (other sections are kept): p50/p99 per
-//! configuration, `add_p50_ratio_vs_bridge`, `del_p50_ratio_vs_bridge` and
-//! `chained_add_overhead_ms` (= p50 chained ADD - p50 bridge ADD). Every pod is registered
+//! configuration, `add_p50_ratio_vs_bridge`, `del_p50_ratio_vs_bridge`,
+//! `chained_add_overhead_ms` (= p50 chained ADD - p50 bridge ADD), and Moat standalone against
+//! ptp: `add_p50_ratio_vs_ptp`, `del_p50_ratio_vs_ptp`, `add_p99_ratio_vs_ptp`,
+//! `del_p99_ratio_vs_ptp`. Every pod is registered
 //! with moatd under a policy that selects it, so the Moat numbers include real enforcement
 //! set-up. Everything created (namespaces, bridges, moatd, pins, state) is removed again.
 
@@ -122,7 +125,7 @@ impl World {
             }
             std::os::unix::fs::symlink(&path, world.cni_path().join(name))?;
         }
-        for name in ["bridge", "host-local"] {
+        for name in ["bridge", "ptp", "host-local"] {
             let path = Path::new(REFERENCE_PLUGINS).join(name);
             if !path.exists() {
                 bail!(
@@ -364,6 +367,18 @@ fn conflists(world: &World) -> Vec<Conflist> {
                 with_keys(json!({"type": "moat-cni", "mode": "chained"})),
             ],
         },
+        Conflist {
+            key: "ptp_host_local",
+            name: "mbcni-ptp".into(),
+            version: "1.0.0",
+            // kindnet's: no masquerade (kindnet does its own), MTU 1500, a default route.
+            plugins: vec![json!({
+                "type": "ptp",
+                "ipMasq": false,
+                "mtu": 1500,
+                "ipam": host_local("10.213.3.0/24", "hl3"),
+            })],
+        },
     ]
 }
 
@@ -404,7 +419,7 @@ fn tc_attached_veths(pins: &moat_datapath::PinDir) -> usize {
     moat_datapath::tc::devices_running(&ours).len()
 }
 
-fn host_local_allocations(dir: &Path) -> usize {
+pub(crate) fn host_local_allocations(dir: &Path) -> usize {
     // host-local keeps one file per address (plus last_reserved_ip.* and lock).
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -533,7 +548,8 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .and_then(|v| v["allocations"].as_array().map(Vec::len));
     let host_local = host_local_allocations(&world.dir.join("hl0"))
-        + host_local_allocations(&world.dir.join("hl2"));
+        + host_local_allocations(&world.dir.join("hl2"))
+        + host_local_allocations(&world.dir.join("hl3"));
     let leaks = json!({
         "moatd_endpoints": endpoints,
         "attached_pins": pins,
@@ -555,19 +571,39 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
             json!({"add_ms": stats(&add[c]), "del_ms": stats(&del[c])}),
         );
     }
-    let p50 = |v: &[f64]| {
+    let pct = |v: &[f64], p: f64| {
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
-        percentile(&s, 50.0)
+        percentile(&s, p)
     };
-    let (bridge_add, bridge_del) = (p50(&add[0]), p50(&del[0]));
-    let add_ratio = p50(&add[1]) / bridge_add;
-    let del_ratio = p50(&del[1]) / bridge_del;
-    let overhead = p50(&add[2]) - bridge_add;
+    let p50 = |v: &[f64]| pct(v, 50.0);
+    let index = |key: &str| {
+        lists
+            .iter()
+            .position(|l| l.key == key)
+            .expect("a configured list")
+    };
+    let (bridge, moat, chained, ptp) = (
+        index("bridge_host_local"),
+        index("moat_standalone"),
+        index("chained_bridge_moat"),
+        index("ptp_host_local"),
+    );
+    let (bridge_add, bridge_del) = (p50(&add[bridge]), p50(&del[bridge]));
+    let add_ratio = p50(&add[moat]) / bridge_add;
+    let del_ratio = p50(&del[moat]) / bridge_del;
+    let overhead = p50(&add[chained]) - bridge_add;
+    let vs_ptp = |times: &[Vec<f64>], p: f64| round(pct(&times[moat], p) / pct(&times[ptp], p), 3);
+    let (add_vs_ptp, del_vs_ptp) = (vs_ptp(&add, 50.0), vs_ptp(&del, 50.0));
+    let (add_p99_vs_ptp, del_p99_vs_ptp) = (vs_ptp(&add, 99.0), vs_ptp(&del, 99.0));
     section.insert("configs".into(), Value::Object(configs));
     section.insert("add_p50_ratio_vs_bridge".into(), json!(round(add_ratio, 3)));
     section.insert("del_p50_ratio_vs_bridge".into(), json!(round(del_ratio, 3)));
     section.insert("chained_add_overhead_ms".into(), json!(round(overhead, 2)));
+    section.insert("add_p50_ratio_vs_ptp".into(), json!(add_vs_ptp));
+    section.insert("del_p50_ratio_vs_ptp".into(), json!(del_vs_ptp));
+    section.insert("add_p99_ratio_vs_ptp".into(), json!(add_p99_vs_ptp));
+    section.insert("del_p99_ratio_vs_ptp".into(), json!(del_p99_vs_ptp));
     section.insert(
         "targets".into(),
         json!({
@@ -578,6 +614,13 @@ fn run(args: &Args, section: &mut Map<String, Value>) -> Result<()> {
             },
             "add_p50_ratio_vs_bridge": {"value": round(add_ratio, 3), "note": "reported; moat_standalone p50 ADD / bridge_host_local p50 ADD"},
             "chained_add_overhead_ms": {"value": round(overhead, 2), "note": "reported; p50 chained list ADD - p50 bridge list ADD"},
+            "vs_ptp": {
+                "add_p50_ratio_vs_ptp": add_vs_ptp,
+                "del_p50_ratio_vs_ptp": del_vs_ptp,
+                "add_p99_ratio_vs_ptp": add_p99_vs_ptp,
+                "del_p99_ratio_vs_ptp": del_p99_vs_ptp,
+                "note": "reported; moat_standalone / ptp_host_local at the same percentile (below 1: Moat faster)",
+            },
             "nothing_left_behind": clean,
         }),
     );
@@ -626,6 +669,10 @@ fn print_table(section: &Map<String, Value>) {
         "add_p50_ratio_vs_bridge",
         "del_p50_ratio_vs_bridge",
         "chained_add_overhead_ms",
+        "add_p50_ratio_vs_ptp",
+        "del_p50_ratio_vs_ptp",
+        "add_p99_ratio_vs_ptp",
+        "del_p99_ratio_vs_ptp",
     ] {
         if let Some(v) = section.get(key) {
             println!("{key}: {v}");

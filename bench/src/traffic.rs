@@ -1,11 +1,16 @@
 //! Real traffic between two lab pods (network namespaces routed through the host), under each
 //! configuration: TCP ping-pong latency (sockperf), new connections per second (a Rust loop in
-//! the client pod), and bulk throughput (iperf3).
+//! the client pod, and a forking client: one process per connection), and bulk throughput
+//! (iperf3, one stream and four). The `ptp` configuration measures the same tools between two
+//! other pods, wired by the reference `ptp` plugin with `host-local` IPAM (kindnet's datapath
+//! on kind), as the baseline users already run.
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,7 +22,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use moat_common::*;
 use moat_datapath::{Maps, PinDir};
-use moat_testkit::lab::LabPod;
+use moat_testkit::{cni, lab::LabPod};
+use serde_json::{Value, json};
 
 use crate::util::{AttachGuard, ChildGuard, IptablesGuard, run_timeout, sh, wait_listening};
 
@@ -36,14 +42,18 @@ pub enum Config {
     /// so the figure is the cost of the filter alone.
     Moat100kHostStack,
     Iptables10k,
+    /// Two other pods, wired by the reference `ptp` plugin + `host-local` (see [`PtpPods`]),
+    /// nothing attached: the baseline of kindnet's datapath.
+    Ptp,
 }
 
-pub const CONFIGS: [Config; 5] = [
+pub const CONFIGS: [Config; 6] = [
     Config::None,
     Config::Moat1,
     Config::Moat100k,
     Config::Moat100kHostStack,
     Config::Iptables10k,
+    Config::Ptp,
 ];
 
 impl Config {
@@ -54,6 +64,7 @@ impl Config {
             Config::Moat100k => "moat_100k",
             Config::Moat100kHostStack => "moat_100k_host_stack",
             Config::Iptables10k => "iptables_10k",
+            Config::Ptp => "ptp",
         }
     }
 }
@@ -149,6 +160,8 @@ pub struct Applied {
 pub struct Setup<'a> {
     pub client: &'a LabPod,
     pub server: &'a LabPod,
+    /// The ptp pods (client, server), when the `ptp` configuration is measured.
+    pub ptp: Option<(&'a LabPod, &'a LabPod)>,
     pub small: &'a PinDir,
     pub large: &'a PinDir,
     pub iptables_rules: usize,
@@ -163,13 +176,23 @@ fn set_local_via_host(pins: &PinDir, via_host: bool) -> Result<()> {
     Ok(maps.set_config(&config)?)
 }
 
+impl Setup<'_> {
+    /// The (client, server) pair a configuration is measured between.
+    pub fn pods(&self, config: Config) -> Result<(&LabPod, &LabPod)> {
+        match config {
+            Config::Ptp => self.ptp.context("the ptp pods were not set up"),
+            _ => Ok((self.client, self.server)),
+        }
+    }
+}
+
 pub fn apply(config: Config, s: &Setup) -> Result<Applied> {
     let ifs = [s.client.host_if.as_str(), s.server.host_if.as_str()];
     for pins in [s.small, s.large] {
         set_local_via_host(pins, config == Config::Moat100kHostStack)?;
     }
     Ok(match config {
-        Config::None => Applied {
+        Config::None | Config::Ptp => Applied {
             _attach: None,
             iptables: None,
         },
@@ -429,8 +452,9 @@ pub fn connrate(client: &LabPod, server: &LabPod, secs: u64) -> Result<ConnRate>
     })
 }
 
-pub fn iperf_client_args(client: &LabPod, server: &LabPod, secs: u64) -> Vec<String> {
-    [
+/// iperf3's client; `streams` > 1 adds `-P streams` (parallel streams in one test).
+pub fn iperf_client_args(client: &LabPod, server: &LabPod, secs: u64, streams: u32) -> Vec<String> {
+    let mut args: Vec<String> = [
         "netns",
         "exec",
         &client.netns,
@@ -447,12 +471,16 @@ pub fn iperf_client_args(client: &LabPod, server: &LabPod, secs: u64) -> Vec<Str
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    if streams > 1 {
+        args.extend(["-P".to_string(), streams.to_string()]);
+    }
+    args
 }
 
-/// Gbit/s received by the server (end.sum_received.bits_per_second).
-pub fn throughput(client: &LabPod, server: &LabPod, secs: u64) -> Result<f64> {
-    let args = iperf_client_args(client, server, secs);
+/// Gbit/s received by the server (end.sum_received.bits_per_second: all streams).
+pub fn throughput(client: &LabPod, server: &LabPod, secs: u64, streams: u32) -> Result<f64> {
+    let args = iperf_client_args(client, server, secs, streams);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (out, _) = run_timeout("ip", &args, Duration::from_secs(secs + 20))?;
     let v: serde_json::Value = serde_json::from_str(&out).context("parsing iperf3 -J output")?;
@@ -464,4 +492,257 @@ pub fn throughput(client: &LabPod, server: &LabPod, secs: u64) -> Result<f64> {
         .and_then(|b| b.as_f64())
         .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3 output"))?;
     Ok(bps / 1e9)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forking client and multi-stream throughput
+// ---------------------------------------------------------------------------------------------
+
+/// `moat-bench connect-once ADDR`: the forking client's child. One connection as the loop
+/// makes it (connect, send 1 byte, read the echo, close); exit status 0 when it worked.
+pub fn connect_once_main(addr: SocketAddr) -> std::process::ExitCode {
+    match one_connection(addr) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("connect-once {addr}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// New connections per second with one process per connection: a loop in the client pod
+/// that spawns `/proc/self/exe connect-once ADDR` (this binary) and waits for it, sequentially,
+/// for `secs` after a 0.3 s warm-up. What a forking client (a shell loop of `curl`, an
+/// exec-per-request health check) sees: process creation is part of every connection.
+pub fn connrate_fork(client: &LabPod, server: &LabPod, secs: u64) -> Result<ConnRate> {
+    let addr = SocketAddr::new(IpAddr::V4(server.v4), CONN_PORT).to_string();
+    let (ok, errors, elapsed, first_error) = client.run(move || {
+        let once = || -> std::io::Result<bool> {
+            Ok(Command::new("/proc/self/exe")
+                .args(["connect-once", &addr])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success())
+        };
+        let warm = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < warm {
+            let _ = once();
+        }
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(secs);
+        let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+        while Instant::now() < deadline {
+            match once() {
+                Ok(true) => ok += 1,
+                Ok(false) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| "connect-once failed".to_string());
+                }
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| format!("spawning: {e}"));
+                }
+            }
+        }
+        (ok, errors, start.elapsed(), first_error)
+    })?;
+    if ok == 0 || errors * 100 > ok {
+        bail!(
+            "{ok} forked connections, {errors} errors (first: {})",
+            first_error.unwrap_or_default()
+        );
+    }
+    Ok(ConnRate {
+        per_second: ok as f64 / elapsed.as_secs_f64(),
+        errors,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ptp baseline: two pods wired by the reference plugin
+// ---------------------------------------------------------------------------------------------
+
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+/// The ptp pods' subnet: apart from the lab pods' 10.77.x.0/24 and `moat-bench cni`'s
+/// 10.213.x.0/24.
+pub const PTP_SUBNET: &str = "10.78.0.0/24";
+
+/// A client and a server pod created by `ptp` + `host-local` exactly as a runtime creates
+/// them (CNI_COMMAND=ADD, the configuration on stdin; kindnet's: ipMasq false, MTU 1500, a
+/// default route), host-local's state in a directory of this run. Everything is undone by
+/// [`PtpPods::teardown`] or on drop, also after a failure halfway: DEL for every ADD
+/// attempted, then the namespaces, then the state directory.
+pub struct PtpPods {
+    pub dir: PathBuf,
+    pub config: Value,
+    tag: String,
+    /// Namespaces created (deleted last).
+    netns: Vec<String>,
+    /// Container ids an ADD was attempted for, with their namespace (DEL is idempotent).
+    added: Vec<(String, String)>,
+    pub pods: Vec<LabPod>,
+    torn_down: bool,
+}
+
+impl PtpPods {
+    pub fn new() -> Result<Self> {
+        for plugin in ["ptp", "host-local"] {
+            let path = Path::new(REFERENCE_PLUGINS).join(plugin);
+            if !path.exists() {
+                bail!(
+                    "{} missing: install containernetworking-plugins (make bootstrap)",
+                    path.display()
+                );
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("moat-bench-ptp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let config = json!({
+            "cniVersion": "1.0.0",
+            "name": "moat-bench-ptp",
+            "type": "ptp",
+            "ipMasq": false,
+            "mtu": 1500,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": dir.join("host-local"),
+                "ranges": [[{"subnet": PTP_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        });
+        let mut pods = PtpPods {
+            dir,
+            config,
+            tag: format!("mbp{}", std::process::id() % 100_000),
+            netns: Vec::new(),
+            added: Vec::new(),
+            pods: Vec::new(),
+            torn_down: false,
+        };
+        for name in ["client", "server"] {
+            pods.add(name)
+                .with_context(|| format!("creating the ptp {name} pod"))?;
+        }
+        Ok(pods)
+    }
+
+    pub fn client(&self) -> &LabPod {
+        &self.pods[0]
+    }
+
+    pub fn server(&self) -> &LabPod {
+        &self.pods[1]
+    }
+
+    fn exec(&self, command: &str, container_id: &str, netns: &str) -> Result<Value> {
+        let plugin = Path::new(REFERENCE_PLUGINS).join("ptp");
+        let out = cni::Exec::new(&plugin, command)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .path(REFERENCE_PLUGINS)
+            .container_id(container_id)
+            .netns(format!("/run/netns/{netns}"))
+            .ifname("eth0")
+            .run(Some(&self.config))
+            .context("spawning ptp")?;
+        if !out.status.success() {
+            bail!("ptp {command} failed: {}", out.text());
+        }
+        Ok(out.json()?)
+    }
+
+    fn add(&mut self, name: &str) -> Result<()> {
+        let netns = format!("{}-{name}", self.tag);
+        let _ = sh(&format!("ip netns del {netns} 2>/dev/null; true"));
+        sh(&format!("ip netns add {netns}"))?;
+        self.netns.push(netns.clone());
+        let container_id = netns.clone();
+        self.added.push((container_id.clone(), netns.clone()));
+        let result = self.exec("ADD", &container_id, &netns)?;
+        // A runtime's loopback plugin does this; ptp leaves lo down.
+        sh(&format!("ip -n {netns} link set lo up"))?;
+        let v4: Ipv4Addr = result
+            .pointer("/ips/0/address")
+            .and_then(Value::as_str)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no IPv4 address in ptp's result: {result}"))?;
+        let host_if = result["interfaces"]
+            .as_array()
+            .and_then(|ifs| {
+                ifs.iter()
+                    .find(|i| i.get("sandbox").is_none())
+                    .and_then(|i| i["name"].as_str())
+            })
+            .with_context(|| format!("no host interface in ptp's result: {result}"))?
+            .to_string();
+        let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?
+            .trim()
+            .parse()?;
+        self.pods.push(LabPod {
+            name: name.to_string(),
+            netns,
+            host_if,
+            ifindex,
+            v4,
+            v6: Ipv6Addr::UNSPECIFIED,
+        });
+        Ok(())
+    }
+
+    /// DEL for every ADD, the namespaces removed, then what is left: DEL errors, host-local
+    /// allocations still on disk, host-side veths still present (all zero when clean). The
+    /// state directory is removed after counting.
+    pub fn teardown(&mut self) -> Value {
+        if self.torn_down {
+            return Value::Null;
+        }
+        self.torn_down = true;
+        let mut del_errors = Vec::new();
+        for (container_id, netns) in self.added.iter().rev() {
+            if let Err(e) = self.exec("DEL", container_id, netns) {
+                del_errors.push(format!("{container_id}: {e:#}"));
+            }
+        }
+        for netns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", netns]).output();
+        }
+        let allocations = crate::cni::host_local_allocations(&self.dir.join("host-local"));
+        // DEL removes the pair; after a failed DEL the namespace's removal does, a moment
+        // later.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let veths = loop {
+            let left = self
+                .pods
+                .iter()
+                .filter(|p| Path::new(&format!("/sys/class/net/{}", p.host_if)).exists())
+                .count();
+            if left == 0 || Instant::now() >= deadline {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        json!({
+            "del_errors": del_errors,
+            "host_local_allocations": allocations,
+            "host_veths": veths,
+        })
+    }
+}
+
+impl Drop for PtpPods {
+    fn drop(&mut self) {
+        let left = self.teardown();
+        if !left.is_null()
+            && (left["host_local_allocations"] != 0
+                || left["host_veths"] != 0
+                || left["del_errors"].as_array().is_some_and(|e| !e.is_empty()))
+        {
+            eprintln!("moat-bench: ptp pods left behind: {left}");
+        }
+    }
 }

@@ -351,6 +351,29 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// The spread of a figure over rounds: n, min, first quartile, median, third quartile, max
+/// (quartiles interpolated linearly between order statistics); nulls when there is no value.
+pub fn spread(values: &[f64], digits: i32) -> serde_json::Value {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        let pos = p * (v.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        Some(round(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64), digits))
+    };
+    serde_json::json!({
+        "n": v.len(),
+        "min": q(0.0),
+        "q1": q(0.25),
+        "median": q(0.5),
+        "q3": q(0.75),
+        "max": q(1.0),
+    })
+}
+
 /// Rounds to `digits` decimals, for readable JSON.
 pub fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
